@@ -1,0 +1,38 @@
+//! `layerboot`: the build-time half of layerboot (booster's generator, in spirit).
+//! The boot-time half is `layerboot-init`; both share its library.
+
+mod inspect;
+
+use argh::FromArgs;
+
+#[derive(FromArgs)]
+/// Boot machines straight from container images: inspect stores, build the initramfs.
+struct Cli {
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
+    #[argh(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Command {
+    Inspect(inspect::Args),
+}
+
+fn main() {
+    let cli: Cli = argh::from_env();
+    if cli.version {
+        println!("layerboot {}", env!("CARGO_PKG_VERSION"));
+        return;
+    }
+    let result = match cli.command {
+        Some(Command::Inspect(args)) => inspect::run(args),
+        None => Err("no command given (try: layerboot --help)".to_string()),
+    };
+    if let Err(e) = result {
+        eprintln!("layerboot: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,209 @@
+//! The store reader on real stores made by Debian's dockerd (tests/fixtures/build-stores.sh),
+//! mounted read-only by tests/run: every ref spelling resolves, and the merged view of the
+//! layers equals `docker export` of the same image, file by file.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::PathBuf;
+use std::process::Command;
+
+use layerboot_init::lookup::{is_opaque, is_whiteout, MergedView};
+use layerboot_init::store::{Driver, Store};
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("LAYERBOOT_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures"))
+}
+
+fn store(driver: &str) -> Store {
+    let root = fixtures().join("mnt").join(driver).join("var/lib/docker");
+    assert!(root.is_dir(), "{} is missing: run tests/run, which builds and mounts the fixture stores", root.display());
+    Store::open(root).unwrap()
+}
+
+fn image_id(key: &str) -> String {
+    let env = fs::read_to_string(fixtures().join("images.env")).unwrap();
+    env.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).unwrap().to_string()
+}
+
+const DRIVERS: [(&str, Driver); 2] = [("btrfs", Driver::Btrfs), ("overlay2", Driver::Overlay2)];
+
+#[test]
+fn every_ref_spelling_resolves_in_both_drivers() {
+    let demo = image_id("DEMO_ID");
+    let v2 = image_id("DEMO_V2_ID");
+    for (name, driver) in DRIVERS {
+        let s = store(name);
+        assert_eq!(s.driver(), driver);
+        for r in [
+            "layerboot/demo", "layerboot/demo:latest", "docker.io/layerboot/demo:latest", "index.docker.io/layerboot/demo",
+            "layerboot/demo:v1", "localhost:5000/lb/demo:t", "demo", "demo:latest", "docker.io/library/demo",
+            "docker.io/library/demo:latest", &demo, &demo[7..], &demo[7..19], &demo[..19],
+        ] {
+            let img = s.resolve(r).unwrap_or_else(|e| panic!("{name}: {r}: {e}"));
+            assert_eq!(img.id, demo, "{name}: {r}");
+        }
+        let img = s.resolve("layerboot/demo:v2").unwrap();
+        assert_eq!(img.id, v2);
+        assert_eq!(img.refs, vec!["layerboot/demo:v2"]);
+        assert!(img.layers.len() >= 7, "{name}: {} layers", img.layers.len());
+        let e = s.resolve("layerboot/demo:v3").unwrap_err().to_string();
+        assert!(e.contains("image 'layerboot/demo:v3' is not in the") && e.contains("closest match: layerboot/demo:v"), "{e}");
+        assert!(e.contains("  localhost:5000/lb/demo:t  "), "{e}");
+    }
+}
+
+/// What a user compares: type, permissions, owner, size, link target and mtime.
+fn describe(md: &fs::Metadata, link: Option<String>) -> String {
+    let ft = md.file_type();
+    let kind = if ft.is_dir() {
+        "dir".to_string()
+    } else if ft.is_symlink() {
+        format!("link->{}", link.unwrap_or_default())
+    } else if ft.is_char_device() || ft.is_block_device() {
+        format!("dev {}", md.rdev())
+    } else if ft.is_fifo() {
+        "fifo".to_string()
+    } else {
+        format!("file {} bytes mtime {}", md.len(), md.mtime())
+    };
+    format!("{kind} mode {:o} {}:{}", md.permissions().mode() & 0o7777, md.uid(), md.gid())
+}
+
+fn tar_describe(h: &tar::Header, link: Option<String>, size: u64) -> String {
+    let kind = match h.entry_type() {
+        tar::EntryType::Directory => "dir".to_string(),
+        tar::EntryType::Symlink => format!("link->{}", link.unwrap_or_default()),
+        tar::EntryType::Char | tar::EntryType::Block => {
+            let (ma, mi) = (h.device_major().unwrap().unwrap() as u64, h.device_minor().unwrap().unwrap() as u64);
+            format!("dev {}", nix::sys::stat::makedev(ma, mi))
+        }
+        tar::EntryType::Fifo => "fifo".to_string(),
+        _ => format!("file {size} bytes mtime {}", h.mtime().unwrap()),
+    };
+    format!("{kind} mode {:o} {}:{}", h.mode().unwrap() & 0o7777, h.uid().unwrap(), h.gid().unwrap())
+}
+
+/// Paths that `docker export` adds from the container's init layer, not from the image.
+const INIT_LAYER: [&str; 10] = [
+    "/.dockerenv", "/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/etc/mtab",
+    "/dev/console", "/dev/pts", "/dev/shm", "/proc", "/sys",
+];
+
+fn walk(view: &MergedView, dir: &str, out: &mut BTreeSet<String>) {
+    for name in view.read_dir(dir).unwrap().unwrap() {
+        let path = if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") };
+        let e = view.lookup(&path).unwrap().unwrap_or_else(|| panic!("{path} listed but not found"));
+        out.insert(path.clone());
+        if e.metadata.is_dir() {
+            walk(view, &path, out);
+        }
+    }
+}
+
+#[test]
+fn merged_view_equals_docker_export() {
+    for (name, _) in DRIVERS {
+        let s = store(name);
+        for tag in ["latest", "v2"] {
+            let img = s.resolve(&format!("layerboot/demo:{tag}")).unwrap();
+            let view = MergedView::new(&img);
+            let file = fs::File::open(fixtures().join(format!("export-{tag}.tar"))).unwrap();
+            let mut archive = tar::Archive::new(file);
+            let mut in_tar = BTreeSet::new();
+            let mut hardlinks: Vec<(String, String)> = Vec::new();
+            let mut checked = 0;
+            for entry in archive.entries().unwrap() {
+                let entry = entry.unwrap();
+                let h = entry.header();
+                let path = format!("/{}", entry.path().unwrap().display()).trim_end_matches('/').to_string();
+                let path = if path.is_empty() { "/".to_string() } else { path };
+                in_tar.insert(path.clone());
+                if INIT_LAYER.contains(&path.as_str()) || INIT_LAYER.iter().any(|p| path.starts_with(&format!("{p}/"))) {
+                    continue;
+                }
+                let link = entry.link_name().unwrap().map(|l| l.display().to_string());
+                if h.entry_type() == tar::EntryType::Link {
+                    hardlinks.push((path, format!("/{}", link.unwrap())));
+                    continue;
+                }
+                let e = view.lookup(&path).unwrap().unwrap_or_else(|| panic!("{name} {tag}: {path} is in the export but not in the merged view"));
+                let target = fs::read_link(&e.host_path).ok().map(|l| l.display().to_string());
+                let want = tar_describe(h, link, entry.size());
+                let mut got = describe(&e.metadata, target);
+                if e.metadata.is_dir() {
+                    // Directory mtimes differ between engines' copies; compare the rest.
+                    got = got.replace(&format!("mtime {}", e.metadata.mtime()), "");
+                }
+                assert_eq!(got, want, "{name} {tag}: {path}");
+                checked += 1;
+            }
+            for (path, target) in hardlinks {
+                let a = view.lookup(&path).unwrap().unwrap().metadata;
+                let b = view.lookup(&target).unwrap().unwrap().metadata;
+                assert!(a.is_file() && a.len() == b.len(), "{name} {tag}: hard link {path} -> {target}");
+            }
+            let mut in_view = BTreeSet::new();
+            walk(&view, "/", &mut in_view);
+            let extra: Vec<_> = in_view.difference(&in_tar).filter(|p| !INIT_LAYER.contains(&p.as_str())).collect();
+            assert!(extra.is_empty(), "{name} {tag}: in the merged view but not in the export: {extra:?}");
+            assert!(checked > 5000, "{name} {tag}: only {checked} files compared");
+
+            // The deletions the fixture made are really honoured, not just absent everywhere.
+            for gone in ["/etc/issue.net", "/opt/layerboot/old", "/opt/layerboot/keep"] {
+                assert!(view.lookup(gone).unwrap().is_none(), "{name}: {gone} should be deleted");
+            }
+            let tag_file = view.lookup("/etc/layerboot-tag").unwrap().unwrap();
+            assert_eq!(fs::read_to_string(tag_file.host_path).unwrap().trim(), tag);
+            assert!(view.lookup("/dev/full").unwrap().unwrap().metadata.file_type().is_char_device());
+        }
+    }
+}
+
+#[test]
+fn overlay2_fixture_really_has_whiteouts_and_opaque_dirs() {
+    let img = store("overlay2").resolve("layerboot/demo").unwrap();
+    let whiteout = img.layers.iter().any(|l| fs::symlink_metadata(l.dir.join("etc/issue.net")).is_ok_and(|m| is_whiteout(&m)));
+    let opaque = img.layers.iter().any(|l| l.dir.join("opt/layerboot").is_dir() && is_opaque(&l.dir.join("opt/layerboot")));
+    let base_has_it = img.layers.last().unwrap().dir.join("etc/issue.net").is_file();
+    assert!(whiteout && opaque && base_has_it, "whiteout {whiteout}, opaque {opaque}, base file {base_has_it}");
+    assert!(img.layers.iter().all(|l| l.link.as_ref().is_some_and(|k| k.len() == 26)));
+}
+
+fn layerboot(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_layerboot")).args(args).output().unwrap()
+}
+
+#[test]
+fn inspect_lists_images_with_kernels_and_fails_clearly_on_unknown_refs() {
+    for (name, _) in DRIVERS {
+        let root = store(name).root().display().to_string();
+        let out = layerboot(&["inspect", "--store", &root]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains(&format!("{name} driver")), "{text}");
+        let demo = text.lines().find(|l| l.contains("layerboot/demo:latest")).expect("demo listed");
+        assert!(demo.contains(&image_id("DEMO_ID")[7..19]) && demo.contains("-amd64"), "{demo}");
+
+        let out = layerboot(&["inspect", "--store", &root, "--json", "demo"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["id"], image_id("DEMO_ID"));
+        let k = &v["kernels"][0];
+        assert!(k["version"].as_str().unwrap().ends_with("-amd64") && k["modules"] == true, "{k}");
+        assert!(k["vmlinuz"].as_str().unwrap().starts_with("/boot/vmlinuz-"), "{k}");
+
+        let out = layerboot(&["inspect", "--store", &root, "nope:1"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("image 'nope:1' is not in the") && err.contains("layerboot/demo:v2"), "{err}");
+    }
+    let out = layerboot(&["inspect", "--store", "/nonexistent"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}
+
+#[test]
+fn version_is_printed() {
+    let out = layerboot(&["--version"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("layerboot {}", env!("CARGO_PKG_VERSION")));
+}

@@ -1,0 +1,363 @@
+//! Offline reader for Docker's graphdriver image store (`/var/lib/docker`, btrfs and
+//! overlay2 drivers): image reference → image ID → config → layer stack on disk.
+//!
+//! Nothing here writes: the store belongs to the engine. Every ID read from disk is
+//! checked to be 64 lowercase hex before it becomes a path, and every missing or corrupt
+//! file is reported by name with what was expected. Format notes with sources:
+//! shared/docs/image-stores.md, section A.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::digest::{chain_ids, is_hex64, sha256_hex, sha256_of};
+use crate::error::{Error, Result};
+use crate::reference::Reference;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Driver {
+    /// Every layer is a btrfs subvolume holding the whole tree (whiteouts applied).
+    Btrfs,
+    /// Every layer holds only its changes; overlayfs stacks them.
+    Overlay2,
+}
+
+impl Driver {
+    pub const ALL: [Driver; 2] = [Driver::Btrfs, Driver::Overlay2];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::Btrfs => "btrfs",
+            Driver::Overlay2 => "overlay2",
+        }
+    }
+}
+
+/// One layer of an image, as the driver keeps it on disk.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Layer {
+    pub chain_id: String,
+    pub diff_id: String,
+    /// The driver's own directory ID (random, read from layerdb).
+    pub cache_id: String,
+    /// btrfs: the subvolume (whole tree); overlay2: the `diff` directory (changes only).
+    pub dir: PathBuf,
+    /// overlay2: the short name under `overlay2/l/` that links to `dir`.
+    pub link: Option<String>,
+}
+
+/// A resolved image: its ID, config, and layers **topmost first**.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub id: String,
+    pub config: serde_json::Value,
+    pub driver: Driver,
+    pub layers: Vec<Layer>,
+    /// The refs in the tag store that point at this image.
+    pub refs: Vec<String>,
+}
+
+/// An image as listed by [`Store::images`].
+#[derive(Debug, Clone)]
+pub struct ImageEntry {
+    pub id: String,
+    pub refs: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct Repositories {
+    #[serde(rename = "Repositories", default)]
+    repositories: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// A Docker data root opened for reading.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+    driver: Driver,
+}
+
+impl Store {
+    /// Opens the data root and detects its driver from `image/<driver>/repositories.json`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
+        let root = root.into();
+        if !root.is_dir() {
+            return Err(Error::new(format!(
+                "no container image store at {}: the directory does not exist \
+                 (fix: point docker_path= / --store at the engine's data root, e.g. var/lib/docker)",
+                root.display()
+            )));
+        }
+        let found: Vec<Driver> = Driver::ALL
+            .into_iter()
+            .filter(|d| root.join("image").join(d.name()).join("repositories.json").is_file())
+            .collect();
+        // With both present (a driver switch), Docker uses the one whose data dir is in use.
+        let in_use: Vec<Driver> = found
+            .iter()
+            .copied()
+            .filter(|d| fs::read_dir(root.join(d.name())).is_ok_and(|mut it| it.next().is_some()))
+            .collect();
+        let driver = match (found.as_slice(), in_use.as_slice()) {
+            ([d], _) | (_, [d]) => *d,
+            ([], _) => {
+                return Err(Error::new(format!(
+                    "{} is not a Docker image store with the btrfs or overlay2 driver: \
+                     neither image/btrfs/repositories.json nor image/overlay2/repositories.json exists \
+                     (fix: check docker_path= / --store; other drivers and containerd stores are not supported yet)",
+                    root.display()
+                )))
+            }
+            _ => {
+                return Err(Error::new(format!(
+                    "{} holds image stores of both the btrfs and overlay2 drivers in use; \
+                     remove the one the engine no longer uses",
+                    root.display()
+                )))
+            }
+        };
+        Ok(Store { root, driver })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn driver(&self) -> Driver {
+        self.driver
+    }
+
+    fn image_dir(&self) -> PathBuf {
+        self.root.join("image").join(self.driver.name())
+    }
+
+    /// The tag store: familiar name → familiar ref string → image ID.
+    fn repositories(&self) -> Result<BTreeMap<String, BTreeMap<String, String>>> {
+        let path = self.image_dir().join("repositories.json");
+        let data = read(&path)?;
+        let repos: Repositories = serde_json::from_slice(&data).map_err(|e| {
+            Error::new(format!(
+                "{} is corrupt: {e} (expected {{\"Repositories\": {{name: {{ref: image ID}}}}}})",
+                path.display()
+            ))
+        })?;
+        Ok(repos.repositories)
+    }
+
+    /// Every image in the store, tagged ones and untagged ones, sorted by first ref.
+    pub fn images(&self) -> Result<Vec<ImageEntry>> {
+        let mut by_id: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (_, refs) in self.repositories()? {
+            for (r, id) in refs {
+                by_id.entry(id).or_default().push(r);
+            }
+        }
+        for hex in self.image_ids()? {
+            by_id.entry(format!("sha256:{hex}")).or_default();
+        }
+        let mut out: Vec<ImageEntry> = by_id.into_iter().map(|(id, refs)| ImageEntry { id, refs }).collect();
+        out.sort_by(|a, b| (a.refs.is_empty(), &a.refs).cmp(&(b.refs.is_empty(), &b.refs)));
+        Ok(out)
+    }
+
+    /// IDs (hex) of every config in the image DB; names that are not IDs are skipped.
+    fn image_ids(&self) -> Result<Vec<String>> {
+        let dir = self.image_dir().join("imagedb/content/sha256");
+        let entries = fs::read_dir(&dir).map_err(|e| Error::io("cannot list image configs in", &dir, e))?;
+        let mut ids: Vec<String> = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| is_hex64(n))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Resolves a reference as `docker run` would: a tag or digest ref first, then an
+    /// image ID or unique ID prefix.
+    pub fn resolve(&self, reference: &str) -> Result<Image> {
+        let id = self.resolve_id(reference)?;
+        self.load(&id)
+    }
+
+    fn resolve_id(&self, reference: &str) -> Result<String> {
+        let repos = self.repositories()?;
+        let parsed = Reference::parse(reference);
+        if let Ok(r) = &parsed {
+            if let Some(id) = repos.get(&r.familiar_name()).and_then(|m| m.get(&r.familiar_string())) {
+                return Ok(id.clone());
+            }
+        }
+        // An ID or ID prefix: `sha256:abc…` or bare hex.
+        let hex = reference.strip_prefix("sha256:").unwrap_or(reference);
+        if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let hex = hex.to_ascii_lowercase();
+            let matches: Vec<String> = self.image_ids()?.into_iter().filter(|id| id.starts_with(&hex)).collect();
+            match matches.as_slice() {
+                [one] => return Ok(format!("sha256:{one}")),
+                [] => {}
+                many => {
+                    return Err(Error::new(format!(
+                        "image ID prefix '{reference}' is ambiguous in {}: it matches {} \
+                         (fix: give more digits of the ID)",
+                        self.root.display(),
+                        many.iter().map(|m| &m[..16]).collect::<Vec<_>>().join(", ")
+                    )))
+                }
+            }
+        }
+        if let Err(e) = parsed {
+            return Err(e);
+        }
+        Err(self.not_found(reference, &repos))
+    }
+
+    /// "No such image", with what the store does hold and the closest name.
+    fn not_found(&self, reference: &str, repos: &BTreeMap<String, BTreeMap<String, String>>) -> Error {
+        let wanted = Reference::parse(reference).map(|r| r.familiar_string()).unwrap_or_else(|_| reference.to_string());
+        let all: Vec<(&String, &String)> = repos.values().flat_map(|m| m.iter()).collect();
+        let mut msg = format!("image '{reference}' is not in the {} store at {}", self.driver.name(), self.root.display());
+        if all.is_empty() {
+            msg.push_str(": the store holds no tagged images (fix: docker pull / docker load the image into it)");
+            return Error::new(msg);
+        }
+        if let Some((closest, _)) = all.iter().min_by_key(|(r, _)| edit_distance(&wanted, r)) {
+            msg.push_str(&format!("; closest match: {closest}"));
+        }
+        msg.push_str("\nimages in this store:");
+        for (r, id) in &all {
+            let short = sha256_hex(id).map_or(id.as_str(), |h| &h[..12]);
+            msg.push_str(&format!("\n  {r}  {short}"));
+        }
+        msg.push_str("\n(fix: set docker_image= / --image to one of these, or load the image into the store)");
+        Error::new(msg)
+    }
+
+    /// Loads image `id` (`sha256:<hex>`): verified config, then its layers via layerdb.
+    pub fn load(&self, id: &str) -> Result<Image> {
+        let hex = sha256_hex(id).ok_or_else(|| {
+            Error::new(format!("image ID '{id}' in {} is malformed: expected sha256:<64 lowercase hex>", self.repositories_path().display()))
+        })?;
+        let path = self.image_dir().join("imagedb/content/sha256").join(hex);
+        let data = read(&path)?;
+        if sha256_of(&data) != hex {
+            return Err(Error::new(format!(
+                "image config {} is corrupt: its sha256 is not the image ID (the file was modified or truncated; \
+                 fix: docker pull / load the image again)",
+                path.display()
+            )));
+        }
+        let config: serde_json::Value = serde_json::from_slice(&data)
+            .map_err(|e| Error::new(format!("image config {} is not valid JSON: {e}", path.display())))?;
+        let diff_ids = diff_ids(&config, &path)?;
+        let chains = chain_ids(&diff_ids);
+        let mut layers = Vec::with_capacity(chains.len());
+        for (chain, diff) in chains.iter().zip(&diff_ids).rev() {
+            layers.push(self.layer(chain, diff)?);
+        }
+        let refs = self
+            .repositories()?
+            .into_values()
+            .flat_map(|m| m.into_iter())
+            .filter(|(_, v)| v == id)
+            .map(|(k, _)| k)
+            .collect();
+        Ok(Image { id: id.to_string(), config, driver: self.driver, layers, refs })
+    }
+
+    fn repositories_path(&self) -> PathBuf {
+        self.image_dir().join("repositories.json")
+    }
+
+    fn layer(&self, chain_id: &str, diff_id: &str) -> Result<Layer> {
+        let chain_hex = sha256_hex(chain_id).expect("chain IDs are computed from validated diff IDs");
+        let meta = self.image_dir().join("layerdb/sha256").join(chain_hex);
+        if !meta.is_dir() {
+            return Err(Error::new(format!(
+                "layer {chain_id} is missing: {} does not exist (the store is incomplete; \
+                 fix: docker pull / load the image again)",
+                meta.display()
+            )));
+        }
+        let recorded_diff = read_trimmed(&meta.join("diff"))?;
+        if recorded_diff != diff_id {
+            return Err(Error::new(format!(
+                "{} says {recorded_diff}, but the image config expects {diff_id}",
+                meta.join("diff").display()
+            )));
+        }
+        let cache_path = meta.join("cache-id");
+        let cache_id = read_trimmed(&cache_path)?;
+        if !is_hex64(&cache_id) {
+            return Err(Error::new(format!(
+                "{} is corrupt: expected 64 lowercase hex digits, found {:?}",
+                cache_path.display(),
+                cache_id.chars().take(80).collect::<String>()
+            )));
+        }
+        let (dir, link) = match self.driver {
+            Driver::Btrfs => (self.root.join("btrfs/subvolumes").join(&cache_id), None),
+            Driver::Overlay2 => {
+                let home = self.root.join("overlay2").join(&cache_id);
+                let link = fs::read_to_string(home.join("link"))
+                    .ok()
+                    .map(|l| l.trim().to_string())
+                    .filter(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric()));
+                (home.join("diff"), link)
+            }
+        };
+        if !dir.is_dir() {
+            return Err(Error::new(format!(
+                "layer {chain_id} (cache-id {cache_id}) has no data: {} does not exist \
+                 (the store is incomplete; fix: docker pull / load the image again)",
+                dir.display()
+            )));
+        }
+        Ok(Layer { chain_id: chain_id.to_string(), diff_id: diff_id.to_string(), cache_id, dir, link })
+    }
+}
+
+fn diff_ids(config: &serde_json::Value, path: &Path) -> Result<Vec<String>> {
+    let ids = config.pointer("/rootfs/diff_ids").and_then(|v| v.as_array()).ok_or_else(|| {
+        Error::new(format!("image config {} has no rootfs.diff_ids list", path.display()))
+    })?;
+    ids.iter()
+        .map(|v| match v.as_str() {
+            Some(s) if sha256_hex(s).is_some() => Ok(s.to_string()),
+            _ => Err(Error::new(format!(
+                "image config {} lists a malformed diff ID {v}: expected \"sha256:<64 lowercase hex>\"",
+                path.display()
+            ))),
+        })
+        .collect()
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    fs::read(path).map_err(|e| Error::io("cannot read", path, e))
+}
+
+fn read_trimmed(path: &Path) -> Result<String> {
+    let data = read(path)?;
+    Ok(String::from_utf8_lossy(&data).trim().to_string())
+}
+
+/// Levenshtein distance, to suggest the closest image name.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (row[j + 1] + 1).min(row[j] + 1).min(diag + usize::from(ca != *cb));
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests;
