@@ -1,7 +1,10 @@
 //! `layerboot`: the build-time half of layerboot (booster's generator, in spirit).
 //! The boot-time half is `layerboot-init`; both share its library.
 
+mod image;
+mod initramfs;
 mod inspect;
+mod kernel;
 
 use argh::FromArgs;
 
@@ -19,6 +22,8 @@ struct Cli {
 #[argh(subcommand)]
 enum Command {
     Inspect(inspect::Args),
+    Initramfs(initramfs::Args),
+    Kernel(kernel::Args),
 }
 
 fn main() {
@@ -29,6 +34,8 @@ fn main() {
     }
     let result = match cli.command {
         Some(Command::Inspect(args)) => inspect::run(args),
+        Some(Command::Initramfs(args)) => initramfs::run(args),
+        Some(Command::Kernel(args)) => kernel::run(args),
         None => Err("no command given (try: layerboot --help)".to_string()),
     };
     if let Err(e) = result {

@@ -4,10 +4,19 @@
 //!   turn a reference into the layer directories to mount.
 //! - the PID 1 program itself is `src/main.rs`.
 
+pub mod boot;
+pub mod console;
+pub mod copy;
 pub mod digest;
 pub mod error;
+pub mod kmod;
 pub mod lookup;
+pub mod mounts;
+pub mod probe;
 pub mod reference;
+pub mod settings;
 pub mod store;
+pub mod switch;
+pub mod writable;
 
 pub use error::{Error, Result};

@@ -1,0 +1,98 @@
+//! The image a build starts from: resolved in its store, viewed merged, and its kernel chosen.
+
+use std::path::{Path, PathBuf};
+
+use layerboot_init::lookup::MergedView;
+use layerboot_init::store::Store;
+
+use crate::inspect::{kernels, Kernel};
+
+pub struct SourceImage {
+    pub view: MergedView,
+}
+
+impl SourceImage {
+    pub fn open(store: &Path, reference: &str) -> Result<SourceImage, String> {
+        let store = Store::open(store).map_err(|e| e.to_string())?;
+        let image = store.resolve(reference).map_err(|e| e.to_string())?;
+        let view = MergedView::new(&image);
+        Ok(SourceImage { view })
+    }
+
+    /// The kernel to build for: `wanted`, or the only one, or the newest (with a note).
+    pub fn kernel(&self, reference: &str, wanted: Option<&str>, need: impl Fn(&Kernel) -> bool) -> Result<Kernel, String> {
+        let mut all: Vec<Kernel> = kernels(&self.view)?.into_iter().filter(|k| need(k)).collect();
+        if all.is_empty() {
+            return Err(format!(
+                "image {reference} has no kernel (no /boot/vmlinuz-* with /lib/modules/*): \
+                 install one in the image, e.g. RUN apt-get install linux-image-amd64 (Debian) or apk add linux-virt (Alpine)"
+            ));
+        }
+        all.sort_by(|a, b| version_key(&a.version).cmp(&version_key(&b.version)));
+        if let Some(w) = wanted {
+            let names: Vec<String> = all.iter().map(|k| k.version.clone()).collect();
+            return all.into_iter().find(|k| k.version == w).ok_or_else(|| {
+                format!("image {reference} has no kernel {w}; it has {}", names.join(", "))
+            });
+        }
+        if all.len() > 1 {
+            eprintln!(
+                "note: image {reference} has kernels {}; using the newest (choose with --kver)",
+                all.iter().map(|k| k.version.as_str()).collect::<Vec<_>>().join(", ")
+            );
+        }
+        Ok(all.pop().unwrap())
+    }
+
+    /// Where a file of the image really is on the host.
+    pub fn host_path(&self, path: &str) -> Result<PathBuf, String> {
+        match self.view.lookup_follow(path).map_err(|e| e.to_string())? {
+            Some(e) => Ok(e.host_path),
+            None => Err(format!("the image has no {path}")),
+        }
+    }
+}
+
+/// "6.1.0-10-amd64" sorts after "6.1.0-9-amd64": compare digit runs as numbers.
+fn version_key(v: &str) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    let mut rest = v;
+    while !rest.is_empty() {
+        let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+        let (num, tail) = rest.split_at(digits);
+        let text_len = tail.chars().take_while(|c| !c.is_ascii_digit()).count();
+        let (text, tail) = tail.split_at(text_len);
+        out.push((num.parse().unwrap_or(0), text.to_string()));
+        rest = tail;
+    }
+    out
+}
+
+/// Writes `data` to `path` atomically: a temporary file beside it, fsync, rename.
+pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| format!("{} is not a file name", path.display()))?;
+    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot write {}: {e} (fix: check that {} exists and is writable)", path.display(), dir.display())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kernel_versions_sort_numerically() {
+        let mut v = vec!["6.1.0-10-amd64", "6.1.0-9-amd64", "5.10.0-30-amd64"];
+        v.sort_by_key(|s| super::version_key(s));
+        assert_eq!(v, ["5.10.0-30-amd64", "6.1.0-9-amd64", "6.1.0-10-amd64"]);
+    }
+}

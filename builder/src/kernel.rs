@@ -1,0 +1,37 @@
+//! `layerboot kernel`: copies the image's own kernel out, for the boot loader.
+
+use std::path::PathBuf;
+
+use argh::FromArgs;
+
+use crate::image::{write_atomically, SourceImage};
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "kernel")]
+/// copy the image's kernel to DIR as vmlinuz-<version>
+pub struct Args {
+    /// the engine's data root, e.g. /var/lib/docker
+    #[argh(option)]
+    store: PathBuf,
+    /// image reference
+    #[argh(option)]
+    image: String,
+    /// kernel version, if the image has several
+    #[argh(option)]
+    kver: Option<String>,
+    /// output directory (created if needed)
+    #[argh(option, short = 'o')]
+    output: PathBuf,
+}
+
+pub fn run(args: Args) -> Result<(), String> {
+    let src = SourceImage::open(&args.store, &args.image)?;
+    let kernel = src.kernel(&args.image, args.kver.as_deref(), |k| k.vmlinuz.is_some())?;
+    let from = src.host_path(kernel.vmlinuz.as_deref().unwrap())?;
+    let data = std::fs::read(&from).map_err(|e| format!("cannot read {}: {e}", from.display()))?;
+    std::fs::create_dir_all(&args.output).map_err(|e| format!("cannot create {}: {e}", args.output.display()))?;
+    let dest = args.output.join(format!("vmlinuz-{}", kernel.version));
+    write_atomically(&dest, &data, 0o644)?;
+    println!("{}", dest.display());
+    Ok(())
+}

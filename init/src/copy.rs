@@ -1,0 +1,276 @@
+//! Copies the per-host top layer into the new root, like `cp -a` run inside it: owners,
+//! modes, times, symlinks (copied, never followed), hard links, device nodes, fifos and
+//! xattrs, top-level dotfiles included.
+//!
+//! Destination directories are opened with `openat2(RESOLVE_IN_ROOT)`, so a symlink in
+//! the image (`/bin` → `usr/bin`) is followed as the booted system would follow it, and
+//! can never lead outside the new root.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr};
+use std::fs::{self, File};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{fchmodat, mkdirat, mknodat, utimensat, FchmodatFlags, Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{fchownat, linkat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags};
+use nix::fcntl::AtFlags;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CopyStats {
+    pub files: usize,
+    pub dirs: usize,
+    pub links: usize,
+    pub other: usize,
+    pub bytes: u64,
+}
+
+/// Copies the contents of `src` (not `src` itself) into the tree at `dest_root`.
+pub fn copy_tree(src: &Path, dest_root: &Path) -> Result<CopyStats> {
+    let root = open_dir(None, dest_root)?;
+    let mut c = Copier { root, src_root: src.to_path_buf(), hardlinks: HashMap::new(), stats: CopyStats::default() };
+    let md = fs::symlink_metadata(src).map_err(|e| Error::io("cannot read the top layer", src, e))?;
+    if !md.is_dir() {
+        return Err(Error::new(format!("top layer {} is not a directory (fix: toplayer_path= must name a directory)", src.display())));
+    }
+    c.copy_dir(src, Path::new(""))?;
+    Ok(c.stats)
+}
+
+struct Copier {
+    root: OwnedFd,
+    src_root: PathBuf,
+    /// (dev, ino) of a multiply-linked source file → its path in the destination
+    hardlinks: HashMap<(u64, u64), PathBuf>,
+    stats: CopyStats,
+}
+
+fn open_dir(dirfd: Option<RawFd>, path: &Path) -> Result<OwnedFd> {
+    let fd = openat(dirfd, path, OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| Error::io("cannot open directory", path, e))?;
+    // SAFETY: openat returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl Copier {
+    /// The destination directory `rel`, resolved as if chrooted into the new root.
+    fn dest_dir(&self, rel: &Path) -> Result<OwnedFd> {
+        let path = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+        let how = OpenHow::new()
+            .flags(OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        let fd = openat2(self.root.as_raw_fd(), path, how).map_err(|e| Error::io("cannot open in the new root", &Path::new("/").join(rel), e))?;
+        // SAFETY: a fresh descriptor from openat2.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn copy_dir(&mut self, src: &Path, rel: &Path) -> Result<()> {
+        let dir = self.dest_dir(rel)?;
+        let mut entries: Vec<_> = fs::read_dir(src)
+            .map_err(|e| Error::io("cannot list", src, e))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| Error::io("cannot list", src, e))?;
+        entries.sort();
+        for name in entries {
+            let s = src.join(&name);
+            let md = fs::symlink_metadata(&s).map_err(|e| Error::io("cannot stat", &s, e))?;
+            self.copy_entry(&s, &md, dir.as_raw_fd(), &name, &rel.join(&name))?;
+        }
+        Ok(())
+    }
+
+    fn copy_entry(&mut self, src: &Path, md: &fs::Metadata, dir: RawFd, name: &OsStr, rel: &Path) -> Result<()> {
+        let shown = Path::new("/").join(rel);
+        let fail = |what: &str, e: Errno| Error::new(format!("top layer: cannot {what} {}: {e}", shown.display()));
+        let existing = nix::sys::stat::fstatat(Some(dir), name, AtFlags::AT_SYMLINK_NOFOLLOW).ok();
+        let existing_is_dir = existing.is_some_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR);
+        let ft = md.file_type();
+
+        if ft.is_dir() {
+            let existing_is_link = existing.is_some_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK);
+            if existing.is_some() && !existing_is_dir && !existing_is_link {
+                unlinkat(Some(dir), name, UnlinkatFlags::NoRemoveDir).map_err(|e| fail("replace", e))?;
+            }
+            if existing.is_none() || !(existing_is_dir || existing_is_link) {
+                mkdirat(Some(dir), name, Mode::from_bits_truncate(0o700)).map_err(|e| fail("create directory", e))?;
+            }
+            self.copy_dir(src, rel)?;
+            // A directory symlink in the image stays a symlink; its target gets the metadata.
+            let target = self.dest_dir(rel)?;
+            self.set_attrs(target.as_raw_fd(), OsStr::new("."), src, md, &shown)?;
+            self.stats.dirs += 1;
+            return Ok(());
+        }
+        if existing_is_dir {
+            return Err(Error::new(format!(
+                "top layer: {} is a directory in the image but not in the top layer {} (fix: remove it from the top layer, or make it a directory)",
+                shown.display(),
+                self.src_root.display()
+            )));
+        }
+        if existing.is_some() {
+            unlinkat(Some(dir), name, UnlinkatFlags::NoRemoveDir).map_err(|e| fail("replace", e))?;
+        }
+        if md.nlink() > 1 && !ft.is_dir() {
+            if let Some(first) = self.hardlinks.get(&(md.dev(), md.ino())) {
+                linkat(Some(self.root.as_raw_fd()), first.as_path(), Some(dir), Path::new(name), AtFlags::empty())
+                    .map_err(|e| fail("hard-link", e))?;
+                self.stats.links += 1;
+                return Ok(());
+            }
+            self.hardlinks.insert((md.dev(), md.ino()), rel.to_path_buf());
+        }
+        if ft.is_file() {
+            let fd = openat(
+                Some(dir),
+                name,
+                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o600),
+            )
+            .map_err(|e| fail("create", e))?;
+            // SAFETY: a fresh descriptor from openat.
+            let mut out = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            let mut input = File::open(src).map_err(|e| Error::io("cannot read", src, e))?;
+            self.stats.bytes += std::io::copy(&mut input, &mut out).map_err(|e| Error::io("cannot copy", src, e))?;
+            self.stats.files += 1;
+        } else if ft.is_symlink() {
+            let target = fs::read_link(src).map_err(|e| Error::io("cannot read link", src, e))?;
+            symlinkat(target.as_path(), Some(dir), name).map_err(|e| fail("create symlink", e))?;
+            self.stats.links += 1;
+        } else {
+            let kind = if ft.is_char_device() {
+                SFlag::S_IFCHR
+            } else if ft.is_block_device() {
+                SFlag::S_IFBLK
+            } else if ft.is_fifo() {
+                SFlag::S_IFIFO
+            } else {
+                SFlag::S_IFSOCK
+            };
+            mknodat(Some(dir), name, kind, Mode::from_bits_truncate(0o600), md.rdev()).map_err(|e| fail("create node", e))?;
+            self.stats.other += 1;
+        }
+        self.set_attrs(dir, name, src, md, &shown)
+    }
+
+    /// Owner, then mode (chown clears set-id bits), xattrs, then times (last: the others touch ctime only).
+    fn set_attrs(&self, dir: RawFd, name: &OsStr, src: &Path, md: &fs::Metadata, shown: &Path) -> Result<()> {
+        let fail = |what: &str, e: Errno| Error::new(format!("top layer: cannot {what} {}: {e}", shown.display()));
+        let is_link = md.file_type().is_symlink();
+        fchownat(Some(dir), name, Some(Uid::from_raw(md.uid())), Some(Gid::from_raw(md.gid())), AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(|e| fail("set the owner of", e))?;
+        if !is_link {
+            fchmodat(Some(dir), name, Mode::from_bits_truncate(md.mode() & 0o7777), FchmodatFlags::FollowSymlink)
+                .map_err(|e| fail("set the mode of", e))?;
+        }
+        copy_xattrs(src, &proc_path(dir, name), is_link).map_err(|e| e.context(format!("top layer: {}", shown.display())))?;
+        let atime = TimeSpec::new(md.atime(), md.atime_nsec());
+        let mtime = TimeSpec::new(md.mtime(), md.mtime_nsec());
+        utimensat(Some(dir), name, &atime, &mtime, UtimensatFlags::NoFollowSymlink).map_err(|e| fail("set the times of", e))
+    }
+}
+
+/// A path naming `name` in the open directory `dir`, for the path-only xattr calls.
+fn proc_path(dir: RawFd, name: &OsStr) -> PathBuf {
+    Path::new(&format!("/proc/self/fd/{dir}")).join(name)
+}
+
+/// Copies every xattr (security.*, trusted.*, user.*) of `src` to `dest`, neither followed.
+/// nix has no xattr calls; these are the plain l*xattr(2) system calls.
+fn copy_xattrs(src: &Path, dest: &Path, is_link: bool) -> Result<()> {
+    let s = CString::new(src.as_os_str().as_bytes()).map_err(|_| Error::new("NUL in path"))?;
+    let d = CString::new(dest.as_os_str().as_bytes()).map_err(|_| Error::new("NUL in path"))?;
+    let mut names = vec![0u8; 4096];
+    // SAFETY: valid C string, buffer valid for its length.
+    let len = unsafe { nix::libc::llistxattr(s.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    if len < 0 {
+        let e = Errno::last();
+        return if e == Errno::ENOTSUP { Ok(()) } else { Err(Error::io("cannot list xattrs of", src, e)) };
+    }
+    names.truncate(len as usize);
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let n = CString::new(name).unwrap();
+        let mut value = vec![0u8; 65536];
+        // SAFETY: as above.
+        let vlen = unsafe { nix::libc::lgetxattr(s.as_ptr(), n.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+        if vlen < 0 {
+            return Err(Error::io(&format!("cannot read xattr {} of", String::from_utf8_lossy(name)), src, Errno::last()));
+        }
+        // SAFETY: as above; value holds vlen initialised bytes.
+        let r = unsafe { nix::libc::lsetxattr(d.as_ptr(), n.as_ptr(), value.as_ptr().cast(), vlen as usize, 0) };
+        if r < 0 {
+            let e = Errno::last();
+            // Symlinks cannot carry user.* xattrs; the kernel refuses, as it would for cp -a.
+            if is_link && e == Errno::EPERM {
+                continue;
+            }
+            return Err(Error::new(format!("cannot set xattr {}: {e}", String::from_utf8_lossy(name))));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    #[test]
+    fn copies_like_cp_a_and_stays_inside_the_root() {
+        let t = tempfile::tempdir().unwrap();
+        let (src, dest) = (t.path().join("top"), t.path().join("root"));
+        fs::create_dir_all(src.join("etc/ssh")).unwrap();
+        fs::create_dir_all(src.join("bin")).unwrap();
+        fs::write(src.join("etc/hostname"), "pc1\n").unwrap();
+        fs::write(src.join(".dotfile"), "dot").unwrap();
+        fs::write(src.join("etc/ssh/key"), "secret").unwrap();
+        fs::set_permissions(src.join("etc/ssh/key"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(src.join("bin/tool"), "#!/bin/sh").unwrap();
+        fs::hard_link(src.join("etc/hostname"), src.join("etc/hostname2")).unwrap();
+        symlink("/etc/hostname", src.join("etc/link")).unwrap();
+        symlink("../../outside", src.join("escape")).unwrap();
+        // The image: /bin is a symlink to usr/bin (merged /usr); /etc/hostname exists.
+        fs::create_dir_all(dest.join("usr/bin")).unwrap();
+        fs::create_dir_all(dest.join("etc")).unwrap();
+        fs::write(dest.join("etc/hostname"), "image\n").unwrap();
+        symlink("/usr/bin", dest.join("bin")).unwrap();
+        // An absolute symlink that would leave the root if followed on the host.
+        symlink("/", dest.join("etc/ssh")).unwrap();
+
+        let stats = copy_tree(&src, &dest).unwrap();
+        assert_eq!(fs::read_to_string(dest.join("etc/hostname")).unwrap(), "pc1\n");
+        assert_eq!(fs::read_to_string(dest.join(".dotfile")).unwrap(), "dot");
+        assert_eq!(fs::read_to_string(dest.join("usr/bin/tool")).unwrap(), "#!/bin/sh", "followed /bin inside the root");
+        assert!(fs::symlink_metadata(dest.join("bin")).unwrap().file_type().is_symlink());
+        // etc/ssh → "/" resolves to the new root itself, never the host's /.
+        assert_eq!(fs::read_to_string(dest.join("key")).unwrap(), "secret");
+        assert_eq!(fs::metadata(dest.join("key")).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read_link(dest.join("etc/link")).unwrap(), Path::new("/etc/hostname"));
+        assert_eq!(fs::read_link(dest.join("escape")).unwrap(), Path::new("../../outside"));
+        assert_eq!(fs::metadata(dest.join("etc/hostname")).unwrap().ino(), fs::metadata(dest.join("etc/hostname2")).unwrap().ino());
+        let (s, d) = (fs::metadata(src.join("etc/hostname")).unwrap(), fs::metadata(dest.join("etc/hostname")).unwrap());
+        assert_eq!((s.mtime(), s.mtime_nsec()), (d.mtime(), d.mtime_nsec()));
+        assert_eq!(stats.files, 4);
+    }
+
+    #[test]
+    fn a_file_over_an_image_directory_is_refused_by_name() {
+        let t = tempfile::tempdir().unwrap();
+        let (src, dest) = (t.path().join("top"), t.path().join("root"));
+        fs::create_dir_all(src.join("etc")).unwrap();
+        fs::write(src.join("etc/ssh"), "x").unwrap();
+        fs::create_dir_all(dest.join("etc/ssh")).unwrap();
+        let e = copy_tree(&src, &dest).unwrap_err().to_string();
+        assert!(e.contains("/etc/ssh is a directory in the image"), "{e}");
+        let e = copy_tree(&t.path().join("nope"), &dest).unwrap_err().to_string();
+        assert!(e.contains("cannot read the top layer"), "{e}");
+    }
+}

@@ -1,0 +1,333 @@
+//! Kernel module index from depmod's text files (modules.dep, .softdep, .alias,
+//! .builtin), used by the builder to choose what to pack and by `/init` to load it in
+//! order: soft "pre" dependencies, hard dependencies, the module, soft "post" ones.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+pub const INDEX_FILES: [&str; 4] = ["modules.dep", "modules.softdep", "modules.alias", "modules.builtin"];
+
+#[derive(Debug, Default, Clone)]
+pub struct ModuleIndex {
+    /// name → (path relative to /lib/modules/<kver>, hard dependencies by name)
+    modules: BTreeMap<String, (String, Vec<String>)>,
+    /// name → (pre, post) soft dependencies, as written (names or aliases)
+    softdeps: BTreeMap<String, (Vec<String>, Vec<String>)>,
+    /// (pattern, module name), in file order
+    aliases: Vec<(String, String)>,
+    builtin: BTreeSet<String>,
+}
+
+/// One module to load, in order; `optional` for soft dependencies, whose failure is no error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub name: String,
+    pub path: String,
+    pub optional: bool,
+}
+
+/// `kernel/fs/btrfs/btrfs.ko.zst` → `btrfs`; `crc32c-intel` → `crc32c_intel`.
+pub fn module_name(path_or_name: &str) -> String {
+    let base = path_or_name.rsplit('/').next().unwrap_or(path_or_name);
+    let base = base.split(".ko").next().unwrap_or(base);
+    base.replace('-', "_")
+}
+
+impl ModuleIndex {
+    /// Reads the index files from a `/lib/modules/<kver>` directory; only modules.dep is required.
+    pub fn load(dir: &Path) -> Result<ModuleIndex> {
+        let read = |name: &str, required: bool| -> Result<String> {
+            let p = dir.join(name);
+            match fs::read_to_string(&p) {
+                Ok(s) => Ok(s),
+                Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+                Err(e) => Err(Error::io("cannot read module index", &p, e)),
+            }
+        };
+        Ok(ModuleIndex::parse(
+            &read("modules.dep", true)?,
+            &read("modules.softdep", false)?,
+            &read("modules.alias", false)?,
+            &read("modules.builtin", false)?,
+        ))
+    }
+
+    pub fn parse(dep: &str, softdep: &str, alias: &str, builtin: &str) -> ModuleIndex {
+        let mut idx = ModuleIndex::default();
+        for line in dep.lines() {
+            let Some((path, deps)) = line.split_once(':') else { continue };
+            let deps = deps.split_whitespace().map(module_name).collect();
+            idx.modules.insert(module_name(path), (path.trim().to_string(), deps));
+        }
+        for line in softdep.lines().filter(|l| !l.trim_start().starts_with('#')) {
+            let mut words = line.split_whitespace();
+            if words.next() != Some("softdep") {
+                continue;
+            }
+            let Some(module) = words.next() else { continue };
+            let entry = idx.softdeps.entry(module_name(module)).or_default();
+            let mut post = false;
+            for w in words {
+                match w {
+                    "pre:" => post = false,
+                    "post:" => post = true,
+                    w if post => entry.1.push(w.to_string()),
+                    w => entry.0.push(w.to_string()),
+                }
+            }
+        }
+        for line in alias.lines() {
+            let mut words = line.split_whitespace();
+            if let (Some("alias"), Some(pattern), Some(module)) = (words.next(), words.next(), words.next()) {
+                idx.aliases.push((pattern.to_string(), module_name(module)));
+            }
+        }
+        idx.builtin = builtin.lines().filter(|l| !l.trim().is_empty()).map(module_name).collect();
+        idx
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.modules.contains_key(&module_name(name))
+    }
+
+    pub fn is_builtin(&self, name: &str) -> bool {
+        self.builtin.contains(&module_name(name))
+    }
+
+    pub fn path(&self, name: &str) -> Option<&str> {
+        self.modules.get(&module_name(name)).map(|(p, _)| p.as_str())
+    }
+
+    /// Module names for a name or alias (`crc32c` → `crc32c_generic`, `crc32c_intel`).
+    pub fn resolve(&self, name_or_alias: &str) -> Vec<String> {
+        let name = module_name(name_or_alias);
+        if self.modules.contains_key(&name) {
+            return vec![name];
+        }
+        let mut out: Vec<String> = self
+            .aliases
+            .iter()
+            .filter(|(pattern, _)| glob_match(pattern, name_or_alias))
+            .map(|(_, m)| m.clone())
+            .filter(|m| self.modules.contains_key(m))
+            .collect();
+        out.dedup();
+        out
+    }
+
+    /// The load order for `wanted`, each module once. A wanted module that is neither in
+    /// the index nor built in is an error; soft dependencies that cannot be found are skipped.
+    pub fn load_order(&self, wanted: &[String]) -> Result<Vec<Step>> {
+        let mut order = Vec::new();
+        let mut seen = BTreeSet::new();
+        for w in wanted {
+            let names = self.resolve(w);
+            if names.is_empty() {
+                if self.is_builtin(w) {
+                    continue;
+                }
+                return Err(Error::new(format!("kernel module '{w}' is not in modules.dep (not packed, or not built for this kernel)")));
+            }
+            for n in names {
+                self.visit(&n, false, &mut seen, &mut order, 0)?;
+            }
+        }
+        Ok(order)
+    }
+
+    fn visit(&self, name: &str, optional: bool, seen: &mut BTreeSet<String>, order: &mut Vec<Step>, depth: usize) -> Result<()> {
+        if depth > 64 {
+            return Err(Error::new(format!("module dependencies of '{name}' loop")));
+        }
+        if !seen.insert(name.to_string()) {
+            return Ok(());
+        }
+        let Some((path, deps)) = self.modules.get(name) else {
+            return Err(Error::new(format!("kernel module '{name}' is missing from modules.dep")));
+        };
+        let (pre, post) = self.softdeps.get(name).cloned().unwrap_or_default();
+        for s in &pre {
+            for m in self.resolve(s) {
+                self.visit(&m, true, seen, order, depth + 1)?;
+            }
+        }
+        for d in deps {
+            self.visit(d, optional, seen, order, depth + 1)?;
+        }
+        order.push(Step { name: name.to_string(), path: path.clone(), optional });
+        for s in &post {
+            for m in self.resolve(s) {
+                self.visit(&m, true, seen, order, depth + 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The index files restricted to `names` (for packing into the initramfs).
+    pub fn render(&self, names: &BTreeSet<String>) -> BTreeMap<&'static str, String> {
+        let mut dep = String::new();
+        for (name, (path, deps)) in &self.modules {
+            if names.contains(name) {
+                let deps: Vec<&str> = deps.iter().filter_map(|d| self.modules.get(d).map(|(p, _)| p.as_str())).collect();
+                dep.push_str(&format!("{path}: {}\n", deps.join(" ")).replace(": \n", ":\n"));
+            }
+        }
+        let mut soft = String::new();
+        for (name, (pre, post)) in &self.softdeps {
+            if names.contains(name) {
+                let mut line = format!("softdep {name}");
+                if !pre.is_empty() {
+                    line.push_str(&format!(" pre: {}", pre.join(" ")));
+                }
+                if !post.is_empty() {
+                    line.push_str(&format!(" post: {}", post.join(" ")));
+                }
+                soft.push_str(&line);
+                soft.push('\n');
+            }
+        }
+        let alias: String =
+            self.aliases.iter().filter(|(_, m)| names.contains(m)).map(|(p, m)| format!("alias {p} {m}\n")).collect();
+        let builtin: String = self.builtin.iter().map(|m| format!("{m}\n")).collect();
+        BTreeMap::from([("modules.dep", dep), ("modules.softdep", soft), ("modules.alias", alias), ("modules.builtin", builtin)])
+    }
+}
+
+/// fnmatch(3) without flags: `*`, `?` and `[...]` classes, as modules.alias uses.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(next) = (pi < p.len()).then(|| match_one(&p, pi, t[ti])).flatten() {
+            pi = next;
+            ti += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+/// Matches one pattern element at `p[pi]` against `c`; returns the index after it.
+fn match_one(p: &[char], pi: usize, c: char) -> Option<usize> {
+    match p[pi] {
+        '?' => Some(pi + 1),
+        '[' => {
+            let mut i = pi + 1;
+            let negate = i < p.len() && (p[i] == '!' || p[i] == '^');
+            if negate {
+                i += 1;
+            }
+            let mut hit = false;
+            let start = i;
+            while i < p.len() && (p[i] != ']' || i == start) {
+                if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
+                    hit |= p[i] <= c && c <= p[i + 2];
+                    i += 3;
+                } else {
+                    hit |= p[i] == c;
+                    i += 1;
+                }
+            }
+            if i >= p.len() {
+                return (p[pi] == c).then_some(pi + 1); // unterminated: a literal '['
+            }
+            (hit != negate).then_some(i + 1)
+        }
+        x => (x == c).then_some(pi + 1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Lines as in Debian 12's 6.1 kernel.
+    const DEP: &str = "kernel/fs/btrfs/btrfs.ko: kernel/crypto/xor.ko kernel/lib/raid6/raid6_pq.ko kernel/lib/libcrc32c.ko
+kernel/crypto/xor.ko:
+kernel/lib/raid6/raid6_pq.ko:
+kernel/lib/libcrc32c.ko:
+kernel/crypto/crc32c_generic.ko:
+kernel/arch/x86/crypto/crc32c-intel.ko:
+kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio.ko:
+kernel/drivers/virtio/virtio_ring.ko:
+";
+    const SOFT: &str = "# comment\nsoftdep btrfs pre: crypto-crc32c\nsoftdep libcrc32c pre: crc32c\n";
+    const ALIAS: &str = "alias crypto-crc32c crc32c_intel\nalias crc32c crc32c_intel\nalias crypto-crc32c crc32c_generic\nalias crc32c crc32c_generic\nalias virtio:d00000002v* virtio_blk\n";
+
+    fn idx() -> ModuleIndex {
+        ModuleIndex::parse(DEP, SOFT, ALIAS, "kernel/fs/ext4/ext4.ko\n")
+    }
+
+    fn names(steps: &[Step]) -> Vec<(&str, bool)> {
+        steps.iter().map(|s| (s.name.as_str(), s.optional)).collect()
+    }
+
+    #[test]
+    fn btrfs_loads_crc32c_before_libcrc32c_before_btrfs() {
+        let order = idx().load_order(&["btrfs".into()]).unwrap();
+        assert_eq!(
+            names(&order),
+            vec![
+                ("crc32c_intel", true),
+                ("crc32c_generic", true),
+                ("xor", false),
+                ("raid6_pq", false),
+                ("libcrc32c", false),
+                ("btrfs", false)
+            ]
+        );
+        assert_eq!(order.last().unwrap().path, "kernel/fs/btrfs/btrfs.ko");
+    }
+
+    #[test]
+    fn builtins_are_skipped_and_unknown_modules_named() {
+        assert!(idx().load_order(&["ext4".into()]).unwrap().is_empty());
+        let e = idx().load_order(&["nvme".into()]).unwrap_err().to_string();
+        assert!(e.contains("'nvme' is not in modules.dep"), "{e}");
+        assert_eq!(idx().resolve("virtio:d00000002v00001AF4"), vec!["virtio_blk"]);
+        assert_eq!(idx().resolve("crc32c-intel"), vec!["crc32c_intel"]);
+    }
+
+    #[test]
+    fn rendered_index_round_trips() {
+        let keep: BTreeSet<String> = ["btrfs", "xor", "raid6_pq", "libcrc32c", "crc32c_generic"].map(String::from).into();
+        let files = idx().render(&keep);
+        let again = ModuleIndex::parse(&files["modules.dep"], &files["modules.softdep"], &files["modules.alias"], &files["modules.builtin"]);
+        let order = again.load_order(&["btrfs".into()]).unwrap();
+        assert_eq!(names(&order).iter().map(|n| n.0).collect::<Vec<_>>(), ["crc32c_generic", "xor", "raid6_pq", "libcrc32c", "btrfs"]);
+        assert!(!files["modules.alias"].contains("crc32c_intel"));
+    }
+
+    #[test]
+    fn globs_behave_like_fnmatch() {
+        for (p, t, want) in [
+            ("pci:v00008086d*sv*", "pci:v00008086d00001234sv0000", true),
+            ("pci:v00008086d*sv*", "pci:v00001AF4d00001234sv0000", false),
+            ("a?c", "abc", true),
+            ("[a-c]x", "bx", true),
+            ("[!a-c]x", "bx", false),
+            ("*", "", true),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "aXbY", false),
+        ] {
+            assert_eq!(glob_match(p, t), want, "{p} {t}");
+        }
+    }
+}

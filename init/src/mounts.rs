@@ -1,0 +1,48 @@
+//! Mount helpers over sys-mount, with errors that name the device, the target and the fix.
+
+use std::path::Path;
+
+use sys_mount::{FilesystemType, Mount, MountFlags, UnmountFlags};
+
+use crate::error::{Error, Result};
+
+/// `mount -t fstype -o data source target`.
+pub fn mount(source: &Path, target: &Path, fstype: &str, flags: MountFlags, data: &str) -> Result<()> {
+    std::fs::create_dir_all(target).map_err(|e| Error::io("cannot create mount point", target, e))?;
+    Mount::builder()
+        .fstype(FilesystemType::Manual(fstype))
+        .flags(flags)
+        .data(data)
+        .mount(source, target)
+        .map(drop)
+        .map_err(|e| {
+            let hint = match e.raw_os_error() {
+                Some(nix::libc::ENODEV) => format!(" (the kernel has no {fstype} driver: is its module in the initramfs?)"),
+                Some(nix::libc::EINVAL) => format!(" (check the mount options '{data}' and that it is really {fstype})"),
+                _ => String::new(),
+            };
+            Error::new(format!("cannot mount {} ({fstype}) on {}: {e}{hint}", source.display(), target.display()))
+        })
+}
+
+/// `mount --move source target`.
+pub fn move_mount(source: &Path, target: &Path) -> Result<()> {
+    Mount::builder()
+        .fstype(FilesystemType::Manual(""))
+        .flags(MountFlags::MOVE)
+        .mount(source, target)
+        .map(drop)
+        .map_err(|e| Error::new(format!("cannot move mount {} to {}: {e}", source.display(), target.display())))
+}
+
+/// Makes the mount at `target` and everything below it private (no propagation).
+/// sys-mount sets propagation only on mounts it made itself, so this is plain mount(2).
+pub fn make_private(target: &Path) -> Result<()> {
+    use nix::mount::MsFlags;
+    nix::mount::mount(None::<&str>, target, None::<&str>, MsFlags::MS_PRIVATE | MsFlags::MS_REC, None::<&str>)
+        .map_err(|e| Error::new(format!("cannot make {} private: {e}", target.display())))
+}
+
+pub fn unmount(target: &Path) -> Result<()> {
+    sys_mount::unmount(target, UnmountFlags::empty()).map_err(|e| Error::new(format!("cannot unmount {}: {e}", target.display())))
+}

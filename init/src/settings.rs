@@ -1,0 +1,269 @@
+//! Boot settings: the kernel command line over `/etc/layerboot.json` (baked in by the
+//! builder) over defaults. Argument names follow mkinitcpio-docker-hooks, so its boot
+//! entries keep working.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub const CONFIG_PATH: &str = "/etc/layerboot.json";
+pub const DEFAULT_DOCKER_PATH: &str = "var/lib/docker";
+pub const DEFAULT_RW_NAME: &str = "layerboot-rw";
+pub const DEFAULT_INIT: &str = "/sbin/init";
+pub const DEFAULT_TIMEOUT_S: u64 = 30;
+pub const DEFAULT_RESCUE_TIMEOUT_S: u64 = 60;
+
+/// `/etc/layerboot.json`, written by `layerboot initramfs`. Every field is optional.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The kernel release the packed modules are for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// Modules to load at boot (their dependencies are resolved at boot from modules.dep).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<String>,
+    /// Defaults for kernel arguments, by argument name (`docker_image`, `docker_path`, …).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub defaults: BTreeMap<String, String>,
+}
+
+impl Config {
+    pub fn parse(text: &str) -> Result<Config> {
+        serde_json::from_str(text).map_err(|e| {
+            Error::new(format!("{CONFIG_PATH} in the initramfs is invalid: {e} (fix: rebuild it with `layerboot initramfs`)"))
+        })
+    }
+}
+
+/// A device named as `root=` names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Label(String),
+    Uuid(String),
+    PartUuid(String),
+    PartLabel(String),
+    Path(String),
+}
+
+impl DeviceSpec {
+    pub fn parse(arg: &str, value: &str) -> Result<DeviceSpec> {
+        let (kind, rest) = value.split_once('=').unwrap_or(("", value));
+        let spec = match kind.to_ascii_uppercase().as_str() {
+            "LABEL" => DeviceSpec::Label(rest.to_string()),
+            "UUID" => DeviceSpec::Uuid(rest.to_ascii_lowercase()),
+            "PARTUUID" => DeviceSpec::PartUuid(rest.to_ascii_lowercase()),
+            "PARTLABEL" => DeviceSpec::PartLabel(rest.to_string()),
+            _ if value.starts_with("/dev/") => DeviceSpec::Path(value.to_string()),
+            _ => {
+                return Err(Error::new(format!(
+                    "{arg}={value} is not a device: use LABEL=…, UUID=…, PARTUUID=…, PARTLABEL=… or /dev/…"
+                )))
+            }
+        };
+        if matches!(&spec, DeviceSpec::Label(s) | DeviceSpec::Uuid(s) | DeviceSpec::PartUuid(s) | DeviceSpec::PartLabel(s) if s.is_empty()) {
+            return Err(Error::new(format!("{arg}={value} names no device: the value after '=' is empty")));
+        }
+        Ok(spec)
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Label(s) => write!(f, "LABEL={s}"),
+            DeviceSpec::Uuid(s) => write!(f, "UUID={s}"),
+            DeviceSpec::PartUuid(s) => write!(f, "PARTUUID={s}"),
+            DeviceSpec::PartLabel(s) => write!(f, "PARTLABEL={s}"),
+            DeviceSpec::Path(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Everything `/init` needs to know, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub root: DeviceSpec,
+    pub root_fstype: Option<String>,
+    /// `rootflags` without `subvol=` (which names the writable layer, for compatibility).
+    pub root_flags: Vec<String>,
+    pub read_only: bool,
+    pub docker_path: String,
+    pub image: String,
+    pub toplayer: Option<DeviceSpec>,
+    pub toplayer_fstype: Option<String>,
+    pub toplayer_flags: Vec<String>,
+    pub toplayer_path: String,
+    pub init: String,
+    pub rw_name: String,
+    /// `None`: wait forever (`rootwait` without a timeout).
+    pub timeout: Option<Duration>,
+    pub rescue_timeout: Duration,
+    pub debug: bool,
+}
+
+/// Splits `/proc/cmdline` into `key → value` (last one wins; a bare flag maps to "").
+/// Double quotes group words, as the kernel's own parser does.
+pub fn parse_cmdline(line: &str) -> BTreeMap<String, String> {
+    let mut args = BTreeMap::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    let mut words = Vec::new();
+    for c in line.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            c if c.is_whitespace() && !quoted => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    for w in words {
+        let (k, v) = w.split_once('=').unwrap_or((&w, ""));
+        args.insert(k.to_string(), v.to_string());
+    }
+    args
+}
+
+impl Settings {
+    /// Resolves the settings; `cmdline` wins over `config.defaults`, which win over defaults.
+    pub fn resolve(cmdline: &BTreeMap<String, String>, config: &Config) -> Result<Settings> {
+        let get = |k: &str| cmdline.get(k).or_else(|| config.defaults.get(k)).map(String::as_str);
+        let nonempty = |k: &str| get(k).filter(|v| !v.is_empty());
+
+        let root = DeviceSpec::parse(
+            "root",
+            nonempty("root").ok_or_else(|| {
+                Error::new("no root= on the kernel command line: add root=LABEL=… (or UUID=, PARTUUID=, /dev/…) naming the partition that holds the image store")
+            })?,
+        )?;
+        let mut root_flags = Vec::new();
+        let mut rw_subvol = None;
+        for flag in get("rootflags").unwrap_or("").split(',').filter(|f| !f.is_empty()) {
+            match flag.strip_prefix("subvol=") {
+                Some(name) => rw_subvol = Some(name.trim_start_matches('/').to_string()),
+                None => root_flags.push(flag.to_string()),
+            }
+        }
+        let rw_name = nonempty("layerboot.rw").map(str::to_string).or(rw_subvol).unwrap_or_else(|| DEFAULT_RW_NAME.to_string());
+        if rw_name.contains('/') || rw_name.starts_with('.') || rw_name.is_empty() {
+            return Err(Error::new(format!(
+                "writable layer name '{rw_name}' (layerboot.rw= or rootflags=subvol=) must be a plain name at the partition's top level, e.g. layerboot-rw"
+            )));
+        }
+        let docker_path = get("docker_path").unwrap_or(DEFAULT_DOCKER_PATH).trim_matches('/').to_string();
+        if docker_path.split('/').any(|c| c == "..") {
+            return Err(Error::new(format!("docker_path={docker_path} must stay inside the root partition (no '..')")));
+        }
+        let image = nonempty("docker_image").map(str::to_string).ok_or_else(|| {
+            Error::new("no image to boot: add docker_image=NAME:TAG to the kernel command line, or build the initramfs with `layerboot initramfs --image NAME:TAG`")
+        })?;
+        let toplayer = nonempty("toplayer").map(|v| DeviceSpec::parse("toplayer", v)).transpose()?;
+        let toplayer_flags = get("toplayerflags").unwrap_or("").split(',').filter(|f| !f.is_empty()).map(str::to_string).collect();
+        let toplayer_path = get("toplayer_path").unwrap_or("/").to_string();
+        if toplayer_path.split('/').any(|c| c == "..") {
+            return Err(Error::new(format!("toplayer_path={toplayer_path} must stay inside the top-layer device (no '..')")));
+        }
+        let seconds = |k: &str, default: u64| -> Result<u64> {
+            match nonempty(k) {
+                None => Ok(default),
+                Some(v) => v.parse().map_err(|_| Error::new(format!("{k}={v} is not a number of seconds"))),
+            }
+        };
+        let timeout = match (cmdline.contains_key("rootwait"), cmdline.contains_key("layerboot.timeout")) {
+            (true, false) => None,
+            _ => Some(Duration::from_secs(seconds("layerboot.timeout", DEFAULT_TIMEOUT_S)?)),
+        };
+        let init = nonempty("init").unwrap_or(DEFAULT_INIT).to_string();
+        if !init.starts_with('/') {
+            return Err(Error::new(format!("init={init} must be an absolute path inside the image, e.g. /sbin/init")));
+        }
+        Ok(Settings {
+            root,
+            root_fstype: nonempty("rootfstype").map(str::to_string),
+            root_flags,
+            read_only: cmdline.contains_key("ro") && !cmdline.contains_key("rw"),
+            docker_path,
+            image,
+            toplayer,
+            toplayer_fstype: nonempty("toplayerfstype").map(str::to_string),
+            toplayer_flags,
+            toplayer_path,
+            init,
+            rw_name,
+            timeout,
+            rescue_timeout: Duration::from_secs(seconds("layerboot.rescue_timeout", DEFAULT_RESCUE_TIMEOUT_S)?),
+            debug: cmdline.contains_key("layerboot.debug") || cmdline.contains_key("rd.debug"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(line: &str, config: &Config) -> Result<Settings> {
+        Settings::resolve(&parse_cmdline(line), config)
+    }
+
+    #[test]
+    fn mkinitcpio_docker_hooks_entry_still_boots() {
+        // The seed's rEFInd entry.
+        let s = settings(
+            "root=UUID=ABCD-1 rw rootflags=subvol=docker_rw,compress=zstd docker_path=var/lib/docker toplayer=LABEL=top toplayerflags=ro toplayer_path=/hosts/pc1 docker_image=arch:desktop",
+            &Config::default(),
+        )
+        .unwrap();
+        assert_eq!(s.root, DeviceSpec::Uuid("abcd-1".into()));
+        assert_eq!(s.rw_name, "docker_rw");
+        assert_eq!(s.root_flags, vec!["compress=zstd"]);
+        assert_eq!(s.toplayer, Some(DeviceSpec::Label("top".into())));
+        assert_eq!(s.toplayer_flags, vec!["ro"]);
+        assert_eq!(s.toplayer_path, "/hosts/pc1");
+        assert_eq!(s.image, "arch:desktop");
+        assert!(!s.read_only);
+    }
+
+    #[test]
+    fn cmdline_beats_config_beats_defaults() {
+        let mut config = Config::default();
+        config.defaults.insert("docker_image".into(), "baked:1".into());
+        config.defaults.insert("docker_path".into(), "/srv/docker/".into());
+        let s = settings("root=/dev/vda ro quiet", &config).unwrap();
+        assert_eq!((s.image.as_str(), s.docker_path.as_str()), ("baked:1", "srv/docker"));
+        assert_eq!((s.rw_name.as_str(), s.init.as_str()), (DEFAULT_RW_NAME, DEFAULT_INIT));
+        assert!(s.read_only && s.toplayer.is_none());
+        assert_eq!(s.timeout, Some(Duration::from_secs(30)));
+        let s = settings("root=/dev/vda docker_image=x:2 init=/bin/sh rootwait \"layerboot.rw=a\" docker_image=x:3", &config).unwrap();
+        assert_eq!((s.image.as_str(), s.init.as_str(), s.rw_name.as_str()), ("x:3", "/bin/sh", "a"));
+        assert_eq!(s.timeout, None);
+    }
+
+    #[test]
+    fn bad_arguments_name_the_fix() {
+        let c = Config::default();
+        for (line, want) in [
+            ("docker_image=x", "no root="),
+            ("root=/dev/vda", "no image to boot"),
+            ("root=sda1 docker_image=x", "root=sda1 is not a device"),
+            ("root=LABEL= docker_image=x", "names no device"),
+            ("root=/dev/vda docker_image=x docker_path=../etc", "inside the root partition"),
+            ("root=/dev/vda docker_image=x layerboot.rw=a/b", "plain name"),
+            ("root=/dev/vda docker_image=x layerboot.timeout=soon", "not a number"),
+            ("root=/dev/vda docker_image=x init=sbin/init", "absolute path"),
+            ("root=/dev/vda docker_image=x toplayer=top", "toplayer=top is not a device"),
+        ] {
+            let e = settings(line, &c).unwrap_err().to_string();
+            assert!(e.contains(want), "{line}: {e}");
+        }
+        assert!(Config::parse("{\"modules\": 1}").unwrap_err().to_string().contains("rebuild"));
+    }
+}
