@@ -1,1 +1,213 @@
-//! Helpers for the VM boot tests live in tests/.
+//! Helpers for the VM boot tests: disks made from the fixture stores, the layerboot
+//! builds of kernel and initramfs, QEMU runs with the serial console captured, and the
+//! report the guest prints.
+//!
+//! The fixture stores (tests/fixtures/build-stores.sh) are never modified: each test
+//! boots a sparse copy of one under target/vm-tests/<test>/.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn fixtures() -> PathBuf {
+    std::env::var_os("LAYERBOOT_FIXTURES").map(PathBuf::from).unwrap_or_else(|| repo().join("target/fixtures"))
+}
+
+pub fn work_dir(name: &str) -> PathBuf {
+    let d = repo().join("target/vm-tests").join(name);
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+/// The release `layerboot` (tests/run builds it before the tests).
+pub fn layerboot() -> Command {
+    let bin = repo().join("target/x86_64-unknown-linux-musl/release/layerboot");
+    assert!(bin.exists(), "{} is missing: run tests/run (it builds the release binaries first)", bin.display());
+    Command::new(bin)
+}
+
+/// The mounted, read-only fixture store of `driver` (tests/run mounts them).
+pub fn fixture_store(driver: &str) -> PathBuf {
+    let root = fixtures().join("mnt").join(driver).join("var/lib/docker");
+    assert!(root.is_dir(), "{} is missing: run tests/run, which builds and mounts the fixture stores", root.display());
+    root
+}
+
+pub struct Boot {
+    pub kernel: PathBuf,
+    pub kernel_version: String,
+    pub initramfs: PathBuf,
+}
+
+/// The kernel and initramfs `layerboot` builds from the demo image, once per test run.
+pub fn demo_boot_files() -> &'static Boot {
+    static BOOT: OnceLock<Boot> = OnceLock::new();
+    BOOT.get_or_init(|| {
+        let dir = work_dir("boot-files");
+        let store = fixture_store("btrfs");
+        let store = store.to_str().unwrap();
+        let initramfs = dir.join("initramfs.img");
+        run(layerboot().args(["initramfs", "--store", store, "--image", "layerboot/demo", "-o"]).arg(&initramfs));
+        let kernel = PathBuf::from(run(layerboot().args(["kernel", "--store", store, "--image", "layerboot/demo", "-o"]).arg(&dir)).trim());
+        let kernel_version = kernel.file_name().unwrap().to_str().unwrap().trim_start_matches("vmlinuz-").to_string();
+        Boot { kernel, kernel_version, initramfs }
+    })
+}
+
+/// A loop mount that is undone when dropped.
+pub struct LoopMount(pub PathBuf);
+
+impl LoopMount {
+    pub fn new(image: &Path, at: &Path, read_only: bool) -> LoopMount {
+        fs::create_dir_all(at).unwrap();
+        let opts = if read_only { "loop,ro" } else { "loop" };
+        run(Command::new("mount").args(["-o", opts]).arg(image).arg(at));
+        LoopMount(at.to_path_buf())
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A sparse copy of a fixture store's disk image, to boot and write to.
+pub fn copy_store_disk(driver: &str, dir: &Path) -> PathBuf {
+    let disk = dir.join(format!("{driver}.img"));
+    run(Command::new("cp").arg("--sparse=always").arg(fixtures().join(format!("{driver}.img"))).arg(&disk));
+    disk
+}
+
+/// The top layer the tests put on a machine: files a user would keep per host, and a
+/// systemd unit that prints a report on the serial console and powers off.
+pub fn write_toplayer(dir: &Path, hostname: &str) {
+    let w = |rel: &str, text: &str, mode: u32| {
+        let p = dir.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, text).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+    };
+    w("etc/hostname", &format!("{hostname}\n"), 0o644);
+    w("etc/layerboot-secret", "per-host secret\n", 0o600);
+    std::os::unix::fs::chown(dir.join("etc/layerboot-secret"), Some(1000), Some(1000)).unwrap();
+    w(".layerboot-dotfile", "dotfile\n", 0o644);
+    std::os::unix::fs::symlink("/etc/hostname", dir.join("etc/layerboot-link")).unwrap();
+    w(
+        "etc/systemd/system/layerboot-report.service",
+        "[Unit]\nDescription=layerboot test report\nAfter=multi-user.target\nSuccessAction=poweroff-force\nFailureAction=poweroff-force\n\
+         [Service]\nType=oneshot\nExecStart=/usr/local/sbin/layerboot-report\n[Install]\nWantedBy=multi-user.target\n",
+        0o644,
+    );
+    let wants = dir.join("etc/systemd/system/multi-user.target.wants");
+    fs::create_dir_all(&wants).unwrap();
+    std::os::unix::fs::symlink("../layerboot-report.service", wants.join("layerboot-report.service")).unwrap();
+    w("usr/local/sbin/layerboot-report", REPORT, 0o755);
+}
+
+const REPORT: &str = r#"#!/bin/sh
+# Prints what booted, for the VM tests, then leaves a marker to see if it survives a boot.
+exec > /dev/console 2>&1
+. /etc/os-release
+echo "LAYERBOOT-REPORT-BEGIN"
+echo "os: $PRETTY_NAME"
+echo "kernel: $(uname -r)"
+echo "root: $(findmnt -no FSTYPE,OPTIONS /)"
+echo "hostname: $(cat /proc/sys/kernel/hostname)"
+echo "tag: $(cat /etc/layerboot-tag)"
+echo "secret: $(stat -c '%a %u:%g' /etc/layerboot-secret)"
+echo "dotfile: $(cat /.layerboot-dotfile)"
+echo "symlink: $(readlink /etc/layerboot-link)"
+echo "marker: $(cat /var/tmp/layerboot-marker 2>/dev/null || echo none)"
+echo "booted: $(cat /run/layerboot/booted.json)"
+echo "LAYERBOOT-REPORT-END"
+echo "written in an earlier boot" > /var/tmp/layerboot-marker
+sync
+"#;
+
+/// `-accel tcg` unless LAYERBOOT_ACCEL says otherwise (nested KVM does not boot guests
+/// on the machines this runs on).
+fn accel() -> String {
+    std::env::var("LAYERBOOT_ACCEL").unwrap_or_else(|_| "tcg".to_string())
+}
+
+pub struct Qemu<'a> {
+    pub disks: Vec<PathBuf>,
+    pub cmdline: String,
+    pub boot: &'a Boot,
+    pub log: PathBuf,
+    pub timeout: Duration,
+    /// Writes go to a temporary file, not the disk images.
+    pub snapshot: bool,
+}
+
+impl Qemu<'_> {
+    /// Boots until the guest powers off (or reboots: -no-reboot ends QEMU then too) and
+    /// returns the serial console's text.
+    pub fn run(&self) -> String {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", &accel(), "-m", "1024", "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", self.log.display()))
+            .arg("-kernel")
+            .arg(&self.boot.kernel)
+            .arg("-initrd")
+            .arg(&self.boot.initramfs)
+            .args(["-append", &format!("console=ttyS0 {}", self.cmdline)]);
+        if self.snapshot {
+            cmd.arg("-snapshot");
+        }
+        for d in &self.disks {
+            cmd.arg("-drive").arg(format!("file={},if=virtio,format=raw", d.display()));
+        }
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("qemu-system-x86_64 (tests/setup-host.sh installs it)");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let text = fs::read_to_string(&self.log).unwrap_or_default();
+                assert!(status.success(), "qemu failed ({status}); console:\n{text}");
+                return text;
+            }
+            if start.elapsed() > self.timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                let text = fs::read_to_string(&self.log).unwrap_or_default();
+                panic!("the guest did not power off within {:?}; console ({}):\n{}", self.timeout, self.log.display(), tail(&text, 60));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The `key: value` lines the guest printed between the report markers.
+pub fn report(console: &str) -> BTreeMap<String, String> {
+    let begin = console.find("LAYERBOOT-REPORT-BEGIN").unwrap_or_else(|| panic!("no report on the console:\n{}", tail(console, 80)));
+    let end = console[begin..].find("LAYERBOOT-REPORT-END").map(|e| begin + e).expect("report not finished");
+    console[begin..end]
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').split_once(": "))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}

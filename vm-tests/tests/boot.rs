@@ -1,0 +1,155 @@
+//! Boots real machines from the real fixture stores in QEMU (TCG) and checks what the
+//! guest reports on its serial console: the image's own systemd, kernel and files, the
+//! writable root of the store's driver, the top layer, a fresh layer at every boot, and a
+//! readable failure for an unknown image. Afterwards the store's image layers are checked,
+//! from the host, to be exactly as the engine left them.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use vm_tests::*;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
+
+/// Every file under `dir`: type and mode, owner, size, mtime. Enough to see any write.
+fn tree(dir: &Path) -> BTreeMap<String, (u32, u32, u64, i64, i64)> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(dir).unwrap().display().to_string();
+            out.insert(rel, (md.mode(), md.uid(), md.size(), md.mtime(), md.mtime_nsec()));
+            if md.is_dir() {
+                todo.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// The layer directories of `reference` in the store at `data_root`, as `layerboot inspect` reports them.
+fn layer_dirs(data_root: &Path, reference: &str) -> Vec<String> {
+    let out = run(layerboot().args(["inspect", "--json", "--store"]).arg(data_root).arg(reference));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["layers"].as_array().unwrap().iter().map(|l| l["dir"].as_str().unwrap().to_string()).collect()
+}
+
+/// The image layers in the booted copy are file-for-file those of the pristine fixture.
+fn assert_store_untouched(driver: &str, disk: &Path, dir: &Path) {
+    let pristine = fixture_store(driver);
+    let _m = LoopMount::new(disk, &dir.join("check"), true);
+    let booted = dir.join("check/var/lib/docker");
+    for tag in ["layerboot/demo:latest", "layerboot/demo:v2"] {
+        let (a, b) = (layer_dirs(&pristine, tag), layer_dirs(&booted, tag));
+        assert_eq!(a.len(), b.len());
+        // btrfs: the top subvolume is the whole tree; overlay2: every layer's diff.
+        let n = if driver == "btrfs" { 1 } else { a.len() };
+        for (x, y) in a.iter().zip(&b).take(n) {
+            assert!(tree(Path::new(x)) == tree(Path::new(y)), "{driver}: layer {y} was modified by booting");
+        }
+    }
+}
+
+fn common_checks(r: &BTreeMap<String, String>, hostname: &str, tag: &str) {
+    let boot = demo_boot_files();
+    assert!(r["os"].contains("Debian GNU/Linux 12"), "{r:?}");
+    assert_eq!(r["kernel"], boot.kernel_version, "the image's own kernel");
+    assert_eq!(r["hostname"], hostname, "from the top layer");
+    assert_eq!(r["tag"], tag, "which image booted");
+    assert_eq!(r["secret"], "600 1000:1000", "top-layer owner and mode kept");
+    assert_eq!(r["dotfile"], "dotfile", "top-level dotfile copied");
+    assert_eq!(r["symlink"], "/etc/hostname", "symlink copied as a symlink");
+    assert_eq!(r["marker"], "none", "a file written in the previous boot must be gone");
+}
+
+fn no_panic(console: &str) {
+    assert!(!console.contains("Kernel panic"), "kernel panic:\n{}", tail(console, 40));
+}
+
+#[test]
+fn btrfs_store_boots_the_image_with_a_fresh_snapshot_each_time() {
+    let dir = work_dir("btrfs");
+    let disk = copy_store_disk("btrfs", &dir);
+    {
+        // The top layer on the store partition itself, as mkinitcpio-docker-hooks users have it.
+        let _m = LoopMount::new(&disk, &dir.join("mnt"), false);
+        write_toplayer(&dir.join("mnt/toplayer"), "vm-btrfs");
+    }
+    let boot = demo_boot_files();
+    // The hook's spelling: rootflags=subvol= names the writable layer.
+    let base = "root=LABEL=lb-btrfs rootflags=subvol=lb-rw toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.rescue_timeout=0";
+    let ids = fs::read_to_string(fixtures().join("images.env")).unwrap();
+
+    let console = Qemu { disks: vec![disk.clone()], cmdline: base.into(), boot, log: dir.join("boot1.log"), timeout: BOOT_TIMEOUT, snapshot: false }.run();
+    no_panic(&console);
+    let r = report(&console);
+    common_checks(&r, "vm-btrfs", "latest");
+    assert!(r["root"].starts_with("btrfs ") && r["root"].contains("subvol=/lb-rw"), "root: {}", r["root"]);
+    let demo_id = ids.lines().find_map(|l| l.strip_prefix("DEMO_ID=")).unwrap();
+    assert!(r["booted"].contains(demo_id), "{}", r["booted"]);
+
+    // Boot 2 picks the other tag from the command line, with the same initramfs.
+    let cmdline = format!("{base} docker_image=layerboot/demo:v2");
+    let console = Qemu { disks: vec![disk.clone()], cmdline, boot, log: dir.join("boot2.log"), timeout: BOOT_TIMEOUT, snapshot: false }.run();
+    no_panic(&console);
+    let r = report(&console);
+    common_checks(&r, "vm-btrfs", "v2");
+
+    {
+        let _m = LoopMount::new(&disk, &dir.join("mnt"), true);
+        let m = dir.join("mnt");
+        assert_eq!(fs::read_to_string(m.join("lb-rw/etc/layerboot-tag")).unwrap(), "v2\n");
+        assert!(m.join("lb-rw/var/tmp/layerboot-marker").exists(), "boot 2 wrote into its layer");
+        assert_eq!(fs::read_to_string(m.join("lb-rw.prev/etc/layerboot-tag")).unwrap(), "latest\n", "boot 1's layer kept as .prev");
+        assert!(!m.join("lb-rw.new").exists());
+    }
+    assert_store_untouched("btrfs", &disk, &dir);
+}
+
+#[test]
+fn overlay2_store_boots_the_image_as_an_overlay_with_a_fresh_upper_each_time() {
+    let dir = work_dir("overlay2");
+    let disk = copy_store_disk("overlay2", &dir);
+    // The top layer on a disk of its own.
+    let top_dir = dir.join("toplayer");
+    write_toplayer(&top_dir, "vm-overlay");
+    let top = dir.join("toplayer.img");
+    fs::File::create(&top).unwrap().set_len(32 << 20).unwrap();
+    run(Command::new("mkfs.ext4").args(["-q", "-L", "lb-top", "-d"]).arg(&top_dir).arg(&top));
+    let boot = demo_boot_files();
+    let cmdline = "root=LABEL=lb-overlay toplayer=LABEL=lb-top layerboot.rescue_timeout=0";
+
+    for (i, log) in ["boot1.log", "boot2.log"].iter().enumerate() {
+        let console = Qemu { disks: vec![disk.clone(), top.clone()], cmdline: cmdline.into(), boot, log: dir.join(log), timeout: BOOT_TIMEOUT, snapshot: false }.run();
+        no_panic(&console);
+        let r = report(&console);
+        common_checks(&r, "vm-overlay", "latest");
+        assert!(r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"), "boot {}: root: {}", i + 1, r["root"]);
+    }
+    {
+        let _m = LoopMount::new(&disk, &dir.join("mnt"), true);
+        let m = dir.join("mnt");
+        assert!(m.join("layerboot-rw/upper/var/tmp/layerboot-marker").exists());
+        assert!(m.join("layerboot-rw.prev/upper/var/tmp/layerboot-marker").exists());
+        assert!(!m.join("layerboot-rw.new").exists());
+    }
+    assert_store_untouched("overlay2", &disk, &dir);
+}
+
+#[test]
+fn unknown_image_is_named_on_the_console_and_the_machine_reboots() {
+    let dir = work_dir("unknown-image");
+    let disk = fixtures().join("btrfs.img"); // booted with -snapshot: nothing is written to it
+    let cmdline = "root=LABEL=lb-btrfs docker_image=layerboot/nope:1 layerboot.rescue_timeout=0";
+    let console = Qemu { disks: vec![disk], cmdline: cmdline.into(), boot: demo_boot_files(), log: dir.join("boot.log"), timeout: BOOT_TIMEOUT, snapshot: true }.run();
+    no_panic(&console);
+    for want in ["layerboot: BOOT FAILED", "image 'layerboot/nope:1' is not in the btrfs store", "closest match: layerboot/demo:", "layerboot/demo:v2", "fix:"] {
+        assert!(console.contains(want), "missing {want:?} in:\n{}", tail(&console, 30));
+    }
+}
