@@ -12,7 +12,7 @@ use layerboot_init::settings::{Config, DEFAULT_DOCKER_PATH};
 
 use crate::image::{write_atomically, SourceImage};
 
-/// Drivers that find the disk on common PCs and VMs; loaded at every boot.
+/// Drivers that find the disk on common PCs and VMs; /init loads those its devices' modaliases ask for.
 pub const STORAGE_DRIVERS: [&str; 6] = ["virtio_pci", "virtio_blk", "virtio_scsi", "ahci", "nvme", "sd_mod"];
 /// Filesystems the store and the new root may need; loaded on demand.
 pub const FILESYSTEMS: [&str; 3] = ["btrfs", "overlay", "ext4"];
@@ -93,7 +93,7 @@ pub fn run(args: Args) -> Result<(), String> {
     tree.insert("etc/initrd-release".into(), Node::File { data: initrd_release().into_bytes(), mode: 0o644 });
     let config = Config {
         kernel: Some(kver.clone()),
-        modules: STORAGE_DRIVERS.iter().filter(|m| wanted.contains(&m.to_string())).map(|m| m.to_string()).collect(),
+        modules: Vec::new(),
         defaults: BTreeMap::from([
             ("docker_image".to_string(), args.image.clone()),
             ("docker_path".to_string(), args.docker_path.trim_matches('/').to_string()),

@@ -1,7 +1,7 @@
 //! The boot sequence of `/init`, start to switch_root. Each step is a function named for
 //! what it does; any failure comes back as an [`Error`] that `main` shows on the console.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -16,6 +16,7 @@ use crate::copy::copy_tree;
 use crate::error::{Context, Error, Result};
 use crate::kmod::ModuleIndex;
 use crate::mounts::{mount, unmount};
+use crate::coldplug::{ModaliasWalker, Uevents};
 use crate::probe::{scan, BlockDevice};
 use crate::settings::{parse_cmdline, Config, DeviceSpec, Settings, CONFIG_PATH};
 use crate::store::{Driver, Image, Store};
@@ -24,6 +25,7 @@ use crate::writable::{overlay_data, prepare, rotate, LayerPaths};
 pub const STORE_MOUNT: &str = "/run/layerboot/store";
 const TOPLAYER_MOUNT: &str = "/run/layerboot/toplayer";
 const STAGE_MOUNT: &str = "/run/layerboot/stage";
+const TMPFS_UPPER: &str = "/run/layerboot/upper";
 pub const NEW_ROOT: &str = "/sysroot";
 
 /// What is known once the command line is read; used by `main` to report failures.
@@ -55,18 +57,22 @@ impl Boot {
         self.settings = Some(settings.clone());
         self.stage("layerboot: started");
 
-        let modules = KernelModules::open(&config)?;
-        modules.load(&config.modules)?;
-        self.stage("layerboot: storage drivers loaded");
+        let _ = fs::write("/proc/sys/kernel/printk_devkmsg", "on\n"); // our stage timings must not be dropped
+        let mut hw = Hardware::new(&config)?;
+        let mut forced = config.modules.clone();
+        forced.extend(settings.modules.iter().cloned());
+        hw.load(&forced).context("loading the modules named by layerboot.modules=")?;
 
-        let root = wait_for_device("root", &settings.root, settings.timeout)?;
+        let root = hw.wait_for("root", &settings.root, settings.timeout)?;
         self.stage(&format!("layerboot: root device {}", root.describe()));
         let fstype = settings.root_fstype.clone().or(root.probe.fstype.map(str::to_string)).ok_or_else(|| {
             Error::new(format!("cannot tell which filesystem {} holds (fix: add rootfstype=btrfs, ext4, …)", root.node.display()))
         })?;
-        modules.ensure_filesystem(&fstype)?;
+        hw.ensure_filesystem(&fstype)?;
         let store_mount = Path::new(STORE_MOUNT);
-        mount(&root.node, store_mount, &fstype, MountFlags::empty(), &store_options(&fstype, &settings.root_flags))
+        // With the upper on tmpfs the store partition is only read.
+        let store_flags = if settings.upper_tmpfs { MountFlags::RDONLY } else { MountFlags::empty() };
+        mount(&root.node, store_mount, &fstype, store_flags, &store_options(&fstype, &settings.root_flags))
             .context("mounting the image store partition (root=)")?;
 
         let data_root = store_mount.join(&settings.docker_path);
@@ -79,29 +85,44 @@ impl Boot {
                 return Err(Error::new(format!("the store uses the btrfs driver but {} is {fstype}", root.node.display())))
             }
             Driver::Btrfs => {}
-            Driver::Overlay2 => modules.ensure_filesystem("overlay")?,
+            Driver::Overlay2 => hw.ensure_filesystem("overlay")?,
         }
-        let toplayer = self.mount_toplayer(&settings, &root, &modules)?;
-        let paths = LayerPaths::new(store_mount, &settings.rw_name);
-        self.make_writable_layer(&image, &store, &paths, toplayer.as_deref())?;
+        let toplayer = self.mount_toplayer(&settings, &root, &mut hw)?;
+        let new_root = Path::new(NEW_ROOT);
+        let ro = if settings.read_only { MountFlags::RDONLY } else { MountFlags::empty() };
+        if settings.upper_tmpfs {
+            hw.ensure_filesystem("overlay")?;
+            self.mount_tmpfs_root(&image, &store, toplayer.as_deref(), ro)?;
+        } else {
+            let paths = LayerPaths::new(store_mount, &settings.rw_name);
+            if settings.mode_keep && reusable(&paths, &image, &settings.rw_name) {
+                self.copy_toplayer(&image, &store, &paths.current, toplayer.as_deref())?;
+            } else {
+                self.make_writable_layer(&image, &store, &paths, toplayer.as_deref(), settings.keep)?;
+            }
+            self.stage("layerboot: writable layer ready");
+            match image.driver {
+                Driver::Btrfs => {
+                    let mut opts = vec![format!("subvol=/{}", settings.rw_name)];
+                    opts.extend(settings.root_flags.iter().filter(|f| !f.starts_with("subvolid=")).cloned());
+                    mount(&root.node, new_root, "btrfs", ro, &opts.join(","))?
+                }
+                Driver::Overlay2 => mount_overlay(&image, &store, &paths.current, new_root, ro)?,
+            }
+        }
         if toplayer.as_deref().is_some_and(|t| t.starts_with(TOPLAYER_MOUNT)) {
             let _ = unmount(Path::new(TOPLAYER_MOUNT));
         }
-        self.stage("layerboot: writable layer ready");
-
-        let new_root = Path::new(NEW_ROOT);
-        let ro = if settings.read_only { MountFlags::RDONLY } else { MountFlags::empty() };
-        match image.driver {
-            Driver::Btrfs => {
-                let mut opts = vec![format!("subvol=/{}", settings.rw_name)];
-                opts.extend(settings.root_flags.iter().filter(|f| !f.starts_with("subvolid=")).cloned());
-                mount(&root.node, new_root, "btrfs", ro, &opts.join(","))?
-            }
-            Driver::Overlay2 => mount_overlay(&image, &store, &paths.current, new_root, ro)?,
-        }
         write_boot_record(&settings, &image);
         check_init(new_root, &settings.init)?;
-        self.stage(&format!("layerboot: switching to {}", settings.init));
+        let total = self.started.elapsed();
+        log::info!(
+            "layerboot: switching to {} ({} ms; init's own work {} ms, modules and device waits {} ms)",
+            settings.init,
+            total.as_millis(),
+            total.saturating_sub(hw.kernel_time).as_millis(),
+            hw.kernel_time.as_millis()
+        );
 
         let args: Vec<String> = std::env::args().skip(1).collect();
         let env: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
@@ -110,17 +131,17 @@ impl Boot {
 
     /// Mounts the top-layer device (or reuses the store mount when it is the same
     /// device) and returns the directory to copy, if a top layer is configured.
-    fn mount_toplayer(&self, s: &Settings, root: &BlockDevice, modules: &KernelModules) -> Result<Option<PathBuf>> {
+    fn mount_toplayer(&self, s: &Settings, root: &BlockDevice, hw: &mut Hardware) -> Result<Option<PathBuf>> {
         let Some(spec) = &s.toplayer else { return Ok(None) };
         let rel = s.toplayer_path.trim_start_matches('/');
         let base = if root.matches(spec) {
             PathBuf::from(STORE_MOUNT)
         } else {
-            let dev = wait_for_device("toplayer", spec, s.timeout)?;
+            let dev = hw.wait_for("toplayer", spec, s.timeout)?;
             let fstype = s.toplayer_fstype.clone().or(dev.probe.fstype.map(str::to_string)).ok_or_else(|| {
                 Error::new(format!("cannot tell which filesystem {} holds (fix: add toplayerfstype=)", dev.node.display()))
             })?;
-            modules.ensure_filesystem(&fstype)?;
+            hw.ensure_filesystem(&fstype)?;
             mount(&dev.node, Path::new(TOPLAYER_MOUNT), &fstype, MountFlags::RDONLY, &s.toplayer_flags.join(","))
                 .context("mounting the top layer (toplayer=)")?;
             PathBuf::from(TOPLAYER_MOUNT)
@@ -136,30 +157,79 @@ impl Boot {
     }
 
     /// Makes `NAME.new`, copies the top layer into it, then swaps it in as `NAME`.
-    fn make_writable_layer(&self, image: &Image, store: &Store, paths: &LayerPaths, toplayer: Option<&Path>) -> Result<()> {
+    fn make_writable_layer(&self, image: &Image, store: &Store, paths: &LayerPaths, toplayer: Option<&Path>, keep: usize) -> Result<()> {
         prepare(paths, image).context("making a fresh writable layer")?;
-        if let Some(src) = toplayer {
-            let stats = match image.driver {
-                Driver::Btrfs => copy_tree(src, &paths.new)?,
-                Driver::Overlay2 => {
-                    // Copy through an overlay so the top layer lands as the booted system will see it.
-                    let stage = Path::new(STAGE_MOUNT);
-                    mount_overlay(image, store, &paths.new, stage, MountFlags::empty())?;
-                    let copied = copy_tree(src, stage);
-                    unmount(stage)?;
-                    copied?
-                }
-            };
-            self.stage(&format!(
-                "layerboot: top layer copied from {} ({} files, {} dirs, {} links, {} bytes)",
-                src.display(),
-                stats.files,
-                stats.dirs,
-                stats.links,
-                stats.bytes
-            ));
+        self.copy_toplayer(image, store, &paths.new, toplayer)?;
+        rotate(paths, keep).context("installing the new writable layer")
+    }
+
+    /// Copies the top layer into a writable layer: straight into a btrfs snapshot, or
+    /// through an overlay so it lands as the booted system will see it.
+    fn copy_toplayer(&self, image: &Image, store: &Store, layer: &Path, toplayer: Option<&Path>) -> Result<()> {
+        let Some(src) = toplayer else { return Ok(()) };
+        let stats = match image.driver {
+            Driver::Btrfs => copy_tree(src, layer)?,
+            Driver::Overlay2 => {
+                let stage = Path::new(STAGE_MOUNT);
+                mount_overlay(image, store, layer, stage, MountFlags::empty())?;
+                let copied = copy_tree(src, stage);
+                unmount(stage)?;
+                copied?
+            }
+        };
+        self.stage(&format!(
+            "layerboot: top layer copied from {} ({} files, {} dirs, {} links, {} bytes)",
+            src.display(),
+            stats.files,
+            stats.dirs,
+            stats.links,
+            stats.bytes
+        ));
+        Ok(())
+    }
+
+    /// `layerboot.upper=tmpfs`: the image under an overlay whose upper lives in memory;
+    /// nothing is written to the disk.
+    fn mount_tmpfs_root(&self, image: &Image, store: &Store, toplayer: Option<&Path>, ro: MountFlags) -> Result<()> {
+        let home = Path::new(TMPFS_UPPER);
+        mount(Path::new("tmpfs"), home, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, "mode=0755")?;
+        for d in ["upper", "work"] {
+            fs::create_dir_all(home.join(d)).map_err(|e| Error::io("cannot create", &home.join(d), e))?;
         }
-        rotate(paths).context("installing the new writable layer")
+        let new_root = Path::new(NEW_ROOT);
+        mount_overlay(image, store, home, new_root, MountFlags::empty())?;
+        if let Some(src) = toplayer {
+            let stats = copy_tree(src, new_root)?;
+            self.stage(&format!("layerboot: top layer copied from {} ({} files)", src.display(), stats.files));
+        }
+        if ro.contains(MountFlags::RDONLY) {
+            mount(Path::new("overlay"), new_root, "overlay", MountFlags::REMOUNT | MountFlags::RDONLY, "")?;
+        }
+        self.stage("layerboot: root is an overlay with its upper on tmpfs (layerboot.upper=tmpfs)");
+        Ok(())
+    }
+}
+
+/// `layerboot.mode=keep`: the current layer is reused only if it was made from this image.
+fn reusable(paths: &LayerPaths, image: &Image, name: &str) -> bool {
+    match crate::writable::layer_image(&paths.current) {
+        Some(id) if id == image.id => {
+            log::info!("layerboot: reusing writable layer {name} (layerboot.mode=keep)");
+            true
+        }
+        Some(id) => {
+            crate::console::say(&format!(
+                "layerboot: layerboot.mode=keep, but layer {name} was made from image {id}, not {}: making a fresh layer",
+                image.id
+            ));
+            false
+        }
+        None => {
+            if paths.current.exists() {
+                crate::console::say(&format!("layerboot: layerboot.mode=keep, but layer {name} records no image: making a fresh layer"));
+            }
+            false
+        }
     }
 }
 
@@ -206,7 +276,7 @@ fn store_options(fstype: &str, flags: &[String]) -> String {
 }
 
 fn mount_overlay(image: &Image, store: &Store, layer: &Path, target: &Path, flags: MountFlags) -> Result<()> {
-    let home = store.root().join("overlay2");
+    let home = store.root().join(image.driver.name());
     let data = overlay_data(image, &home, &layer.join("upper"), &layer.join("work"))?;
     // The lower dirs are relative to the driver's home (see overlay_data).
     nix::unistd::chdir(&home).map_err(|e| Error::io("cannot enter", &home, e))?;
@@ -215,27 +285,87 @@ fn mount_overlay(image: &Image, store: &Store, layer: &Path, target: &Path, flag
     r
 }
 
-fn wait_for_device(what: &str, spec: &DeviceSpec, timeout: Option<Duration>) -> Result<BlockDevice> {
-    let start = Instant::now();
-    let mut told = false;
-    loop {
-        let devices = scan(Path::new("/sys/class/block"), Path::new("/dev"));
-        if let Some(d) = devices.iter().find(|d| d.matches(spec)) {
-            return Ok(d.clone());
+/// Kernel modules and block devices: coldplug, hotplug, and waiting for a device.
+pub struct Hardware {
+    modules: KernelModules,
+    walker: ModaliasWalker,
+    uevents: Option<Uevents>,
+    /// Time spent in the kernel loading modules and waiting for devices, not in /init's
+    /// own work (reported separately).
+    pub kernel_time: Duration,
+}
+
+impl Hardware {
+    pub fn new(config: &Config) -> Result<Hardware> {
+        // Opened before the first sysfs walk, so no device can appear unseen in between.
+        let uevents = Uevents::open().map_err(|e| log::warn!("no uevent socket ({e}): polling sysfs instead")).ok();
+        Ok(Hardware { modules: KernelModules::open(config)?, walker: ModaliasWalker::default(), uevents, kernel_time: Duration::ZERO })
+    }
+
+    fn timed<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        let start = Instant::now();
+        let r = f(self);
+        self.kernel_time += start.elapsed();
+        r
+    }
+
+    /// Loads named modules (with dependencies) whatever the devices.
+    pub fn load(&mut self, names: &[String]) -> Result<()> {
+        self.timed(|h| h.modules.load(names))
+    }
+
+    /// Loads the modules matching devices not seen before (their modaliases).
+    fn coldplug(&mut self, extra: Vec<String>) {
+        let mut aliases = self.walker.scan(Path::new("/sys/devices"));
+        aliases.extend(extra.into_iter().filter_map(|a| self.walker.add_from_uevent(&a)));
+        let names: BTreeSet<String> = aliases.iter().flat_map(|a| self.modules.index.resolve(a)).collect();
+        let names: Vec<String> = names.into_iter().filter(|n| !self.modules.attempted.contains(n)).collect();
+        if names.is_empty() {
+            return;
         }
-        if timeout.is_some_and(|t| start.elapsed() >= t) {
-            let seen: Vec<String> = devices.iter().map(|d| format!("  {}", d.describe())).collect();
-            return Err(Error::new(format!(
-                "{what} device {spec} did not appear within {} s.\nblock devices seen:\n{}\n(fix: correct {what}=, or load the disk's driver with the initramfs; layerboot.timeout=S waits longer)",
-                timeout.unwrap().as_secs(),
-                if seen.is_empty() { "  none".to_string() } else { seen.join("\n") }
-            )));
+        log::debug!("devices need modules {}", names.join(", "));
+        // One device's driver failing must not stop the boot: the root may be elsewhere.
+        if let Err(e) = self.timed(|h| h.modules.load(&names)) {
+            log::warn!("{e}");
         }
-        if !told && start.elapsed() > Duration::from_secs(2) {
-            crate::console::say(&format!("layerboot: waiting for {what} device {spec}…"));
-            told = true;
-        }
-        sleep(Duration::from_millis(50));
+    }
+
+    pub fn ensure_filesystem(&mut self, fstype: &str) -> Result<()> {
+        self.timed(|h| h.modules.ensure_filesystem(fstype))
+    }
+
+    /// Waits for the device `spec`, loading drivers for devices as they appear.
+    pub fn wait_for(&mut self, what: &str, spec: &DeviceSpec, timeout: Option<Duration>) -> Result<BlockDevice> {
+        let start = Instant::now();
+        let kernel_time_before = self.kernel_time;
+        let mut told = false;
+        let mut uevent_aliases = Vec::new();
+        let result = loop {
+            self.coldplug(std::mem::take(&mut uevent_aliases));
+            let devices = scan(Path::new("/sys/class/block"), Path::new("/dev"));
+            if let Some(d) = devices.iter().find(|d| d.matches(spec)) {
+                break Ok(d.clone());
+            }
+            if timeout.is_some_and(|t| start.elapsed() >= t) {
+                let seen: Vec<String> = devices.iter().map(|d| format!("  {}", d.describe())).collect();
+                break Err(Error::new(format!(
+                    "{what} device {spec} did not appear within {} s.\nblock devices seen:\n{}\n(fix: correct {what}=, or add the disk's driver to the initramfs; layerboot.timeout=S waits longer)",
+                    timeout.unwrap().as_secs(),
+                    if seen.is_empty() { "  none".to_string() } else { seen.join("\n") }
+                )));
+            }
+            if !told && start.elapsed() > Duration::from_secs(2) {
+                crate::console::say(&format!("layerboot: waiting for {what} device {spec}…"));
+                told = true;
+            }
+            match &self.uevents {
+                Some(u) => uevent_aliases = u.wait(Duration::from_millis(100)),
+                None => sleep(Duration::from_millis(50)),
+            }
+        };
+        // All of the wait counts (module loads in it included, once).
+        self.kernel_time = kernel_time_before + start.elapsed();
+        result
     }
 }
 
@@ -243,34 +373,43 @@ fn wait_for_device(what: &str, spec: &DeviceSpec, timeout: Option<Duration>) -> 
 pub struct KernelModules {
     dir: PathBuf,
     index: ModuleIndex,
+    /// Modules already loaded or tried.
+    attempted: BTreeSet<String>,
+}
+
+/// The initramfs's modules must be for the running kernel, or none will load.
+pub fn check_kernel(packed: Option<&str>, running: &str) -> Result<()> {
+    match packed {
+        Some(packed) if packed != running => Err(Error::new(format!(
+            "this initramfs holds modules for kernel {packed}, but the running kernel is {running} \
+             (fix: boot the matching kernel, or rebuild the initramfs with `layerboot initramfs` from the image that carries {running})"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 impl KernelModules {
     pub fn open(config: &Config) -> Result<KernelModules> {
         let running = nix::sys::utsname::uname().map_err(|e| Error::new(format!("uname: {e}")))?;
         let running = running.release().to_string_lossy().into_owned();
-        if let Some(packed) = &config.kernel {
-            if *packed != running {
-                return Err(Error::new(format!(
-                    "this initramfs holds modules for kernel {packed}, but the running kernel is {running} \
-                     (fix: boot the matching kernel, or rebuild the initramfs with `layerboot initramfs` from the image that carries {running})"
-                )));
-            }
-        }
+        check_kernel(config.kernel.as_deref(), &running)?;
         let dir = PathBuf::from("/lib/modules").join(&running);
         let index = if dir.join("modules.dep").exists() { ModuleIndex::load(&dir)? } else { ModuleIndex::default() };
-        Ok(KernelModules { dir, index })
+        Ok(KernelModules { dir, index, attempted: BTreeSet::new() })
     }
 
-    pub fn load(&self, names: &[String]) -> Result<()> {
+    pub fn load(&mut self, names: &[String]) -> Result<()> {
         for step in self.index.load_order(names)? {
+            if !self.attempted.insert(step.name.clone()) {
+                continue;
+            }
             let path = self.dir.join(&step.path);
             let file = fs::File::open(&path).map_err(|e| Error::io("cannot open kernel module", &path, e))?;
             match finit_module(file.as_fd(), c"", ModuleInitFlags::empty()) {
                 Ok(()) => log::debug!("loaded module {}", step.name),
                 Err(Errno::EEXIST) => {}
                 // A soft dependency may not fit this machine (crc32c-intel without SSE4.2).
-                Err(e) if step.optional => log::info!("optional module {} not loaded: {e}", step.name),
+                Err(e) if step.optional => log::debug!("optional module {} not loaded: {e}", step.name),
                 Err(e) => {
                     return Err(Error::new(format!("cannot load kernel module {} ({}): {e} (see dmesg for the kernel's reason)", step.name, path.display())))
                 }
@@ -280,7 +419,7 @@ impl KernelModules {
     }
 
     /// Loads the module for filesystem `fstype` unless the kernel already has it.
-    pub fn ensure_filesystem(&self, fstype: &str) -> Result<()> {
+    pub fn ensure_filesystem(&mut self, fstype: &str) -> Result<()> {
         let known = fs::read_to_string("/proc/filesystems").unwrap_or_default();
         if known.lines().any(|l| l.split_whitespace().last() == Some(fstype)) {
             return Ok(());
@@ -319,4 +458,24 @@ fn check_init(new_root: &Path, init: &str) -> Result<()> {
 /// For `main`'s failure message: the kernel command line as a map.
 pub fn cmdline() -> BTreeMap<String, String> {
     parse_cmdline(&fs::read_to_string("/proc/cmdline").unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modules_for_another_kernel_are_refused_with_the_fix() {
+        assert!(check_kernel(Some("6.1.0-50-amd64"), "6.1.0-50-amd64").is_ok());
+        assert!(check_kernel(None, "6.1.0-50-amd64").is_ok());
+        let e = check_kernel(Some("6.1.0-50-amd64"), "6.12.0-1-amd64").unwrap_err().to_string();
+        assert!(e.contains("modules for kernel 6.1.0-50-amd64, but the running kernel is 6.12.0-1-amd64") && e.contains("rebuild"), "{e}");
+    }
+
+    #[test]
+    fn btrfs_store_is_mounted_at_its_top_level() {
+        assert_eq!(store_options("btrfs", &["compress=zstd".into()]), "compress=zstd,subvolid=5");
+        assert_eq!(store_options("btrfs", &["subvolid=256".into()]), "subvolid=256");
+        assert_eq!(store_options("ext4", &[]), "");
+    }
 }

@@ -26,19 +26,63 @@ pub fn init_logging(debug: bool) {
     log::set_max_level(level);
 }
 
-/// The end of a failed boot: the reason on the console, a pause to read it, a reboot.
-/// PID 1 must never exit (that is a kernel panic), so this never returns.
-pub fn fail(msg: &str, wait: Duration) -> ! {
+/// The shell `layerboot initramfs --rescue-shell` packs.
+pub const RESCUE_SHELL: &str = "/bin/sh";
+
+/// The end of a failed boot: the reason on the console, then a rescue shell if asked
+/// for and packed, else a pause (Enter or the timeout) and a reboot. PID 1 must never
+/// exit (that is a kernel panic), so this never returns.
+pub fn fail(msg: &str, wait: Duration, rescue_shell: bool) -> ! {
     say("");
     say("layerboot: BOOT FAILED");
     for line in msg.lines() {
         say(&format!("  {line}"));
     }
-    say(&format!("The machine reboots in {} s (layerboot.rescue_timeout=S changes this).", wait.as_secs()));
-    std::thread::sleep(wait);
+    if rescue_shell {
+        if std::path::Path::new(RESCUE_SHELL).exists() {
+            say("layerboot: starting a rescue shell (layerboot.rescue=shell); `exit` reboots.");
+            let status = std::process::Command::new(RESCUE_SHELL).status();
+            say(&format!("layerboot: rescue shell ended ({status:?})"));
+        } else {
+            say("layerboot: layerboot.rescue=shell, but this initramfs has no shell (build it with `layerboot initramfs --rescue-shell PATH`).");
+        }
+    }
+    say(&format!("Press Enter to reboot now; the machine reboots in {} s (layerboot.rescue_timeout=S changes this).", wait.as_secs()));
+    wait_for_enter(wait);
     nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
     loop {
         std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Returns when a line is typed on the console or `wait` has passed.
+fn wait_for_enter(wait: Duration) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let Ok(mut console) = std::fs::OpenOptions::new().read(true).open("/dev/console") else {
+        std::thread::sleep(wait);
+        return;
+    };
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let ms = PollTimeout::try_from(left.as_millis().min(60_000) as u16).unwrap_or(PollTimeout::ZERO);
+        let mut fds = [PollFd::new(console.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            Ok(n) if n > 0 => {
+                let mut buf = [0u8; 64];
+                match console.read(&mut buf) {
+                    Ok(n) if buf[..n].iter().any(|&b| b == b'\n' || b == b'\r') => return,
+                    Ok(0) | Err(_) => std::thread::sleep(left.min(Duration::from_millis(100))),
+                    Ok(_) => {}
+                }
+            }
+            _ => {}
+        }
     }
 }

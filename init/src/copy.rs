@@ -1,6 +1,7 @@
 //! Copies the per-host top layer into the new root, like `cp -a` run inside it: owners,
 //! modes, times, symlinks (copied, never followed), hard links, device nodes, fifos and
-//! xattrs, top-level dotfiles included.
+//! xattrs, top-level dotfiles included. As in an image layer, `.wh.NAME` deletes NAME
+//! from the new root and `.wh..wh..opq` empties its directory before the copy.
 //!
 //! Destination directories are opened with `openat2(RESOLVE_IN_ROOT)`, so a symlink in
 //! the image (`/bin` → `usr/bin`) is followed as the booted system would follow it, and
@@ -22,6 +23,9 @@ use nix::unistd::{fchownat, linkat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags
 use nix::fcntl::AtFlags;
 
 use crate::error::{Error, Result};
+
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const OPAQUE: &str = ".wh..wh..opq";
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CopyStats {
@@ -79,10 +83,52 @@ impl Copier {
             .collect::<std::io::Result<_>>()
             .map_err(|e| Error::io("cannot list", src, e))?;
         entries.sort();
+        if entries.iter().any(|n| n == OPAQUE) {
+            self.remove_children(dir.as_raw_fd(), rel)?;
+        }
         for name in entries {
+            if name == OPAQUE {
+                continue;
+            }
+            if let Some(victim) = name.as_bytes().strip_prefix(WHITEOUT_PREFIX) {
+                self.remove_at(dir.as_raw_fd(), OsStr::from_bytes(victim), &rel.join(OsStr::from_bytes(victim)))?;
+                continue;
+            }
             let s = src.join(&name);
             let md = fs::symlink_metadata(&s).map_err(|e| Error::io("cannot stat", &s, e))?;
             self.copy_entry(&s, &md, dir.as_raw_fd(), &name, &rel.join(&name))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes `name` in `dir` (a whole tree for a directory), symlinks not followed.
+    fn remove_at(&mut self, dir: RawFd, name: &OsStr, rel: &Path) -> Result<()> {
+        let fail = |e: Errno| Error::new(format!("top layer: cannot delete {}: {e}", Path::new("/").join(rel).display()));
+        let st = match nix::sys::stat::fstatat(Some(dir), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::ENOENT) => return Ok(()),
+            Err(e) => return Err(fail(e)),
+        };
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
+            let fd = openat(Some(dir), name, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+                .map_err(fail)?;
+            // SAFETY: a fresh descriptor from openat.
+            let sub = unsafe { OwnedFd::from_raw_fd(fd) };
+            self.remove_children(sub.as_raw_fd(), rel)?;
+            unlinkat(Some(dir), name, UnlinkatFlags::RemoveDir).map_err(fail)
+        } else {
+            unlinkat(Some(dir), name, UnlinkatFlags::NoRemoveDir).map_err(fail)
+        }
+    }
+
+    fn remove_children(&mut self, dir: RawFd, rel: &Path) -> Result<()> {
+        let path = proc_path(dir, OsStr::new(""));
+        let names: Vec<_> = fs::read_dir(&path)
+            .map_err(|e| Error::io("cannot list", &Path::new("/").join(rel), e))?
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
+        for n in names {
+            self.remove_at(dir, &n, &rel.join(&n))?;
         }
         Ok(())
     }

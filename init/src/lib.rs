@@ -6,6 +6,7 @@
 
 pub mod boot;
 pub mod console;
+pub mod coldplug;
 pub mod copy;
 pub mod digest;
 pub mod error;

@@ -230,7 +230,7 @@ pub fn is_opaque(dir: &Path) -> bool {
 }
 
 /// `lgetxattr(2)`: nix has no xattr calls, and the value is all we need.
-fn getxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+pub fn getxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     let p = CString::new(path.as_os_str().as_bytes()).ok()?;
     let n = CString::new(name).ok()?;
     let mut buf = vec![0u8; 256];

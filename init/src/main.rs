@@ -18,17 +18,20 @@ fn main() {
     let default_wait = Duration::from_secs(DEFAULT_RESCUE_TIMEOUT_S);
     // A panic must not kill PID 1 (a kernel panic): report it like any failure.
     std::panic::set_hook(Box::new(move |info| {
-        let wait = layerboot_init::boot::cmdline()
-            .get("layerboot.rescue_timeout")
-            .and_then(|v| v.parse().ok())
-            .map_or(default_wait, Duration::from_secs);
-        console::fail(&format!("internal error: {info}"), wait)
+        let cmdline = layerboot_init::boot::cmdline();
+        let wait = cmdline.get("layerboot.rescue_timeout").and_then(|v| v.parse().ok()).map_or(default_wait, Duration::from_secs);
+        let shell = cmdline.get("layerboot.rescue").is_some_and(|v| v == "shell");
+        console::fail(&format!("internal error: {info}"), wait, shell)
     }));
     let mut boot = Boot::new();
     let err = match boot.run() {
         Err(e) => e,
         Ok(never) => match never {},
     };
-    let wait = boot.settings.as_ref().map_or(default_wait, |s| s.rescue_timeout);
-    console::fail(err.message(), wait)
+    // Settings may be missing (a bad command line): fall back to reading it raw.
+    let cmdline = layerboot_init::boot::cmdline();
+    let raw_wait = cmdline.get("layerboot.rescue_timeout").and_then(|v| v.parse().ok()).map(Duration::from_secs);
+    let wait = boot.settings.as_ref().map(|s| s.rescue_timeout).or(raw_wait).unwrap_or(default_wait);
+    let shell = cmdline.get("layerboot.rescue").is_some_and(|v| v == "shell");
+    console::fail(err.message(), wait, shell)
 }

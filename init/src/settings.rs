@@ -103,6 +103,14 @@ pub struct Settings {
     pub timeout: Option<Duration>,
     pub rescue_timeout: Duration,
     pub debug: bool,
+    /// `layerboot.modules=a,b`: loaded whatever the devices.
+    pub modules: Vec<String>,
+    /// `layerboot.keep=N`: previous writable layers kept (`NAME.prev`, `NAME.prev.2`, …).
+    pub keep: usize,
+    /// `layerboot.mode=keep`: reuse the layer if it was made from the same image.
+    pub mode_keep: bool,
+    /// `layerboot.upper=tmpfs`: the writable layer lives in memory.
+    pub upper_tmpfs: bool,
 }
 
 /// Splits `/proc/cmdline` into `key → value` (last one wins; a bare flag maps to "").
@@ -175,7 +183,7 @@ impl Settings {
         let seconds = |k: &str, default: u64| -> Result<u64> {
             match nonempty(k) {
                 None => Ok(default),
-                Some(v) => v.parse().map_err(|_| Error::new(format!("{k}={v} is not a number of seconds"))),
+                Some(v) => v.parse().map_err(|_| Error::new(format!("{k}={v} is not a number{}", if k.ends_with("timeout") { " of seconds" } else { "" }))),
             }
         };
         let timeout = match (cmdline.contains_key("rootwait"), cmdline.contains_key("layerboot.timeout")) {
@@ -202,6 +210,18 @@ impl Settings {
             timeout,
             rescue_timeout: Duration::from_secs(seconds("layerboot.rescue_timeout", DEFAULT_RESCUE_TIMEOUT_S)?),
             debug: cmdline.contains_key("layerboot.debug") || cmdline.contains_key("rd.debug"),
+            keep: seconds("layerboot.keep", 1)? as usize,
+            mode_keep: match nonempty("layerboot.mode") {
+                None | Some("fresh") => false,
+                Some("keep") => true,
+                Some(v) => return Err(Error::new(format!("layerboot.mode={v} is unknown: use layerboot.mode=fresh (the default) or keep"))),
+            },
+            upper_tmpfs: match nonempty("layerboot.upper") {
+                None | Some("disk") => false,
+                Some("tmpfs") => true,
+                Some(v) => return Err(Error::new(format!("layerboot.upper={v} is unknown: use layerboot.upper=disk (the default) or tmpfs"))),
+            },
+            modules: get("layerboot.modules").unwrap_or("").split(',').filter(|m| !m.is_empty()).map(str::to_string).collect(),
         })
     }
 }
@@ -242,6 +262,10 @@ mod tests {
         assert_eq!((s.rw_name.as_str(), s.init.as_str()), (DEFAULT_RW_NAME, DEFAULT_INIT));
         assert!(s.read_only && s.toplayer.is_none());
         assert_eq!(s.timeout, Some(Duration::from_secs(30)));
+        assert_eq!((s.keep, s.mode_keep, s.upper_tmpfs), (1, false, false));
+        let s = settings("root=/dev/vda layerboot.keep=3 layerboot.mode=keep layerboot.upper=tmpfs layerboot.modules=nvme,xhci_pci", &config).unwrap();
+        assert_eq!((s.keep, s.mode_keep, s.upper_tmpfs), (3, true, true));
+        assert_eq!(s.modules, ["nvme", "xhci_pci"]);
         let s = settings("root=/dev/vda docker_image=x:2 init=/bin/sh rootwait \"layerboot.rw=a\" docker_image=x:3", &config).unwrap();
         assert_eq!((s.image.as_str(), s.init.as_str(), s.rw_name.as_str()), ("x:3", "/bin/sh", "a"));
         assert_eq!(s.timeout, None);
@@ -260,6 +284,9 @@ mod tests {
             ("root=/dev/vda docker_image=x layerboot.timeout=soon", "not a number"),
             ("root=/dev/vda docker_image=x init=sbin/init", "absolute path"),
             ("root=/dev/vda docker_image=x toplayer=top", "toplayer=top is not a device"),
+            ("root=/dev/vda docker_image=x layerboot.mode=sticky", "layerboot.mode=sticky is unknown"),
+            ("root=/dev/vda docker_image=x layerboot.upper=ram", "layerboot.upper=ram is unknown"),
+            ("root=/dev/vda docker_image=x layerboot.keep=-1", "layerboot.keep=-1 is not a number"),
         ] {
             let e = settings(line, &c).unwrap_err().to_string();
             assert!(e.contains(want), "{line}: {e}");

@@ -144,12 +144,14 @@ fn remove_layer(path: &Path) -> Result<()> {
     }
 }
 
-/// The paths of one writable layer's generations, at the partition's top level.
+/// The paths of one writable layer's generations, at the partition's top level:
+/// `NAME`, `NAME.new`, and the kept previous ones `NAME.prev`, `NAME.prev.2`, …
 #[derive(Debug, Clone)]
 pub struct LayerPaths {
     pub current: PathBuf,
     pub new: PathBuf,
-    pub prev: PathBuf,
+    root: PathBuf,
+    name: String,
 }
 
 impl LayerPaths {
@@ -157,43 +159,121 @@ impl LayerPaths {
         LayerPaths {
             current: partition_root.join(name),
             new: partition_root.join(format!("{name}.new")),
-            prev: partition_root.join(format!("{name}.prev")),
+            root: partition_root.to_path_buf(),
+            name: name.to_string(),
         }
+    }
+
+    /// The `k`-th previous layer (1 = the last one).
+    pub fn prev(&self, k: usize) -> PathBuf {
+        match k {
+            1 => self.root.join(format!("{}.prev", self.name)),
+            k => self.root.join(format!("{}.prev.{k}", self.name)),
+        }
+    }
+
+    /// Previous generations on disk beyond `keep` (left by a larger `layerboot.keep`).
+    fn prev_beyond(&self, keep: usize) -> Vec<PathBuf> {
+        let prefix = format!("{}.prev", self.name);
+        let Ok(entries) = fs::read_dir(&self.root) else { return Vec::new() };
+        let mut out: Vec<(usize, PathBuf)> = entries
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let name = e.file_name().into_string().ok()?;
+                let rest = name.strip_prefix(&prefix)?;
+                let k = if rest.is_empty() { 1 } else { rest.strip_prefix('.')?.parse().ok()? };
+                (k > keep).then(|| (k, e.path()))
+            })
+            .collect();
+        out.sort();
+        out.into_iter().map(|(_, p)| p).collect()
     }
 }
 
+/// The xattr on a layer's top directory that names the image it was made from, for
+/// `layerboot.mode=keep`. On the layer itself, so it moves with every rename.
+const IMAGE_XATTR: &str = "trusted.layerboot.image";
+
+/// The image ID a layer was made from, if recorded.
+pub fn layer_image(layer: &Path) -> Option<String> {
+    crate::lookup::getxattr(layer, IMAGE_XATTR).and_then(|v| String::from_utf8(v).ok())
+}
+
+fn set_layer_image(layer: &Path, id: &str) -> Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let p = CString::new(layer.as_os_str().as_bytes()).map_err(|_| Error::new("NUL in path"))?;
+    let n = CString::new(IMAGE_XATTR).unwrap();
+    // SAFETY: NUL-terminated strings; the value is valid for its length.
+    let r = unsafe { nix::libc::lsetxattr(p.as_ptr(), n.as_ptr(), id.as_ptr().cast(), id.len(), 0) };
+    Errno::result(r).map(drop).map_err(|e| Error::io(&format!("cannot record the image on {IMAGE_XATTR} of"), layer, e))
+}
+
 /// Step 1: discard a `NAME.new` left by an interrupted boot, then make a fresh one
-/// from the image. Returns the directory the top layer is copied into (btrfs) or the
-/// upper dir (overlay2).
+/// from the image (a snapshot, or empty upper/work dirs), recording the image's ID.
 pub fn prepare(paths: &LayerPaths, image: &Image) -> Result<()> {
     remove_layer(&paths.new).map_err(|e| e.context("discarding an unfinished writable layer"))?;
     match image.driver {
         Driver::Btrfs => {
             let top = image.layers.first().ok_or_else(|| Error::new(format!("image {} has no layers to boot", image.id)))?;
-            btrfs_snapshot(&top.dir, &paths.new)
+            btrfs_snapshot(&top.dir, &paths.new)?;
         }
         Driver::Overlay2 => {
             for d in ["upper", "work"] {
                 let p = paths.new.join(d);
                 fs::create_dir_all(&p).map_err(|e| Error::io("cannot create", &p, e))?;
             }
-            Ok(())
+        }
+    }
+    set_layer_image(&paths.new, &image.id)
+}
+
+/// One file-system operation of a rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Remove(PathBuf),
+    Rename(PathBuf, PathBuf),
+    /// Atomically swap two paths.
+    Exchange(PathBuf, PathBuf),
+}
+
+/// The operations that make the complete `NAME.new` the current layer and keep `keep`
+/// previous ones. Every prefix of this list leaves `NAME` a complete layer (old or new),
+/// which is what makes a power cut at any instant harmless.
+pub fn rotation(paths: &LayerPaths, keep: usize) -> Vec<Step> {
+    let mut steps: Vec<Step> = paths.prev_beyond(keep.saturating_sub(1)).into_iter().rev().map(Step::Remove).collect();
+    for k in (1..keep).rev() {
+        if paths.prev(k).exists() {
+            steps.push(Step::Rename(paths.prev(k), paths.prev(k + 1)));
+        }
+    }
+    if fs::symlink_metadata(&paths.current).is_ok() {
+        steps.push(Step::Exchange(paths.new.clone(), paths.current.clone()));
+        if keep == 0 {
+            steps.push(Step::Remove(paths.new.clone()));
+        } else {
+            steps.push(Step::Rename(paths.new.clone(), paths.prev(1)));
+        }
+    } else {
+        steps.push(Step::Rename(paths.new.clone(), paths.current.clone()));
+    }
+    steps
+}
+
+pub fn apply(step: &Step) -> Result<()> {
+    match step {
+        Step::Remove(p) => remove_layer(p).map_err(|e| e.context("removing an old writable layer")),
+        Step::Rename(a, b) => fs::rename(a, b).map_err(|e| Error::new(format!("cannot rename {} to {}: {e}", a.display(), b.display()))),
+        Step::Exchange(a, b) => {
+            exchange(a, b).map_err(|e| Error::new(format!("cannot swap in the new writable layer {}: {e}", b.display())))
         }
     }
 }
 
-/// Step 2, after the new layer is complete: `NAME.new` becomes `NAME`, the old `NAME`
-/// becomes `NAME.prev` (the one before is deleted first).
-pub fn rotate(paths: &LayerPaths) -> Result<()> {
-    remove_layer(&paths.prev).map_err(|e| e.context("removing the previous writable layer"))?;
-    if fs::symlink_metadata(&paths.current).is_ok() {
-        exchange(&paths.new, &paths.current).map_err(|e| {
-            Error::new(format!("cannot swap in the new writable layer {}: {e}", paths.current.display()))
-        })?;
-        fs::rename(&paths.new, &paths.prev).map_err(|e| Error::io("cannot keep the old writable layer as", &paths.prev, e))
-    } else {
-        fs::rename(&paths.new, &paths.current).map_err(|e| Error::io("cannot install the new writable layer", &paths.current, e))
-    }
+/// Step 2, after the new layer is complete: `NAME.new` becomes `NAME`; the old ones
+/// shift down to `NAME.prev`, `NAME.prev.2`, … up to `keep`.
+pub fn rotate(paths: &LayerPaths, keep: usize) -> Result<()> {
+    rotation(paths, keep).iter().try_for_each(apply)
 }
 
 /// `renameat2(RENAME_EXCHANGE)`: swaps two paths atomically. nix offers renameat2 only
@@ -215,11 +295,13 @@ fn exchange(a: &Path, b: &Path) -> std::result::Result<(), Errno> {
 /// relative to the driver's home, as Docker does, so more layers fit in the one page
 /// that mount(2) accepts.
 pub fn overlay_data(image: &Image, driver_home: &Path, upper: &Path, work: &Path) -> Result<String> {
-    let lowers: Vec<String> = image
-        .layers
+    // btrfs: the top subvolume is the whole tree, the only lower.
+    let layers = if image.driver == Driver::Btrfs { &image.layers[..image.layers.len().min(1)] } else { &image.layers[..] };
+    let lowers: Vec<String> = layers
         .iter()
         .map(|l| match &l.link {
             Some(link) if driver_home.join("l").join(link).exists() => format!("l/{link}"),
+            _ if image.driver == Driver::Btrfs => l.dir.display().to_string(),
             _ => format!("{}/diff", l.cache_id),
         })
         .collect();

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use layerboot_init::store::{Driver, Image, Layer};
-use layerboot_init::writable::{is_subvolume, prepare, rotate, LayerPaths};
+use layerboot_init::writable::{apply, is_subvolume, layer_image, prepare, rotate, rotation, LayerPaths};
 
 struct Btrfs {
     _dir: tempfile::TempDir,
@@ -65,8 +65,8 @@ fn btrfs_layers_rotate_and_the_image_is_never_written() {
     prepare(&paths, &img).unwrap();
     assert!(is_subvolume(&paths.new));
     fs::write(paths.new.join("etc/hostname"), "boot1\n").unwrap(); // the top layer's copy
-    rotate(&paths).unwrap();
-    assert!(is_subvolume(&paths.current) && !paths.new.exists() && !paths.prev.exists());
+    rotate(&paths, 1).unwrap();
+    assert!(is_subvolume(&paths.current) && !paths.new.exists() && !paths.prev(1).exists());
     assert_eq!(fs::read_to_string(paths.current.join("etc/hostname")).unwrap(), "boot1\n");
 
     // The booted system writes, and systemd makes a nested subvolume.
@@ -78,15 +78,15 @@ fn btrfs_layers_rotate_and_the_image_is_never_written() {
     fs::write(paths.new.join("half-made"), "x").unwrap();
     prepare(&paths, &img).unwrap();
     assert!(!paths.new.join("half-made").exists());
-    rotate(&paths).unwrap();
+    rotate(&paths, 1).unwrap();
     assert!(!paths.current.join("etc/written").exists(), "fresh layer every boot");
-    assert!(paths.prev.join("etc/written").exists(), "the previous layer is kept");
-    assert!(is_subvolume(&paths.prev.join("machines")));
+    assert!(paths.prev(1).join("etc/written").exists(), "the previous layer is kept");
+    assert!(is_subvolume(&paths.prev(1).join("machines")));
 
     // The next rotation deletes the old .prev, nested subvolume and all.
     prepare(&paths, &img).unwrap();
-    rotate(&paths).unwrap();
-    assert!(!paths.prev.join("etc/written").exists() && !paths.prev.join("machines").exists());
+    rotate(&paths, 1).unwrap();
+    assert!(!paths.prev(1).join("etc/written").exists() && !paths.prev(1).join("machines").exists());
 
     let entries: Vec<_> = fs::read_dir(top.join("etc")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(entries, vec!["os-release"], "the image's subvolume is untouched");
@@ -102,12 +102,12 @@ fn overlay_layers_are_plain_directories_rotated_the_same_way() {
     let paths = LayerPaths::new(dir.path(), "rw");
     prepare(&paths, &img).unwrap();
     assert!(paths.new.join("upper").is_dir() && paths.new.join("work").is_dir());
-    rotate(&paths).unwrap();
+    rotate(&paths, 1).unwrap();
     fs::write(paths.current.join("upper/file"), "boot1").unwrap();
     prepare(&paths, &img).unwrap();
-    rotate(&paths).unwrap();
+    rotate(&paths, 1).unwrap();
     assert!(!paths.current.join("upper/file").exists());
-    assert!(paths.prev.join("upper/file").exists());
+    assert!(paths.prev(1).join("upper/file").exists());
     assert_eq!(fs::read_dir(&lower).unwrap().count(), 0);
 }
 
@@ -118,4 +118,88 @@ fn snapshot_of_a_non_btrfs_store_says_why() {
     fs::create_dir(&top).unwrap();
     let e = prepare(&LayerPaths::new(dir.path(), "rw"), &image(&top, Driver::Btrfs)).unwrap_err().to_string();
     assert!(e.contains("cannot snapshot") && e.contains("not on btrfs"), "{e}");
+}
+
+/// A btrfs store with an image subvolume whose /id file says which boot a layer is from.
+fn store_with_image() -> (Btrfs, PathBuf) {
+    let fs_ = Btrfs::new();
+    let top = fs_.mnt.join("img");
+    sh(Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(&top));
+    fs::write(top.join("id"), "image").unwrap();
+    (fs_, top)
+}
+
+/// One boot: a fresh layer stamped `boot`, rotated in keeping `keep`.
+fn boot(paths: &LayerPaths, img: &Image, boot: &str, keep: usize) {
+    prepare(paths, img).unwrap();
+    fs::write(paths.new.join("id"), boot).unwrap();
+    rotate(paths, keep).unwrap();
+}
+
+fn id(p: &Path) -> String {
+    fs::read_to_string(p.join("id")).unwrap_or_else(|_| "-".into())
+}
+
+#[test]
+fn a_power_cut_at_any_step_of_the_rotation_leaves_a_bootable_layer() {
+    for keep in [0, 1, 2] {
+        let (fs_, top) = store_with_image();
+        let img = image(&top, Driver::Btrfs);
+        let paths = LayerPaths::new(&fs_.mnt, "rw");
+        for b in ["b1", "b2", "b3"] {
+            boot(&paths, &img, b, keep);
+        }
+        // Boot 4 is cut after each step in turn; then boot 5 runs to the end.
+        prepare(&paths, &img).unwrap();
+        fs::write(paths.new.join("id"), "b4").unwrap();
+        let steps = rotation(&paths, keep);
+        assert!(steps.len() >= 2, "{steps:?}");
+        let saved = fs_.mnt.join("saved");
+        sh(Command::new("btrfs").args(["-q", "subvolume", "snapshot"]).arg(&paths.new).arg(&saved));
+        for cut in 0..=steps.len() {
+            // Restore the state "boot 3 done, boot 4 prepared", apply `cut` steps.
+            for e in fs::read_dir(&fs_.mnt).unwrap() {
+                let p = e.unwrap().path();
+                let n = p.file_name().unwrap().to_str().unwrap().to_string();
+                if n.starts_with("rw") {
+                    layerboot_init::writable::btrfs_delete(&p).unwrap();
+                }
+            }
+            for b in ["b1", "b2", "b3"] {
+                boot(&paths, &img, b, keep);
+            }
+            sh(Command::new("btrfs").args(["-q", "subvolume", "snapshot"]).arg(&saved).arg(&paths.new));
+            for step in rotation(&paths, keep).iter().take(cut) {
+                apply(step).unwrap();
+            }
+            let now = id(&paths.current);
+            assert!(now == "b3" || now == "b4", "keep {keep}, cut after {cut} steps: NAME is {now}");
+            if cut == steps.len() {
+                assert_eq!(now, "b4");
+            }
+            // The next boot cleans up whatever the cut left and succeeds.
+            boot(&paths, &img, "b5", keep);
+            assert_eq!(id(&paths.current), "b5", "keep {keep}, cut {cut}");
+            assert!(!paths.new.exists());
+            assert_eq!(id(&top), "image");
+        }
+    }
+}
+
+#[test]
+fn keep_n_keeps_the_last_n_layers_and_records_the_image() {
+    let (fs_, top) = store_with_image();
+    let img = image(&top, Driver::Btrfs);
+    let paths = LayerPaths::new(&fs_.mnt, "rw");
+    for b in ["b1", "b2", "b3", "b4"] {
+        boot(&paths, &img, b, 2);
+    }
+    assert_eq!((id(&paths.current), id(&paths.prev(1)), id(&paths.prev(2))), ("b4".into(), "b3".into(), "b2".into()));
+    assert!(!paths.prev(3).exists());
+    // Lowering keep drops the extra generations.
+    boot(&paths, &img, "b5", 1);
+    assert_eq!((id(&paths.prev(1)), paths.prev(2).exists()), ("b4".into(), false));
+    boot(&paths, &img, "b6", 0);
+    assert!(!paths.prev(1).exists());
+    assert_eq!(layer_image(&paths.current).as_deref(), Some(img.id.as_str()), "mode=keep can tell which image a layer is from");
 }

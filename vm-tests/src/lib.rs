@@ -137,6 +137,8 @@ echo "dotfile: $(cat /.layerboot-dotfile)"
 echo "symlink: $(readlink /etc/layerboot-link)"
 echo "marker: $(cat /var/tmp/layerboot-marker 2>/dev/null || echo none)"
 echo "booted: $(cat /run/layerboot/booted.json)"
+echo "modules: $(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
+echo "init-timing: $(dmesg | grep -o 'layerboot: switching.*' | head -n 1)"
 echo "LAYERBOOT-REPORT-END"
 echo "written in an earlier boot" > /var/tmp/layerboot-marker
 sync

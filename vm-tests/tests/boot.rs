@@ -66,6 +66,11 @@ fn common_checks(r: &BTreeMap<String, String>, hostname: &str, tag: &str) {
     assert_eq!(r["dotfile"], "dotfile", "top-level dotfile copied");
     assert_eq!(r["symlink"], "/etc/hostname", "symlink copied as a symlink");
     assert_eq!(r["marker"], "none", "a file written in the previous boot must be gone");
+    // Coldplug loaded what this machine's devices need, and nothing else.
+    let modules: Vec<&str> = r["modules"].split_whitespace().collect();
+    assert!(modules.contains(&"virtio_blk") && modules.contains(&"virtio_pci"), "{modules:?}");
+    assert!(!modules.contains(&"nvme") && !modules.contains(&"ahci"), "no NVMe or AHCI here: {modules:?}");
+    assert!(r["init-timing"].contains("init's own work"), "stage timings in dmesg: {}", r["init-timing"]);
 }
 
 fn no_panic(console: &str) {
@@ -150,6 +155,18 @@ fn unknown_image_is_named_on_the_console_and_the_machine_reboots() {
     let console = Qemu { disks: vec![disk], cmdline: cmdline.into(), boot: demo_boot_files(), log: dir.join("boot.log"), timeout: BOOT_TIMEOUT, snapshot: true }.run();
     no_panic(&console);
     for want in ["layerboot: BOOT FAILED", "image 'layerboot/nope:1' is not in the btrfs store", "closest match: layerboot/demo:", "layerboot/demo:v2", "fix:"] {
+        assert!(console.contains(want), "missing {want:?} in:\n{}", tail(&console, 30));
+    }
+}
+
+#[test]
+fn missing_root_device_lists_the_devices_seen() {
+    let dir = work_dir("no-root");
+    let disk = fixtures().join("overlay2.img");
+    let cmdline = "root=LABEL=nope layerboot.timeout=3 layerboot.rescue_timeout=0";
+    let console = Qemu { disks: vec![disk], cmdline: cmdline.into(), boot: demo_boot_files(), log: dir.join("boot.log"), timeout: BOOT_TIMEOUT, snapshot: true }.run();
+    no_panic(&console);
+    for want in ["layerboot: BOOT FAILED", "root device LABEL=nope did not appear within 3 s", "/dev/vda type=ext4 label=lb-overlay uuid=", "fix: correct root="] {
         assert!(console.contains(want), "missing {want:?} in:\n{}", tail(&console, 30));
     }
 }
