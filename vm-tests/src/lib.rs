@@ -158,16 +158,19 @@ pub struct Qemu<'a> {
     pub timeout: Duration,
     /// Writes go to a temporary file, not the disk images.
     pub snapshot: bool,
+    /// When the console shows `.0`, type `.1` on it.
+    pub answer: Option<(&'a str, &'a str)>,
 }
 
 impl Qemu<'_> {
     /// Boots until the guest powers off (or reboots: -no-reboot ends QEMU then too) and
-    /// returns the serial console's text.
+    /// returns the serial console's text, which is also kept in `log`.
     pub fn run(&self) -> String {
+        use std::io::{Read, Write};
+        use std::sync::{Arc, Mutex};
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", &accel(), "-m", "1024", "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot"])
-            .arg("-serial")
-            .arg(format!("file:{}", self.log.display()))
+            .args(["-serial", "stdio"])
             .arg("-kernel")
             .arg(&self.boot.kernel)
             .arg("-initrd")
@@ -179,21 +182,52 @@ impl Qemu<'_> {
         for d in &self.disks {
             cmd.arg("-drive").arg(format!("file={},if=virtio,format=raw", d.display()));
         }
-        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("qemu-system-x86_64 (tests/setup-host.sh installs it)");
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("qemu-system-x86_64 (tests/setup-host.sh installs it)");
+        let console = Arc::new(Mutex::new(String::new()));
+        let reader = {
+            let console = console.clone();
+            let mut out = child.stdout.take().unwrap();
+            let mut log = fs::File::create(&self.log).unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = out.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let _ = log.write_all(&buf[..n]);
+                    console.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            })
+        };
+        let mut stdin = child.stdin.take();
         let start = Instant::now();
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                let text = fs::read_to_string(&self.log).unwrap_or_default();
-                assert!(status.success(), "qemu failed ({status}); console:\n{text}");
+                reader.join().unwrap();
+                let text = console.lock().unwrap().clone();
+                let mut err = String::new();
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                assert!(status.success(), "qemu failed ({status}): {err}\nconsole:\n{}", tail(&text, 40));
                 return text;
+            }
+            if let (Some((trigger, reply)), Some(_)) = (self.answer, &stdin) {
+                if console.lock().unwrap().contains(trigger) {
+                    let _ = stdin.as_mut().unwrap().write_all(reply.as_bytes());
+                    stdin = None; // answered once; closing stdin is harmless to QEMU
+                }
             }
             if start.elapsed() > self.timeout {
                 let _ = child.kill();
                 let _ = child.wait();
-                let text = fs::read_to_string(&self.log).unwrap_or_default();
+                let text = console.lock().unwrap().clone();
                 panic!("the guest did not power off within {:?}; console ({}):\n{}", self.timeout, self.log.display(), tail(&text, 60));
             }
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }

@@ -91,7 +91,7 @@ fn btrfs_store_boots_the_image_with_a_fresh_snapshot_each_time() {
     let base = "root=LABEL=lb-btrfs rootflags=subvol=lb-rw toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.rescue_timeout=0";
     let ids = fs::read_to_string(fixtures().join("images.env")).unwrap();
 
-    let console = Qemu { disks: vec![disk.clone()], cmdline: base.into(), boot, log: dir.join("boot1.log"), timeout: BOOT_TIMEOUT, snapshot: false }.run();
+    let console = Qemu { disks: vec![disk.clone()], cmdline: base.into(), boot, log: dir.join("boot1.log"), timeout: BOOT_TIMEOUT, snapshot: false, answer: None }.run();
     no_panic(&console);
     let r = report(&console);
     common_checks(&r, "vm-btrfs", "latest");
@@ -101,7 +101,7 @@ fn btrfs_store_boots_the_image_with_a_fresh_snapshot_each_time() {
 
     // Boot 2 picks the other tag from the command line, with the same initramfs.
     let cmdline = format!("{base} docker_image=layerboot/demo:v2");
-    let console = Qemu { disks: vec![disk.clone()], cmdline, boot, log: dir.join("boot2.log"), timeout: BOOT_TIMEOUT, snapshot: false }.run();
+    let console = Qemu { disks: vec![disk.clone()], cmdline, boot, log: dir.join("boot2.log"), timeout: BOOT_TIMEOUT, snapshot: false, answer: None }.run();
     no_panic(&console);
     let r = report(&console);
     common_checks(&r, "vm-btrfs", "v2");
@@ -131,7 +131,7 @@ fn overlay2_store_boots_the_image_as_an_overlay_with_a_fresh_upper_each_time() {
     let cmdline = "root=LABEL=lb-overlay toplayer=LABEL=lb-top layerboot.rescue_timeout=0";
 
     for (i, log) in ["boot1.log", "boot2.log"].iter().enumerate() {
-        let console = Qemu { disks: vec![disk.clone(), top.clone()], cmdline: cmdline.into(), boot, log: dir.join(log), timeout: BOOT_TIMEOUT, snapshot: false }.run();
+        let console = Qemu { disks: vec![disk.clone(), top.clone()], cmdline: cmdline.into(), boot, log: dir.join(log), timeout: BOOT_TIMEOUT, snapshot: false, answer: None }.run();
         no_panic(&console);
         let r = report(&console);
         common_checks(&r, "vm-overlay", "latest");
@@ -152,7 +152,7 @@ fn unknown_image_is_named_on_the_console_and_the_machine_reboots() {
     let dir = work_dir("unknown-image");
     let disk = fixtures().join("btrfs.img"); // booted with -snapshot: nothing is written to it
     let cmdline = "root=LABEL=lb-btrfs docker_image=layerboot/nope:1 layerboot.rescue_timeout=0";
-    let console = Qemu { disks: vec![disk], cmdline: cmdline.into(), boot: demo_boot_files(), log: dir.join("boot.log"), timeout: BOOT_TIMEOUT, snapshot: true }.run();
+    let console = Qemu { disks: vec![disk], cmdline: cmdline.into(), boot: demo_boot_files(), log: dir.join("boot.log"), timeout: BOOT_TIMEOUT, snapshot: true, answer: None }.run();
     no_panic(&console);
     for want in ["layerboot: BOOT FAILED", "image 'layerboot/nope:1' is not in the btrfs store", "closest match: layerboot/demo:", "layerboot/demo:v2", "fix:"] {
         assert!(console.contains(want), "missing {want:?} in:\n{}", tail(&console, 30));
@@ -164,9 +164,67 @@ fn missing_root_device_lists_the_devices_seen() {
     let dir = work_dir("no-root");
     let disk = fixtures().join("overlay2.img");
     let cmdline = "root=LABEL=nope layerboot.timeout=3 layerboot.rescue_timeout=0";
-    let console = Qemu { disks: vec![disk], cmdline: cmdline.into(), boot: demo_boot_files(), log: dir.join("boot.log"), timeout: BOOT_TIMEOUT, snapshot: true }.run();
+    let console = Qemu { disks: vec![disk], cmdline: cmdline.into(), boot: demo_boot_files(), log: dir.join("boot.log"), timeout: BOOT_TIMEOUT, snapshot: true, answer: None }.run();
     no_panic(&console);
     for want in ["layerboot: BOOT FAILED", "root device LABEL=nope did not appear within 3 s", "/dev/vda type=ext4 label=lb-overlay uuid=", "fix: correct root="] {
         assert!(console.contains(want), "missing {want:?} in:\n{}", tail(&console, 30));
     }
+}
+
+#[test]
+fn keep_mode_keeps_files_across_boots_and_tmpfs_upper_writes_nothing() {
+    let dir = work_dir("keep-and-tmpfs");
+    let disk = copy_store_disk("btrfs", &dir);
+    {
+        let _m = LoopMount::new(&disk, &dir.join("mnt"), false);
+        write_toplayer(&dir.join("mnt/toplayer"), "vm-keep");
+    }
+    let boot = demo_boot_files();
+    let base = "root=LABEL=lb-btrfs toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.rescue_timeout=0";
+    let qemu = |extra: &str, log: &str| {
+        let console = Qemu {
+            disks: vec![disk.clone()],
+            cmdline: format!("{base} {extra}"),
+            boot,
+            log: dir.join(log),
+            timeout: BOOT_TIMEOUT,
+            snapshot: false,
+            answer: None,
+        }
+        .run();
+        no_panic(&console);
+        report(&console)
+    };
+    let r = qemu("layerboot.mode=keep", "boot1.log");
+    assert_eq!(r["marker"], "none", "no layer yet: a fresh one");
+    let r = qemu("layerboot.mode=keep", "boot2.log");
+    assert_eq!(r["marker"], "written in an earlier boot", "mode=keep reuses the layer");
+    assert_eq!(r["hostname"], "vm-keep");
+    let r = qemu("layerboot.upper=tmpfs", "boot3.log");
+    assert!(r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/upper/upper"), "{}", r["root"]);
+    assert_eq!(r["marker"], "none", "tmpfs upper over the image, not over the kept layer");
+    assert_eq!(r["hostname"], "vm-keep", "top layer copied onto the tmpfs root");
+
+    let _m = LoopMount::new(&disk, &dir.join("mnt"), true);
+    let m = dir.join("mnt");
+    assert_eq!(fs::read_to_string(m.join("layerboot-rw/var/tmp/layerboot-marker")).unwrap(), "written in an earlier boot\n");
+    assert!(!m.join("layerboot-rw.prev").exists() && !m.join("layerboot-rw.new").exists(), "keep mode and tmpfs made no new layer");
+}
+
+#[test]
+fn enter_on_the_console_reboots_a_failed_boot_at_once() {
+    let dir = work_dir("enter-reboots");
+    let cmdline = "root=LABEL=lb-btrfs docker_image=layerboot/nope:1 layerboot.rescue_timeout=3000";
+    let console = Qemu {
+        disks: vec![fixtures().join("btrfs.img")],
+        cmdline: cmdline.into(),
+        boot: demo_boot_files(),
+        log: dir.join("boot.log"),
+        timeout: Duration::from_secs(240),
+        snapshot: true,
+        answer: Some(("Press Enter to reboot now", "\r")),
+    }
+    .run();
+    no_panic(&console);
+    assert!(console.contains("the machine reboots in 3000 s") && console.contains("reboot: Restarting system"), "{}", tail(&console, 20));
 }

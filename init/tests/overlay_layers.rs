@@ -1,0 +1,55 @@
+//! Many-layer overlay2 images: the mount options name layers by their short `l/` links
+//! relative to the driver's home, so 130 layers fit in the one page mount(2) takes;
+//! beyond that the error says why and what to do. Mounted for real (needs root).
+
+use std::fs;
+use std::path::Path;
+
+use layerboot_init::mounts::{mount, unmount};
+use layerboot_init::store::{Driver, Image, Layer};
+use layerboot_init::writable::overlay_data;
+use sys_mount::MountFlags;
+
+/// A fake overlay2 driver home with `n` layers, each adding file `f<i>`, topmost first.
+fn image_with_layers(home: &Path, n: usize, links: bool) -> Image {
+    let mut layers = Vec::new();
+    fs::create_dir_all(home.join("l")).unwrap();
+    for i in (0..n).rev() {
+        let cache_id = format!("{i:064x}");
+        let diff = home.join(&cache_id).join("diff");
+        fs::create_dir_all(&diff).unwrap();
+        fs::write(diff.join(format!("f{i}")), i.to_string()).unwrap();
+        let link = format!("{:0>26}", format!("L{i}"));
+        std::os::unix::fs::symlink(format!("../{cache_id}/diff"), home.join("l").join(&link)).unwrap();
+        layers.push(Layer { chain_id: String::new(), diff_id: String::new(), cache_id, dir: diff, link: links.then_some(link) });
+    }
+    Image { id: format!("sha256:{}", "b".repeat(64)), config: serde_json::json!({}), driver: Driver::Overlay2, layers, refs: vec![] }
+}
+
+#[test]
+fn a_130_layer_image_mounts_and_a_longer_one_is_refused_clearly() {
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("overlay2");
+    let img = image_with_layers(&home, 130, true);
+    let rw = t.path().join("layerboot-rw");
+    fs::create_dir_all(rw.join("upper")).unwrap();
+    fs::create_dir_all(rw.join("work")).unwrap();
+    let data = overlay_data(&img, &home, &rw.join("upper"), &rw.join("work")).unwrap();
+    assert!(data.len() < 4096 && data.starts_with("lowerdir=l/"), "{} bytes", data.len());
+
+    let target = t.path().join("root");
+    let cwd = std::env::current_dir().unwrap();
+    std::env::set_current_dir(&home).unwrap();
+    let mounted = mount(Path::new("overlay"), &target, "overlay", MountFlags::empty(), &data);
+    std::env::set_current_dir(cwd).unwrap();
+    mounted.unwrap();
+    let files = fs::read_dir(&target).unwrap().count();
+    let top = fs::read_to_string(target.join("f129")).unwrap();
+    unmount(&target).unwrap();
+    assert_eq!((files, top.as_str()), (130, "129"));
+
+    // Without the short links (a damaged store) the names are too long for one page.
+    let img = image_with_layers(&t.path().join("other"), 130, false);
+    let e = overlay_data(&img, &home, &rw.join("upper"), &rw.join("work")).unwrap_err().to_string();
+    assert!(e.contains("130 layers") && e.contains("exceed the kernel's limit of 4096") && e.contains("squash"), "{e}");
+}
