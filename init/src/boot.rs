@@ -32,15 +32,21 @@ pub const NEW_ROOT: &str = "/sysroot";
 pub struct Boot {
     started: Instant,
     pub settings: Option<Settings>,
+    /// (stage, ms since start), logged together at the end: every line printed on a
+    /// serial console costs ~10 ms, which would dwarf the work being timed.
+    stages: std::cell::RefCell<Vec<(&'static str, u128)>>,
 }
 
 impl Boot {
     pub fn new() -> Boot {
-        Boot { started: Instant::now(), settings: None }
+        Boot { started: Instant::now(), settings: None, stages: Default::default() }
     }
 
-    fn stage(&self, what: &str) {
-        log::info!("{what} ({} ms)", self.started.elapsed().as_millis());
+    /// Marks the end of a stage; `detail` goes to the debug log.
+    fn stage(&self, name: &'static str, detail: &str) {
+        let ms = self.started.elapsed().as_millis();
+        self.stages.borrow_mut().push((name, ms));
+        log::debug!("{name}: {detail} ({ms} ms)");
     }
 
     /// Runs the whole sequence; returns only on failure (success execs the image's init).
@@ -55,7 +61,7 @@ impl Boot {
             crate::console::init_logging(true);
         }
         self.settings = Some(settings.clone());
-        self.stage("layerboot: started");
+        self.stage("started", "command line and config read");
 
         let _ = fs::write("/proc/sys/kernel/printk_devkmsg", "on\n"); // our stage timings must not be dropped
         let mut hw = Hardware::new(&config)?;
@@ -64,7 +70,7 @@ impl Boot {
         hw.load(&forced).context("loading the modules named by layerboot.modules=")?;
 
         let root = hw.wait_for("root", &settings.root, settings.timeout)?;
-        self.stage(&format!("layerboot: root device {}", root.describe()));
+        self.stage("root device", &root.describe());
         let fstype = settings.root_fstype.clone().or(root.probe.fstype.map(str::to_string)).ok_or_else(|| {
             Error::new(format!("cannot tell which filesystem {} holds (fix: add rootfstype=btrfs, ext4, …)", root.node.display()))
         })?;
@@ -78,7 +84,7 @@ impl Boot {
         let data_root = store_mount.join(&settings.docker_path);
         let store = Store::open(&data_root).context("reading the image store (docker_path=)")?;
         let image = store.resolve(&settings.image).context("finding the image to boot (docker_image=)")?;
-        self.stage(&format!("layerboot: image {} is {} ({} layers, {})", settings.image, image.id, image.layers.len(), image.driver.name()));
+        self.stage("image", &format!("{} is {} ({} layers, {})", settings.image, image.id, image.layers.len(), image.driver.name()));
 
         match image.driver {
             Driver::Btrfs if fstype != "btrfs" => {
@@ -100,7 +106,7 @@ impl Boot {
             } else {
                 self.make_writable_layer(&image, &store, &paths, toplayer.as_deref(), settings.keep)?;
             }
-            self.stage("layerboot: writable layer ready");
+            self.stage("writable layer", &paths.current.display().to_string());
             match image.driver {
                 Driver::Btrfs => {
                     let mut opts = vec![format!("subvol=/{}", settings.rw_name)];
@@ -116,12 +122,18 @@ impl Boot {
         write_boot_record(&settings, &image);
         check_init(new_root, &settings.init)?;
         let total = self.started.elapsed();
+        let fs_time = crate::mounts::fs_time();
+        let stages: Vec<String> = self.stages.borrow().iter().map(|(n, ms)| format!("{n} {ms}")).collect();
         log::info!(
-            "layerboot: switching to {} ({} ms; init's own work {} ms, modules and device waits {} ms)",
+            "layerboot: {} from {}: switching to {} at {} ms (init's own work {} ms; mounts and snapshots {} ms; modules and device waits {} ms; stages: {})",
+            settings.image,
+            image.id.get(7..19).unwrap_or(&image.id),
             settings.init,
             total.as_millis(),
-            total.saturating_sub(hw.kernel_time).as_millis(),
-            hw.kernel_time.as_millis()
+            total.saturating_sub(hw.kernel_time).saturating_sub(fs_time).as_millis(),
+            fs_time.as_millis(),
+            hw.kernel_time.as_millis(),
+            stages.join(", ")
         );
 
         let args: Vec<String> = std::env::args().skip(1).collect();
@@ -177,8 +189,8 @@ impl Boot {
                 copied?
             }
         };
-        self.stage(&format!(
-            "layerboot: top layer copied from {} ({} files, {} dirs, {} links, {} bytes)",
+        self.stage("top layer", &format!(
+            "copied from {} ({} files, {} dirs, {} links, {} bytes)",
             src.display(),
             stats.files,
             stats.dirs,
@@ -200,12 +212,12 @@ impl Boot {
         mount_overlay(image, store, home, new_root, MountFlags::empty())?;
         if let Some(src) = toplayer {
             let stats = copy_tree(src, new_root)?;
-            self.stage(&format!("layerboot: top layer copied from {} ({} files)", src.display(), stats.files));
+            self.stage("top layer", &format!("copied from {} ({} files)", src.display(), stats.files));
         }
         if ro.contains(MountFlags::RDONLY) {
             mount(Path::new("overlay"), new_root, "overlay", MountFlags::REMOUNT | MountFlags::RDONLY, "")?;
         }
-        self.stage("layerboot: root is an overlay with its upper on tmpfs (layerboot.upper=tmpfs)");
+        self.stage("writable layer", "an overlay with its upper on tmpfs (layerboot.upper=tmpfs)");
         Ok(())
     }
 }
@@ -334,6 +346,19 @@ impl Hardware {
         self.timed(|h| h.modules.ensure_filesystem(fstype))
     }
 
+    /// A filesystem on several devices (btrfs) can be mounted once all of them are
+    /// registered with the kernel, which udev's `btrfs device scan` does elsewhere.
+    fn complete(&mut self, dev: &BlockDevice, all: &[BlockDevice]) -> Result<bool> {
+        if dev.probe.fstype != Some("btrfs") || dev.probe.devices.unwrap_or(1) <= 1 {
+            return Ok(true);
+        }
+        self.ensure_filesystem("btrfs")?;
+        for member in all.iter().filter(|d| d.probe.fstype == Some("btrfs") && d.probe.uuid == dev.probe.uuid) {
+            crate::btrfs::scan_device(&member.node)?;
+        }
+        crate::btrfs::devices_ready(&dev.node)
+    }
+
     /// Waits for the device `spec`, loading drivers for devices as they appear.
     pub fn wait_for(&mut self, what: &str, spec: &DeviceSpec, timeout: Option<Duration>) -> Result<BlockDevice> {
         let start = Instant::now();
@@ -344,12 +369,19 @@ impl Hardware {
             self.coldplug(std::mem::take(&mut uevent_aliases));
             let devices = scan(Path::new("/sys/class/block"), Path::new("/dev"));
             if let Some(d) = devices.iter().find(|d| d.matches(spec)) {
-                break Ok(d.clone());
+                match self.complete(d, &devices) {
+                    Ok(true) => break Ok(d.clone()),
+                    Ok(false) => {}
+                    Err(e) => break Err(e),
+                }
             }
             if timeout.is_some_and(|t| start.elapsed() >= t) {
                 let seen: Vec<String> = devices.iter().map(|d| format!("  {}", d.describe())).collect();
+                let partial = devices.iter().find(|d| d.matches(spec)).map_or(String::new(), |d| {
+                    format!(" (it is part of a {}-device btrfs filesystem whose other devices are missing)", d.probe.devices.unwrap_or(0))
+                });
                 break Err(Error::new(format!(
-                    "{what} device {spec} did not appear within {} s.\nblock devices seen:\n{}\n(fix: correct {what}=, or add the disk's driver to the initramfs; layerboot.timeout=S waits longer)",
+                    "{what} device {spec} did not appear within {} s{partial}.\nblock devices seen:\n{}\n(fix: correct {what}=, or add the disk's driver to the initramfs; layerboot.timeout=S waits longer)",
                     timeout.unwrap().as_secs(),
                     if seen.is_empty() { "  none".to_string() } else { seen.join("\n") }
                 )));

@@ -14,16 +14,13 @@ pub fn say(msg: &str) {
     }
 }
 
-/// Logs to /dev/kmsg at info level, or debug with `layerboot.debug`.
+/// Logs to /dev/kmsg at info level, or debug with `layerboot.debug`. May be called again
+/// to change the level (the logger itself passes everything; `log`'s max level filters).
 pub fn init_logging(debug: bool) {
-    let level = if debug { log::LevelFilter::Debug } else { log::LevelFilter::Info };
-    if let Ok(logger) = kernlog::KernelLog::with_level(level) {
-        if log::set_boxed_logger(Box::new(logger)).is_ok() {
-            log::set_max_level(level);
-            return;
-        }
+    if let Ok(logger) = kernlog::KernelLog::with_level(log::LevelFilter::Debug) {
+        let _ = log::set_boxed_logger(Box::new(logger));
     }
-    log::set_max_level(level);
+    log::set_max_level(if debug { log::LevelFilter::Debug } else { log::LevelFilter::Info });
 }
 
 /// The shell `layerboot initramfs --rescue-shell` packs.

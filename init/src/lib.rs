@@ -5,6 +5,7 @@
 //! - the PID 1 program itself is `src/main.rs`.
 
 pub mod boot;
+pub mod btrfs;
 pub mod console;
 pub mod coldplug;
 pub mod copy;

@@ -15,6 +15,8 @@ pub struct Probe {
     pub fstype: Option<&'static str>,
     pub uuid: Option<String>,
     pub label: Option<String>,
+    /// btrfs: how many devices the filesystem spans.
+    pub devices: Option<u64>,
 }
 
 /// A block device as seen in /sys/class/block, with what its superblock says.
@@ -75,14 +77,15 @@ pub fn probe_bytes(b: &[u8]) -> Probe {
     let at = |off: usize, len: usize| b.get(off..off + len);
     // btrfs: primary superblock at 64 KiB, magic at +0x40.
     if at(0x10040, 8) == Some(b"_BHRfS_M") {
-        return Probe { fstype: Some("btrfs"), uuid: at(0x10020, 16).map(uuid), label: at(0x1012b, 256).and_then(cstr) };
+        let devices = at(0x10088, 8).map(|v| u64::from_le_bytes(v.try_into().unwrap()));
+        return Probe { fstype: Some("btrfs"), uuid: at(0x10020, 16).map(uuid), label: at(0x1012b, 256).and_then(cstr), devices };
     }
     // ext2/3/4: superblock at 1 KiB, magic 0xEF53 at +0x38.
     if at(0x438, 2) == Some(&[0x53, 0xef]) {
-        return Probe { fstype: Some("ext4"), uuid: at(0x468, 16).map(uuid), label: at(0x478, 16).and_then(cstr) };
+        return Probe { fstype: Some("ext4"), uuid: at(0x468, 16).map(uuid), label: at(0x478, 16).and_then(cstr), devices: None };
     }
     if at(0, 4) == Some(b"XFSB") {
-        return Probe { fstype: Some("xfs"), uuid: at(32, 16).map(uuid), label: at(108, 12).and_then(cstr) };
+        return Probe { fstype: Some("xfs"), uuid: at(32, 16).map(uuid), label: at(108, 12).and_then(cstr), devices: None };
     }
     // vfat: boot sector signature, then the FAT32 or FAT12/16 extended BPB.
     if at(510, 2) == Some(&[0x55, 0xaa]) {
@@ -90,7 +93,7 @@ pub fn probe_bytes(b: &[u8]) -> Probe {
             if at(fs_type, 3) == Some(b"FAT") {
                 let id = at(id, 4).map(|v| format!("{:02X}{:02X}-{:02X}{:02X}", v[3], v[2], v[1], v[0]));
                 let label = at(label, 11).and_then(cstr).filter(|l| l != "NO NAME");
-                return Probe { fstype: Some("vfat"), uuid: id, label };
+                return Probe { fstype: Some("vfat"), uuid: id, label, devices: None };
             }
         }
     }
@@ -198,9 +201,24 @@ mod tests {
             let p = probe(&img).unwrap();
             assert_eq!(p.fstype, Some(if fs == "vfat" { "vfat" } else { fs }), "{fs}");
             assert_eq!(p.label.as_deref(), Some(label));
+            assert_eq!(p.devices, (fs == "btrfs").then_some(1));
             let blkid = std::process::Command::new("blkid").args(["-o", "value", "-s", "UUID"]).arg(&img).output().unwrap();
             assert_eq!(p.uuid.unwrap(), String::from_utf8_lossy(&blkid.stdout).trim(), "{fs} UUID as blkid reads it");
         }
+    }
+
+    #[test]
+    fn counts_the_devices_of_a_multi_device_btrfs() {
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        for p in [&a, &b] {
+            File::create(p).unwrap().set_len(256 << 20).unwrap();
+        }
+        let out = std::process::Command::new("mkfs.btrfs").args(["-q", "-d", "raid1", "-m", "raid1", "-L", "two"]).arg(&a).arg(&b).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let (pa, pb) = (probe(&a).unwrap(), probe(&b).unwrap());
+        assert_eq!((pa.devices, pb.devices), (Some(2), Some(2)));
+        assert_eq!(pa.uuid, pb.uuid, "one filesystem");
     }
 
     #[test]

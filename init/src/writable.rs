@@ -8,137 +8,22 @@
 //! `renameat2(RENAME_EXCHANGE)`: at any instant `NAME` is either the old complete layer or
 //! the new complete one, so a half-made layer never replaces a good one. The old one is
 //! kept as `NAME.prev`. The image's own layers are only ever read.
-//!
-//! btrfs snapshots use two ioctls through nix rather than btrfsutil: btrfsutil 0.2 is
-//! unmaintained and would link libbtrfsutil (C, bindgen) into the static /init for the
-//! same two calls.
 
 use std::fs;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{open, OFlag};
-use nix::sys::stat::Mode;
 
+use crate::btrfs::{self, is_subvolume};
 use crate::error::{Error, Result};
 use crate::store::{Driver, Image};
-
-const BTRFS_IOCTL_MAGIC: u8 = 0x94;
-const BTRFS_PATH_NAME_MAX: usize = 4087;
-const BTRFS_SUBVOL_NAME_MAX: usize = 4039;
-/// The inode number of every btrfs subvolume's root directory.
-const BTRFS_FIRST_FREE_OBJECTID: u64 = 256;
-
-#[repr(C)]
-pub struct BtrfsVolArgs {
-    fd: i64,
-    name: [u8; BTRFS_PATH_NAME_MAX + 1],
-}
-
-#[repr(C)]
-pub struct BtrfsVolArgsV2 {
-    fd: i64,
-    transid: u64,
-    flags: u64,
-    unused: [u64; 4],
-    name: [u8; BTRFS_SUBVOL_NAME_MAX + 1],
-}
-
-nix::ioctl_write_ptr!(btrfs_snap_destroy, BTRFS_IOCTL_MAGIC, 15, BtrfsVolArgs);
-nix::ioctl_write_ptr!(btrfs_snap_create_v2, BTRFS_IOCTL_MAGIC, 23, BtrfsVolArgsV2);
-
-fn open_dir(path: &Path) -> Result<OwnedFd> {
-    let fd = open(path, OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| Error::io("cannot open", path, e))?;
-    // SAFETY: a fresh descriptor from open.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn split(path: &Path) -> Result<(PathBuf, String)> {
-    match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
-        (Some(p), Some(n)) => Ok((p.to_path_buf(), n.to_string())),
-        _ => Err(Error::new(format!("{} has no parent directory", path.display()))),
-    }
-}
-
-/// Snapshots subvolume `source` as `dest` (writable), like `btrfs subvolume snapshot`.
-pub fn btrfs_snapshot(source: &Path, dest: &Path) -> Result<()> {
-    let (parent, name) = split(dest)?;
-    if name.len() > BTRFS_SUBVOL_NAME_MAX {
-        return Err(Error::new(format!("subvolume name {name} is too long")));
-    }
-    let src = open_dir(source)?;
-    let dir = open_dir(&parent)?;
-    let mut args = BtrfsVolArgsV2 { fd: src.as_raw_fd() as i64, transid: 0, flags: 0, unused: [0; 4], name: [0; BTRFS_SUBVOL_NAME_MAX + 1] };
-    args.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: args is a valid, initialised btrfs_ioctl_vol_args_v2 for the call's duration.
-    unsafe { btrfs_snap_create_v2(dir.as_raw_fd(), &args) }.map_err(|e| {
-        let hint = if e == Errno::ENOTTY || e == Errno::EXDEV {
-            " (the store is not on btrfs, or source and destination are different btrfs filesystems)"
-        } else {
-            ""
-        };
-        Error::new(format!("cannot snapshot {} as {}: {e}{hint}", source.display(), dest.display()))
-    })?;
-    Ok(())
-}
-
-/// Deletes subvolume `path`, including subvolumes nested in it (systemd creates some,
-/// e.g. /var/lib/machines, which a plain delete would trip over).
-pub fn btrfs_delete(path: &Path) -> Result<()> {
-    let (parent, name) = split(path)?;
-    let dir = open_dir(&parent)?;
-    let mut args = BtrfsVolArgs { fd: 0, name: [0; BTRFS_PATH_NAME_MAX + 1] };
-    args.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: args is a valid btrfs_ioctl_vol_args for the call's duration.
-    match unsafe { btrfs_snap_destroy(dir.as_raw_fd(), &args) } {
-        Ok(_) => Ok(()),
-        Err(Errno::ENOTEMPTY) => {
-            for nested in nested_subvolumes(path)? {
-                btrfs_delete(&nested)?;
-            }
-            // SAFETY: as above.
-            unsafe { btrfs_snap_destroy(dir.as_raw_fd(), &args) }
-                .map(drop)
-                .map_err(|e| Error::new(format!("cannot delete subvolume {}: {e}", path.display())))
-        }
-        Err(e) => Err(Error::new(format!("cannot delete subvolume {}: {e}", path.display()))),
-    }
-}
-
-/// Subvolumes directly nested in subvolume `root` (not those nested in them).
-fn nested_subvolumes(root: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut todo = vec![root.to_path_buf()];
-    while let Some(dir) = todo.pop() {
-        for e in fs::read_dir(&dir).map_err(|e| Error::io("cannot list", &dir, e))? {
-            let p = e.map_err(|e| Error::io("cannot list", &dir, e))?.path();
-            let Ok(md) = fs::symlink_metadata(&p) else { continue };
-            if !md.is_dir() {
-                continue;
-            }
-            if md.ino() == BTRFS_FIRST_FREE_OBJECTID {
-                out.push(p);
-            } else {
-                todo.push(p);
-            }
-        }
-    }
-    Ok(out)
-}
-
-pub fn is_subvolume(path: &Path) -> bool {
-    fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && m.ino() == BTRFS_FIRST_FREE_OBJECTID)
-}
 
 /// Removes a layer directory or subvolume, whichever it is.
 fn remove_layer(path: &Path) -> Result<()> {
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io("cannot stat", path, e)),
-        Ok(_) if is_subvolume(path) => btrfs_delete(path),
+        Ok(_) if is_subvolume(path) => btrfs::delete(path),
         Ok(md) if md.is_dir() => fs::remove_dir_all(path).map_err(|e| Error::io("cannot remove", path, e)),
         Ok(_) => fs::remove_file(path).map_err(|e| Error::io("cannot remove", path, e)),
     }
@@ -216,7 +101,7 @@ pub fn prepare(paths: &LayerPaths, image: &Image) -> Result<()> {
     match image.driver {
         Driver::Btrfs => {
             let top = image.layers.first().ok_or_else(|| Error::new(format!("image {} has no layers to boot", image.id)))?;
-            btrfs_snapshot(&top.dir, &paths.new)?;
+            btrfs::snapshot(&top.dir, &paths.new)?;
         }
         Driver::Overlay2 => {
             for d in ["upper", "work"] {

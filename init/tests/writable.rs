@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use layerboot_init::store::{Driver, Image, Layer};
-use layerboot_init::writable::{apply, is_subvolume, layer_image, prepare, rotate, rotation, LayerPaths};
+use layerboot_init::btrfs::is_subvolume;
+use layerboot_init::writable::{apply, layer_image, prepare, rotate, rotation, LayerPaths};
 
 struct Btrfs {
     _dir: tempfile::TempDir,
@@ -162,7 +163,7 @@ fn a_power_cut_at_any_step_of_the_rotation_leaves_a_bootable_layer() {
                 let p = e.unwrap().path();
                 let n = p.file_name().unwrap().to_str().unwrap().to_string();
                 if n.starts_with("rw") {
-                    layerboot_init::writable::btrfs_delete(&p).unwrap();
+                    layerboot_init::btrfs::delete(&p).unwrap();
                 }
             }
             for b in ["b1", "b2", "b3"] {

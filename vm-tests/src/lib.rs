@@ -78,6 +78,9 @@ impl LoopMount {
     pub fn new(image: &Path, at: &Path, read_only: bool) -> LoopMount {
         fs::create_dir_all(at).unwrap();
         let opts = if read_only { "loop,ro" } else { "loop" };
+        // The host's btrfs remembers devices of unmounted filesystems by loop number; a
+        // reused loop device with a stale entry would not mount.
+        let _ = Command::new("btrfs").args(["device", "scan", "--forget"]).status();
         run(Command::new("mount").args(["-o", opts]).arg(image).arg(at));
         LoopMount(at.to_path_buf())
     }
@@ -138,7 +141,7 @@ echo "symlink: $(readlink /etc/layerboot-link)"
 echo "marker: $(cat /var/tmp/layerboot-marker 2>/dev/null || echo none)"
 echo "booted: $(cat /run/layerboot/booted.json)"
 echo "modules: $(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
-echo "init-timing: $(dmesg | grep -o 'layerboot: switching.*' | head -n 1)"
+echo "init-timing: $(dmesg | grep -o 'switching to .*' | head -n 1)"
 echo "LAYERBOOT-REPORT-END"
 echo "written in an earlier boot" > /var/tmp/layerboot-marker
 sync

@@ -228,3 +228,38 @@ fn enter_on_the_console_reboots_a_failed_boot_at_once() {
     no_panic(&console);
     assert!(console.contains("the machine reboots in 3000 s") && console.contains("reboot: Restarting system"), "{}", tail(&console, 20));
 }
+
+#[test]
+fn a_store_on_a_two_device_btrfs_waits_for_both_and_boots() {
+    let dir = work_dir("two-device-btrfs");
+    let disk = copy_store_disk("btrfs", &dir);
+    let second = dir.join("second.img");
+    fs::File::create(&second).unwrap().set_len(2 << 30).unwrap();
+    // A new fsid: the pristine store, same fsid, is mounted on this host, and the kernel
+    // will not add devices to such a clone.
+    run(Command::new("btrfstune").args(["-f", "-m"]).arg(&disk));
+    {
+        let _m = LoopMount::new(&disk, &dir.join("mnt"), false);
+        write_toplayer(&dir.join("mnt/toplayer"), "vm-two-devices");
+        let lo = run(Command::new("losetup").args(["--find", "--show"]).arg(&second)).trim().to_string();
+        let added = Command::new("btrfs").args(["-q", "device", "add", "-f", &lo]).arg(dir.join("mnt")).output().unwrap();
+        let _ = Command::new("umount").arg(dir.join("mnt")).status();
+        let _ = Command::new("losetup").args(["-d", &lo]).status();
+        assert!(added.status.success(), "btrfs device add: {}", String::from_utf8_lossy(&added.stderr));
+    }
+    let cmdline = "root=LABEL=lb-btrfs toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.rescue_timeout=0";
+    let console = Qemu {
+        disks: vec![disk, second],
+        cmdline: cmdline.into(),
+        boot: demo_boot_files(),
+        log: dir.join("boot.log"),
+        timeout: BOOT_TIMEOUT,
+        snapshot: false,
+        answer: None,
+    }
+    .run();
+    no_panic(&console);
+    let r = report(&console);
+    assert_eq!(r["hostname"], "vm-two-devices");
+    assert!(r["root"].starts_with("btrfs "), "{}", r["root"]);
+}

@@ -67,6 +67,9 @@ pub struct ImageEntry {
     pub refs: Vec<String>,
 }
 
+/// The tag store's content: familiar name → familiar ref string → image ID.
+type Repos = BTreeMap<String, BTreeMap<String, String>>;
+
 #[derive(Deserialize)]
 struct Repositories {
     #[serde(rename = "Repositories", default)]
@@ -135,7 +138,7 @@ impl Store {
     }
 
     /// The tag store: familiar name → familiar ref string → image ID.
-    fn repositories(&self) -> Result<BTreeMap<String, BTreeMap<String, String>>> {
+    fn repositories(&self) -> Result<Repos> {
         let path = self.image_dir().join("repositories.json");
         let data = read(&path)?;
         let repos: Repositories = serde_json::from_slice(&data).map_err(|e| {
@@ -178,12 +181,12 @@ impl Store {
     /// Resolves a reference as `docker run` would: a tag or digest ref first, then an
     /// image ID or unique ID prefix.
     pub fn resolve(&self, reference: &str) -> Result<Image> {
-        let id = self.resolve_id(reference)?;
-        self.load(&id)
+        let repos = self.repositories()?;
+        let id = self.resolve_id(reference, &repos)?;
+        self.load_with(&id, &repos)
     }
 
-    fn resolve_id(&self, reference: &str) -> Result<String> {
-        let repos = self.repositories()?;
+    fn resolve_id(&self, reference: &str, repos: &Repos) -> Result<String> {
         let parsed = Reference::parse(reference);
         if let Ok(r) = &parsed {
             if let Some(id) = repos.get(&r.familiar_name()).and_then(|m| m.get(&r.familiar_string())) {
@@ -211,11 +214,11 @@ impl Store {
         if let Err(e) = parsed {
             return Err(e);
         }
-        Err(self.not_found(reference, &repos))
+        Err(self.not_found(reference, repos))
     }
 
     /// "No such image", with what the store does hold and the closest name.
-    fn not_found(&self, reference: &str, repos: &BTreeMap<String, BTreeMap<String, String>>) -> Error {
+    fn not_found(&self, reference: &str, repos: &Repos) -> Error {
         let wanted = Reference::parse(reference).map(|r| r.familiar_string()).unwrap_or_else(|_| reference.to_string());
         let all: Vec<(&String, &String)> = repos.values().flat_map(|m| m.iter()).collect();
         let mut msg = format!("image '{reference}' is not in the {} store at {}", self.driver.name(), self.root.display());
@@ -237,6 +240,10 @@ impl Store {
 
     /// Loads image `id` (`sha256:<hex>`): verified config, then its layers via layerdb.
     pub fn load(&self, id: &str) -> Result<Image> {
+        self.load_with(id, &self.repositories()?)
+    }
+
+    fn load_with(&self, id: &str, repos: &Repos) -> Result<Image> {
         let hex = sha256_hex(id).ok_or_else(|| {
             Error::new(format!("image ID '{id}' in {} is malformed: expected sha256:<64 lowercase hex>", self.repositories_path().display()))
         })?;
@@ -257,13 +264,7 @@ impl Store {
         for (chain, diff) in chains.iter().zip(&diff_ids).rev() {
             layers.push(self.layer(chain, diff)?);
         }
-        let refs = self
-            .repositories()?
-            .into_values()
-            .flat_map(|m| m.into_iter())
-            .filter(|(_, v)| v == id)
-            .map(|(k, _)| k)
-            .collect();
+        let refs = repos.values().flat_map(|m| m.iter()).filter(|(_, v)| *v == id).map(|(k, _)| k.clone()).collect();
         Ok(Image { id: id.to_string(), config, driver: self.driver, layers, refs })
     }
 

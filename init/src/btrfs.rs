@@ -1,0 +1,163 @@
+//! btrfs through its ioctls: snapshot and delete subvolumes, register the devices of a
+//! multi-device filesystem and ask whether it is complete.
+//!
+//! These are a handful of ioctls through nix rather than btrfsutil: btrfsutil 0.2 is
+//! unmaintained and would link libbtrfsutil (C, bindgen) into the static /init for the
+//! same few calls.
+
+use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{open, OFlag};
+use nix::sys::stat::Mode;
+
+use crate::error::{Error, Result};
+
+const BTRFS_IOCTL_MAGIC: u8 = 0x94;
+const BTRFS_PATH_NAME_MAX: usize = 4087;
+const BTRFS_SUBVOL_NAME_MAX: usize = 4039;
+/// The inode number of every btrfs subvolume's root directory.
+const BTRFS_FIRST_FREE_OBJECTID: u64 = 256;
+
+#[repr(C)]
+pub struct BtrfsVolArgs {
+    fd: i64,
+    name: [u8; BTRFS_PATH_NAME_MAX + 1],
+}
+
+#[repr(C)]
+pub struct BtrfsVolArgsV2 {
+    fd: i64,
+    transid: u64,
+    flags: u64,
+    unused: [u64; 4],
+    name: [u8; BTRFS_SUBVOL_NAME_MAX + 1],
+}
+
+nix::ioctl_write_ptr!(btrfs_snap_destroy, BTRFS_IOCTL_MAGIC, 15, BtrfsVolArgs);
+nix::ioctl_write_ptr!(btrfs_snap_create_v2, BTRFS_IOCTL_MAGIC, 23, BtrfsVolArgsV2);
+nix::ioctl_write_ptr!(btrfs_scan_dev, BTRFS_IOCTL_MAGIC, 4, BtrfsVolArgs);
+nix::ioctl_read!(btrfs_devices_ready, BTRFS_IOCTL_MAGIC, 39, BtrfsVolArgs);
+
+const CONTROL: &str = "/dev/btrfs-control";
+
+fn vol_args(name: &[u8]) -> Result<Box<BtrfsVolArgs>> {
+    if name.len() > BTRFS_PATH_NAME_MAX {
+        return Err(Error::new(format!("{} is too long for btrfs", String::from_utf8_lossy(name))));
+    }
+    let mut args = Box::new(BtrfsVolArgs { fd: 0, name: [0; BTRFS_PATH_NAME_MAX + 1] });
+    args.name[..name.len()].copy_from_slice(name);
+    Ok(args)
+}
+
+/// Tells the kernel that `device` belongs to a btrfs filesystem, as `btrfs device scan`
+/// (run by udev elsewhere) does; a multi-device filesystem mounts only once all are known.
+pub fn scan_device(device: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let control = fs::File::open(CONTROL).map_err(|e| Error::io("cannot open", Path::new(CONTROL), e))?;
+    let args = vol_args(device.as_os_str().as_bytes())?;
+    // SAFETY: args is a valid btrfs_ioctl_vol_args for the call's duration.
+    unsafe { btrfs_scan_dev(control.as_raw_fd(), &*args) }
+        .map(drop)
+        .map_err(|e| Error::new(format!("cannot register btrfs device {}: {e}", device.display())))
+}
+
+/// Whether every device of the btrfs filesystem on `device` has been registered.
+pub fn devices_ready(device: &Path) -> Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let control = fs::File::open(CONTROL).map_err(|e| Error::io("cannot open", Path::new(CONTROL), e))?;
+    let mut args = vol_args(device.as_os_str().as_bytes())?;
+    // SAFETY: as above; the kernel writes back into args.
+    match unsafe { btrfs_devices_ready(control.as_raw_fd(), &mut *args) } {
+        Ok(0) => Ok(true),
+        Ok(_) => Ok(false),
+        Err(e) => Err(Error::new(format!("cannot ask btrfs whether {} is complete: {e}", device.display()))),
+    }
+}
+
+fn open_dir(path: &Path) -> Result<OwnedFd> {
+    let fd = open(path, OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| Error::io("cannot open", path, e))?;
+    // SAFETY: a fresh descriptor from open.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn split(path: &Path) -> Result<(PathBuf, String)> {
+    match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+        (Some(p), Some(n)) => Ok((p.to_path_buf(), n.to_string())),
+        _ => Err(Error::new(format!("{} has no parent directory", path.display()))),
+    }
+}
+
+/// Snapshots subvolume `source` as `dest` (writable), like `btrfs subvolume snapshot`.
+pub fn snapshot(source: &Path, dest: &Path) -> Result<()> {
+    let (parent, name) = split(dest)?;
+    if name.len() > BTRFS_SUBVOL_NAME_MAX {
+        return Err(Error::new(format!("subvolume name {name} is too long")));
+    }
+    let src = open_dir(source)?;
+    let dir = open_dir(&parent)?;
+    let mut args = BtrfsVolArgsV2 { fd: src.as_raw_fd() as i64, transid: 0, flags: 0, unused: [0; 4], name: [0; BTRFS_SUBVOL_NAME_MAX + 1] };
+    args.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: args is a valid, initialised btrfs_ioctl_vol_args_v2 for the call's duration.
+    crate::mounts::timed_fs(|| unsafe { btrfs_snap_create_v2(dir.as_raw_fd(), &args) }).map_err(|e| {
+        let hint = if e == Errno::ENOTTY || e == Errno::EXDEV {
+            " (the store is not on btrfs, or source and destination are different btrfs filesystems)"
+        } else {
+            ""
+        };
+        Error::new(format!("cannot snapshot {} as {}: {e}{hint}", source.display(), dest.display()))
+    })?;
+    Ok(())
+}
+
+/// Deletes subvolume `path`, including subvolumes nested in it (systemd creates some,
+/// e.g. /var/lib/machines, which a plain delete would trip over).
+pub fn delete(path: &Path) -> Result<()> {
+    let (parent, name) = split(path)?;
+    let dir = open_dir(&parent)?;
+    let mut args = BtrfsVolArgs { fd: 0, name: [0; BTRFS_PATH_NAME_MAX + 1] };
+    args.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: args is a valid btrfs_ioctl_vol_args for the call's duration.
+    match crate::mounts::timed_fs(|| unsafe { btrfs_snap_destroy(dir.as_raw_fd(), &args) }) {
+        Ok(_) => Ok(()),
+        Err(Errno::ENOTEMPTY) => {
+            for nested in nested_subvolumes(path)? {
+                delete(&nested)?;
+            }
+            // SAFETY: as above.
+            unsafe { btrfs_snap_destroy(dir.as_raw_fd(), &args) }
+                .map(drop)
+                .map_err(|e| Error::new(format!("cannot delete subvolume {}: {e}", path.display())))
+        }
+        Err(e) => Err(Error::new(format!("cannot delete subvolume {}: {e}", path.display()))),
+    }
+}
+
+/// Subvolumes directly nested in subvolume `root` (not those nested in them).
+fn nested_subvolumes(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for e in fs::read_dir(&dir).map_err(|e| Error::io("cannot list", &dir, e))? {
+            let p = e.map_err(|e| Error::io("cannot list", &dir, e))?.path();
+            let Ok(md) = fs::symlink_metadata(&p) else { continue };
+            if !md.is_dir() {
+                continue;
+            }
+            if md.ino() == BTRFS_FIRST_FREE_OBJECTID {
+                out.push(p);
+            } else {
+                todo.push(p);
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub fn is_subvolume(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && m.ino() == BTRFS_FIRST_FREE_OBJECTID)
+}
