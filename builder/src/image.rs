@@ -1,4 +1,5 @@
-//! The image a build starts from: resolved in its store, viewed merged, and its kernel chosen.
+//! What a build starts from: an image resolved in its store (its layers viewed merged),
+//! or any unpacked root filesystem (`/` included); and the kernel chosen in it.
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,8 @@ use crate::inspect::{kernels, Kernel};
 
 pub struct SourceImage {
     pub view: MergedView,
+    /// For messages: `image debian:12` or `root filesystem /`.
+    pub name: String,
 }
 
 impl SourceImage {
@@ -16,15 +19,31 @@ impl SourceImage {
         let store = Store::open(store).map_err(|e| e.to_string())?;
         let image = store.resolve(reference).map_err(|e| e.to_string())?;
         let view = MergedView::new(&image);
-        Ok(SourceImage { view })
+        Ok(SourceImage { view, name: format!("image {reference}") })
+    }
+
+    pub fn rootfs(dir: &Path) -> Result<SourceImage, String> {
+        if !dir.is_dir() {
+            return Err(format!("--rootfs {}: no such directory", dir.display()));
+        }
+        Ok(SourceImage { view: MergedView::from_dirs(vec![dir.to_path_buf()]), name: format!("root filesystem {}", dir.display()) })
+    }
+
+    /// The bytes of a file of the image (symlinks followed inside it), if it has one.
+    pub fn read(&self, path: &str) -> Result<Option<Vec<u8>>, String> {
+        match self.view.lookup_follow(path).map_err(|e| e.to_string())? {
+            Some(e) if e.metadata.is_file() => std::fs::read(&e.host_path).map(Some).map_err(|err| format!("cannot read {}: {err}", e.host_path.display())),
+            _ => Ok(None),
+        }
     }
 
     /// The kernel to build for: `wanted`, or the only one, or the newest (with a note).
-    pub fn kernel(&self, reference: &str, wanted: Option<&str>, need: impl Fn(&Kernel) -> bool) -> Result<Kernel, String> {
+    pub fn kernel(&self, wanted: Option<&str>, need: impl Fn(&Kernel) -> bool) -> Result<Kernel, String> {
         let mut all: Vec<Kernel> = kernels(&self.view)?.into_iter().filter(|k| need(k)).collect();
+        let reference = &self.name;
         if all.is_empty() {
             return Err(format!(
-                "image {reference} has no kernel (no /boot/vmlinuz-* with /lib/modules/*): \
+                "{reference} has no kernel (no /boot/vmlinuz-* with /lib/modules/*): \
                  install one in the image, e.g. RUN apt-get install linux-image-amd64 (Debian) or apk add linux-virt (Alpine)"
             ));
         }
@@ -32,12 +51,12 @@ impl SourceImage {
         if let Some(w) = wanted {
             let names: Vec<String> = all.iter().map(|k| k.version.clone()).collect();
             return all.into_iter().find(|k| k.version == w).ok_or_else(|| {
-                format!("image {reference} has no kernel {w}; it has {}", names.join(", "))
+                format!("{reference} has no kernel {w}; it has {}", names.join(", "))
             });
         }
         if all.len() > 1 {
             eprintln!(
-                "note: image {reference} has kernels {}; using the newest (choose with --kver)",
+                "note: {reference} has kernels {}; using the newest (choose with --kver)",
                 all.iter().map(|k| k.version.as_str()).collect::<Vec<_>>().join(", ")
             );
         }

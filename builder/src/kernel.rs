@@ -26,7 +26,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<(), String> {
     let src = SourceImage::open(&args.store, &args.image)?;
-    let kernel = src.kernel(&args.image, args.kver.as_deref(), |k| k.vmlinuz.is_some())?;
+    let kernel = src.kernel(args.kver.as_deref(), |k| k.vmlinuz.is_some())?;
     let from = src.host_path(kernel.vmlinuz.as_deref().unwrap())?;
     let data = std::fs::read(&from).map_err(|e| format!("cannot read {}: {e}", from.display()))?;
     std::fs::create_dir_all(&args.output).map_err(|e| format!("cannot create {}: {e}", args.output.display()))?;

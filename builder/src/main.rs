@@ -1,10 +1,13 @@
 //! `layerboot`: the build-time half of layerboot (booster's generator, in spirit).
 //! The boot-time half is `layerboot-init`; both share its library.
 
+mod archive;
+mod entry;
 mod image;
 mod initramfs;
 mod inspect;
 mod kernel;
+mod modules;
 
 use argh::FromArgs;
 
@@ -24,6 +27,7 @@ enum Command {
     Inspect(inspect::Args),
     Initramfs(initramfs::Args),
     Kernel(kernel::Args),
+    Entry(entry::Args),
 }
 
 fn main() {
@@ -36,6 +40,7 @@ fn main() {
         Some(Command::Inspect(args)) => inspect::run(args),
         Some(Command::Initramfs(args)) => initramfs::run(args),
         Some(Command::Kernel(args)) => kernel::run(args),
+        Some(Command::Entry(args)) => entry::run(args),
         None => Err("no command given (try: layerboot --help)".to_string()),
     };
     if let Err(e) = result {

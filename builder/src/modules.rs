@@ -1,0 +1,186 @@
+//! Which kernel modules go into the initramfs, and their bytes: the default set for
+//! common PCs and VMs (or just this machine's, `--host-only`), closed over modules.dep
+//! and soft dependencies, checked against the kernel version, decompressed, with the
+//! firmware files they name.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use layerboot_init::coldplug::ModaliasWalker;
+use layerboot_init::kmod::{ModuleIndex, Step, INDEX_FILES};
+
+use crate::image::SourceImage;
+
+/// Drivers that find the disk on common PCs and VMs; /init loads those its devices'
+/// modaliases ask for.
+pub const STORAGE_DRIVERS: &[&str] = &[
+    "virtio_pci", "virtio_blk", "virtio_scsi", "ahci", "nvme", "sd_mod", // disks
+    "usb_storage", "uas", "xhci_pci", "ehci_pci", "ohci_pci", "uhci_hcd", // USB disks
+    "sdhci_pci", "sdhci_acpi", "mmc_block", // SD cards
+];
+/// Filesystems the store, the top layer and the new root may need; loaded on demand.
+pub const FILESYSTEMS: &[&str] = &["btrfs", "overlay", "ext4", "xfs", "vfat", "nls_cp437", "nls_iso8859_1"];
+
+/// A module as packed: where it goes and its (decompressed) bytes.
+pub struct Packed {
+    /// Path relative to /lib/modules/<kver>, without a compression suffix.
+    pub path: String,
+    pub data: Vec<u8>,
+}
+
+pub struct Selection {
+    pub modules: Vec<Packed>,
+    /// The index files restricted to the packed modules, paths decompressed.
+    pub index_files: BTreeMap<&'static str, String>,
+    /// `lib/firmware/...` path → bytes.
+    pub firmware: BTreeMap<String, Vec<u8>>,
+    pub notes: Vec<String>,
+}
+
+pub fn read_index(src: &SourceImage, modules_dir: &str) -> Result<ModuleIndex, String> {
+    let mut text = BTreeMap::new();
+    for f in INDEX_FILES {
+        let t = match src.read(&format!("{modules_dir}/{f}"))? {
+            Some(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            None if f == "modules.dep" => return Err(format!("{} has no {modules_dir}/modules.dep (fix: run depmod for that kernel)", src.name)),
+            None => String::new(),
+        };
+        text.insert(f, t);
+    }
+    Ok(ModuleIndex::parse(&text["modules.dep"], &text["modules.softdep"], &text["modules.alias"], &text["modules.builtin"]))
+}
+
+/// The modules to pack: `extra` must exist; defaults that this kernel lacks are skipped
+/// with a note; with `host_only`, only drivers this machine's devices match and the
+/// filesystems it has mounted.
+pub fn select(index: &ModuleIndex, kver: &str, extra: &[String], host_only: bool) -> Result<(Vec<Step>, Vec<String>), String> {
+    let mut notes = Vec::new();
+    let mut wanted: Vec<String> = Vec::new();
+    let host = host_only.then(host_needs);
+    for m in STORAGE_DRIVERS.iter().chain(FILESYSTEMS) {
+        let known = !index.resolve(m).is_empty() || index.is_builtin(m);
+        if !known {
+            notes.push(format!("kernel {kver} has no module {m}; left out"));
+            continue;
+        }
+        if let Some((devices, filesystems)) = &host {
+            let needed = if FILESYSTEMS.contains(m) {
+                filesystems.contains(*m) || *m == "overlay" || m.starts_with("nls_") && filesystems.contains("vfat")
+            } else {
+                index.resolve(m).iter().any(|n| devices.iter().any(|alias| index.resolve(alias).contains(n)))
+            };
+            if !needed {
+                continue;
+            }
+        }
+        wanted.push(m.to_string());
+    }
+    for m in extra {
+        if index.resolve(m).is_empty() && !index.is_builtin(m) {
+            return Err(format!("module {m} (--module) is not in modules.dep of kernel {kver} (fix: check its name with `modinfo -k {kver} {m}`)"));
+        }
+        wanted.push(m.clone());
+    }
+    let steps = index.load_order(&wanted).map_err(|e| e.to_string())?;
+    Ok((steps, notes))
+}
+
+/// This machine's device modaliases and mounted filesystem types.
+fn host_needs() -> (Vec<String>, BTreeSet<String>) {
+    let devices = ModaliasWalker::default().scan(Path::new("/sys/devices"));
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let filesystems = mounts.lines().filter_map(|l| l.split_whitespace().nth(2)).map(str::to_string).collect();
+    (devices, filesystems)
+}
+
+const COMPRESSED: [&str; 3] = [".xz", ".zst", ".gz"];
+
+/// Reads every module of `steps`, decompressed, after checking its vermagic.
+pub fn pack(src: &SourceImage, index: &ModuleIndex, modules_dir: &str, kver: &str, steps: &[Step]) -> Result<Selection, String> {
+    let mut modules = Vec::new();
+    let mut firmware = BTreeMap::new();
+    let mut notes = Vec::new();
+    let mut names = BTreeSet::new();
+    for step in steps {
+        let raw = src.read(&format!("{modules_dir}/{}", step.path))?.ok_or_else(|| {
+            format!("module {} is listed in modules.dep but {modules_dir}/{} is missing from {}", step.name, step.path, src.name)
+        })?;
+        let data = decompress(&step.path, raw).map_err(|e| format!("cannot decompress module {}: {e}", step.path))?;
+        let info = modinfo(&data).map_err(|e| format!("module {} is not a kernel module: {e}", step.path))?;
+        let vermagic = info.iter().find_map(|(k, v)| (*k == "vermagic").then_some(*v)).unwrap_or("");
+        if vermagic.split_whitespace().next() != Some(kver) {
+            return Err(format!(
+                "module {} was built for kernel '{}', not {kver}: the image's modules and kernel do not match (fix: reinstall the kernel package in the image)",
+                step.path,
+                vermagic.split_whitespace().next().unwrap_or("?")
+            ));
+        }
+        for (_, fw) in info.iter().filter(|(k, _)| *k == "firmware") {
+            match find_firmware(src, fw)? {
+                Some((path, bytes)) => {
+                    firmware.insert(path, bytes);
+                }
+                None => notes.push(format!("firmware {fw} for {} is not in the image", step.name)),
+            }
+        }
+        names.insert(step.name.clone());
+        modules.push(Packed { path: strip_compression(&step.path), data });
+    }
+    let mut index_files = index.render(&names);
+    for text in index_files.values_mut() {
+        for suffix in COMPRESSED {
+            *text = text.replace(&format!(".ko{suffix}"), ".ko");
+        }
+    }
+    Ok(Selection { modules, index_files, firmware, notes })
+}
+
+fn strip_compression(path: &str) -> String {
+    COMPRESSED.iter().find_map(|s| path.strip_suffix(s)).unwrap_or(path).to_string()
+}
+
+/// Compressed modules are stored decompressed: /init loads them with finit_module, and
+/// not every kernel can decompress modules itself.
+fn decompress(path: &str, raw: Vec<u8>) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    if path.ends_with(".zst") {
+        zstd::decode_all(&raw[..]).map_err(|e| e.to_string())
+    } else if path.ends_with(".xz") {
+        let mut out = Vec::new();
+        lzma_rs::xz_decompress(&mut &raw[..], &mut out).map_err(|e| format!("{e:?}"))?;
+        Ok(out)
+    } else if path.ends_with(".gz") {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| e.to_string())?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+/// The `key=value` strings of a module's `.modinfo` section.
+pub fn modinfo(elf_bytes: &[u8]) -> Result<Vec<(&str, &str)>, String> {
+    let elf = goblin::elf::Elf::parse(elf_bytes).map_err(|e| e.to_string())?;
+    let section = elf
+        .section_headers
+        .iter()
+        .find(|sh| elf.shdr_strtab.get_at(sh.sh_name) == Some(".modinfo"))
+        .ok_or("it has no .modinfo section")?;
+    let start = section.sh_offset as usize;
+    let bytes = elf_bytes.get(start..start + section.sh_size as usize).ok_or("its .modinfo section is truncated")?;
+    Ok(bytes
+        .split(|&b| b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok()?.split_once('='))
+        .collect())
+}
+
+fn find_firmware(src: &SourceImage, name: &str) -> Result<Option<(String, Vec<u8>)>, String> {
+    for dir in ["/lib/firmware", "/usr/lib/firmware"] {
+        for suffix in ["", ".xz", ".zst"] {
+            if let Some(bytes) = src.read(&format!("{dir}/{name}{suffix}"))? {
+                return Ok(Some((format!("lib/firmware/{name}{suffix}"), bytes)));
+            }
+        }
+    }
+    Ok(None)
+}
