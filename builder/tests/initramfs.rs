@@ -1,0 +1,273 @@
+//! `layerboot initramfs`, `kernel` and `entry` on the real fixture stores (mounted by
+//! tests/run): what the archive holds, that it is reproducible, compressed modules, and
+//! each error a user can hit.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use layerboot_init::lookup::MergedView;
+use layerboot_init::settings::Config;
+use layerboot_init::store::Store;
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("LAYERBOOT_FIXTURES").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures"))
+}
+
+fn store(driver: &str) -> String {
+    let root = fixtures().join("mnt").join(driver).join("var/lib/docker");
+    assert!(root.is_dir(), "{} is missing: run tests/run, which builds and mounts the fixture stores", root.display());
+    root.display().to_string()
+}
+
+fn layerboot(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_layerboot")).args(args).output().unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn err(out: Output) -> String {
+    assert!(!out.status.success(), "expected a failure: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+struct Entry {
+    mode: u32,
+    rdev: (u32, u32),
+    mtime: u32,
+    data: Vec<u8>,
+}
+
+/// The archive's entries by path.
+fn unpack(file: &Path) -> BTreeMap<String, Entry> {
+    let raw = zstd::decode_all(fs::File::open(file).unwrap()).unwrap();
+    let mut rest: &[u8] = &raw;
+    let mut out = BTreeMap::new();
+    loop {
+        let mut r = cpio::newc::Reader::new(rest).unwrap();
+        if r.entry().is_trailer() {
+            break;
+        }
+        let e = r.entry();
+        let (name, mode, rdev, mtime) = (e.name().to_string(), e.mode(), (e.rdev_major(), e.rdev_minor()), e.mtime());
+        assert_eq!((e.uid(), e.gid()), (0, 0), "{name} owned by root");
+        let mut data = Vec::new();
+        r.read_to_end(&mut data).unwrap();
+        rest = r.finish().unwrap();
+        out.insert(name, Entry { mode, rdev, mtime, data });
+    }
+    out
+}
+
+fn kver() -> String {
+    let v: serde_json::Value = serde_json::from_str(&ok(layerboot(&["inspect", "--json", "--store", &store("btrfs"), "layerboot/demo"]))).unwrap();
+    v["kernels"][0]["version"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn archive_holds_init_config_console_and_every_modules_dependencies() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("initramfs.img");
+    ok(layerboot(&["initramfs", "--store", &store("btrfs"), "--image", "layerboot/demo", "--docker-path", "/srv/docker/", "-o", out.to_str().unwrap()]));
+    let a = unpack(&out);
+    let kver = kver();
+
+    assert_eq!(a["init"].mode, 0o100755);
+    let elf = goblin::elf::Elf::parse(&a["init"].data).unwrap();
+    assert!(elf.interpreter.is_none(), "/init is static");
+    assert_eq!((a["dev/console"].mode, a["dev/console"].rdev), (0o020600, (5, 1)));
+    assert!(String::from_utf8_lossy(&a["etc/initrd-release"].data).contains("ID=layerboot"));
+    let config = Config::parse(&String::from_utf8_lossy(&a["etc/layerboot.json"].data)).unwrap();
+    assert_eq!(config.kernel.as_deref(), Some(kver.as_str()));
+    assert_eq!(config.defaults["docker_image"], "layerboot/demo");
+    assert_eq!(config.defaults["docker_path"], "srv/docker", "the build machine's --store is never baked in");
+
+    let dir = format!("lib/modules/{kver}");
+    let dep = String::from_utf8_lossy(&a[&format!("{dir}/modules.dep")].data).into_owned();
+    let packed: BTreeSet<&str> = dep.lines().filter_map(|l| l.split(':').next()).collect();
+    for m in ["btrfs", "ext4", "overlay", "xfs", "vfat", "virtio_blk", "virtio_pci", "virtio_scsi", "nvme", "ahci", "sd_mod", "usb-storage", "uas", "xhci-pci", "crc32c_generic", "libcrc32c"] {
+        assert!(packed.iter().any(|p| p.ends_with(&format!("/{m}.ko"))), "{m} packed");
+    }
+    for line in dep.lines() {
+        let (module, deps) = line.split_once(':').unwrap();
+        assert!(a.contains_key(&format!("{dir}/{module}")), "{module} listed and packed");
+        for d in deps.split_whitespace() {
+            assert!(a.contains_key(&format!("{dir}/{d}")), "{module} needs {d}, which is packed");
+        }
+    }
+    let softdep = String::from_utf8_lossy(&a[&format!("{dir}/modules.softdep")].data).into_owned();
+    assert!(softdep.contains("softdep libcrc32c pre: crc32c"), "{softdep}");
+    let alias = String::from_utf8_lossy(&a[&format!("{dir}/modules.alias")].data).into_owned();
+    assert!(alias.contains("alias crc32c crc32c_generic") && alias.contains(" virtio_blk\n"), "coldplug needs the aliases");
+    // Every module is the image's own file, byte for byte.
+    let img = Store::open(store("btrfs")).unwrap().resolve("layerboot/demo").unwrap();
+    let view = MergedView::new(&img);
+    let btrfs_ko = packed.iter().find(|p| p.ends_with("/btrfs.ko")).unwrap();
+    let original = view.lookup_follow(&format!("/lib/modules/{kver}/{btrfs_ko}")).unwrap().unwrap();
+    assert_eq!(fs::read(original.host_path).unwrap(), a[&format!("{dir}/{btrfs_ko}")].data);
+}
+
+#[test]
+fn builds_are_byte_identical_and_mtimes_follow_source_date_epoch() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    let s = store("overlay2");
+    ok(layerboot(&["initramfs", "--store", &s, "--image", "layerboot/demo", "-o", a.to_str().unwrap()]));
+    ok(layerboot(&["initramfs", "--store", &s, "--image", "demo:latest", "--image-init", "/sbin/init", "-o", b.to_str().unwrap()]));
+    let (ra, rb) = (fs::read(&a).unwrap(), fs::read(&b).unwrap());
+    assert_ne!(ra, rb, "the default image differs, so the config does");
+    ok(layerboot(&["initramfs", "--store", &s, "--image", "demo:latest", "-o", a.to_str().unwrap()]));
+    assert_eq!(fs::read(&a).unwrap(), rb, "same inputs, same bytes");
+    assert!(unpack(&a).values().all(|e| e.mtime == 0));
+    let out = Command::new(env!("CARGO_BIN_EXE_layerboot"))
+        .args(["initramfs", "--store", &s, "--image", "demo:latest", "-o", a.to_str().unwrap()])
+        .env("SOURCE_DATE_EPOCH", "1700000000")
+        .output()
+        .unwrap();
+    ok(out);
+    assert!(unpack(&a).values().all(|e| e.mtime == 1_700_000_000));
+}
+
+/// Walks a merged view: path → (kind, mode, owner, size).
+fn tree(view: &MergedView, dir: &str, out: &mut BTreeMap<String, String>) {
+    for name in view.read_dir(dir).unwrap().unwrap() {
+        let path = if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") };
+        let md = view.lookup(&path).unwrap().unwrap().metadata;
+        let kind = if md.is_dir() { "d" } else if md.file_type().is_symlink() { "l" } else if md.file_type().is_char_device() { "c" } else { "f" };
+        let size = if md.is_file() { md.len() } else { 0 };
+        out.insert(path.clone(), format!("{kind} {:o} {}:{} {size}", md.permissions().mode(), md.uid(), md.gid()));
+        if md.is_dir() {
+            tree(view, &path, out);
+        }
+    }
+}
+
+#[test]
+fn overlay2_merged_view_equals_the_btrfs_view_of_the_same_image() {
+    let mut views = Vec::new();
+    for driver in ["btrfs", "overlay2"] {
+        let img = Store::open(store(driver)).unwrap().resolve("layerboot/demo:v2").unwrap();
+        let mut t = BTreeMap::new();
+        tree(&MergedView::new(&img), "/", &mut t);
+        views.push(t);
+    }
+    assert!(views[0].len() > 5000);
+    let only: Vec<_> = views[0].keys().filter(|k| !views[1].contains_key(*k)).chain(views[1].keys().filter(|k| !views[0].contains_key(*k))).collect();
+    assert!(only.is_empty(), "in one view only: {only:?}");
+    for (path, v) in &views[0] {
+        assert_eq!(v, &views[1][path], "{path}");
+    }
+}
+
+#[test]
+fn compressed_modules_are_stored_decompressed_and_foreign_ones_refused() {
+    let kver = kver();
+    let img = Store::open(store("btrfs")).unwrap().resolve("layerboot/demo").unwrap();
+    let view = MergedView::new(&img);
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("rootfs");
+    let mods = [("kernel/drivers/block/virtio_blk.ko", "xz"), ("kernel/drivers/virtio/virtio.ko", "zstd"), ("kernel/drivers/virtio/virtio_ring.ko", "gzip")];
+    let dir = root.join(format!("usr/lib/modules/{kver}"));
+    let mut originals = BTreeMap::new();
+    for (m, tool) in mods {
+        let src = view.lookup_follow(&format!("/lib/modules/{kver}/{m}")).unwrap().unwrap().host_path;
+        let dest = dir.join(m);
+        fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        fs::copy(&src, &dest).unwrap();
+        originals.insert(m, fs::read(&src).unwrap());
+        ok(Command::new(tool).arg("-q").arg(&dest).output().unwrap());
+    }
+    std::os::unix::fs::symlink("usr/lib", root.join("lib")).unwrap();
+    fs::write(
+        dir.join("modules.dep"),
+        "kernel/drivers/block/virtio_blk.ko.xz: kernel/drivers/virtio/virtio.ko.zst kernel/drivers/virtio/virtio_ring.ko.gz\nkernel/drivers/virtio/virtio.ko.zst:\nkernel/drivers/virtio/virtio_ring.ko.gz:\n",
+    )
+    .unwrap();
+    let out = t.path().join("initramfs.img");
+    let o = root.to_str().unwrap();
+    ok(layerboot(&["initramfs", "--rootfs", o, "--module", "virtio_blk", "-o", out.to_str().unwrap()]));
+    let a = unpack(&out);
+    for (m, _) in mods {
+        assert_eq!(a[&format!("lib/modules/{kver}/{m}")].data, originals[m], "{m} stored decompressed");
+    }
+    let dep = String::from_utf8_lossy(&a[&format!("lib/modules/{kver}/modules.dep")].data).into_owned();
+    assert!(dep.contains("kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko"), "{dep}");
+
+    // The same modules filed under another kernel version: their vermagic says otherwise.
+    fs::rename(&dir, root.join("usr/lib/modules/9.9.9-other")).unwrap();
+    let e = err(layerboot(&["initramfs", "--rootfs", o, "--module", "virtio_blk", "-o", out.to_str().unwrap()]));
+    assert!(e.contains(&format!("was built for kernel '{kver}', not 9.9.9-other")), "{e}");
+}
+
+#[test]
+fn each_build_error_names_the_problem_and_the_fix() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("x.img");
+    let o = out.to_str().unwrap();
+    let e = err(layerboot(&["initramfs", "--store", &store("overlay2"), "--image", "layerboot/base:bookworm", "-o", o]));
+    assert!(e.contains("image layerboot/base:bookworm has no kernel") && e.contains("linux-image-amd64"), "{e}");
+    let e = err(layerboot(&["initramfs", "--store", &store("btrfs"), "--image", "layerboot/demo", "--image-init", "/sbin/openrc-init", "-o", o]));
+    assert!(e.contains("has no /sbin/openrc-init") && e.contains("systemd-sysv"), "{e}");
+    let e = err(layerboot(&["initramfs", "--store", &store("btrfs"), "--image", "layerboot/demo", "--module", "no_such_driver", "-o", o]));
+    assert!(e.contains("module no_such_driver (--module) is not in modules.dep"), "{e}");
+    let e = err(layerboot(&["initramfs", "--store", &store("btrfs"), "--image", "layerboot/demo", "-o", "/nonexistent/dir/x.img"]));
+    assert!(e.contains("cannot write /nonexistent/dir/x.img") && e.contains("writable"), "{e}");
+    let e = err(layerboot(&["initramfs", "--store", &store("btrfs"), "--image", "layerboot/demo", "--init", "/bin/ls", "-o", o]));
+    assert!(e.contains("is dynamically linked"), "{e}");
+    let e = err(layerboot(&["initramfs", "--store", &store("btrfs"), "--image", "layerboot/demo", "--rescue-shell", "/bin/bash", "-o", o]));
+    assert!(e.contains("the rescue shell /bin/bash is dynamically linked") && e.contains("busybox"), "{e}");
+    let e = err(layerboot(&["initramfs", "--image", "layerboot/demo", "-o", o]));
+    assert!(e.contains("--store DATA_ROOT --image REF, or --rootfs DIR"), "{e}");
+    assert!(!out.exists(), "nothing half-written");
+}
+
+#[test]
+fn kernel_is_copied_from_the_image() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("boot/layerboot");
+    let path = ok(layerboot(&["kernel", "--store", &store("btrfs"), "--image", "layerboot/demo", "-o", dir.to_str().unwrap()]));
+    let path = PathBuf::from(path.trim());
+    assert_eq!(path, dir.join(format!("vmlinuz-{}", kver())));
+    let img = Store::open(store("btrfs")).unwrap().resolve("layerboot/demo").unwrap();
+    let original = MergedView::new(&img).lookup_follow(&format!("/boot/vmlinuz-{}", kver())).unwrap().unwrap().host_path;
+    assert_eq!(fs::read(path).unwrap(), fs::read(original).unwrap());
+}
+
+#[test]
+fn entries_carry_each_formats_required_keys() {
+    let base = ["--image", "layerboot/demo", "--image", "layerboot/demo:v2", "--kernel", "/lb/vmlinuz", "--initrd", "/lb/initramfs.img", "--root", "LABEL=store", "--rootflags", "subvol=rw", "--docker-path", "docker", "--toplayer", "LABEL=store", "--toplayer-path", "hosts/pc1"];
+    fn with<'a>(loader: &'a str, base: &[&'a str]) -> Vec<&'a str> {
+        [&["entry", "--loader", loader][..], base].concat()
+    }
+    let args = |loader: &'static str| with(loader, &base);
+    let opts = "root=LABEL=store rw rootflags=subvol=rw docker_path=docker docker_image=layerboot/demo:v2 toplayer=LABEL=store toplayer_path=hosts/pc1";
+
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("loader/entries");
+    let mut a = args("systemd-boot");
+    a.extend(["-o", dir.to_str().unwrap()]);
+    ok(layerboot(&a));
+    let v2 = fs::read_to_string(dir.join("layerboot-layerboot-demo-v2.conf")).unwrap();
+    assert!(dir.join("layerboot-layerboot-demo.conf").exists());
+    for key in ["title layerboot: layerboot/demo:v2\n", "linux /lb/vmlinuz\n", "initrd /lb/initramfs.img\n", &format!("options {opts}\n")] {
+        assert!(v2.contains(key), "{key:?} in {v2}");
+    }
+    let grub = ok(layerboot(&args("grub")));
+    assert_eq!(grub.matches("menuentry 'layerboot: ").count(), 2);
+    assert!(grub.contains(&format!("\tlinux /lb/vmlinuz {opts}\n\tinitrd /lb/initramfs.img\n}}")), "{grub}");
+    let mut r = args("refind");
+    r.extend(["--volume", "linux"]);
+    let refind = ok(layerboot(&r));
+    assert!(refind.contains(&format!("menuentry \"layerboot: layerboot/demo:v2\" {{\n\tvolume linux\n\tloader /lb/vmlinuz\n\tinitrd /lb/initramfs.img\n\toptions \"{opts}\"\n}}")), "{refind}");
+
+    let e = err(layerboot(&["entry", "--loader", "lilo", "--kernel", "k", "--initrd", "i", "--root", "r", "--image", "x"]));
+    assert!(e.contains("use systemd-boot, grub or refind"), "{e}");
+    let e = err(layerboot(&["entry", "--loader", "grub", "--kernel", "k", "--initrd", "i", "--root", "r", "--image", "x", "--toplayer-path", "a b"]));
+    assert!(e.contains("contains spaces"), "{e}");
+}
