@@ -56,18 +56,22 @@ pub fn read_index(src: &SourceImage, modules_dir: &str) -> Result<ModuleIndex, S
 pub fn select(index: &ModuleIndex, kver: &str, extra: &[String], host_only: bool) -> Result<(Vec<Step>, Vec<String>), String> {
     let mut notes = Vec::new();
     let mut wanted: Vec<String> = Vec::new();
-    let host = host_only.then(host_needs);
+    // This machine's devices resolved to module names once, not once per candidate.
+    let host = host_only.then(host_needs).map(|(devices, filesystems)| {
+        let drivers: BTreeSet<String> = devices.iter().flat_map(|alias| index.resolve(alias)).collect();
+        (drivers, filesystems)
+    });
     for m in STORAGE_DRIVERS.iter().chain(FILESYSTEMS) {
         let known = !index.resolve(m).is_empty() || index.is_builtin(m);
         if !known {
             notes.push(format!("kernel {kver} has no module {m}; left out"));
             continue;
         }
-        if let Some((devices, filesystems)) = &host {
+        if let Some((drivers, filesystems)) = &host {
             let needed = if FILESYSTEMS.contains(m) {
                 filesystems.contains(*m) || *m == "overlay" || m.starts_with("nls_") && filesystems.contains("vfat")
             } else {
-                index.resolve(m).iter().any(|n| devices.iter().any(|alias| index.resolve(alias).contains(n)))
+                index.resolve(m).iter().any(|n| drivers.contains(n))
             };
             if !needed {
                 continue;

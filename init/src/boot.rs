@@ -171,6 +171,7 @@ impl Boot {
     /// Makes `NAME.new`, copies the top layer into it, then swaps it in as `NAME`.
     fn make_writable_layer(&self, image: &Image, store: &Store, paths: &LayerPaths, toplayer: Option<&Path>, keep: usize) -> Result<()> {
         prepare(paths, image).context("making a fresh writable layer")?;
+        log::debug!("fresh layer made: {}", paths.new.display());
         self.copy_toplayer(image, store, &paths.new, toplayer)?;
         rotate(paths, keep).context("installing the new writable layer")
     }
@@ -179,6 +180,7 @@ impl Boot {
     /// through an overlay so it lands as the booted system will see it.
     fn copy_toplayer(&self, image: &Image, store: &Store, layer: &Path, toplayer: Option<&Path>) -> Result<()> {
         let Some(src) = toplayer else { return Ok(()) };
+        log::debug!("copying the top layer from {} into {}", src.display(), layer.display());
         let stats = match image.driver {
             Driver::Btrfs => copy_tree(src, layer)?,
             Driver::Overlay2 => {

@@ -5,6 +5,8 @@
 //! The fixture stores (tests/fixtures/build-stores.sh) are never modified: each test
 //! boots a sparse copy of one under target/vm-tests/<test>/.
 
+pub mod disk;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -140,12 +142,16 @@ echo "dotfile: $(cat /.layerboot-dotfile)"
 echo "symlink: $(readlink /etc/layerboot-link)"
 echo "marker: $(cat /var/tmp/layerboot-marker 2>/dev/null || echo none)"
 echo "booted: $(cat /run/layerboot/booted.json)"
+echo "cmdline: $(cat /proc/cmdline)"
 echo "modules: $(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
 echo "init-timing: $(dmesg | grep -o 'switching to .*' | head -n 1)"
 echo "LAYERBOOT-REPORT-END"
 echo "written in an earlier boot" > /var/tmp/layerboot-marker
 sync
 "#;
+
+/// UEFI firmware for x86-64 VMs (package ovmf).
+pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
 
 /// `-accel tcg` unless LAYERBOOT_ACCEL says otherwise (nested KVM does not boot guests
 /// on the machines this runs on).
@@ -163,6 +169,11 @@ pub struct Qemu<'a> {
     pub snapshot: bool,
     /// When the console shows `.0`, type `.1` on it.
     pub answer: Option<(&'a str, &'a str)>,
+    /// Boot through UEFI firmware (OVMF) and the disk's boot loader instead of
+    /// handing QEMU the kernel; `boot` and `cmdline` are then unused.
+    pub uefi: bool,
+    /// Pull the plug as soon as the console shows this.
+    pub cut_power_at: Option<&'a str>,
 }
 
 impl Qemu<'_> {
@@ -173,12 +184,13 @@ impl Qemu<'_> {
         use std::sync::{Arc, Mutex};
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", &accel(), "-m", "1024", "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot"])
-            .args(["-serial", "stdio"])
-            .arg("-kernel")
-            .arg(&self.boot.kernel)
-            .arg("-initrd")
-            .arg(&self.boot.initramfs)
-            .args(["-append", &format!("console=ttyS0 {}", self.cmdline)]);
+            .args(["-serial", "stdio"]);
+        if self.uefi {
+            cmd.args(["-bios", OVMF]);
+        } else {
+            cmd.arg("-kernel").arg(&self.boot.kernel).arg("-initrd").arg(&self.boot.initramfs);
+            cmd.args(["-append", &format!("console=ttyS0 {}", self.cmdline)]);
+        }
         if self.snapshot {
             cmd.arg("-snapshot");
         }
@@ -222,6 +234,15 @@ impl Qemu<'_> {
                 if console.lock().unwrap().contains(trigger) {
                     let _ = stdin.as_mut().unwrap().write_all(reply.as_bytes());
                     stdin = None; // answered once; closing stdin is harmless to QEMU
+                }
+            }
+            if let Some(marker) = self.cut_power_at {
+                if console.lock().unwrap().contains(marker) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    reader.join().unwrap();
+                    let text = console.lock().unwrap().clone();
+                    return text;
                 }
             }
             if start.elapsed() > self.timeout {

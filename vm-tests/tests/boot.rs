@@ -91,7 +91,7 @@ fn btrfs_store_boots_the_image_with_a_fresh_snapshot_each_time() {
     let base = "root=LABEL=lb-btrfs rootflags=subvol=lb-rw toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.rescue_timeout=0";
     let ids = fs::read_to_string(fixtures().join("images.env")).unwrap();
 
-    let console = Qemu { disks: vec![disk.clone()], cmdline: base.into(), boot, log: dir.join("boot1.log"), timeout: BOOT_TIMEOUT, snapshot: false, answer: None }.run();
+    let console = Qemu { disks: vec![disk.clone()], cmdline: base.into(), boot, log: dir.join("boot1.log"), timeout: BOOT_TIMEOUT, snapshot: false, answer: None, uefi: false, cut_power_at: None }.run();
     no_panic(&console);
     let r = report(&console);
     common_checks(&r, "vm-btrfs", "latest");
@@ -101,7 +101,7 @@ fn btrfs_store_boots_the_image_with_a_fresh_snapshot_each_time() {
 
     // Boot 2 picks the other tag from the command line, with the same initramfs.
     let cmdline = format!("{base} docker_image=layerboot/demo:v2");
-    let console = Qemu { disks: vec![disk.clone()], cmdline, boot, log: dir.join("boot2.log"), timeout: BOOT_TIMEOUT, snapshot: false, answer: None }.run();
+    let console = Qemu { disks: vec![disk.clone()], cmdline, boot, log: dir.join("boot2.log"), timeout: BOOT_TIMEOUT, snapshot: false, answer: None, uefi: false, cut_power_at: None }.run();
     no_panic(&console);
     let r = report(&console);
     common_checks(&r, "vm-btrfs", "v2");
@@ -131,7 +131,7 @@ fn overlay2_store_boots_the_image_as_an_overlay_with_a_fresh_upper_each_time() {
     let cmdline = "root=LABEL=lb-overlay toplayer=LABEL=lb-top layerboot.rescue_timeout=0";
 
     for (i, log) in ["boot1.log", "boot2.log"].iter().enumerate() {
-        let console = Qemu { disks: vec![disk.clone(), top.clone()], cmdline: cmdline.into(), boot, log: dir.join(log), timeout: BOOT_TIMEOUT, snapshot: false, answer: None }.run();
+        let console = Qemu { disks: vec![disk.clone(), top.clone()], cmdline: cmdline.into(), boot, log: dir.join(log), timeout: BOOT_TIMEOUT, snapshot: false, answer: None, uefi: false, cut_power_at: None }.run();
         no_panic(&console);
         let r = report(&console);
         common_checks(&r, "vm-overlay", "latest");
@@ -152,7 +152,7 @@ fn unknown_image_is_named_on_the_console_and_the_machine_reboots() {
     let dir = work_dir("unknown-image");
     let disk = fixtures().join("btrfs.img"); // booted with -snapshot: nothing is written to it
     let cmdline = "root=LABEL=lb-btrfs docker_image=layerboot/nope:1 layerboot.rescue_timeout=0";
-    let console = Qemu { disks: vec![disk], cmdline: cmdline.into(), boot: demo_boot_files(), log: dir.join("boot.log"), timeout: BOOT_TIMEOUT, snapshot: true, answer: None }.run();
+    let console = Qemu { disks: vec![disk], cmdline: cmdline.into(), boot: demo_boot_files(), log: dir.join("boot.log"), timeout: BOOT_TIMEOUT, snapshot: true, answer: None, uefi: false, cut_power_at: None }.run();
     no_panic(&console);
     for want in ["layerboot: BOOT FAILED", "image 'layerboot/nope:1' is not in the btrfs store", "closest match: layerboot/demo:", "layerboot/demo:v2", "fix:"] {
         assert!(console.contains(want), "missing {want:?} in:\n{}", tail(&console, 30));
@@ -164,7 +164,7 @@ fn missing_root_device_lists_the_devices_seen() {
     let dir = work_dir("no-root");
     let disk = fixtures().join("overlay2.img");
     let cmdline = "root=LABEL=nope layerboot.timeout=3 layerboot.rescue_timeout=0";
-    let console = Qemu { disks: vec![disk], cmdline: cmdline.into(), boot: demo_boot_files(), log: dir.join("boot.log"), timeout: BOOT_TIMEOUT, snapshot: true, answer: None }.run();
+    let console = Qemu { disks: vec![disk], cmdline: cmdline.into(), boot: demo_boot_files(), log: dir.join("boot.log"), timeout: BOOT_TIMEOUT, snapshot: true, answer: None, uefi: false, cut_power_at: None }.run();
     no_panic(&console);
     for want in ["layerboot: BOOT FAILED", "root device LABEL=nope did not appear within 3 s", "/dev/vda type=ext4 label=lb-overlay uuid=", "fix: correct root="] {
         assert!(console.contains(want), "missing {want:?} in:\n{}", tail(&console, 30));
@@ -190,6 +190,8 @@ fn keep_mode_keeps_files_across_boots_and_tmpfs_upper_writes_nothing() {
             timeout: BOOT_TIMEOUT,
             snapshot: false,
             answer: None,
+            uefi: false,
+            cut_power_at: None,
         }
         .run();
         no_panic(&console);
@@ -223,6 +225,8 @@ fn enter_on_the_console_reboots_a_failed_boot_at_once() {
         timeout: Duration::from_secs(240),
         snapshot: true,
         answer: Some(("Press Enter to reboot now", "\r")),
+        uefi: false,
+        cut_power_at: None,
     }
     .run();
     no_panic(&console);
@@ -262,4 +266,108 @@ fn a_store_on_a_two_device_btrfs_waits_for_both_and_boots() {
     let r = report(&console);
     assert_eq!(r["hostname"], "vm-two-devices");
     assert!(r["root"].starts_with("btrfs "), "{}", r["root"]);
+}
+
+/// Firmware → boot loader → layerboot → systemd, on a GPT disk with an ESP and a store
+/// partition; the entry (written by `layerboot entry`) picks the v2 tag, so the report
+/// shows that its kernel arguments, not the initramfs's defaults, were used.
+fn boots_through_uefi(loader: vm_tests::disk::Loader, root: &str) {
+    use vm_tests::disk::{gpt_disk, EspFiles};
+    let dir = work_dir(&format!("uefi-{}", loader.name()));
+    let store = copy_store_disk("btrfs", &dir);
+    {
+        let _m = LoopMount::new(&store, &dir.join("mnt"), false);
+        write_toplayer(&dir.join("mnt/toplayer"), &format!("vm-{}", loader.name()));
+    }
+    let boot = demo_boot_files();
+    let disk = dir.join("disk.img");
+    gpt_disk(
+        &disk,
+        &store,
+        &EspFiles {
+            loader,
+            kernel: &boot.kernel,
+            initramfs: &boot.initramfs,
+            images: &["layerboot/demo:v2", "layerboot/demo"],
+            options: "console=ttyS0 layerboot.rescue_timeout=0",
+            root,
+            toplayer: Some((root, "/toplayer")),
+        },
+    );
+    fs::remove_file(&store).unwrap();
+    let console = Qemu {
+        disks: vec![disk],
+        cmdline: String::new(),
+        boot,
+        log: dir.join("boot.log"),
+        timeout: Duration::from_secs(600),
+        snapshot: false,
+        answer: None,
+        uefi: true,
+        cut_power_at: None,
+    }
+    .run();
+    no_panic(&console);
+    let r = report(&console);
+    common_checks(&r, &format!("vm-{}", loader.name()), "v2");
+    assert!(r["cmdline"].contains(&format!("root={root}")) && r["cmdline"].contains("docker_image=layerboot/demo:v2"), "{}", r["cmdline"]);
+    assert!(r["root"].starts_with("btrfs ") && r["root"].contains("subvol=/layerboot-rw"), "{}", r["root"]);
+}
+
+#[test]
+fn systemd_boot_boots_the_btrfs_store_from_a_gpt_disk() {
+    boots_through_uefi(vm_tests::disk::Loader::SystemdBoot, &format!("PARTUUID={}", vm_tests::disk::STORE_PARTUUID));
+}
+
+#[test]
+fn grub_boots_the_btrfs_store_from_a_gpt_disk() {
+    boots_through_uefi(vm_tests::disk::Loader::Grub, "PARTLABEL=store");
+}
+
+#[test]
+fn refind_boots_the_btrfs_store_from_a_gpt_disk() {
+    boots_through_uefi(vm_tests::disk::Loader::Refind, "LABEL=lb-btrfs");
+}
+
+/// Power is cut at three points of a boot: before the snapshot, right after it, and in
+/// the middle of the top-layer copy. Every next boot succeeds with a fresh layer, no
+/// half-made layer is left, and the image's layers are exactly as the engine left them.
+#[test]
+fn a_power_cut_during_boot_never_breaks_the_next_boot_or_the_store() {
+    let dir = work_dir("power-cut");
+    let disk = copy_store_disk("btrfs", &dir);
+    {
+        let _m = LoopMount::new(&disk, &dir.join("mnt"), false);
+        let top = dir.join("mnt/toplayer");
+        write_toplayer(&top, "vm-power");
+        // Enough files that the copy takes seconds under TCG, so the cut lands inside it.
+        let bulk = top.join("usr/share/layerboot-bulk");
+        fs::create_dir_all(&bulk).unwrap();
+        for i in 0..4000 {
+            fs::write(bulk.join(format!("f{i}")), format!("{i}\n")).unwrap();
+        }
+    }
+    let boot = demo_boot_files();
+    let cmdline = "root=LABEL=lb-btrfs toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.debug layerboot.rescue_timeout=0";
+    let qemu = |log: &str, cut: Option<&'static str>| {
+        Qemu { disks: vec![disk.clone()], cmdline: cmdline.into(), boot, log: dir.join(log), timeout: BOOT_TIMEOUT, snapshot: false, answer: None, uefi: false, cut_power_at: cut }.run()
+    };
+    for (i, marker) in ["image: layerboot/demo is sha256:", "fresh layer made:", "copying the top layer from"].iter().enumerate() {
+        let cut = qemu(&format!("cut{i}.log"), Some(marker));
+        assert!(cut.contains(marker) && !cut.contains("LAYERBOOT-REPORT-BEGIN"), "cut {i} happened mid-boot");
+        if i == 2 {
+            assert!(!cut.contains("top layer: copied"), "the cut landed during the copy:\n{}", tail(&cut, 10));
+        }
+        let console = qemu(&format!("after-cut{i}.log"), None);
+        no_panic(&console);
+        let r = report(&console);
+        assert_eq!(r["hostname"], "vm-power", "after cut {i}");
+        assert_eq!(r["marker"], "none", "after cut {i}: a fresh layer");
+    }
+    {
+        let _m = LoopMount::new(&disk, &dir.join("mnt"), true);
+        assert!(!dir.join("mnt/layerboot-rw.new").exists(), "no half-made layer left");
+        assert_eq!(fs::read_dir(dir.join("mnt/layerboot-rw/usr/share/layerboot-bulk")).unwrap().count(), 4000);
+    }
+    assert_store_untouched("btrfs", &disk, &dir);
 }
