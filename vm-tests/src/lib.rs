@@ -177,6 +177,21 @@ pub struct Qemu<'a> {
 }
 
 impl Qemu<'_> {
+    /// A direct-kernel boot of the demo image's kernel and initramfs with `cmdline`.
+    pub fn new(disks: Vec<PathBuf>, cmdline: impl Into<String>, log: PathBuf) -> Qemu<'static> {
+        Qemu {
+            disks,
+            cmdline: cmdline.into(),
+            boot: demo_boot_files(),
+            log,
+            timeout: Duration::from_secs(400),
+            snapshot: false,
+            answer: None,
+            uefi: false,
+            cut_power_at: None,
+        }
+    }
+
     /// Boots until the guest powers off (or reboots: -no-reboot ends QEMU then too) and
     /// returns the serial console's text, which is also kept in `log`.
     pub fn run(&self) -> String {

@@ -13,8 +13,6 @@ use std::time::Duration;
 
 use vm_tests::*;
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
-
 /// Every file under `dir`: type and mode, owner, size, mtime. Enough to see any write.
 fn tree(dir: &Path) -> BTreeMap<String, (u32, u32, u64, i64, i64)> {
     let mut out = BTreeMap::new();
@@ -86,12 +84,11 @@ fn btrfs_store_boots_the_image_with_a_fresh_snapshot_each_time() {
         let _m = LoopMount::new(&disk, &dir.join("mnt"), false);
         write_toplayer(&dir.join("mnt/toplayer"), "vm-btrfs");
     }
-    let boot = demo_boot_files();
     // The hook's spelling: rootflags=subvol= names the writable layer.
     let base = "root=LABEL=lb-btrfs rootflags=subvol=lb-rw toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.rescue_timeout=0";
     let ids = fs::read_to_string(fixtures().join("images.env")).unwrap();
 
-    let console = Qemu { disks: vec![disk.clone()], cmdline: base.into(), boot, log: dir.join("boot1.log"), timeout: BOOT_TIMEOUT, snapshot: false, answer: None, uefi: false, cut_power_at: None }.run();
+    let console = Qemu::new(vec![disk.clone()], base, dir.join("boot1.log")).run();
     no_panic(&console);
     let r = report(&console);
     common_checks(&r, "vm-btrfs", "latest");
@@ -101,7 +98,7 @@ fn btrfs_store_boots_the_image_with_a_fresh_snapshot_each_time() {
 
     // Boot 2 picks the other tag from the command line, with the same initramfs.
     let cmdline = format!("{base} docker_image=layerboot/demo:v2");
-    let console = Qemu { disks: vec![disk.clone()], cmdline, boot, log: dir.join("boot2.log"), timeout: BOOT_TIMEOUT, snapshot: false, answer: None, uefi: false, cut_power_at: None }.run();
+    let console = Qemu::new(vec![disk.clone()], cmdline, dir.join("boot2.log")).run();
     no_panic(&console);
     let r = report(&console);
     common_checks(&r, "vm-btrfs", "v2");
@@ -127,11 +124,10 @@ fn overlay2_store_boots_the_image_as_an_overlay_with_a_fresh_upper_each_time() {
     let top = dir.join("toplayer.img");
     fs::File::create(&top).unwrap().set_len(32 << 20).unwrap();
     run(Command::new("mkfs.ext4").args(["-q", "-L", "lb-top", "-d"]).arg(&top_dir).arg(&top));
-    let boot = demo_boot_files();
     let cmdline = "root=LABEL=lb-overlay toplayer=LABEL=lb-top layerboot.rescue_timeout=0";
 
     for (i, log) in ["boot1.log", "boot2.log"].iter().enumerate() {
-        let console = Qemu { disks: vec![disk.clone(), top.clone()], cmdline: cmdline.into(), boot, log: dir.join(log), timeout: BOOT_TIMEOUT, snapshot: false, answer: None, uefi: false, cut_power_at: None }.run();
+        let console = Qemu::new(vec![disk.clone(), top.clone()], cmdline, dir.join(log)).run();
         no_panic(&console);
         let r = report(&console);
         common_checks(&r, "vm-overlay", "latest");
@@ -152,7 +148,7 @@ fn unknown_image_is_named_on_the_console_and_the_machine_reboots() {
     let dir = work_dir("unknown-image");
     let disk = fixtures().join("btrfs.img"); // booted with -snapshot: nothing is written to it
     let cmdline = "root=LABEL=lb-btrfs docker_image=layerboot/nope:1 layerboot.rescue_timeout=0";
-    let console = Qemu { disks: vec![disk], cmdline: cmdline.into(), boot: demo_boot_files(), log: dir.join("boot.log"), timeout: BOOT_TIMEOUT, snapshot: true, answer: None, uefi: false, cut_power_at: None }.run();
+    let console = Qemu { snapshot: true, ..Qemu::new(vec![disk], cmdline, dir.join("boot.log")) }.run();
     no_panic(&console);
     for want in ["layerboot: BOOT FAILED", "image 'layerboot/nope:1' is not in the btrfs store", "closest match: layerboot/demo:", "layerboot/demo:v2", "fix:"] {
         assert!(console.contains(want), "missing {want:?} in:\n{}", tail(&console, 30));
@@ -164,7 +160,7 @@ fn missing_root_device_lists_the_devices_seen() {
     let dir = work_dir("no-root");
     let disk = fixtures().join("overlay2.img");
     let cmdline = "root=LABEL=nope layerboot.timeout=3 layerboot.rescue_timeout=0";
-    let console = Qemu { disks: vec![disk], cmdline: cmdline.into(), boot: demo_boot_files(), log: dir.join("boot.log"), timeout: BOOT_TIMEOUT, snapshot: true, answer: None, uefi: false, cut_power_at: None }.run();
+    let console = Qemu { snapshot: true, ..Qemu::new(vec![disk], cmdline, dir.join("boot.log")) }.run();
     no_panic(&console);
     for want in ["layerboot: BOOT FAILED", "root device LABEL=nope did not appear within 3 s", "/dev/vda type=ext4 label=lb-overlay uuid=", "fix: correct root="] {
         assert!(console.contains(want), "missing {want:?} in:\n{}", tail(&console, 30));
@@ -179,20 +175,9 @@ fn keep_mode_keeps_files_across_boots_and_tmpfs_upper_writes_nothing() {
         let _m = LoopMount::new(&disk, &dir.join("mnt"), false);
         write_toplayer(&dir.join("mnt/toplayer"), "vm-keep");
     }
-    let boot = demo_boot_files();
     let base = "root=LABEL=lb-btrfs toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.rescue_timeout=0";
     let qemu = |extra: &str, log: &str| {
-        let console = Qemu {
-            disks: vec![disk.clone()],
-            cmdline: format!("{base} {extra}"),
-            boot,
-            log: dir.join(log),
-            timeout: BOOT_TIMEOUT,
-            snapshot: false,
-            answer: None,
-            uefi: false,
-            cut_power_at: None,
-        }
+        let console = Qemu::new(vec![disk.clone()], format!("{base} {extra}"), dir.join(log))
         .run();
         no_panic(&console);
         report(&console)
@@ -217,17 +202,7 @@ fn keep_mode_keeps_files_across_boots_and_tmpfs_upper_writes_nothing() {
 fn enter_on_the_console_reboots_a_failed_boot_at_once() {
     let dir = work_dir("enter-reboots");
     let cmdline = "root=LABEL=lb-btrfs docker_image=layerboot/nope:1 layerboot.rescue_timeout=3000";
-    let console = Qemu {
-        disks: vec![fixtures().join("btrfs.img")],
-        cmdline: cmdline.into(),
-        boot: demo_boot_files(),
-        log: dir.join("boot.log"),
-        timeout: Duration::from_secs(240),
-        snapshot: true,
-        answer: Some(("Press Enter to reboot now", "\r")),
-        uefi: false,
-        cut_power_at: None,
-    }
+    let console = Qemu { timeout: Duration::from_secs(240), snapshot: true, answer: Some(("Press Enter to reboot now", "\r")), ..Qemu::new(vec![fixtures().join("btrfs.img")], cmdline, dir.join("boot.log")) }
     .run();
     no_panic(&console);
     assert!(console.contains("the machine reboots in 3000 s") && console.contains("reboot: Restarting system"), "{}", tail(&console, 20));
@@ -252,15 +227,7 @@ fn a_store_on_a_two_device_btrfs_waits_for_both_and_boots() {
         assert!(added.status.success(), "btrfs device add: {}", String::from_utf8_lossy(&added.stderr));
     }
     let cmdline = "root=LABEL=lb-btrfs toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.rescue_timeout=0";
-    let console = Qemu {
-        disks: vec![disk, second],
-        cmdline: cmdline.into(),
-        boot: demo_boot_files(),
-        log: dir.join("boot.log"),
-        timeout: BOOT_TIMEOUT,
-        snapshot: false,
-        answer: None,
-    }
+    let console = Qemu::new(vec![disk, second], cmdline, dir.join("boot.log"))
     .run();
     no_panic(&console);
     let r = report(&console);
@@ -295,17 +262,7 @@ fn boots_through_uefi(loader: vm_tests::disk::Loader, root: &str) {
         },
     );
     fs::remove_file(&store).unwrap();
-    let console = Qemu {
-        disks: vec![disk],
-        cmdline: String::new(),
-        boot,
-        log: dir.join("boot.log"),
-        timeout: Duration::from_secs(600),
-        snapshot: false,
-        answer: None,
-        uefi: true,
-        cut_power_at: None,
-    }
+    let console = Qemu { timeout: Duration::from_secs(600), uefi: true, ..Qemu::new(vec![disk], String::new(), dir.join("boot.log")) }
     .run();
     no_panic(&console);
     let r = report(&console);
@@ -347,10 +304,9 @@ fn a_power_cut_during_boot_never_breaks_the_next_boot_or_the_store() {
             fs::write(bulk.join(format!("f{i}")), format!("{i}\n")).unwrap();
         }
     }
-    let boot = demo_boot_files();
     let cmdline = "root=LABEL=lb-btrfs toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.debug layerboot.rescue_timeout=0";
     let qemu = |log: &str, cut: Option<&'static str>| {
-        Qemu { disks: vec![disk.clone()], cmdline: cmdline.into(), boot, log: dir.join(log), timeout: BOOT_TIMEOUT, snapshot: false, answer: None, uefi: false, cut_power_at: cut }.run()
+        Qemu { cut_power_at: cut, ..Qemu::new(vec![disk.clone()], cmdline, dir.join(log)) }.run()
     };
     for (i, marker) in ["image: layerboot/demo is sha256:", "fresh layer made:", "copying the top layer from"].iter().enumerate() {
         let cut = qemu(&format!("cut{i}.log"), Some(marker));
