@@ -144,7 +144,7 @@ echo "marker: $(cat /var/tmp/layerboot-marker 2>/dev/null || echo none)"
 echo "booted: $(cat /run/layerboot/booted.json)"
 echo "cmdline: $(cat /proc/cmdline)"
 echo "modules: $(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
-echo "init-timing: $(dmesg | grep -o 'switching to .*' | head -n 1)"
+echo "init-timing: $(dmesg | grep layerboot_init | grep -o 'switching to .*' | head -n 1)"
 echo "LAYERBOOT-REPORT-END"
 echo "written in an earlier boot" > /var/tmp/layerboot-marker
 sync
