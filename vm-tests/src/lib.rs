@@ -114,6 +114,9 @@ pub fn write_toplayer(dir: &Path, hostname: &str) {
     w("etc/layerboot-secret", "per-host secret\n", 0o600);
     std::os::unix::fs::chown(dir.join("etc/layerboot-secret"), Some(1000), Some(1000)).unwrap();
     w(".layerboot-dotfile", "dotfile\n", 0o644);
+    // A per-host fstab the booted systemd must act on, and a whiteout deleting an image file.
+    w("etc/fstab", "tmpfs /mnt/layerboot-fstab tmpfs defaults,size=1m 0 0\n", 0o644);
+    w("etc/.wh.issue", "", 0o644);
     std::os::unix::fs::symlink("/etc/hostname", dir.join("etc/layerboot-link")).unwrap();
     w(
         "etc/systemd/system/layerboot-report.service",
@@ -140,6 +143,8 @@ echo "tag: $(cat /etc/layerboot-tag)"
 echo "secret: $(stat -c '%a %u:%g' /etc/layerboot-secret)"
 echo "dotfile: $(cat /.layerboot-dotfile)"
 echo "symlink: $(readlink /etc/layerboot-link)"
+echo "fstab-mount: $(findmnt -no FSTYPE /mnt/layerboot-fstab)"
+echo "issue: $(test -e /etc/issue && echo present || echo deleted)"
 echo "marker: $(cat /var/tmp/layerboot-marker 2>/dev/null || echo none)"
 echo "booted: $(cat /run/layerboot/booted.json)"
 echo "cmdline: $(cat /proc/cmdline)"

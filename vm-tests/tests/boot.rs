@@ -63,6 +63,8 @@ fn common_checks(r: &BTreeMap<String, String>, hostname: &str, tag: &str) {
     assert_eq!(r["secret"], "600 1000:1000", "top-layer owner and mode kept");
     assert_eq!(r["dotfile"], "dotfile", "top-level dotfile copied");
     assert_eq!(r["symlink"], "/etc/hostname", "symlink copied as a symlink");
+    assert_eq!(r["fstab-mount"], "tmpfs", "the top layer's /etc/fstab took effect");
+    assert_eq!(r["issue"], "deleted", "a .wh. file in the top layer deletes the image's file");
     assert_eq!(r["marker"], "none", "a file written in the previous boot must be gone");
     // Coldplug loaded what this machine's devices need, and nothing else.
     let modules: Vec<&str> = r["modules"].split_whitespace().collect();
@@ -238,10 +240,10 @@ fn a_store_on_a_two_device_btrfs_waits_for_both_and_boots() {
 /// Firmware → boot loader → layerboot → systemd, on a GPT disk with an ESP and a store
 /// partition; the entry (written by `layerboot entry`) picks the v2 tag, so the report
 /// shows that its kernel arguments, not the initramfs's defaults, were used.
-fn boots_through_uefi(loader: vm_tests::disk::Loader, root: &str) {
+fn boots_through_uefi(loader: vm_tests::disk::Loader, driver: &str, root: &str) {
     use vm_tests::disk::{gpt_disk, EspFiles};
-    let dir = work_dir(&format!("uefi-{}", loader.name()));
-    let store = copy_store_disk("btrfs", &dir);
+    let dir = work_dir(&format!("uefi-{}-{driver}", loader.name()));
+    let store = copy_store_disk(driver, &dir);
     {
         let _m = LoopMount::new(&store, &dir.join("mnt"), false);
         write_toplayer(&dir.join("mnt/toplayer"), &format!("vm-{}", loader.name()));
@@ -268,22 +270,31 @@ fn boots_through_uefi(loader: vm_tests::disk::Loader, root: &str) {
     let r = report(&console);
     common_checks(&r, &format!("vm-{}", loader.name()), "v2");
     assert!(r["cmdline"].contains(&format!("root={root}")) && r["cmdline"].contains("docker_image=layerboot/demo:v2"), "{}", r["cmdline"]);
-    assert!(r["root"].starts_with("btrfs ") && r["root"].contains("subvol=/layerboot-rw"), "{}", r["root"]);
+    if driver == "btrfs" {
+        assert!(r["root"].starts_with("btrfs ") && r["root"].contains("subvol=/layerboot-rw"), "{}", r["root"]);
+    } else {
+        assert!(r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"), "{}", r["root"]);
+    }
 }
 
 #[test]
 fn systemd_boot_boots_the_btrfs_store_from_a_gpt_disk() {
-    boots_through_uefi(vm_tests::disk::Loader::SystemdBoot, &format!("PARTUUID={}", vm_tests::disk::STORE_PARTUUID));
+    boots_through_uefi(vm_tests::disk::Loader::SystemdBoot, "btrfs", &format!("PARTUUID={}", vm_tests::disk::STORE_PARTUUID));
+}
+
+#[test]
+fn systemd_boot_boots_the_overlay2_store_from_a_gpt_disk() {
+    boots_through_uefi(vm_tests::disk::Loader::SystemdBoot, "overlay2", "PARTLABEL=store");
 }
 
 #[test]
 fn grub_boots_the_btrfs_store_from_a_gpt_disk() {
-    boots_through_uefi(vm_tests::disk::Loader::Grub, "PARTLABEL=store");
+    boots_through_uefi(vm_tests::disk::Loader::Grub, "btrfs", "PARTLABEL=store");
 }
 
 #[test]
 fn refind_boots_the_btrfs_store_from_a_gpt_disk() {
-    boots_through_uefi(vm_tests::disk::Loader::Refind, "LABEL=lb-btrfs");
+    boots_through_uefi(vm_tests::disk::Loader::Refind, "btrfs", "LABEL=lb-btrfs");
 }
 
 /// Power is cut at three points of a boot: before the snapshot, right after it, and in
@@ -304,7 +315,7 @@ fn a_power_cut_during_boot_never_breaks_the_next_boot_or_the_store() {
             fs::write(bulk.join(format!("f{i}")), format!("{i}\n")).unwrap();
         }
     }
-    let cmdline = "root=LABEL=lb-btrfs toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.debug layerboot.rescue_timeout=0";
+    let cmdline = "root=LABEL=lb-btrfs toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.debug layerboot.keep=2 layerboot.rescue_timeout=0";
     let qemu = |log: &str, cut: Option<&'static str>| {
         Qemu { cut_power_at: cut, ..Qemu::new(vec![disk.clone()], cmdline, dir.join(log)) }.run()
     };
@@ -323,6 +334,10 @@ fn a_power_cut_during_boot_never_breaks_the_next_boot_or_the_store() {
     {
         let _m = LoopMount::new(&disk, &dir.join("mnt"), true);
         assert!(!dir.join("mnt/layerboot-rw.new").exists(), "no half-made layer left");
+        for kept in ["layerboot-rw.prev", "layerboot-rw.prev.2"] {
+            assert!(dir.join("mnt").join(kept).join("var/tmp/layerboot-marker").exists(), "layerboot.keep=2 kept {kept}");
+        }
+        assert!(!dir.join("mnt/layerboot-rw.prev.3").exists());
         assert_eq!(fs::read_dir(dir.join("mnt/layerboot-rw/usr/share/layerboot-bulk")).unwrap().count(), 4000);
     }
     assert_store_untouched("btrfs", &disk, &dir);
