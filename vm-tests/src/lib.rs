@@ -158,10 +158,99 @@ sync
 /// UEFI firmware for x86-64 VMs (package ovmf).
 pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
 
-/// `-accel tcg` unless LAYERBOOT_ACCEL says otherwise (nested KVM does not boot guests
-/// on the machines this runs on).
-fn accel() -> String {
-    std::env::var("LAYERBOOT_ACCEL").unwrap_or_else(|_| "tcg".to_string())
+/// LAYERBOOT_ACCEL if set; else `kvm` if a probe boot under KVM reaches its /init within
+/// 20 s, else `tcg` (nested KVM often hangs instead of booting).
+pub fn accel() -> String {
+    static ACCEL: OnceLock<String> = OnceLock::new();
+    ACCEL
+        .get_or_init(|| {
+            if let Ok(a) = std::env::var("LAYERBOOT_ACCEL") {
+                return a;
+            }
+            let ok = std::path::Path::new("/dev/kvm").exists() && floor_boot("kvm", Duration::from_secs(20)).is_some();
+            eprintln!("vm-tests: accelerator {}", if ok { "kvm" } else { "tcg (the KVM probe boot failed)" });
+            (if ok { "kvm" } else { "tcg" }).to_string()
+        })
+        .clone()
+}
+
+/// The floor initramfs: floor-init as /init, /dev/console and /dev/kmsg, and 1 MiB of
+/// incompressible padding, as small initramfs images go.
+pub fn floor_initramfs() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let init = repo().join("target/x86_64-unknown-linux-musl/release/floor-init");
+        assert!(init.exists(), "{} is missing: cargo build --release -p vm-tests", init.display());
+        let mut out = Vec::new();
+        let mut pad = vec![0u8; 1 << 20];
+        let mut x: u32 = 0x9e37_79b9;
+        for b in pad.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x as u8;
+        }
+        let files: [(&str, u32, (u32, u32), Vec<u8>); 5] = [
+            ("dev", 0o040755, (0, 0), Vec::new()),
+            ("dev/console", 0o020600, (5, 1), Vec::new()),
+            ("dev/kmsg", 0o020600, (1, 11), Vec::new()),
+            ("init", 0o100755, (0, 0), fs::read(&init).unwrap()),
+            ("padding", 0o100644, (0, 0), pad),
+        ];
+        for (i, (name, mode, (ma, mi), data)) in files.into_iter().enumerate() {
+            let mut w = cpio::newc::Builder::new(name).ino(i as u32 + 1).mode(mode).rdev_major(ma).rdev_minor(mi).nlink(1).write(out, data.len() as u32);
+            std::io::Write::write_all(&mut w, &data).unwrap();
+            out = w.finish().unwrap();
+        }
+        out = cpio::newc::trailer(out).unwrap();
+        let path = repo().join("target/vm-tests/floor-initramfs.img");
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, out).unwrap();
+        path
+    })
+    .clone()
+}
+
+/// Boots the demo kernel with the floor initramfs; the kernel timestamp at which its
+/// /init started, if it did within `timeout`.
+pub fn floor_boot(accel: &str, timeout: Duration) -> Option<f64> {
+    let boot = demo_boot_files();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", accel, "-m", "1024", "-display", "none", "-monitor", "none", "-no-reboot", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(&boot.kernel)
+        .arg("-initrd")
+        .arg(floor_initramfs())
+        .args(["-append", "console=ttyS0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut s);
+        s
+    });
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if child.try_wait().ok().flatten().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    kernel_time_of(&reader.join().ok()?, "floor-init: started")
+}
+
+/// The kernel timestamp (`[    4.203021] …`) of the first console line containing `marker`.
+pub fn kernel_time_of(console: &str, marker: &str) -> Option<f64> {
+    let line = console.lines().find(|l| l.contains(marker))?;
+    let open = line.find('[')?;
+    let close = line[open..].find(']')? + open;
+    line[open + 1..close].trim().parse().ok()
 }
 
 pub struct Qemu<'a> {

@@ -220,11 +220,11 @@ fn a_store_on_a_two_device_btrfs_waits_for_both_and_boots() {
     // will not add devices to such a clone.
     run(Command::new("btrfstune").args(["-f", "-m"]).arg(&disk));
     {
-        let _m = LoopMount::new(&disk, &dir.join("mnt"), false);
-        write_toplayer(&dir.join("mnt/toplayer"), "vm-two-devices");
+        let m = LoopMount::new(&disk, &dir.join("mnt"), false);
+        write_toplayer(&m.0.join("toplayer"), "vm-two-devices");
         let lo = run(Command::new("losetup").args(["--find", "--show"]).arg(&second)).trim().to_string();
-        let added = Command::new("btrfs").args(["-q", "device", "add", "-f", &lo]).arg(dir.join("mnt")).output().unwrap();
-        let _ = Command::new("umount").arg(dir.join("mnt")).status();
+        let added = Command::new("btrfs").args(["-q", "device", "add", "-f", &lo]).arg(&m.0).output().unwrap();
+        drop(m); // unmounted before the second device is let go
         let _ = Command::new("losetup").args(["-d", &lo]).status();
         assert!(added.status.success(), "btrfs device add: {}", String::from_utf8_lossy(&added.stderr));
     }
