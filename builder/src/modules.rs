@@ -91,7 +91,7 @@ pub fn select(index: &ModuleIndex, kver: &str, extra: &[String], host_only: bool
 
 /// This machine's device modaliases and mounted filesystem types.
 fn host_needs() -> (Vec<String>, BTreeSet<String>) {
-    let devices = ModaliasWalker::default().scan(Path::new("/sys/devices"));
+    let devices = ModaliasWalker::default().scan(Path::new("/sys/bus"));
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     let filesystems = mounts.lines().filter_map(|l| l.split_whitespace().nth(2)).map(str::to_string).collect();
     (devices, filesystems)

@@ -42,6 +42,11 @@ impl Boot {
         Boot { started: Instant::now(), settings: None, stages: Default::default() }
     }
 
+    /// A finer timing point, for `layerboot.debug` (with `loglevel=4` it costs no console time).
+    fn mark(&self, what: &str) {
+        log::debug!("t {} ms: {what} (fs {} ms)", self.started.elapsed().as_millis(), crate::mounts::fs_time().as_millis());
+    }
+
     /// Marks the end of a stage; `detail` goes to the debug log.
     fn stage(&self, name: &'static str, detail: &str) {
         let ms = self.started.elapsed().as_millis();
@@ -65,6 +70,7 @@ impl Boot {
 
         let _ = fs::write("/proc/sys/kernel/printk_devkmsg", "on\n"); // our stage timings must not be dropped
         let mut hw = Hardware::new(&config)?;
+        self.mark("module index read");
         let mut forced = config.modules.clone();
         forced.extend(settings.modules.iter().cloned());
         hw.load(&forced).context("loading the modules named by layerboot.modules=")?;
@@ -82,6 +88,7 @@ impl Boot {
             .context("mounting the image store partition (root=)")?;
 
         let data_root = store_mount.join(&settings.docker_path);
+        self.mark("store partition mounted");
         let store = Store::open(&data_root).context("reading the image store (docker_path=)")?;
         let image = store.resolve(&settings.image).context("finding the image to boot (docker_image=)")?;
         self.stage("image", &format!("{} is {} ({} layers, {})", settings.image, image.id, image.layers.len(), image.driver.name()));
@@ -94,6 +101,7 @@ impl Boot {
             Driver::Overlay2 => hw.ensure_filesystem("overlay")?,
         }
         let toplayer = self.mount_toplayer(&settings, &root, &mut hw)?;
+        self.mark("top layer found");
         let new_root = Path::new(NEW_ROOT);
         let ro = if settings.read_only { MountFlags::RDONLY } else { MountFlags::empty() };
         if settings.upper_tmpfs {
@@ -119,8 +127,10 @@ impl Boot {
         if toplayer.as_deref().is_some_and(|t| t.starts_with(TOPLAYER_MOUNT)) {
             let _ = unmount(Path::new(TOPLAYER_MOUNT));
         }
+        self.mark("new root mounted");
         write_boot_record(&settings, &image);
         check_init(new_root, &settings.init)?;
+        self.mark("init checked");
         let total = self.started.elapsed();
         let fs_time = crate::mounts::fs_time();
         let stages: Vec<String> = self.stages.borrow().iter().map(|(n, ms)| format!("{n} {ms}")).collect();
@@ -173,6 +183,7 @@ impl Boot {
         prepare(paths, image).context("making a fresh writable layer")?;
         log::debug!("fresh layer made: {}", paths.new.display());
         self.copy_toplayer(image, store, &paths.new, toplayer)?;
+        self.mark("top layer copied");
         rotate(paths, keep).context("installing the new writable layer")
     }
 
@@ -330,7 +341,7 @@ impl Hardware {
 
     /// Loads the modules matching devices not seen before (their modaliases).
     fn coldplug(&mut self, extra: Vec<String>) {
-        let mut aliases = self.walker.scan(Path::new("/sys/devices"));
+        let mut aliases = self.walker.scan(Path::new("/sys/bus"));
         aliases.extend(extra.into_iter().filter_map(|a| self.walker.add_from_uevent(&a)));
         let names: BTreeSet<String> = aliases.iter().flat_map(|a| self.modules.index.resolve(a)).collect();
         let names: Vec<String> = names.into_iter().filter(|n| !self.modules.attempted.contains(n)).collect();

@@ -101,6 +101,14 @@ pub fn copy_store_disk(driver: &str, dir: &Path) -> PathBuf {
     disk
 }
 
+/// A copy of a fixture store's disk with the test top layer at `/toplayer` on it.
+pub fn store_disk_with_toplayer(driver: &str, dir: &Path, hostname: &str) -> PathBuf {
+    let disk = copy_store_disk(driver, dir);
+    let m = LoopMount::new(&disk, &dir.join("mnt"), false);
+    write_toplayer(&m.0.join("toplayer"), hostname);
+    disk
+}
+
 /// The top layer the tests put on a machine: files a user would keep per host, and a
 /// systemd unit that prints a report on the serial console and powers off.
 pub fn write_toplayer(dir: &Path, hostname: &str) {
@@ -211,47 +219,75 @@ pub fn floor_initramfs() -> PathBuf {
     .clone()
 }
 
-/// Boots the demo kernel with the floor initramfs; the kernel timestamp at which its
-/// /init started, if it did within `timeout`.
+/// Boots the demo kernel with the floor initramfs; the seconds from QEMU's start until
+/// its /init ran, if it did within `timeout`. (Not through [`Qemu`], which asks
+/// [`accel`], which uses this as its probe.)
 pub fn floor_boot(accel: &str, timeout: Duration) -> Option<f64> {
     let boot = demo_boot_files();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", accel, "-m", "1024", "-display", "none", "-monitor", "none", "-no-reboot", "-serial", "stdio"])
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", accel, "-m", "1024", "-display", "none", "-monitor", "none", "-no-reboot", "-serial", "stdio"])
         .arg("-kernel")
         .arg(&boot.kernel)
         .arg("-initrd")
         .arg(floor_initramfs())
-        .args(["-append", "console=ttyS0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let mut out = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut out, &mut s);
-        s
-    });
+        .args(["-append", "console=ttyS0"]);
+    let (_, at) = watch(cmd, "floor-init: started", timeout, None);
+    at.map(|d| d.as_secs_f64())
+}
+
+/// Runs QEMU, copying its console to `log` if given, until it exits, `marker` appears
+/// (then it is killed: the power cut) or `timeout` passes. Returns the console text and
+/// when the marker appeared, counted from QEMU's start.
+fn watch(mut cmd: Command, marker: &str, timeout: Duration, log: Option<&Path>) -> (String, Option<Duration>) {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
     let start = Instant::now();
+    let Ok(mut child) = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn() else {
+        return (String::new(), None);
+    };
+    let console = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let console = console.clone();
+        let mut out = child.stdout.take().unwrap();
+        let mut log = log.map(|p| fs::File::create(p).unwrap());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Some(l) = log.as_mut() {
+                    let _ = l.write_all(&buf[..n]);
+                }
+                console.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let mut seen = None;
     while start.elapsed() < timeout {
+        if console.lock().unwrap().contains(marker) {
+            seen = Some(start.elapsed());
+            break;
+        }
         if child.try_wait().ok().flatten().is_some() {
             break;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(10));
     }
     let _ = child.kill();
     let _ = child.wait();
-    kernel_time_of(&reader.join().ok()?, "floor-init: started")
+    let _ = reader.join();
+    let text = console.lock().unwrap().clone();
+    (text, seen)
 }
 
-/// The kernel timestamp (`[    4.203021] …`) of the first console line containing `marker`.
-pub fn kernel_time_of(console: &str, marker: &str) -> Option<f64> {
-    let line = console.lines().find(|l| l.contains(marker))?;
-    let open = line.find('[')?;
-    let close = line[open..].find(']')? + open;
-    line[open + 1..close].trim().parse().ok()
+/// Boots like [`Qemu::run`] but stops as soon as `marker` appears; the seconds from
+/// QEMU's start until then.
+pub fn time_until(q: &Qemu, marker: &str) -> Option<f64> {
+    let (_, at) = watch(q.command(), marker, q.timeout, Some(&q.log));
+    at.map(|d| d.as_secs_f64())
 }
+
 
 pub struct Qemu<'a> {
     pub disks: Vec<PathBuf>,
@@ -286,11 +322,7 @@ impl Qemu<'_> {
         }
     }
 
-    /// Boots until the guest powers off (or reboots: -no-reboot ends QEMU then too) and
-    /// returns the serial console's text, which is also kept in `log`.
-    pub fn run(&self) -> String {
-        use std::io::{Read, Write};
-        use std::sync::{Arc, Mutex};
+    fn command(&self) -> Command {
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", &accel(), "-m", "1024", "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot"])
             .args(["-serial", "stdio"]);
@@ -306,7 +338,16 @@ impl Qemu<'_> {
         for d in &self.disks {
             cmd.arg("-drive").arg(format!("file={},if=virtio,format=raw", d.display()));
         }
-        let mut child = cmd
+        cmd
+    }
+
+    /// Boots until the guest powers off (or reboots: -no-reboot ends QEMU then too) and
+    /// returns the serial console's text, which is also kept in `log`.
+    pub fn run(&self) -> String {
+        use std::io::{Read, Write};
+        use std::sync::{Arc, Mutex};
+        let mut child = self
+            .command()
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

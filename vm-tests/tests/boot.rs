@@ -80,12 +80,8 @@ fn no_panic(console: &str) {
 #[test]
 fn btrfs_store_boots_the_image_with_a_fresh_snapshot_each_time() {
     let dir = work_dir("btrfs");
-    let disk = copy_store_disk("btrfs", &dir);
-    {
-        // The top layer on the store partition itself, as mkinitcpio-docker-hooks users have it.
-        let _m = LoopMount::new(&disk, &dir.join("mnt"), false);
-        write_toplayer(&dir.join("mnt/toplayer"), "vm-btrfs");
-    }
+    // The top layer on the store partition itself, as mkinitcpio-docker-hooks users have it.
+    let disk = store_disk_with_toplayer("btrfs", &dir, "vm-btrfs");
     // The hook's spelling: rootflags=subvol= names the writable layer.
     let base = "root=LABEL=lb-btrfs rootflags=subvol=lb-rw toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.rescue_timeout=0";
     let ids = fs::read_to_string(fixtures().join("images.env")).unwrap();
@@ -172,11 +168,7 @@ fn missing_root_device_lists_the_devices_seen() {
 #[test]
 fn keep_mode_keeps_files_across_boots_and_tmpfs_upper_writes_nothing() {
     let dir = work_dir("keep-and-tmpfs");
-    let disk = copy_store_disk("btrfs", &dir);
-    {
-        let _m = LoopMount::new(&disk, &dir.join("mnt"), false);
-        write_toplayer(&dir.join("mnt/toplayer"), "vm-keep");
-    }
+    let disk = store_disk_with_toplayer("btrfs", &dir, "vm-keep");
     let base = "root=LABEL=lb-btrfs toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.rescue_timeout=0";
     let qemu = |extra: &str, log: &str| {
         let console = Qemu::new(vec![disk.clone()], format!("{base} {extra}"), dir.join(log))
@@ -243,11 +235,7 @@ fn a_store_on_a_two_device_btrfs_waits_for_both_and_boots() {
 fn boots_through_uefi(loader: vm_tests::disk::Loader, driver: &str, root: &str) {
     use vm_tests::disk::{gpt_disk, EspFiles};
     let dir = work_dir(&format!("uefi-{}-{driver}", loader.name()));
-    let store = copy_store_disk(driver, &dir);
-    {
-        let _m = LoopMount::new(&store, &dir.join("mnt"), false);
-        write_toplayer(&dir.join("mnt/toplayer"), &format!("vm-{}", loader.name()));
-    }
+    let store = store_disk_with_toplayer(driver, &dir, &format!("vm-{}", loader.name()));
     let boot = demo_boot_files();
     let disk = dir.join("disk.img");
     gpt_disk(
