@@ -5,7 +5,7 @@ pkgs=(
   musl-tools          # static builds of crates with C code (zstd)
   debootstrap docker.io btrfs-progs e2fsprogs dosfstools mtools  # the fixture stores
   qemu-system-x86 qemu-utils ovmf                              # the VM boot tests
-  file zstd cpio kmod fdisk attr
+  file zstd cpio kmod fdisk attr xz-utils gzip busybox-static  # busybox: the rescue-shell test
 )
 missing=()
 for p in "${pkgs[@]}"; do

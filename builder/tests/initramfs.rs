@@ -271,3 +271,42 @@ fn entries_carry_each_formats_required_keys() {
     let e = err(layerboot(&["entry", "--loader", "grub", "--kernel", "k", "--initrd", "i", "--root", "r", "--image", "x", "--toplayer-path", "a b"]));
     assert!(e.contains("contains spaces"), "{e}");
 }
+
+#[test]
+fn compression_listing_and_host_only_do_what_they_say() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store("btrfs");
+    let build = |extra: &[&str], name: &str| {
+        let out = t.path().join(name);
+        let mut args = vec!["initramfs", "--store", &s, "--image", "layerboot/demo", "-o", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        (ok(layerboot(&args)), fs::read(&out).unwrap())
+    };
+    let (_, gz) = build(&["--compress", "gzip"], "gz");
+    assert_eq!(&gz[..2], &[0x1f, 0x8b], "gzip magic");
+    let (_, raw) = build(&["--compress", "none"], "raw");
+    assert_eq!(&raw[..6], b"070701", "a bare newc archive");
+    let (listing, zst) = build(&["--list"], "zst");
+    assert_eq!(&zst[..4], &[0x28, 0xb5, 0x2f, 0xfd], "zstd magic");
+    for want in ["  init\n", "  etc/layerboot.json\n", "  dev/console\n", "/kernel/fs/btrfs/btrfs.ko\n"] {
+        assert!(listing.contains(want), "--list shows {want:?}");
+    }
+    let e = err(layerboot(&["initramfs", "--store", &s, "--image", "layerboot/demo", "--compress", "lz4", "-o", "x"]));
+    assert!(e.contains("use zstd, gzip or none"), "{e}");
+
+    // --host-only: a subset of the default set, keeping the filesystems this host has mounted.
+    let modules = |file: &str| -> BTreeSet<String> {
+        let a = unpack(&t.path().join(file));
+        a.keys().filter(|k| k.ends_with(".ko")).map(|k| k.rsplit('/').next().unwrap().to_string()).collect()
+    };
+    build(&["--host-only"], "host");
+    let (host, all) = (modules("host"), modules("zst"));
+    assert!(host.is_subset(&all) && host.len() < all.len(), "host-only {} of {}", host.len(), all.len());
+    let mounted = fs::read_to_string("/proc/mounts").unwrap();
+    for fs_type in ["ext4", "btrfs"] {
+        if mounted.lines().any(|l| l.split_whitespace().nth(2) == Some(fs_type)) {
+            assert!(host.contains(&format!("{fs_type}.ko")), "{fs_type} is mounted here: {host:?}");
+        }
+    }
+    assert!(host.contains("overlay.ko"), "overlay is always needed for overlay2 stores");
+}

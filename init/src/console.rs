@@ -38,8 +38,10 @@ pub fn fail(msg: &str, wait: Duration, rescue_shell: bool) -> ! {
     if rescue_shell {
         if std::path::Path::new(RESCUE_SHELL).exists() {
             say("layerboot: starting a rescue shell (layerboot.rescue=shell); `exit` reboots.");
-            let status = std::process::Command::new(RESCUE_SHELL).status();
-            say(&format!("layerboot: rescue shell ended ({status:?})"));
+            match std::process::Command::new(RESCUE_SHELL).status() {
+                Ok(status) => say(&format!("layerboot: rescue shell ended ({status})")),
+                Err(e) => say(&format!("layerboot: cannot run the rescue shell {RESCUE_SHELL}: {e}")),
+            }
         } else {
             say("layerboot: layerboot.rescue=shell, but this initramfs has no shell (build it with `layerboot initramfs --rescue-shell PATH`).");
         }

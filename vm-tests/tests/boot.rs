@@ -330,3 +330,28 @@ fn a_power_cut_during_boot_never_breaks_the_next_boot_or_the_store() {
     }
     assert_store_untouched("btrfs", &disk, &dir);
 }
+
+/// `layerboot.rescue=shell` with an initramfs built `--rescue-shell` (busybox-static):
+/// the failed boot drops into the shell on the console.
+#[test]
+fn rescue_shell_runs_on_the_console_after_a_failure() {
+    let dir = work_dir("rescue-shell");
+    let initramfs = dir.join("initramfs.img");
+    let store = fixture_store("btrfs");
+    run(layerboot()
+        .args(["initramfs", "--store", store.to_str().unwrap(), "--image", "layerboot/demo", "--rescue-shell", "/bin/busybox", "-o"])
+        .arg(&initramfs));
+    let demo = demo_boot_files();
+    let boot = Boot { kernel: demo.kernel.clone(), kernel_version: demo.kernel_version.clone(), initramfs };
+    let cmdline = "root=LABEL=lb-btrfs docker_image=layerboot/nope:1 layerboot.rescue=shell layerboot.rescue_timeout=0";
+    let console = Qemu {
+        boot: &boot,
+        snapshot: true,
+        answer: Some(("starting a rescue shell", "echo RESCUE-$((6*7)); exit\n")),
+        ..Qemu::new(vec![fixtures().join("btrfs.img")], cmdline, dir.join("boot.log"))
+    }
+    .run();
+    no_panic(&console);
+    assert!(console.contains("RESCUE-42"), "the shell ran the command:\n{}", tail(&console, 20));
+    assert!(console.contains("rescue shell ended"), "{}", tail(&console, 20));
+}
