@@ -84,10 +84,14 @@ fn list(store: &Store, as_json: bool) -> Result<(), String> {
                 json!({"id": e.id, "refs": e.refs, "driver": store.driver(), "layers": layers, "kernels": kernels, "error": error})
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&json!({"store": store.root(), "driver": store.driver(), "images": v})).unwrap());
+        println!("{}", serde_json::to_string_pretty(&json!({"store": store.root(), "engine": store.engine(), "driver": store.driver(), "images": v})).unwrap());
         return Ok(());
     }
-    println!("store {} (docker, {} driver)", store.root().display(), store.driver().name());
+    let engine = match store.engine() {
+        layerboot_init::store::Engine::Docker => "docker",
+        layerboot_init::store::Engine::Podman => "podman",
+    };
+    println!("store {} ({engine}, {} driver)", store.root().display(), store.driver().name());
     println!("{:<36} {:<12} {:>6}  KERNELS", "REFS", "IMAGE ID", "LAYERS");
     for (entry, layers, kernels, error) in rows {
         let refs = if entry.refs.is_empty() { "<none>".to_string() } else { entry.refs.join(", ") };

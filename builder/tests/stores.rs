@@ -18,7 +18,16 @@ fn fixtures() -> PathBuf {
 }
 
 fn store(driver: &str) -> Store {
-    let root = fixtures().join("mnt").join(driver).join("var/lib/docker");
+    open_store(driver, "var/lib/docker")
+}
+
+/// The podman (containers-storage) store on the overlay2 fixture's filesystem.
+fn podman_store() -> Store {
+    open_store("overlay2", "var/lib/containers/storage")
+}
+
+fn open_store(fs: &str, path: &str) -> Store {
+    let root = fixtures().join("mnt").join(fs).join(path);
     assert!(root.is_dir(), "{} is missing: run tests/run, which builds and mounts the fixture stores", root.display());
     Store::open(root).unwrap()
 }
@@ -104,9 +113,30 @@ fn walk(view: &MergedView, dir: &str, out: &mut BTreeSet<String>) {
 }
 
 #[test]
+fn podman_store_resolves_docker_and_podman_spellings() {
+    let s = podman_store();
+    assert_eq!((s.engine(), s.driver()), (layerboot_init::store::Engine::Podman, Driver::Overlay2));
+    let demo = image_id("DEMO_ID");
+    // `podman load` of a docker-archive files short names under localhost/.
+    for r in ["layerboot/demo", "localhost/layerboot/demo:latest", "layerboot/demo:v1", "localhost:5000/lb/demo:t", "demo", "localhost/demo", &demo, &demo[7..19]] {
+        assert_eq!(s.resolve(r).unwrap_or_else(|e| panic!("{r}: {e}")).id, demo, "{r}");
+    }
+    // A local name: podman keeps it as localhost/lb/podman:1, and `lb/podman:1` finds it.
+    let v2 = image_id("DEMO_V2_ID");
+    for r in ["lb/podman:1", "localhost/lb/podman:1", "layerboot/demo:v2"] {
+        assert_eq!(s.resolve(r).unwrap_or_else(|e| panic!("{r}: {e}")).id, v2, "{r}");
+    }
+    let e = s.resolve("lb/podman:2").unwrap_err().to_string();
+    assert!(e.contains("not in the podman store") && e.contains("closest match: localhost/lb/podman:1"), "{e}");
+    let img = s.resolve("layerboot/demo").unwrap();
+    assert_eq!(img.layers.len(), store("overlay2").resolve("layerboot/demo").unwrap().layers.len());
+    assert!(img.layers.iter().all(|l| l.dir.starts_with(s.root().join("overlay")) && l.link.is_some()));
+}
+
+#[test]
 fn merged_view_equals_docker_export() {
-    for (name, _) in DRIVERS {
-        let s = store(name);
+    for name in ["btrfs", "overlay2", "podman"] {
+        let s = if name == "podman" { podman_store() } else { store(name) };
         for tag in ["latest", "v2"] {
             let img = s.resolve(&format!("layerboot/demo:{tag}")).unwrap();
             let view = MergedView::new(&img);

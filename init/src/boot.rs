@@ -301,7 +301,7 @@ fn store_options(fstype: &str, flags: &[String]) -> String {
 }
 
 fn mount_overlay(image: &Image, store: &Store, layer: &Path, target: &Path, flags: MountFlags) -> Result<()> {
-    let home = store.root().join(image.driver.name());
+    let home = store.driver_home();
     let data = overlay_data(image, &home, &layer.join("upper"), &layer.join("work"))?;
     // The lower dirs are relative to the driver's home (see overlay_data).
     nix::unistd::chdir(&home).map_err(|e| Error::io("cannot enter", &home, e))?;

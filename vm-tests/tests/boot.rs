@@ -355,3 +355,17 @@ fn rescue_shell_runs_on_the_console_after_a_failure() {
     assert!(console.contains("RESCUE-42"), "the shell ran the command:\n{}", tail(&console, 20));
     assert!(console.contains("rescue shell ended"), "{}", tail(&console, 20));
 }
+
+/// A podman store (containers-storage, overlay) boots like Docker's overlay2 one.
+#[test]
+fn podman_store_boots_by_its_local_name() {
+    let dir = work_dir("podman");
+    let disk = store_disk_with_toplayer("overlay2", &dir, "vm-podman");
+    let cmdline = "root=LABEL=lb-overlay docker_path=var/lib/containers/storage docker_image=lb/podman:1 toplayer=LABEL=lb-overlay toplayer_path=/toplayer layerboot.rescue_timeout=0";
+    let console = Qemu::new(vec![disk], cmdline, dir.join("boot.log")).run();
+    no_panic(&console);
+    let r = report(&console);
+    common_checks(&r, "vm-podman", "v2");
+    assert!(r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"), "{}", r["root"]);
+    assert!(r["booted"].contains("var/lib/containers/storage"), "{}", r["booted"]);
+}

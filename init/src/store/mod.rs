@@ -76,11 +76,22 @@ struct Repositories {
     repositories: BTreeMap<String, BTreeMap<String, String>>,
 }
 
-/// A Docker data root opened for reading.
+/// Which engine wrote the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Docker's graphdriver store (`/var/lib/docker`).
+    Docker,
+    /// containers-storage, as podman and buildah write it (`/var/lib/containers/storage`).
+    Podman,
+}
+
+/// An engine's data root opened for reading.
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
     driver: Driver,
+    engine: Engine,
 }
 
 impl Store {
@@ -93,6 +104,9 @@ impl Store {
                  (fix: point docker_path= / --store at the engine's data root, e.g. var/lib/docker)",
                 root.display()
             )));
+        }
+        if root.join(podman::IMAGES).is_file() {
+            return Ok(Store { root, driver: Driver::Overlay2, engine: Engine::Podman });
         }
         let found: Vec<Driver> = Driver::ALL
             .into_iter()
@@ -108,10 +122,11 @@ impl Store {
             ([d], _) | (_, [d]) => *d,
             ([], _) => {
                 return Err(Error::new(format!(
-                    "{} is not a Docker image store with the btrfs or overlay2 driver: \
-                     neither image/btrfs/repositories.json nor image/overlay2/repositories.json exists \
-                     (fix: check docker_path= / --store; other drivers and containerd stores are not supported yet)",
-                    root.display()
+                    "{} is not an image store layerboot reads: neither image/btrfs/repositories.json nor \
+                     image/overlay2/repositories.json (Docker) nor {} (podman) exists \
+                     (fix: check docker_path= / --store; containerd stores are not supported yet)",
+                    root.display(),
+                    podman::IMAGES
                 )))
             }
             _ => {
@@ -122,11 +137,24 @@ impl Store {
                 )))
             }
         };
-        Ok(Store { root, driver })
+        Ok(Store { root, driver, engine: Engine::Docker })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// The directory the driver keeps its layers in: overlay lower dirs are named
+    /// relative to it (`l/<link>`).
+    pub fn driver_home(&self) -> PathBuf {
+        match self.engine {
+            Engine::Docker => self.root.join(self.driver.name()),
+            Engine::Podman => self.root.join("overlay"),
+        }
     }
 
     pub fn driver(&self) -> Driver {
@@ -152,6 +180,9 @@ impl Store {
 
     /// Every image in the store, tagged ones and untagged ones, sorted by first ref.
     pub fn images(&self) -> Result<Vec<ImageEntry>> {
+        if self.engine == Engine::Podman {
+            return self.podman_images();
+        }
         let mut by_id: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (_, refs) in self.repositories()? {
             for (r, id) in refs {
@@ -181,6 +212,9 @@ impl Store {
     /// Resolves a reference as `docker run` would: a tag or digest ref first, then an
     /// image ID or unique ID prefix.
     pub fn resolve(&self, reference: &str) -> Result<Image> {
+        if self.engine == Engine::Podman {
+            return self.podman_resolve(reference);
+        }
         let repos = self.repositories()?;
         let id = self.resolve_id(reference, &repos)?;
         self.load_with(&id, &repos)
@@ -240,6 +274,9 @@ impl Store {
 
     /// Loads image `id` (`sha256:<hex>`): verified config, then its layers via layerdb.
     pub fn load(&self, id: &str) -> Result<Image> {
+        if self.engine == Engine::Podman {
+            return self.podman_resolve(id);
+        }
         self.load_with(id, &self.repositories()?)
     }
 
@@ -335,7 +372,7 @@ fn diff_ids(config: &serde_json::Value, path: &Path) -> Result<Vec<String>> {
         .collect()
 }
 
-fn read(path: &Path) -> Result<Vec<u8>> {
+pub(super) fn read(path: &Path) -> Result<Vec<u8>> {
     fs::read(path).map_err(|e| Error::io("cannot read", path, e))
 }
 
@@ -345,7 +382,7 @@ fn read_trimmed(path: &Path) -> Result<String> {
 }
 
 /// Levenshtein distance, to suggest the closest image name.
-fn edit_distance(a: &str, b: &str) -> usize {
+pub(super) fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut row: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {
@@ -360,5 +397,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+mod podman;
 #[cfg(test)]
 mod tests;

@@ -188,7 +188,49 @@ fn missing_layer_data_is_named() {
 fn not_a_store_says_so() {
     let t = tempfile::tempdir().unwrap();
     let e = Store::open(t.path()).unwrap_err().to_string();
-    assert!(e.contains("is not a Docker image store"), "{e}");
+    assert!(e.contains("is not an image store layerboot reads"), "{e}");
     let e = Store::open(t.path().join("nope")).unwrap_err().to_string();
     assert!(e.contains("does not exist") && e.contains("docker_path="), "{e}");
+}
+
+/// A podman store with one two-layer image named `localhost/app:1` and `docker.io/acc/x:2`.
+fn podman_fixture(layers_json: &str) -> tempfile::TempDir {
+    let t = tempfile::tempdir().unwrap();
+    let w = |rel: &str, data: &str| {
+        let p = t.path().join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, data).unwrap();
+    };
+    w("overlay-images/images.json", &format!(r#"[{{"id":"{}","names":["localhost/app:1","docker.io/acc/x:2"],"layer":"{}"}}]"#, hex(0xaa), hex(2)));
+    w("overlay-layers/layers.json", layers_json);
+    for l in [1u8, 2] {
+        fs::create_dir_all(t.path().join(format!("overlay/{}/diff", hex(l)))).unwrap();
+    }
+    t
+}
+
+#[test]
+fn podman_stores_resolve_short_names_and_walk_parents() {
+    let t = podman_fixture(&format!(r#"[{{"id":"{}"}},{{"id":"{}","parent":"{}"}}]"#, hex(1), hex(2), hex(1)));
+    let s = Store::open(t.path()).unwrap();
+    for r in ["app:1", "localhost/app:1", "acc/x:2", "docker.io/acc/x:2", &hex(0xaa)[..8]] {
+        let img = s.resolve(r).unwrap_or_else(|e| panic!("{r}: {e}"));
+        assert_eq!(img.id, format!("sha256:{}", hex(0xaa)));
+        assert_eq!(img.layers.iter().map(|l| l.cache_id.clone()).collect::<Vec<_>>(), [hex(2), hex(1)], "topmost first");
+    }
+    let e = err(s.resolve("app:2"));
+    assert!(e.contains("not in the podman store") && e.contains("closest match: localhost/app:1"), "{e}");
+}
+
+#[test]
+fn podman_incomplete_or_malformed_layers_are_refused() {
+    let t = podman_fixture(&format!(r#"[{{"id":"{}"}},{{"id":"{}","parent":"{}","flags":{{"incomplete":true}}}}]"#, hex(1), hex(2), hex(1)));
+    let e = err(Store::open(t.path()).unwrap().resolve("app:1"));
+    assert!(e.contains("is incomplete"), "{e}");
+    let t = podman_fixture(&format!(r#"[{{"id":"{}","parent":"../../etc"}}]"#, hex(2)));
+    let e = err(Store::open(t.path()).unwrap().resolve("app:1"));
+    assert!(e.contains("malformed layer '../../etc'"), "{e}");
+    let t = podman_fixture("[{");
+    let e = err(Store::open(t.path()).unwrap().resolve("app:1"));
+    assert!(e.contains("layers.json is corrupt"), "{e}");
 }

@@ -1,0 +1,139 @@
+//! containers-storage, as podman and buildah write it (`/var/lib/containers/storage`,
+//! overlay driver): `overlay-images/images.json` names the top layer of each image,
+//! `overlay-layers/layers.json` chains layers by `parent`, and `overlay/<id>/diff` holds
+//! each layer's changes in overlay whiteout format, as Docker's overlay2 does.
+//! Format notes: shared/docs/image-stores.md, section C.
+
+use std::fs;
+
+use serde::Deserialize;
+
+use super::{edit_distance, read, Driver, Image, ImageEntry, Layer, Store};
+use crate::digest::is_hex64;
+use crate::error::{Error, Result};
+use crate::reference::Reference;
+
+pub const IMAGES: &str = "overlay-images/images.json";
+const LAYERS: &str = "overlay-layers/layers.json";
+
+#[derive(Deserialize)]
+struct PodImage {
+    id: String,
+    #[serde(default)]
+    names: Vec<String>,
+    layer: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PodLayer {
+    id: String,
+    parent: Option<String>,
+    #[serde(default)]
+    flags: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Store {
+    fn podman_json<T: for<'de> Deserialize<'de>>(&self, rel: &str, what: &str) -> Result<Vec<T>> {
+        let path = self.root.join(rel);
+        serde_json::from_slice(&read(&path)?).map_err(|e| Error::new(format!("{} is corrupt: {e} (expected a JSON array of {what})", path.display())))
+    }
+
+    pub(super) fn podman_images(&self) -> Result<Vec<ImageEntry>> {
+        let mut out: Vec<ImageEntry> = self
+            .podman_json::<PodImage>(IMAGES, "images")?
+            .into_iter()
+            .map(|i| ImageEntry { id: format!("sha256:{}", i.id), refs: i.names })
+            .collect();
+        out.sort_by(|a, b| (a.refs.is_empty(), &a.refs).cmp(&(b.refs.is_empty(), &b.refs)));
+        Ok(out)
+    }
+
+    /// Podman's rule: a name with a registry matches exactly; a short one matches
+    /// `localhost/NAME` first, else the one registry-qualified name with that path; then
+    /// image IDs and unique ID prefixes.
+    pub(super) fn podman_resolve(&self, reference: &str) -> Result<Image> {
+        let images = self.podman_json::<PodImage>(IMAGES, "images")?;
+        let by_name = |name: &str| images.iter().find(|i| i.names.iter().any(|n| n == name));
+        let mut found = None;
+        if let Ok(r) = Reference::parse(reference) {
+            let explicit_domain = reference.split('/').next().is_some_and(|d| d.contains(['.', ':']) || d == "localhost") && reference.contains('/');
+            let tail = format!("{}{}", r.tag.as_ref().map(|t| format!(":{t}")).unwrap_or_default(), r.digest.as_ref().map(|d| format!("@{d}")).unwrap_or_default());
+            found = by_name(&r.full_string());
+            if found.is_none() && !explicit_domain {
+                let short = r.familiar_name();
+                found = by_name(&format!("localhost/{short}{tail}"));
+                if found.is_none() {
+                    let matches: Vec<&PodImage> = images
+                        .iter()
+                        .filter(|i| i.names.iter().any(|n| n.split_once('/').is_some_and(|(_, p)| p == format!("{short}{tail}") || p == format!("{}{tail}", r.path))))
+                        .collect();
+                    match matches.as_slice() {
+                        [one] => found = Some(one),
+                        [] => {}
+                        many => {
+                            let names: Vec<String> = many.iter().flat_map(|i| i.names.clone()).collect();
+                            return Err(Error::new(format!(
+                                "image '{reference}' is ambiguous in {}: it could be {} (fix: give the full name with its registry)",
+                                self.root.display(),
+                                names.join(", ")
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+        if found.is_none() {
+            let hex = reference.strip_prefix("sha256:").unwrap_or(reference).to_ascii_lowercase();
+            if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                let matches: Vec<&PodImage> = images.iter().filter(|i| i.id.starts_with(&hex)).collect();
+                match matches.as_slice() {
+                    [one] => found = Some(one),
+                    [] => {}
+                    _ => return Err(Error::new(format!("image ID prefix '{reference}' is ambiguous in {} (fix: give more digits)", self.root.display()))),
+                }
+            }
+        }
+        let Some(image) = found else {
+            let all: Vec<&String> = images.iter().flat_map(|i| i.names.iter()).collect();
+            let mut msg = format!("image '{reference}' is not in the podman store at {}", self.root.display());
+            if let Some(closest) = all.iter().min_by_key(|n| edit_distance(reference, n)) {
+                msg.push_str(&format!("; closest match: {closest}"));
+            }
+            msg.push_str("\nimages in this store:");
+            for n in &all {
+                msg.push_str(&format!("\n  {n}"));
+            }
+            msg.push_str("\n(fix: set docker_image= / --image to one of these, or podman load the image into the store)");
+            return Err(Error::new(msg));
+        };
+        self.podman_image(image)
+    }
+
+    fn podman_image(&self, image: &PodImage) -> Result<Image> {
+        let layers_path = self.root.join(LAYERS);
+        let all = self.podman_json::<PodLayer>(LAYERS, "layers")?;
+        let mut layers = Vec::new();
+        let mut next = image.layer.clone();
+        while let Some(id) = next {
+            if !is_hex64(&id) || layers.len() > 500 {
+                return Err(Error::new(format!("{} names a malformed layer '{id}' (or a loop): expected 64 lowercase hex", layers_path.display())));
+            }
+            let layer = all.iter().find(|l| l.id == id).ok_or_else(|| {
+                Error::new(format!("layer {id} of image {} is missing from {} (fix: podman pull / load the image again)", image.id, layers_path.display()))
+            })?;
+            if layer.flags.get("incomplete").and_then(|v| v.as_bool()) == Some(true) {
+                return Err(Error::new(format!("layer {id} of image {} is incomplete: podman was interrupted while writing or removing it (fix: podman pull / load the image again)", image.id)));
+            }
+            let home = self.driver_home().join(&id);
+            let dir = home.join("diff");
+            if !dir.is_dir() {
+                return Err(Error::new(format!("layer {id} has no data: {} does not exist (fix: podman pull / load the image again)", dir.display())));
+            }
+            let link = fs::read_to_string(home.join("link")).ok().map(|l| l.trim().to_string()).filter(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric()));
+            layers.push(Layer { chain_id: String::new(), diff_id: String::new(), cache_id: id.clone(), dir, link });
+            next = layer.parent.clone();
+        }
+        Ok(Image { id: format!("sha256:{}", image.id), config: serde_json::Value::Null, driver: Driver::Overlay2, layers, refs: image.names.clone() })
+    }
+}
+
