@@ -159,7 +159,9 @@ fn make_esp(img: &Path, work: &Path, e: &EspFiles) {
         Loader::SystemdBoot => {
             let entries = work.join("entries");
             args.extend(["-o".into(), entries.display().to_string()]);
-            run(layerboot().args(&args));
+            // It prints the files it wrote, one per image, in the order given.
+            let written = run(layerboot().args(&args));
+            let default = Path::new(written.lines().next().unwrap()).file_name().unwrap().to_str().unwrap().to_string();
             mmd("/loader");
             mmd("/loader/entries");
             let mut names: Vec<PathBuf> = fs::read_dir(&entries).unwrap().map(|d| d.unwrap().path()).collect();
@@ -167,7 +169,6 @@ fn make_esp(img: &Path, work: &Path, e: &EspFiles) {
             for p in &names {
                 mcopy(p, &format!("/loader/entries/{}", p.file_name().unwrap().to_str().unwrap()));
             }
-            let default = format!("layerboot-{}.conf", slug(e.images[0]));
             let conf = work.join("loader.conf");
             fs::write(&conf, format!("default {default}\ntimeout 0\nconsole-mode keep\n")).unwrap();
             mcopy(&conf, "/loader/loader.conf");
@@ -192,9 +193,4 @@ fn make_esp(img: &Path, work: &Path, e: &EspFiles) {
             mcopy(&conf, "/EFI/BOOT/refind.conf");
         }
     }
-}
-
-/// As `layerboot entry` names its systemd-boot files.
-fn slug(image: &str) -> String {
-    image.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '-' }).collect()
 }
