@@ -231,20 +231,31 @@ pub fn floor_boot(accel: &str, timeout: Duration) -> Option<f64> {
         .arg("-initrd")
         .arg(floor_initramfs())
         .args(["-append", "console=ttyS0"]);
-    let (_, at) = watch(cmd, "floor-init: started", timeout, None);
-    at.map(|d| d.as_secs_f64())
+    drive(cmd, None, None, Some("floor-init: started"), timeout).stopped_at.map(|d| d.as_secs_f64())
 }
 
-/// Runs QEMU, copying its console to `log` if given, until it exits, `marker` appears
-/// (then it is killed: the power cut) or `timeout` passes. Returns the console text and
-/// when the marker appeared, counted from QEMU's start.
-fn watch(mut cmd: Command, marker: &str, timeout: Duration, log: Option<&Path>) -> (String, Option<Duration>) {
+/// How a QEMU run ended.
+struct Outcome {
+    console: String,
+    /// When the stop marker appeared (counted from QEMU's start); QEMU was then killed.
+    stopped_at: Option<Duration>,
+    /// QEMU's exit status and stderr, if it exited by itself.
+    exited: Option<(std::process::ExitStatus, String)>,
+}
+
+/// Runs QEMU, copying its console to `log` if given and typing `answer.1` once `answer.0`
+/// shows, until it exits, `stop_at` shows (then it is killed: a power cut) or `timeout`
+/// passes (then it is killed too).
+fn drive(mut cmd: Command, log: Option<&Path>, answer: Option<(&str, &str)>, stop_at: Option<&str>, timeout: Duration) -> Outcome {
     use std::io::{Read, Write};
     use std::sync::{Arc, Mutex};
     let start = Instant::now();
-    let Ok(mut child) = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn() else {
-        return (String::new(), None);
-    };
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-system-x86_64 (tests/setup-host.sh installs it)");
     let console = Arc::new(Mutex::new(String::new()));
     let reader = {
         let console = console.clone();
@@ -263,29 +274,42 @@ fn watch(mut cmd: Command, marker: &str, timeout: Duration, log: Option<&Path>) 
             }
         })
     };
-    let mut seen = None;
+    let mut stdin = child.stdin.take();
+    let mut outcome = Outcome { console: String::new(), stopped_at: None, exited: None };
     while start.elapsed() < timeout {
-        if console.lock().unwrap().contains(marker) {
-            seen = Some(start.elapsed());
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            outcome.exited = Some((status, err));
             break;
         }
-        if child.try_wait().ok().flatten().is_some() {
+        let text = console.lock().unwrap();
+        if let (Some((trigger, reply)), Some(input)) = (answer, stdin.as_mut()) {
+            if text.contains(trigger) {
+                let _ = input.write_all(reply.as_bytes());
+                stdin = None; // answered once; closing stdin is harmless to QEMU
+            }
+        }
+        if stop_at.is_some_and(|m| text.contains(m)) {
+            outcome.stopped_at = Some(start.elapsed());
             break;
         }
+        drop(text);
         std::thread::sleep(Duration::from_millis(10));
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    if outcome.exited.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     let _ = reader.join();
-    let text = console.lock().unwrap().clone();
-    (text, seen)
+    outcome.console = console.lock().unwrap().clone();
+    outcome
 }
 
 /// Boots like [`Qemu::run`] but stops as soon as `marker` appears; the seconds from
 /// QEMU's start until then.
 pub fn time_until(q: &Qemu, marker: &str) -> Option<f64> {
-    let (_, at) = watch(q.command(), marker, q.timeout, Some(&q.log));
-    at.map(|d| d.as_secs_f64())
+    drive(q.command(), Some(&q.log), q.answer, Some(marker), q.timeout).stopped_at.map(|d| d.as_secs_f64())
 }
 
 
@@ -344,64 +368,19 @@ impl Qemu<'_> {
     /// Boots until the guest powers off (or reboots: -no-reboot ends QEMU then too) and
     /// returns the serial console's text, which is also kept in `log`.
     pub fn run(&self) -> String {
-        use std::io::{Read, Write};
-        use std::sync::{Arc, Mutex};
-        let mut child = self
-            .command()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("qemu-system-x86_64 (tests/setup-host.sh installs it)");
-        let console = Arc::new(Mutex::new(String::new()));
-        let reader = {
-            let console = console.clone();
-            let mut out = child.stdout.take().unwrap();
-            let mut log = fs::File::create(&self.log).unwrap();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = out.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    let _ = log.write_all(&buf[..n]);
-                    console.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            })
-        };
-        let mut stdin = child.stdin.take();
-        let start = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                reader.join().unwrap();
-                let text = console.lock().unwrap().clone();
-                let mut err = String::new();
-                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-                assert!(status.success(), "qemu failed ({status}): {err}\nconsole:\n{}", tail(&text, 40));
-                return text;
+        let o = drive(self.command(), Some(&self.log), self.answer, self.cut_power_at, self.timeout);
+        match (o.stopped_at, o.exited) {
+            (Some(_), _) => o.console,
+            (None, Some((status, err))) => {
+                assert!(status.success(), "qemu failed ({status}): {err}\nconsole:\n{}", tail(&o.console, 40));
+                o.console
             }
-            if let (Some((trigger, reply)), Some(_)) = (self.answer, &stdin) {
-                if console.lock().unwrap().contains(trigger) {
-                    let _ = stdin.as_mut().unwrap().write_all(reply.as_bytes());
-                    stdin = None; // answered once; closing stdin is harmless to QEMU
-                }
-            }
-            if let Some(marker) = self.cut_power_at {
-                if console.lock().unwrap().contains(marker) {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    reader.join().unwrap();
-                    let text = console.lock().unwrap().clone();
-                    return text;
-                }
-            }
-            if start.elapsed() > self.timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                let text = console.lock().unwrap().clone();
-                panic!("the guest did not power off within {:?}; console ({}):\n{}", self.timeout, self.log.display(), tail(&text, 60));
-            }
-            std::thread::sleep(Duration::from_millis(100));
+            (None, None) => panic!(
+                "the guest did not power off within {:?}; console ({}):\n{}",
+                self.timeout,
+                self.log.display(),
+                tail(&o.console, 60)
+            ),
         }
     }
 }
