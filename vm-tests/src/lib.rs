@@ -140,8 +140,10 @@ pub fn write_toplayer(dir: &Path, hostname: &str) {
 
 const REPORT: &str = r#"#!/bin/sh
 # Prints what booted, for the VM tests, then leaves a marker to see if it survives a boot.
-exec > /dev/console 2>&1
+# The report goes out in one write, so a login prompt printed at the same moment cannot
+# land inside it, and every line carries a tag, so one in front of it does no harm.
 . /etc/os-release
+report() {
 echo "LAYERBOOT-REPORT-BEGIN"
 echo "os: $PRETTY_NAME"
 echo "kernel: $(uname -r)"
@@ -159,6 +161,9 @@ echo "cmdline: $(cat /proc/cmdline)"
 echo "modules: $(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
 echo "init-timing: $(dmesg | grep layerboot_init | grep -o 'switching to .*' | head -n 1)"
 echo "LAYERBOOT-REPORT-END"
+}
+text=$(report 2>&1 | sed 's/^/|lb| /')
+printf '%s\n' "$text" > /dev/console
 echo "written in an earlier boot" > /var/tmp/layerboot-marker
 sync
 "#;
@@ -390,12 +395,17 @@ pub fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// The `key: value` lines the guest printed between the report markers.
+/// What the report puts in front of each of its lines.
+const REPORT_TAG: &str = "|lb| ";
+
+/// The `key: value` lines the guest printed between the report markers (anything the
+/// console printed before a line's tag, such as a login prompt, is dropped).
 pub fn report(console: &str) -> BTreeMap<String, String> {
     let begin = console.find("LAYERBOOT-REPORT-BEGIN").unwrap_or_else(|| panic!("no report on the console:\n{}", tail(console, 80)));
     let end = console[begin..].find("LAYERBOOT-REPORT-END").map(|e| begin + e).expect("report not finished");
     console[begin..end]
         .lines()
+        .filter_map(|l| l.split_once(REPORT_TAG).map(|(_, rest)| rest))
         .filter_map(|l| l.trim_end_matches('\r').split_once(": "))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect()
