@@ -1,13 +1,15 @@
 //! layerboot's boot-time library: everything `/init` does, testable on a host.
 //!
-//! - [`store`], [`reference`], [`lookup`], [`digest`]: read an engine's image store
-//!   offline and turn a reference into the layer directories to mount;
+//! - [`store`], [`reference`], [`lookup`], [`digest`], [`bolt`]: read an engine's image
+//!   store (Docker, podman, containerd) offline and turn a reference into the layer
+//!   directories to mount;
 //! - [`settings`]: kernel command line and `/etc/layerboot.json`;
 //! - [`kmod`], [`coldplug`], [`probe`]: modules, devices and superblocks, without udev;
 //! - [`btrfs`], [`writable`], [`copy`], [`mounts`]: the fresh writable root and the top layer;
 //! - [`switch`], [`console`]: handing over to the image's init, and failing readably;
 //! - [`boot`]: the sequence that ties them together. `src/main.rs` only guards PID 1.
 
+pub mod bolt;
 pub mod boot;
 pub mod btrfs;
 pub mod console;
