@@ -15,8 +15,8 @@ pub struct SourceImage {
 }
 
 impl SourceImage {
-    pub fn open(store: &Path, reference: &str) -> Result<SourceImage, String> {
-        let store = Store::open(store).map_err(|e| e.to_string())?;
+    pub fn open(store: &Path, reference: &str, namespace: Option<&str>) -> Result<SourceImage, String> {
+        let store = Store::open(store).map_err(|e| e.to_string())?.with_namespace(namespace.map(str::to_string));
         let image = store.resolve(reference).map_err(|e| e.to_string())?;
         let view = MergedView::new(&image);
         Ok(SourceImage { view, name: format!("image {reference}") })

@@ -19,6 +19,9 @@ pub struct Args {
     /// the engine's data root holding --image, e.g. /var/lib/docker
     #[argh(option)]
     store: Option<PathBuf>,
+    /// containerd stores: the namespace to look in (default: moby, then default, then the rest)
+    #[argh(option)]
+    namespace: Option<String>,
     /// image whose kernel modules are packed (with --store), and the default image to boot
     #[argh(option)]
     image: Option<String>,
@@ -71,7 +74,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<(), String> {
     let src = match (&args.store, &args.rootfs, &args.image) {
-        (Some(store), None, Some(image)) => SourceImage::open(store, image)?,
+        (Some(store), None, Some(image)) => SourceImage::open(store, image, args.namespace.as_deref())?,
         (None, Some(dir), _) => SourceImage::rootfs(dir)?,
         (Some(_), None, None) => return Err("--store needs --image: which image's kernel modules to pack".into()),
         (Some(_), Some(_), _) => return Err("give either --store with --image, or --rootfs, not both".into()),
@@ -164,6 +167,7 @@ fn config_json(args: &Args, kver: &str, image_init: &str) -> String {
     set("docker_image", &args.image);
     set("docker_path", &Some(args.docker_path.clone().unwrap_or_else(|| DEFAULT_DOCKER_PATH.to_string()).trim_matches('/').to_string()));
     set("layerboot.rw", &args.rw_name);
+    set("layerboot.namespace", &args.namespace);
     set("root", &args.root);
     set("toplayer", &args.toplayer);
     set("toplayer_path", &args.toplayer_path);

@@ -14,6 +14,9 @@ pub struct Args {
     /// the engine's data root, e.g. /var/lib/docker
     #[argh(option)]
     store: PathBuf,
+    /// containerd stores: the namespace to look in (default: moby, then default, then the rest)
+    #[argh(option)]
+    namespace: Option<String>,
     /// print JSON instead of text
     #[argh(switch)]
     json: bool,
@@ -55,7 +58,7 @@ pub fn kernels(view: &MergedView) -> Result<Vec<Kernel>, String> {
 }
 
 pub fn run(args: Args) -> Result<(), String> {
-    let store = Store::open(&args.store).map_err(|e| e.to_string())?;
+    let store = Store::open(&args.store).map_err(|e| e.to_string())?.with_namespace(args.namespace.clone());
     match &args.reference {
         Some(r) => show(&store, r, args.json),
         None => list(&store, args.json),
@@ -71,7 +74,7 @@ fn list(store: &Store, as_json: bool) -> Result<(), String> {
     let mut rows = Vec::new();
     for entry in store.images().map_err(|e| e.to_string())? {
         // A damaged image is listed with its error rather than hiding the rest.
-        let (layers, kernels, error) = match store.load(&entry.id) {
+        let (layers, kernels, error) = match store.load(&entry) {
             Ok(img) => (Some(img.layers.len()), kernels(&MergedView::new(&img))?, None),
             Err(e) => (None, Vec::new(), Some(e.to_string())),
         };
@@ -81,20 +84,19 @@ fn list(store: &Store, as_json: bool) -> Result<(), String> {
         let v: Vec<_> = rows
             .iter()
             .map(|(e, layers, kernels, error)| {
-                json!({"id": e.id, "refs": e.refs, "driver": store.driver(), "layers": layers, "kernels": kernels, "error": error})
+                json!({"id": e.id, "refs": e.refs, "namespace": e.namespace, "driver": store.driver(), "layers": layers, "kernels": kernels, "error": error})
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&json!({"store": store.root(), "engine": store.engine(), "driver": store.driver(), "images": v})).unwrap());
         return Ok(());
     }
-    let engine = match store.engine() {
-        layerboot_init::store::Engine::Docker => "docker",
-        layerboot_init::store::Engine::Podman => "podman",
-    };
-    println!("store {} ({engine}, {} driver)", store.root().display(), store.driver().name());
+    println!("store {} ({}, {} driver)", store.root().display(), store.engine().name(), store.driver().name());
     println!("{:<36} {:<12} {:>6}  KERNELS", "REFS", "IMAGE ID", "LAYERS");
     for (entry, layers, kernels, error) in rows {
-        let refs = if entry.refs.is_empty() { "<none>".to_string() } else { entry.refs.join(", ") };
+        let mut refs = if entry.refs.is_empty() { "<none>".to_string() } else { entry.refs.join(", ") };
+        if let Some(ns) = &entry.namespace {
+            refs = format!("{ns}: {refs}");
+        }
         let layers = layers.map_or("?".to_string(), |n| n.to_string());
         let kernels = match error {
             Some(e) => format!("ERROR: {e}"),
@@ -111,7 +113,7 @@ fn show(store: &Store, reference: &str, as_json: bool) -> Result<(), String> {
     let kernels = kernels(&MergedView::new(&img))?;
     if as_json {
         let v = json!({
-            "store": store.root(), "driver": img.driver, "id": img.id, "refs": img.refs,
+            "store": store.root(), "engine": store.engine(), "namespace": img.namespace, "driver": img.driver, "id": img.id, "refs": img.refs,
             "layers": img.layers, "kernels": kernels,
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap());
@@ -119,6 +121,9 @@ fn show(store: &Store, reference: &str, as_json: bool) -> Result<(), String> {
     }
     println!("image    {}", img.id);
     println!("refs     {}", img.refs.join(", "));
+    if let Some(ns) = &img.namespace {
+        println!("engine   {} (namespace {ns})", store.engine().name());
+    }
     println!("driver   {}", img.driver.name());
     println!("layers   {} (topmost first)", img.layers.len());
     for l in &img.layers {

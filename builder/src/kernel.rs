@@ -13,6 +13,9 @@ pub struct Args {
     /// the engine's data root, e.g. /var/lib/docker
     #[argh(option)]
     store: PathBuf,
+    /// containerd stores: the namespace to look in (default: moby, then default, then the rest)
+    #[argh(option)]
+    namespace: Option<String>,
     /// image reference
     #[argh(option)]
     image: String,
@@ -25,7 +28,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<(), String> {
-    let src = SourceImage::open(&args.store, &args.image)?;
+    let src = SourceImage::open(&args.store, &args.image, args.namespace.as_deref())?;
     let kernel = src.kernel(args.kver.as_deref(), |k| k.vmlinuz.is_some())?;
     let from = src.host_path(kernel.vmlinuz.as_deref().unwrap())?;
     let data = std::fs::read(&from).map_err(|e| format!("cannot read {}: {e}", from.display()))?;

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use layerboot_init::lookup::{is_opaque, is_whiteout, MergedView};
-use layerboot_init::store::{Driver, Store};
+use layerboot_init::store::{Driver, Engine, Store};
 
 fn fixtures() -> PathBuf {
     std::env::var_os("LAYERBOOT_FIXTURES")
@@ -24,6 +24,11 @@ fn store(driver: &str) -> Store {
 /// The podman (containers-storage) store on the overlay2 fixture's filesystem.
 fn podman_store() -> Store {
     open_store("overlay2", "var/lib/containers/storage")
+}
+
+/// containerd's store (Docker 29's default), on its own btrfs fixture filesystem.
+fn containerd_store() -> Store {
+    open_store("containerd", "var/lib/containerd")
 }
 
 fn open_store(fs: &str, path: &str) -> Store {
@@ -134,9 +139,67 @@ fn podman_store_resolves_docker_and_podman_spellings() {
 }
 
 #[test]
+fn containerd_store_resolves_every_spelling_in_its_namespaces() {
+    let s = containerd_store();
+    assert_eq!(s.engine(), Engine::Containerd);
+    let docker = store("overlay2");
+    let chains = |img: &layerboot_init::store::Image| img.layers.iter().map(|l| l.chain_id.clone()).collect::<Vec<_>>();
+    let demo = s.resolve("layerboot/demo").unwrap();
+    // Its ID is the manifest digest, as `docker images` shows it in containerd mode.
+    let id = demo.id.clone();
+    let digest_ref = format!("layerboot/demo@{id}");
+    for r in [
+        "layerboot/demo", "layerboot/demo:latest", "docker.io/layerboot/demo:latest", "index.docker.io/layerboot/demo",
+        "layerboot/demo:v1", "localhost:5000/lb/demo:t", "demo", "docker.io/library/demo:latest", &digest_ref, &id, &id[7..19],
+    ] {
+        let img = s.resolve(r).unwrap_or_else(|e| panic!("{r}: {e}"));
+        assert_eq!((img.id.as_str(), img.namespace.as_deref(), img.driver), (id.as_str(), Some("moby"), Driver::Overlay2), "{r}");
+    }
+    // The same layers, by chain ID, as Docker's own store of the same image; and where the
+    // overlayfs snapshotter keeps them.
+    assert_eq!(chains(&demo), chains(&docker.resolve("layerboot/demo").unwrap()));
+    let home = s.root().join("io.containerd.snapshotter.v1.overlayfs/snapshots");
+    assert!(demo.layers.iter().all(|l| l.dir.starts_with(&home) && l.dir.ends_with("fs") && l.dir.is_dir()), "{:?}", demo.layers);
+
+    // moby comes before default; default's copy is unpacked with the btrfs snapshotter.
+    let v2 = s.resolve("layerboot/demo:v2").unwrap();
+    assert_eq!((v2.namespace.as_deref(), v2.driver), (Some("moby"), Driver::Overlay2));
+    let btrfs = s.resolve("lb/ctr:btrfs").unwrap();
+    assert_eq!((btrfs.namespace.as_deref(), btrfs.driver), (Some("default"), Driver::Btrfs));
+    assert_eq!(chains(&btrfs), chains(&v2));
+    assert!(btrfs.layers[0].dir.starts_with(s.root().join("io.containerd.snapshotter.v1.btrfs/snapshots")));
+    let default_v2 = s.clone().with_namespace(Some("default".into())).resolve("layerboot/demo:v2").unwrap();
+    assert_eq!(default_v2.driver, Driver::Btrfs);
+
+    // The same name in two namespaces that are neither moby nor default: ambiguous.
+    let e = s.resolve("lb/twice:1").unwrap_err().to_string();
+    assert!(e.contains("in several containerd namespaces") && e.contains("a (docker.io/lb/twice:1)") && e.contains("layerboot.namespace="), "{e}");
+    // Named, but never unpacked: the error says how to unpack it.
+    let e = s.clone().with_namespace(Some("a".into())).resolve("lb/twice:1").unwrap_err().to_string();
+    assert!(e.contains("is not unpacked") && e.contains("ctr -n a images unpack"), "{e}");
+    let e = s.resolve("layerboot/demo:v3").unwrap_err().to_string();
+    assert!(e.contains("not in the containerd store") && e.contains("closest match: docker.io/layerboot/demo:v") && e.contains("(namespace moby)"), "{e}");
+    let e = s.clone().with_namespace(Some("nope".into())).resolve("layerboot/demo").unwrap_err().to_string();
+    assert!(e.contains("namespace nope") && e.contains("holds no images"), "{e}");
+
+    // Docker 29 with the containerd it runs itself: <data-root>/containerd/daemon.
+    let data_root = tempfile::tempdir().unwrap();
+    fs::create_dir(data_root.path().join("containerd")).unwrap();
+    std::os::unix::fs::symlink(s.root(), data_root.path().join("containerd/daemon")).unwrap();
+    let managed = Store::open(data_root.path()).unwrap();
+    assert_eq!(managed.engine(), Engine::Containerd);
+    assert_eq!(managed.resolve("demo").unwrap().id, id);
+}
+
+#[test]
 fn merged_view_equals_docker_export() {
-    for name in ["btrfs", "overlay2", "podman"] {
-        let s = if name == "podman" { podman_store() } else { store(name) };
+    for name in ["btrfs", "overlay2", "podman", "containerd", "containerd-btrfs"] {
+        let s = match name {
+            "podman" => podman_store(),
+            "containerd" => containerd_store(),
+            "containerd-btrfs" => containerd_store().with_namespace(Some("default".into())),
+            _ => store(name),
+        };
         for tag in ["latest", "v2"] {
             let img = s.resolve(&format!("layerboot/demo:{tag}")).unwrap();
             let view = MergedView::new(&img);
@@ -228,6 +291,15 @@ fn inspect_lists_images_with_kernels_and_fails_clearly_on_unknown_refs() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("image 'nope:1' is not in the") && err.contains("layerboot/demo:v2"), "{err}");
     }
+    let root = containerd_store().root().display().to_string();
+    let out = layerboot(&["inspect", "--store", &root]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("(containerd, overlay2 driver)"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("moby: docker.io/layerboot/demo:latest") && l.contains("-amd64")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("a: docker.io/lb/twice:1") && l.contains("not unpacked")), "{text}");
+    let out = layerboot(&["inspect", "--store", &root, "--namespace", "default", "--json", "layerboot/demo:v2"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["namespace"].as_str(), v["driver"].as_str(), v["engine"].as_str()), (Some("default"), Some("btrfs"), Some("containerd")));
     let out = layerboot(&["inspect", "--store", "/nonexistent"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("does not exist"));
 }

@@ -89,7 +89,7 @@ impl Boot {
 
         let data_root = store_mount.join(&settings.docker_path);
         self.mark("store partition mounted");
-        let store = Store::open(&data_root).context("reading the image store (docker_path=)")?;
+        let store = Store::open(&data_root).context("reading the image store (docker_path=)")?.with_namespace(settings.namespace.clone());
         let image = store.resolve(&settings.image).context("finding the image to boot (docker_image=)")?;
         self.stage("image", &format!("{} is {} ({} layers, {})", settings.image, image.id, image.layers.len(), image.driver.name()));
 
@@ -128,7 +128,7 @@ impl Boot {
             let _ = unmount(Path::new(TOPLAYER_MOUNT));
         }
         self.mark("new root mounted");
-        write_boot_record(&settings, &image);
+        write_boot_record(&settings, &store, &image);
         check_init(new_root, &settings.init)?;
         self.mark("init checked");
         let total = self.started.elapsed();
@@ -301,7 +301,8 @@ fn store_options(fstype: &str, flags: &[String]) -> String {
 }
 
 fn mount_overlay(image: &Image, store: &Store, layer: &Path, target: &Path, flags: MountFlags) -> Result<()> {
-    let home = store.driver_home();
+    // A containerd store may have no overlayfs snapshots at all (btrfs snapshotter only).
+    let home = Some(store.driver_home()).filter(|h| h.is_dir()).unwrap_or_else(|| PathBuf::from("/"));
     let data = overlay_data(image, &home, &layer.join("upper"), &layer.join("work"))?;
     // The lower dirs are relative to the driver's home (see overlay_data).
     nix::unistd::chdir(&home).map_err(|e| Error::io("cannot enter", &home, e))?;
@@ -479,10 +480,10 @@ impl KernelModules {
 }
 
 /// `/run/layerboot/booted.json`: which image and layer this boot came from, for the booted system.
-fn write_boot_record(s: &Settings, image: &Image) {
+fn write_boot_record(s: &Settings, store: &Store, image: &Image) {
     let record = serde_json::json!({
         "image": s.image, "id": image.id, "driver": image.driver, "layer": s.rw_name,
-        "store": Path::new(STORE_MOUNT).join(&s.docker_path),
+        "store": store.root(), "engine": store.engine(), "namespace": image.namespace,
     });
     let _ = fs::write("/run/layerboot/booted.json", format!("{record}\n"));
 }

@@ -105,6 +105,8 @@ pub struct Settings {
     pub debug: bool,
     /// `layerboot.modules=a,b`: loaded whatever the devices.
     pub modules: Vec<String>,
+    /// `layerboot.namespace=NS`: the containerd namespace to boot from (default: search).
+    pub namespace: Option<String>,
     /// `layerboot.keep=N`: previous writable layers kept (`NAME.prev`, `NAME.prev.2`, …).
     pub keep: usize,
     /// `layerboot.mode=keep`: reuse the layer if it was made from the same image.
@@ -222,6 +224,7 @@ impl Settings {
                 Some(v) => return Err(Error::new(format!("layerboot.upper={v} is unknown: use layerboot.upper=disk (the default) or tmpfs"))),
             },
             modules: get("layerboot.modules").unwrap_or("").split(',').filter(|m| !m.is_empty()).map(str::to_string).collect(),
+            namespace: nonempty("layerboot.namespace").map(str::to_string),
         })
     }
 }
@@ -266,6 +269,10 @@ mod tests {
         let s = settings("root=/dev/vda layerboot.keep=3 layerboot.mode=keep layerboot.upper=tmpfs layerboot.modules=nvme,xhci_pci", &config).unwrap();
         assert_eq!((s.keep, s.mode_keep, s.upper_tmpfs), (3, true, true));
         assert_eq!(s.modules, ["nvme", "xhci_pci"]);
+        assert_eq!(s.namespace, None);
+        config.defaults.insert("layerboot.namespace".into(), "moby".into());
+        assert_eq!(settings("root=/dev/vda", &config).unwrap().namespace.as_deref(), Some("moby"));
+        assert_eq!(settings("root=/dev/vda layerboot.namespace=k8s.io", &config).unwrap().namespace.as_deref(), Some("k8s.io"));
         let s = settings("root=/dev/vda docker_image=x:2 init=/bin/sh rootwait \"layerboot.rw=a\" docker_image=x:3", &config).unwrap();
         assert_eq!((s.image.as_str(), s.init.as_str(), s.rw_name.as_str()), ("x:3", "/bin/sh", "a"));
         assert_eq!(s.timeout, None);

@@ -186,8 +186,9 @@ pub fn overlay_data(image: &Image, driver_home: &Path, upper: &Path, work: &Path
         .iter()
         .map(|l| match &l.link {
             Some(link) if driver_home.join("l").join(link).exists() => format!("l/{link}"),
-            _ if image.driver == Driver::Btrfs => l.dir.display().to_string(),
-            _ => format!("{}/diff", l.cache_id),
+            // Relative to the driver's home where the layer lies under it (podman,
+            // containerd's `<id>/fs`), else absolute.
+            _ => l.dir.strip_prefix(driver_home).unwrap_or(&l.dir).display().to_string(),
         })
         .collect();
     if lowers.is_empty() {

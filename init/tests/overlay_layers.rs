@@ -23,7 +23,7 @@ fn image_with_layers(home: &Path, n: usize, links: bool) -> Image {
         std::os::unix::fs::symlink(format!("../{cache_id}/diff"), home.join("l").join(&link)).unwrap();
         layers.push(Layer { chain_id: String::new(), diff_id: String::new(), cache_id, dir: diff, link: links.then_some(link) });
     }
-    Image { id: format!("sha256:{}", "b".repeat(64)), config: serde_json::json!({}), driver: Driver::Overlay2, layers, refs: vec![] }
+    Image { id: format!("sha256:{}", "b".repeat(64)), config: serde_json::json!({}), driver: Driver::Overlay2, layers, refs: vec![], namespace: None }
 }
 
 #[test]

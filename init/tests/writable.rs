@@ -47,7 +47,7 @@ fn image(top: &Path, driver: Driver) -> Image {
         dir: top.to_path_buf(),
         link: None,
     };
-    Image { id: format!("sha256:{}", "a".repeat(64)), config: serde_json::json!({}), driver, layers: vec![layer], refs: vec![] }
+    Image { id: format!("sha256:{}", "a".repeat(64)), config: serde_json::json!({}), driver, layers: vec![layer], refs: vec![], namespace: None }
 }
 
 #[test]

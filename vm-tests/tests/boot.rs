@@ -31,25 +31,34 @@ fn tree(dir: &Path) -> BTreeMap<String, (u32, u32, u64, i64, i64)> {
     out
 }
 
-/// The layer directories of `reference` in the store at `data_root`, as `layerboot inspect` reports them.
-fn layer_dirs(data_root: &Path, reference: &str) -> Vec<String> {
-    let out = run(layerboot().args(["inspect", "--json", "--store"]).arg(data_root).arg(reference));
+/// The layer directories of `reference` in the store at `data_root`, with the image's
+/// driver, as `layerboot inspect` reports them.
+fn layer_dirs(data_root: &Path, args: &[&str], reference: &str) -> Vec<(String, String)> {
+    let out = run(layerboot().args(["inspect", "--json", "--store"]).arg(data_root).args(args).arg(reference));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["layers"].as_array().unwrap().iter().map(|l| l["dir"].as_str().unwrap().to_string()).collect()
+    let driver = v["driver"].as_str().unwrap().to_string();
+    v["layers"].as_array().unwrap().iter().map(|l| (l["dir"].as_str().unwrap().to_string(), driver.clone())).collect()
 }
 
 /// The image layers in the booted copy are file-for-file those of the pristine fixture.
 fn assert_store_untouched(driver: &str, disk: &Path, dir: &Path) {
-    let pristine = fixture_store(driver);
+    assert_layers_untouched(driver, "var/lib/docker", &[], disk, dir, &["layerboot/demo:latest", "layerboot/demo:v2"]);
+}
+
+/// Each of `refs` (in the store at `data_root` of fixture filesystem `fixture`, looked up
+/// with `args`) has the same layers, file for file, in the booted copy `disk` as in the
+/// pristine fixture.
+fn assert_layers_untouched(fixture: &str, data_root: &str, args: &[&str], disk: &Path, dir: &Path, refs: &[&str]) {
+    let pristine = fixtures().join("mnt").join(fixture).join(data_root);
     let _m = LoopMount::new(disk, &dir.join("check"), true);
-    let booted = dir.join("check/var/lib/docker");
-    for tag in ["layerboot/demo:latest", "layerboot/demo:v2"] {
-        let (a, b) = (layer_dirs(&pristine, tag), layer_dirs(&booted, tag));
+    let booted = dir.join("check").join(data_root);
+    for r in refs {
+        let (a, b) = (layer_dirs(&pristine, args, r), layer_dirs(&booted, args, r));
         assert_eq!(a.len(), b.len());
-        // btrfs: the top subvolume is the whole tree; overlay2: every layer's diff.
-        let n = if driver == "btrfs" { 1 } else { a.len() };
-        for (x, y) in a.iter().zip(&b).take(n) {
-            assert!(tree(Path::new(x)) == tree(Path::new(y)), "{driver}: layer {y} was modified by booting");
+        // btrfs: the top subvolume is the whole tree; overlay: every layer's diff.
+        let n = if a[0].1 == "btrfs" { 1 } else { a.len() };
+        for ((x, _), (y, _)) in a.iter().zip(&b).take(n) {
+            assert!(tree(Path::new(x)) == tree(Path::new(y)), "{fixture}: layer {y} was modified by booting");
         }
     }
 }
@@ -368,4 +377,32 @@ fn podman_store_boots_by_its_local_name() {
     common_checks(&r, "vm-podman", "v2");
     assert!(r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"), "{}", r["root"]);
     assert!(r["booted"].contains("var/lib/containers/storage"), "{}", r["booted"]);
+}
+
+/// containerd's store, as Docker 29 keeps images by default: the image in Docker's `moby`
+/// namespace boots as an overlay of the overlayfs snapshotter's layers; then, from the
+/// same disk, one that `ctr` unpacked with the btrfs snapshotter in `default` boots as a
+/// btrfs snapshot. The store's snapshots are untouched afterwards.
+#[test]
+fn containerd_store_boots_from_both_snapshotters() {
+    let dir = work_dir("containerd");
+    let disk = store_disk_with_toplayer("containerd", &dir, "vm-containerd");
+    let base = "root=LABEL=lb-containerd docker_path=var/lib/containerd toplayer=LABEL=lb-containerd toplayer_path=/toplayer layerboot.rescue_timeout=0";
+
+    let console = Qemu::new(vec![disk.clone()], format!("{base} docker_image=layerboot/demo:v2"), dir.join("boot1.log")).run();
+    no_panic(&console);
+    let r = report(&console);
+    common_checks(&r, "vm-containerd", "v2");
+    assert!(r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"), "{}", r["root"]);
+    assert!(r["booted"].contains(r#""engine":"containerd""#) && r["booted"].contains(r#""namespace":"moby""#), "{}", r["booted"]);
+
+    let console = Qemu::new(vec![disk.clone()], format!("{base} docker_image=lb/ctr:btrfs"), dir.join("boot2.log")).run();
+    no_panic(&console);
+    let r = report(&console);
+    common_checks(&r, "vm-containerd", "v2");
+    assert!(r["root"].starts_with("btrfs ") && r["root"].contains("subvol=/layerboot-rw"), "{}", r["root"]);
+    assert!(r["booted"].contains(r#""namespace":"default""#) && r["booted"].contains(r#""driver":"btrfs""#), "{}", r["booted"]);
+
+    assert_layers_untouched("containerd", "var/lib/containerd", &[], &disk, &dir, &["layerboot/demo:v2"]);
+    assert_layers_untouched("containerd", "var/lib/containerd", &["--namespace", "default"], &disk, &dir, &["layerboot/demo:v2"]);
 }

@@ -58,6 +58,8 @@ pub struct Image {
     pub layers: Vec<Layer>,
     /// The refs in the tag store that point at this image.
     pub refs: Vec<String>,
+    /// containerd: the namespace the image was found in.
+    pub namespace: Option<String>,
 }
 
 /// An image as listed by [`Store::images`].
@@ -65,6 +67,8 @@ pub struct Image {
 pub struct ImageEntry {
     pub id: String,
     pub refs: Vec<String>,
+    /// containerd: the namespace holding these refs (an ID may be in several).
+    pub namespace: Option<String>,
 }
 
 /// The tag store's content: familiar name → familiar ref string → image ID.
@@ -84,6 +88,18 @@ pub enum Engine {
     Docker,
     /// containers-storage, as podman and buildah write it (`/var/lib/containers/storage`).
     Podman,
+    /// containerd's image store (`/var/lib/containerd`), Docker 29's default.
+    Containerd,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Docker => "docker",
+            Engine::Podman => "podman",
+            Engine::Containerd => "containerd",
+        }
+    }
 }
 
 /// An engine's data root opened for reading.
@@ -92,10 +108,14 @@ pub struct Store {
     root: PathBuf,
     driver: Driver,
     engine: Engine,
+    /// containerd: search only this namespace (`layerboot.namespace=`, `--namespace`).
+    namespace: Option<String>,
 }
 
 impl Store {
-    /// Opens the data root and detects its driver from `image/<driver>/repositories.json`.
+    /// Opens the data root and detects the engine and driver: Docker's graphdriver store
+    /// (`image/<driver>/repositories.json`), podman's, or containerd's (at the root, or
+    /// the one dockerd manages under it).
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
         if !root.is_dir() {
@@ -106,7 +126,10 @@ impl Store {
             )));
         }
         if root.join(podman::IMAGES).is_file() {
-            return Ok(Store { root, driver: Driver::Overlay2, engine: Engine::Podman });
+            return Ok(Store { root, driver: Driver::Overlay2, engine: Engine::Podman, namespace: None });
+        }
+        if root.join(containerd::META_DB).is_file() {
+            return Ok(Store::containerd(root));
         }
         let found: Vec<Driver> = Driver::ALL
             .into_iter()
@@ -120,13 +143,19 @@ impl Store {
             .collect();
         let driver = match (found.as_slice(), in_use.as_slice()) {
             ([d], _) | (_, [d]) => *d,
+            // Docker 29 in containerd mode with the containerd it runs itself.
+            ([], _) if root.join(containerd::DOCKERD_MANAGED).join(containerd::META_DB).is_file() => {
+                return Ok(Store::containerd(root.join(containerd::DOCKERD_MANAGED)))
+            }
             ([], _) => {
                 return Err(Error::new(format!(
                     "{} is not an image store layerboot reads: neither image/btrfs/repositories.json nor \
-                     image/overlay2/repositories.json (Docker) nor {} (podman) exists \
-                     (fix: check docker_path= / --store; containerd stores are not supported yet)",
+                     image/overlay2/repositories.json (Docker) nor {} (podman) nor {} (containerd) exists \
+                     (fix: point docker_path= / --store at the engine's data root: var/lib/docker, \
+                     var/lib/containers/storage or var/lib/containerd)",
                     root.display(),
-                    podman::IMAGES
+                    podman::IMAGES,
+                    containerd::META_DB
                 )))
             }
             _ => {
@@ -137,7 +166,21 @@ impl Store {
                 )))
             }
         };
-        Ok(Store { root, driver, engine: Engine::Docker })
+        Ok(Store { root, driver, engine: Engine::Docker, namespace: None })
+    }
+
+    /// containerd's store; its driver is the first snapshotter holding snapshots
+    /// (each image says which one its own layers are in).
+    fn containerd(root: PathBuf) -> Store {
+        let has = |sn: &str| fs::read_dir(root.join(format!("io.containerd.snapshotter.v1.{sn}/snapshots"))).is_ok_and(|mut d| d.next().is_some());
+        let driver = if !has("overlayfs") && has("btrfs") { Driver::Btrfs } else { Driver::Overlay2 };
+        Store { root, driver, engine: Engine::Containerd, namespace: None }
+    }
+
+    /// Limits a containerd store to one namespace; other stores have none.
+    pub fn with_namespace(mut self, namespace: Option<String>) -> Store {
+        self.namespace = namespace.filter(|n| !n.is_empty());
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -154,6 +197,7 @@ impl Store {
         match self.engine {
             Engine::Docker => self.root.join(self.driver.name()),
             Engine::Podman => self.root.join("overlay"),
+            Engine::Containerd => containerd::overlayfs_home(&self.root),
         }
     }
 
@@ -180,8 +224,10 @@ impl Store {
 
     /// Every image in the store, tagged ones and untagged ones, sorted by first ref.
     pub fn images(&self) -> Result<Vec<ImageEntry>> {
-        if self.engine == Engine::Podman {
-            return self.podman_images();
+        match self.engine {
+            Engine::Podman => return self.podman_images(),
+            Engine::Containerd => return self.containerd_images(),
+            Engine::Docker => {}
         }
         let mut by_id: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (_, refs) in self.repositories()? {
@@ -192,7 +238,7 @@ impl Store {
         for hex in self.image_ids()? {
             by_id.entry(format!("sha256:{hex}")).or_default();
         }
-        let mut out: Vec<ImageEntry> = by_id.into_iter().map(|(id, refs)| ImageEntry { id, refs }).collect();
+        let mut out: Vec<ImageEntry> = by_id.into_iter().map(|(id, refs)| ImageEntry { id, refs, namespace: None }).collect();
         out.sort_by(|a, b| (a.refs.is_empty(), &a.refs).cmp(&(b.refs.is_empty(), &b.refs)));
         Ok(out)
     }
@@ -212,8 +258,10 @@ impl Store {
     /// Resolves a reference as `docker run` would: a tag or digest ref first, then an
     /// image ID or unique ID prefix.
     pub fn resolve(&self, reference: &str) -> Result<Image> {
-        if self.engine == Engine::Podman {
-            return self.podman_resolve(reference);
+        match self.engine {
+            Engine::Podman => return self.podman_resolve(reference),
+            Engine::Containerd => return self.containerd_resolve(reference),
+            Engine::Docker => {}
         }
         let repos = self.repositories()?;
         let id = self.resolve_id(reference, &repos)?;
@@ -272,12 +320,13 @@ impl Store {
         Error::new(msg)
     }
 
-    /// Loads image `id` (`sha256:<hex>`): verified config, then its layers via layerdb.
-    pub fn load(&self, id: &str) -> Result<Image> {
-        if self.engine == Engine::Podman {
-            return self.podman_resolve(id);
+    /// Loads an image [`Store::images`] listed.
+    pub fn load(&self, entry: &ImageEntry) -> Result<Image> {
+        match self.engine {
+            Engine::Podman => self.podman_resolve(&entry.id),
+            Engine::Containerd => self.containerd_load(entry),
+            Engine::Docker => self.load_with(&entry.id, &self.repositories()?),
         }
-        self.load_with(id, &self.repositories()?)
     }
 
     fn load_with(&self, id: &str, repos: &Repos) -> Result<Image> {
@@ -302,7 +351,7 @@ impl Store {
             layers.push(self.layer(chain, diff)?);
         }
         let refs = repos.values().flat_map(|m| m.iter()).filter(|(_, v)| *v == id).map(|(k, _)| k.clone()).collect();
-        Ok(Image { id: id.to_string(), config, driver: self.driver, layers, refs })
+        Ok(Image { id: id.to_string(), config, driver: self.driver, layers, refs, namespace: None })
     }
 
     fn repositories_path(&self) -> PathBuf {
@@ -357,7 +406,7 @@ impl Store {
     }
 }
 
-fn diff_ids(config: &serde_json::Value, path: &Path) -> Result<Vec<String>> {
+pub(super) fn diff_ids(config: &serde_json::Value, path: &Path) -> Result<Vec<String>> {
     let ids = config.pointer("/rootfs/diff_ids").and_then(|v| v.as_array()).ok_or_else(|| {
         Error::new(format!("image config {} has no rootfs.diff_ids list", path.display()))
     })?;
@@ -397,6 +446,7 @@ pub(super) fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+mod containerd;
 mod podman;
 #[cfg(test)]
 mod tests;

@@ -42,7 +42,7 @@ impl Store {
         let mut out: Vec<ImageEntry> = self
             .podman_json::<PodImage>(IMAGES, "images")?
             .into_iter()
-            .map(|i| ImageEntry { id: format!("sha256:{}", i.id), refs: i.names })
+            .map(|i| ImageEntry { id: format!("sha256:{}", i.id), refs: i.names, namespace: None })
             .collect();
         out.sort_by(|a, b| (a.refs.is_empty(), &a.refs).cmp(&(b.refs.is_empty(), &b.refs)));
         Ok(out)
@@ -133,7 +133,7 @@ impl Store {
             layers.push(Layer { chain_id: String::new(), diff_id: String::new(), cache_id: id.clone(), dir, link });
             next = layer.parent.clone();
         }
-        Ok(Image { id: format!("sha256:{}", image.id), config: serde_json::Value::Null, driver: Driver::Overlay2, layers, refs: image.names.clone() })
+        Ok(Image { id: format!("sha256:{}", image.id), config: serde_json::Value::Null, driver: Driver::Overlay2, layers, refs: image.names.clone(), namespace: None })
     }
 }
 
