@@ -191,11 +191,62 @@ fn containerd_store_resolves_every_spelling_in_its_namespaces() {
     assert_eq!(managed.resolve("demo").unwrap().id, id);
 }
 
+/// Compares `view` with `docker export` of the same image (`export-<name>.tar`) file by
+/// file: type, mode, owner, size, link target, mtime; nothing missing, nothing extra.
+/// Returns how many entries were compared.
+fn assert_matches_export(view: &MergedView, export: &str, label: &str) -> usize {
+    let file = fs::File::open(fixtures().join(format!("export-{export}.tar"))).unwrap();
+    let mut archive = tar::Archive::new(file);
+    let mut in_tar = BTreeSet::new();
+    let mut hardlinks: Vec<(String, String)> = Vec::new();
+    let mut checked = 0;
+    for entry in archive.entries().unwrap() {
+        let entry = entry.unwrap();
+        let h = entry.header();
+        let path = format!("/{}", entry.path().unwrap().display()).trim_end_matches('/').to_string();
+        let path = if path.is_empty() { "/".to_string() } else { path };
+        in_tar.insert(path.clone());
+        if INIT_LAYER.contains(&path.as_str()) || INIT_LAYER.iter().any(|p| path.starts_with(&format!("{p}/"))) {
+            continue;
+        }
+        // The init layer also makes /dev for an image that has none (one FROM scratch).
+        if path == "/dev" && view.lookup("/dev").unwrap().is_none() {
+            continue;
+        }
+        let link = entry.link_name().unwrap().map(|l| l.display().to_string());
+        if h.entry_type() == tar::EntryType::Link {
+            hardlinks.push((path, format!("/{}", link.unwrap())));
+            continue;
+        }
+        let e = view.lookup(&path).unwrap().unwrap_or_else(|| panic!("{label}: {path} is in the export but not in the merged view"));
+        let target = fs::read_link(&e.host_path).ok().map(|l| l.display().to_string());
+        let want = tar_describe(h, link, entry.size());
+        let mut got = describe(&e.metadata, target);
+        if e.metadata.is_dir() {
+            // Directory mtimes differ between engines' copies; compare the rest.
+            got = got.replace(&format!("mtime {}", e.metadata.mtime()), "");
+        }
+        assert_eq!(got, want, "{label}: {path}");
+        checked += 1;
+    }
+    for (path, target) in hardlinks {
+        let a = view.lookup(&path).unwrap().unwrap().metadata;
+        let b = view.lookup(&target).unwrap().unwrap().metadata;
+        assert!(a.is_file() && a.len() == b.len(), "{label}: hard link {path} -> {target}");
+    }
+    let mut in_view = BTreeSet::new();
+    walk(view, "/", &mut in_view);
+    let extra: Vec<_> = in_view.difference(&in_tar).filter(|p| !INIT_LAYER.contains(&p.as_str())).collect();
+    assert!(extra.is_empty(), "{label}: in the merged view but not in the export: {extra:?}");
+    checked
+}
+
 #[test]
 fn merged_view_equals_docker_export() {
-    for name in ["btrfs", "overlay2", "podman", "containerd", "containerd-btrfs"] {
+    for name in ["btrfs", "overlay2", "podman", "podman-btrfs", "containerd", "containerd-btrfs"] {
         let s = match name {
             "podman" => podman_store(),
+            "podman-btrfs" => open_store("btrfs", "var/lib/containers/storage"),
             "containerd" => containerd_store(),
             "containerd-btrfs" => containerd_store().with_namespace(Some("default".into())),
             _ => store(name),
@@ -203,45 +254,7 @@ fn merged_view_equals_docker_export() {
         for tag in ["latest", "v2"] {
             let img = s.resolve(&format!("layerboot/demo:{tag}")).unwrap();
             let view = MergedView::new(&img);
-            let file = fs::File::open(fixtures().join(format!("export-{tag}.tar"))).unwrap();
-            let mut archive = tar::Archive::new(file);
-            let mut in_tar = BTreeSet::new();
-            let mut hardlinks: Vec<(String, String)> = Vec::new();
-            let mut checked = 0;
-            for entry in archive.entries().unwrap() {
-                let entry = entry.unwrap();
-                let h = entry.header();
-                let path = format!("/{}", entry.path().unwrap().display()).trim_end_matches('/').to_string();
-                let path = if path.is_empty() { "/".to_string() } else { path };
-                in_tar.insert(path.clone());
-                if INIT_LAYER.contains(&path.as_str()) || INIT_LAYER.iter().any(|p| path.starts_with(&format!("{p}/"))) {
-                    continue;
-                }
-                let link = entry.link_name().unwrap().map(|l| l.display().to_string());
-                if h.entry_type() == tar::EntryType::Link {
-                    hardlinks.push((path, format!("/{}", link.unwrap())));
-                    continue;
-                }
-                let e = view.lookup(&path).unwrap().unwrap_or_else(|| panic!("{name} {tag}: {path} is in the export but not in the merged view"));
-                let target = fs::read_link(&e.host_path).ok().map(|l| l.display().to_string());
-                let want = tar_describe(h, link, entry.size());
-                let mut got = describe(&e.metadata, target);
-                if e.metadata.is_dir() {
-                    // Directory mtimes differ between engines' copies; compare the rest.
-                    got = got.replace(&format!("mtime {}", e.metadata.mtime()), "");
-                }
-                assert_eq!(got, want, "{name} {tag}: {path}");
-                checked += 1;
-            }
-            for (path, target) in hardlinks {
-                let a = view.lookup(&path).unwrap().unwrap().metadata;
-                let b = view.lookup(&target).unwrap().unwrap().metadata;
-                assert!(a.is_file() && a.len() == b.len(), "{name} {tag}: hard link {path} -> {target}");
-            }
-            let mut in_view = BTreeSet::new();
-            walk(&view, "/", &mut in_view);
-            let extra: Vec<_> = in_view.difference(&in_tar).filter(|p| !INIT_LAYER.contains(&p.as_str())).collect();
-            assert!(extra.is_empty(), "{name} {tag}: in the merged view but not in the export: {extra:?}");
+            let checked = assert_matches_export(&view, tag, &format!("{name} {tag}"));
             assert!(checked > 5000, "{name} {tag}: only {checked} files compared");
 
             // The deletions the fixture made are really honoured, not just absent everywhere.
@@ -253,6 +266,35 @@ fn merged_view_equals_docker_export() {
             assert!(view.lookup("/dev/full").unwrap().unwrap().metadata.file_type().is_char_device());
         }
     }
+}
+
+/// Docker's and podman's vfs drivers and containerd's native snapshotter keep every layer
+/// as a full copy: the top one alone is the image, and lower ones still hold what later
+/// layers deleted.
+#[test]
+fn full_copy_drivers_show_the_top_layer_alone() {
+    let stores = [
+        ("docker vfs", open_store("overlay2", "var/lib/docker-vfs"), Engine::Docker),
+        ("podman vfs", open_store("overlay2", "var/lib/containers/vfs"), Engine::Podman),
+        ("containerd native", containerd_store(), Engine::Containerd),
+    ];
+    for (label, s, engine) in stores {
+        assert_eq!(s.engine(), engine, "{label}");
+        let img = s.resolve("layerboot/tiny:1").unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert_eq!(img.driver, Driver::Vfs, "{label}");
+        assert!(img.layers.len() >= 4, "{label}: {} layers", img.layers.len());
+        assert!(img.layers.last().unwrap().dir.join("etc/gone").is_file(), "{label}: the base layer is a full copy");
+        let view = MergedView::new(&img);
+        assert!(assert_matches_export(&view, "tiny", label) >= 6, "{label}");
+        for gone in ["/etc/gone", "/dir/old"] {
+            assert!(view.lookup(gone).unwrap().is_none(), "{label}: {gone} should be deleted");
+        }
+        assert_eq!(fs::read_to_string(view.lookup("/dir/new").unwrap().unwrap().host_path).unwrap(), "new\n");
+    }
+    let s = open_store("btrfs", "var/lib/containers/storage");
+    assert_eq!((s.engine(), s.driver()), (Engine::Podman, Driver::Btrfs));
+    let img = s.resolve("layerboot/demo:v2").unwrap();
+    assert!(img.layers.iter().all(|l| l.dir.starts_with(s.root().join("btrfs/subvolumes"))), "{:?}", img.layers);
 }
 
 #[test]

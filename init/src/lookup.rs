@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::store::{Driver, Image};
+use crate::store::Image;
 
 const MAX_SYMLINKS: usize = 40;
 
@@ -34,11 +34,9 @@ pub struct Entry {
 
 impl MergedView {
     pub fn new(image: &Image) -> MergedView {
-        let layers = match image.driver {
-            // The top subvolume is the whole tree; lower ones would only add stale files.
-            Driver::Btrfs => image.layers.iter().take(1).map(|l| l.dir.clone()).collect(),
-            Driver::Overlay2 => image.layers.iter().map(|l| l.dir.clone()).collect(),
-        };
+        // A btrfs or vfs top layer is the whole tree; lower ones would only add stale files.
+        let n = if image.driver.top_is_whole_tree() { 1 } else { image.layers.len() };
+        let layers = image.layers.iter().take(n).map(|l| l.dir.clone()).collect();
         MergedView { layers }
     }
 

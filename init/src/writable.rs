@@ -103,7 +103,7 @@ pub fn prepare(paths: &LayerPaths, image: &Image) -> Result<()> {
             let top = image.layers.first().ok_or_else(|| Error::new(format!("image {} has no layers to boot", image.id)))?;
             btrfs::snapshot(&top.dir, &paths.new)?;
         }
-        Driver::Overlay2 => {
+        Driver::Overlay2 | Driver::Vfs => {
             for d in ["upper", "work"] {
                 let p = paths.new.join(d);
                 fs::create_dir_all(&p).map_err(|e| Error::io("cannot create", &p, e))?;
@@ -180,8 +180,8 @@ fn exchange(a: &Path, b: &Path) -> std::result::Result<(), Errno> {
 /// relative to the driver's home, as Docker does, so more layers fit in the one page
 /// that mount(2) accepts.
 pub fn overlay_data(image: &Image, driver_home: &Path, upper: &Path, work: &Path) -> Result<String> {
-    // btrfs: the top subvolume is the whole tree, the only lower.
-    let layers = if image.driver == Driver::Btrfs { &image.layers[..image.layers.len().min(1)] } else { &image.layers[..] };
+    // btrfs, vfs: the top layer is the whole tree, the only lower.
+    let layers = if image.driver.top_is_whole_tree() { &image.layers[..image.layers.len().min(1)] } else { &image.layers[..] };
     let lowers: Vec<String> = layers
         .iter()
         .map(|l| match &l.link {

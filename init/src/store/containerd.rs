@@ -25,7 +25,7 @@ pub const META_DB: &str = "io.containerd.metadata.v1.bolt/meta.db";
 pub const DOCKERD_MANAGED: &str = "containerd/daemon";
 const BLOBS: &str = "io.containerd.content.v1.content/blobs/sha256";
 /// The snapshotters whose layers layerboot mounts, in the order they are tried.
-const SNAPSHOTTERS: [(&str, Driver); 2] = [("overlayfs", Driver::Overlay2), ("btrfs", Driver::Btrfs)];
+const SNAPSHOTTERS: [(&str, Driver); 3] = [("overlayfs", Driver::Overlay2), ("btrfs", Driver::Btrfs), ("native", Driver::Vfs)];
 /// Namespaces searched first when none is given: Docker's, then ctr's and nerdctl's.
 const PREFERRED_NAMESPACES: [&str; 2] = ["moby", "default"];
 
@@ -268,7 +268,7 @@ impl Store {
         }
         let Some((snapshotter, driver, backend_key)) = unpacked else {
             return Err(Error::new(format!(
-                "image {} (namespace {}) is not unpacked for the overlayfs or btrfs snapshotter: its layers exist only \
+                "image {} (namespace {}) is not unpacked for the overlayfs, btrfs or native snapshotter: its layers exist only \
                  as compressed blobs (fix: ctr -n {} images unpack --snapshotter overlayfs {}, or docker pull it again)",
                 record.name, record.namespace, record.namespace, record.name
             )));
@@ -287,7 +287,7 @@ impl Store {
             let snap = snapshot(&all, &key, &sdb_path)?;
             let dir = match driver {
                 Driver::Overlay2 => home.join("snapshots").join(snap.id.to_string()).join("fs"),
-                Driver::Btrfs => home.join("snapshots").join(snap.id.to_string()),
+                Driver::Btrfs | Driver::Vfs => home.join("snapshots").join(snap.id.to_string()),
             };
             if !dir.is_dir() {
                 return Err(Error::new(format!(

@@ -23,16 +23,27 @@ pub enum Driver {
     Btrfs,
     /// Every layer holds only its changes; overlayfs stacks them.
     Overlay2,
+    /// Every layer is a full copy in a plain directory (Docker's and podman's vfs,
+    /// containerd's native snapshotter): the top one alone is the tree, booted as an
+    /// overlay over it so it is never written.
+    Vfs,
 }
 
 impl Driver {
-    pub const ALL: [Driver; 2] = [Driver::Btrfs, Driver::Overlay2];
+    pub const ALL: [Driver; 3] = [Driver::Btrfs, Driver::Overlay2, Driver::Vfs];
 
     pub fn name(self) -> &'static str {
         match self {
             Driver::Btrfs => "btrfs",
             Driver::Overlay2 => "overlay2",
+            Driver::Vfs => "vfs",
         }
+    }
+
+    /// Whether the top layer alone holds the whole tree (lower ones would only add
+    /// files the image deleted).
+    pub fn top_is_whole_tree(self) -> bool {
+        matches!(self, Driver::Btrfs | Driver::Vfs)
     }
 }
 
@@ -125,8 +136,8 @@ impl Store {
                 root.display()
             )));
         }
-        if root.join(podman::IMAGES).is_file() {
-            return Ok(Store { root, driver: Driver::Overlay2, engine: Engine::Podman, namespace: None });
+        if let Some(driver) = podman::driver(&root) {
+            return Ok(Store { root, driver, engine: Engine::Podman, namespace: None });
         }
         if root.join(containerd::META_DB).is_file() {
             return Ok(Store::containerd(root));
@@ -149,20 +160,20 @@ impl Store {
             }
             ([], _) => {
                 return Err(Error::new(format!(
-                    "{} is not an image store layerboot reads: neither image/btrfs/repositories.json nor \
-                     image/overlay2/repositories.json (Docker) nor {} (podman) nor {} (containerd) exists \
+                    "{} is not an image store layerboot reads: no image/<btrfs|overlay2|vfs>/repositories.json (Docker), \
+                     <overlay|btrfs|vfs>-images/images.json (podman) or {} (containerd) exists \
                      (fix: point docker_path= / --store at the engine's data root: var/lib/docker, \
                      var/lib/containers/storage or var/lib/containerd)",
                     root.display(),
-                    podman::IMAGES,
                     containerd::META_DB
                 )))
             }
             _ => {
                 return Err(Error::new(format!(
-                    "{} holds image stores of both the btrfs and overlay2 drivers in use; \
-                     remove the one the engine no longer uses",
-                    root.display()
+                    "{} holds image stores of several drivers in use ({}); \
+                     remove the ones the engine no longer uses",
+                    root.display(),
+                    in_use.iter().map(|d| d.name()).collect::<Vec<_>>().join(", ")
                 )))
             }
         };
@@ -196,7 +207,7 @@ impl Store {
     pub fn driver_home(&self) -> PathBuf {
         match self.engine {
             Engine::Docker => self.root.join(self.driver.name()),
-            Engine::Podman => self.root.join("overlay"),
+            Engine::Podman => self.root.join(podman::data_dir(self.driver)),
             Engine::Containerd => containerd::overlayfs_home(&self.root),
         }
     }
@@ -386,6 +397,7 @@ impl Store {
         }
         let (dir, link) = match self.driver {
             Driver::Btrfs => (self.root.join("btrfs/subvolumes").join(&cache_id), None),
+            Driver::Vfs => (self.root.join("vfs/dir").join(&cache_id), None),
             Driver::Overlay2 => {
                 let home = self.root.join("overlay2").join(&cache_id);
                 let link = fs::read_to_string(home.join("link"))

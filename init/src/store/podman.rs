@@ -1,10 +1,13 @@
-//! containers-storage, as podman and buildah write it (`/var/lib/containers/storage`,
-//! overlay driver): `overlay-images/images.json` names the top layer of each image,
-//! `overlay-layers/layers.json` chains layers by `parent`, and `overlay/<id>/diff` holds
-//! each layer's changes in overlay whiteout format, as Docker's overlay2 does.
+//! containers-storage, as podman and buildah write it (`/var/lib/containers/storage`):
+//! `<driver>-images/images.json` names the top layer of each image and
+//! `<driver>-layers/layers.json` chains layers by `parent`. The overlay driver keeps each
+//! layer's changes in `overlay/<id>/diff` in overlay whiteout format, as Docker's overlay2
+//! does; btrfs keeps each layer as a snapshot holding the whole tree in
+//! `btrfs/subvolumes/<id>`, vfs as a full copy in `vfs/dir/<id>`.
 //! Format notes: shared/docs/image-stores.md, section C.
 
 use std::fs;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -13,8 +16,31 @@ use crate::digest::is_hex64;
 use crate::error::{Error, Result};
 use crate::reference::Reference;
 
-pub const IMAGES: &str = "overlay-images/images.json";
-const LAYERS: &str = "overlay-layers/layers.json";
+/// containers-storage's driver names, with the layer drivers layerboot boots them as.
+const DRIVERS: [(&str, Driver); 3] = [("overlay", Driver::Overlay2), ("btrfs", Driver::Btrfs), ("vfs", Driver::Vfs)];
+
+fn name(driver: Driver) -> &'static str {
+    DRIVERS.iter().find(|(_, d)| *d == driver).map_or("overlay", |(n, _)| n)
+}
+
+/// The driver of the containers-storage store at `root`, if it is one.
+pub fn driver(root: &Path) -> Option<Driver> {
+    DRIVERS.iter().find(|(n, _)| root.join(format!("{n}-images/images.json")).is_file()).map(|(_, d)| *d)
+}
+
+/// The directory the driver keeps its layers in, relative to the store's root.
+pub fn data_dir(driver: Driver) -> &'static str {
+    name(driver)
+}
+
+/// Where a layer's files are, below the driver's directory.
+fn layer_dir(driver: Driver, id: &str) -> PathBuf {
+    match driver {
+        Driver::Overlay2 => Path::new(id).join("diff"),
+        Driver::Btrfs => Path::new("subvolumes").join(id),
+        Driver::Vfs => Path::new("dir").join(id),
+    }
+}
 
 #[derive(Deserialize)]
 struct PodImage {
@@ -33,14 +59,15 @@ struct PodLayer {
 }
 
 impl Store {
-    fn podman_json<T: for<'de> Deserialize<'de>>(&self, rel: &str, what: &str) -> Result<Vec<T>> {
-        let path = self.root.join(rel);
+    /// `<driver>-images/images.json` or `<driver>-layers/layers.json`.
+    fn podman_json<T: for<'de> Deserialize<'de>>(&self, what: &str) -> Result<Vec<T>> {
+        let path = self.podman_json_path(what);
         serde_json::from_slice(&read(&path)?).map_err(|e| Error::new(format!("{} is corrupt: {e} (expected a JSON array of {what})", path.display())))
     }
 
     pub(super) fn podman_images(&self) -> Result<Vec<ImageEntry>> {
         let mut out: Vec<ImageEntry> = self
-            .podman_json::<PodImage>(IMAGES, "images")?
+            .podman_json::<PodImage>("images")?
             .into_iter()
             .map(|i| ImageEntry { id: format!("sha256:{}", i.id), refs: i.names, namespace: None })
             .collect();
@@ -52,7 +79,7 @@ impl Store {
     /// `localhost/NAME` first, else the one registry-qualified name with that path; then
     /// image IDs and unique ID prefixes.
     pub(super) fn podman_resolve(&self, reference: &str) -> Result<Image> {
-        let images = self.podman_json::<PodImage>(IMAGES, "images")?;
+        let images = self.podman_json::<PodImage>("images")?;
         let by_name = |name: &str| images.iter().find(|i| i.names.iter().any(|n| n == name));
         let mut found = None;
         if let Ok(r) = Reference::parse(reference) {
@@ -110,8 +137,8 @@ impl Store {
     }
 
     fn podman_image(&self, image: &PodImage) -> Result<Image> {
-        let layers_path = self.root.join(LAYERS);
-        let all = self.podman_json::<PodLayer>(LAYERS, "layers")?;
+        let layers_path = self.podman_json_path("layers");
+        let all = self.podman_json::<PodLayer>("layers")?;
         let mut layers = Vec::new();
         let mut next = image.layer.clone();
         while let Some(id) = next {
@@ -125,7 +152,7 @@ impl Store {
                 return Err(Error::new(format!("layer {id} of image {} is incomplete: podman was interrupted while writing or removing it (fix: podman pull / load the image again)", image.id)));
             }
             let home = self.driver_home().join(&id);
-            let dir = home.join("diff");
+            let dir = self.driver_home().join(layer_dir(self.driver, &id));
             if !dir.is_dir() {
                 return Err(Error::new(format!("layer {id} has no data: {} does not exist (fix: podman pull / load the image again)", dir.display())));
             }
@@ -133,7 +160,11 @@ impl Store {
             layers.push(Layer { chain_id: String::new(), diff_id: String::new(), cache_id: id.clone(), dir, link });
             next = layer.parent.clone();
         }
-        Ok(Image { id: format!("sha256:{}", image.id), config: serde_json::Value::Null, driver: Driver::Overlay2, layers, refs: image.names.clone(), namespace: None })
+        Ok(Image { id: format!("sha256:{}", image.id), config: serde_json::Value::Null, driver: self.driver, layers, refs: image.names.clone(), namespace: None })
+    }
+
+    fn podman_json_path(&self, what: &str) -> PathBuf {
+        self.root.join(format!("{}-{what}/{what}.json", name(self.driver)))
     }
 }
 
