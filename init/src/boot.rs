@@ -35,11 +35,22 @@ pub struct Boot {
     /// (stage, ms since start), logged together at the end: every line printed on a
     /// serial console costs ~10 ms, which would dwarf the work being timed.
     stages: std::cell::RefCell<Vec<(&'static str, u128)>>,
+    /// Where the new root is mounted.
+    new_root: PathBuf,
+    /// Run by another initramfs (initramfs-tools, dracut, mkinitcpio), which mounted
+    /// /dev, /proc, /sys and /run and will switch root itself.
+    hosted: bool,
 }
 
 impl Boot {
+    /// As the initramfs's `/init`: makes the root at /sysroot and switches to it.
     pub fn new() -> Boot {
-        Boot { started: Instant::now(), settings: None, stages: Default::default() }
+        Boot { started: Instant::now(), settings: None, stages: Default::default(), new_root: PathBuf::from(NEW_ROOT), hosted: false }
+    }
+
+    /// Inside another initramfs: makes the root at `target` and returns (`--mount-root`).
+    pub fn hosted(target: &Path) -> Boot {
+        Boot { new_root: target.to_path_buf(), hosted: true, ..Boot::new() }
     }
 
     /// A finer timing point, for `layerboot.debug` (with `loglevel=4` it costs no console time).
@@ -56,7 +67,18 @@ impl Boot {
 
     /// Runs the whole sequence; returns only on failure (success execs the image's init).
     pub fn run(&mut self) -> Result<std::convert::Infallible> {
-        mount_api_filesystems()?;
+        let settings = self.mount_root()?;
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let env: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
+        crate::switch::switch_root(&self.new_root, &settings.init, &args, &env)
+    }
+
+    /// Everything up to the switch: the image's fresh writable root, with the top layer,
+    /// mounted at the new root and its init checked.
+    pub fn mount_root(&mut self) -> Result<Settings> {
+        if !self.hosted {
+            mount_api_filesystems()?;
+        }
         crate::console::init_logging(false);
         let cmdline_text = fs::read_to_string("/proc/cmdline").map_err(|e| Error::new(format!("cannot read /proc/cmdline: {e}")))?;
         let cmdline = parse_cmdline(&cmdline_text);
@@ -98,11 +120,11 @@ impl Boot {
                 return Err(Error::new(format!("the store uses the btrfs driver but {} is {fstype}", root.node.display())))
             }
             Driver::Btrfs => {}
-            Driver::Overlay2 => hw.ensure_filesystem("overlay")?,
+            Driver::Overlay2 | Driver::Vfs => hw.ensure_filesystem("overlay")?,
         }
         let toplayer = self.mount_toplayer(&settings, &root, &mut hw)?;
         self.mark("top layer found");
-        let new_root = Path::new(NEW_ROOT);
+        let new_root = self.new_root.as_path();
         let ro = if settings.read_only { MountFlags::RDONLY } else { MountFlags::empty() };
         if settings.upper_tmpfs {
             hw.ensure_filesystem("overlay")?;
@@ -121,7 +143,7 @@ impl Boot {
                     opts.extend(settings.root_flags.iter().filter(|f| !f.starts_with("subvolid=")).cloned());
                     mount(&root.node, new_root, "btrfs", ro, &opts.join(","))?
                 }
-                Driver::Overlay2 => mount_overlay(&image, &store, &paths.current, new_root, ro)?,
+                Driver::Overlay2 | Driver::Vfs => mount_overlay(&image, &store, &paths.current, new_root, ro)?,
             }
         }
         if toplayer.as_deref().is_some_and(|t| t.starts_with(TOPLAYER_MOUNT)) {
@@ -145,10 +167,7 @@ impl Boot {
             hw.kernel_time.as_millis(),
             stages.join(", ")
         );
-
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        let env: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
-        crate::switch::switch_root(new_root, &settings.init, &args, &env)
+        Ok(settings)
     }
 
     /// Mounts the top-layer device (or reuses the store mount when it is the same
@@ -194,7 +213,7 @@ impl Boot {
         log::debug!("copying the top layer from {} into {}", src.display(), layer.display());
         let stats = match image.driver {
             Driver::Btrfs => copy_tree(src, layer)?,
-            Driver::Overlay2 => {
+            Driver::Overlay2 | Driver::Vfs => {
                 let stage = Path::new(STAGE_MOUNT);
                 mount_overlay(image, store, layer, stage, MountFlags::empty())?;
                 let copied = copy_tree(src, stage);
@@ -221,7 +240,7 @@ impl Boot {
         for d in ["upper", "work"] {
             fs::create_dir_all(home.join(d)).map_err(|e| Error::io("cannot create", &home.join(d), e))?;
         }
-        let new_root = Path::new(NEW_ROOT);
+        let new_root = self.new_root.as_path();
         mount_overlay(image, store, home, new_root, MountFlags::empty())?;
         if let Some(src) = toplayer {
             let stats = copy_tree(src, new_root)?;

@@ -1,6 +1,10 @@
 //! `layerboot-init`: the initramfs's `/init`. Boots the image named on the kernel command
 //! line (or baked into /etc/layerboot.json) from the container image store on the root
 //! partition. The steps are in `boot.rs`; this file only guards PID 1.
+//!
+//! `layerboot-init --mount-root DIR` is the same inside another initramfs (the distro
+//! hooks in `hooks/`): it makes the root at DIR and exits, 0 or 1 with the reason on
+//! stderr, and that initramfs switches root (or drops to its shell).
 
 use layerboot_init::boot::Boot;
 use layerboot_init::console;
@@ -8,6 +12,20 @@ use layerboot_init::settings::DEFAULT_RESCUE_TIMEOUT_S;
 use std::time::Duration;
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--mount-root") {
+        let Some(target) = args.get(2).filter(|t| t.starts_with('/')) else {
+            eprintln!("usage: layerboot-init --mount-root /ABSOLUTE/DIR (the directory the initramfs switches to, e.g. ${{rootmnt}})");
+            std::process::exit(2);
+        };
+        match Boot::hosted(std::path::Path::new(target)).mount_root() {
+            Ok(_) => std::process::exit(0),
+            Err(e) => {
+                eprintln!("layerboot: BOOT FAILED\n  {}", e.message().replace('\n', "\n  "));
+                std::process::exit(1);
+            }
+        }
+    }
     if std::process::id() != 1 {
         eprintln!(
             "layerboot-init is an initramfs's /init: it must run as PID 1 at boot (it mounts, \

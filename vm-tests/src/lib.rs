@@ -124,6 +124,7 @@ pub fn write_toplayer(dir: &Path, hostname: &str) {
     w(".layerboot-dotfile", "dotfile\n", 0o644);
     // A per-host fstab the booted systemd must act on, and a whiteout deleting an image file.
     w("etc/fstab", "tmpfs /mnt/layerboot-fstab tmpfs defaults,size=1m 0 0\n", 0o644);
+    fs::create_dir_all(dir.join("mnt/layerboot-fstab")).unwrap(); // systemd makes it; sysvinit's mountall needs it
     w("etc/.wh.issue", "", 0o644);
     std::os::unix::fs::symlink("/etc/hostname", dir.join("etc/layerboot-link")).unwrap();
     w(
@@ -147,6 +148,7 @@ report() {
 echo "LAYERBOOT-REPORT-BEGIN"
 echo "os: $PRETTY_NAME"
 echo "kernel: $(uname -r)"
+echo "pid1: $(cat /proc/1/comm)"
 echo "root: $(findmnt -no FSTYPE,OPTIONS /)"
 echo "hostname: $(cat /proc/sys/kernel/hostname)"
 echo "tag: $(cat /etc/layerboot-tag)"

@@ -75,6 +75,9 @@ fn common_checks(r: &BTreeMap<String, String>, hostname: &str, tag: &str) {
     assert_eq!(r["fstab-mount"], "tmpfs", "the top layer's /etc/fstab took effect");
     assert_eq!(r["issue"], "deleted", "a .wh. file in the top layer deletes the image's file");
     assert_eq!(r["marker"], "none", "a file written in the previous boot must be gone");
+    if tag != "sysv" {
+        assert_eq!(r["pid1"], "systemd", "the image's own init");
+    }
     // Coldplug loaded what this machine's devices need, and nothing else.
     let modules: Vec<&str> = r["modules"].split_whitespace().collect();
     assert!(modules.contains(&"virtio_blk") && modules.contains(&"virtio_pci"), "{modules:?}");
@@ -405,4 +408,91 @@ fn containerd_store_boots_from_both_snapshotters() {
 
     assert_layers_untouched("containerd", "var/lib/containerd", &[], &disk, &dir, &["layerboot/demo:v2"]);
     assert_layers_untouched("containerd", "var/lib/containerd", &["--namespace", "default"], &disk, &dir, &["layerboot/demo:v2"]);
+}
+
+/// An image whose init is sysvinit, not systemd: layerboot assumes nothing of the init.
+/// The report comes from the image's own init scripts (`/etc/rc.local`, run by
+/// initscripts' rc.local service), which then power the machine off.
+#[test]
+fn a_sysvinit_image_boots_and_reports_from_its_init_scripts() {
+    let dir = work_dir("sysvinit");
+    let disk = copy_store_disk("overlay2", &dir);
+    {
+        let m = LoopMount::new(&disk, &dir.join("mnt"), false);
+        let top = m.0.join("toplayer");
+        write_toplayer(&top, "vm-sysv");
+        let rc_local = top.join("etc/rc.local");
+        fs::write(&rc_local, "#!/bin/sh\n/usr/local/sbin/layerboot-report\nexec poweroff -f\n").unwrap();
+        fs::set_permissions(&rc_local, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let cmdline = "root=LABEL=lb-overlay docker_image=layerboot/demo:sysv toplayer=LABEL=lb-overlay toplayer_path=/toplayer layerboot.rescue_timeout=0";
+    let console = Qemu::new(vec![disk], cmdline, dir.join("boot.log")).run();
+    no_panic(&console);
+    let r = report(&console);
+    common_checks(&r, "vm-sysv", "sysv");
+    assert_eq!(r["pid1"], "init", "sysvinit's init is PID 1");
+    assert!(console.contains("INIT: version"), "sysvinit's banner:\n{}", tail(&console, 30));
+    assert!(r["root"].starts_with("overlay "), "{}", r["root"]);
+}
+
+/// Bind mounts of the host's /proc, /sys and /dev into a tree to chroot into, undone
+/// when dropped.
+struct ChrootMounts(Vec<std::path::PathBuf>);
+
+impl ChrootMounts {
+    fn new(tree: &Path) -> ChrootMounts {
+        let mut done = ChrootMounts(Vec::new());
+        for d in ["proc", "sys", "dev"] {
+            let at = tree.join(d);
+            fs::create_dir_all(&at).unwrap();
+            run(Command::new("mount").args(["--rbind", &format!("/{d}")]).arg(&at).args(["--make-rslave"]));
+            done.0.push(at);
+        }
+        done
+    }
+}
+
+impl Drop for ChrootMounts {
+    fn drop(&mut self) {
+        for at in self.0.iter().rev() {
+            let _ = Command::new("umount").arg("-R").arg(at).status();
+        }
+    }
+}
+
+/// Debian's own initramfs-tools, with layerboot's hook and boot script (hooks/), builds
+/// the initramfs inside the image's own root; booted with `boot=layerboot`, it hands
+/// making the root to layerboot-init and switches to the image's systemd itself.
+#[test]
+fn initramfs_tools_with_the_layerboot_hook_boots_the_image() {
+    let dir = work_dir("initramfs-tools");
+    let tree = dir.join("rootfs");
+    fs::create_dir_all(&tree).unwrap();
+    run(Command::new("tar").arg("-xf").arg(fixtures().join("export-latest.tar")).arg("-C").arg(&tree));
+    let install = |from: &str, to: &str, mode: u32| {
+        let dest = tree.join(to);
+        fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        fs::copy(repo().join(from), &dest).unwrap();
+        fs::set_permissions(&dest, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    };
+    install("hooks/initramfs-tools/hooks/layerboot", "etc/initramfs-tools/hooks/layerboot", 0o755);
+    install("hooks/initramfs-tools/scripts/layerboot", "etc/initramfs-tools/scripts/layerboot", 0o644);
+    install("target/x86_64-unknown-linux-musl/release/layerboot-init", "usr/lib/layerboot/layerboot-init", 0o755);
+    let demo = demo_boot_files();
+    {
+        let _mounts = ChrootMounts::new(&tree);
+        run(Command::new("chroot").arg(&tree).args(["mkinitramfs", "-o", "/boot/initrd-layerboot.img", &demo.kernel_version]));
+    }
+    let listing = run(Command::new("chroot").arg(&tree).args(["lsinitramfs", "/boot/initrd-layerboot.img"]));
+    assert!(listing.contains("usr/lib/layerboot/layerboot-init") && listing.contains("scripts/layerboot"), "{listing}");
+
+    let boot = Boot { kernel: demo.kernel.clone(), kernel_version: demo.kernel_version.clone(), initramfs: tree.join("boot/initrd-layerboot.img") };
+    let disk = store_disk_with_toplayer("overlay2", &dir, "vm-initramfs-tools");
+    let cmdline = "boot=layerboot rw root=LABEL=lb-overlay docker_image=layerboot/demo:v2 toplayer=LABEL=lb-overlay toplayer_path=/toplayer layerboot.rescue_timeout=0";
+    let console = Qemu { boot: &boot, ..Qemu::new(vec![disk], cmdline, dir.join("boot.log")) }.run();
+    no_panic(&console);
+    assert!(console.contains("Making the root from the container image (layerboot)"), "initramfs-tools ran the boot script:\n{}", tail(&console, 40));
+    let r = report(&console);
+    common_checks(&r, "vm-initramfs-tools", "v2");
+    assert!(r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"), "{}", r["root"]);
 }
