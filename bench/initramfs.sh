@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 runs=${RUNS:-5}
 bash tests/setup-host.sh
 need=()
-for p in initramfs-tools dracut-core linux-image-amd64; do
+for p in initramfs-tools dracut-core linux-image-amd64 bc; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
