@@ -6,7 +6,7 @@ pkgs=(
   debootstrap docker.io podman containerd btrfs-progs e2fsprogs dosfstools mtools  # the fixture stores
   qemu-system-x86 qemu-utils ovmf                              # the VM boot tests
   file zstd cpio kmod fdisk attr xz-utils gzip busybox-static  # busybox: the rescue-shell test
-  shellcheck                                                   # the distro hooks (hooks/)
+  shellcheck dracut-core                                       # the distro hooks (hooks/)
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,7 +1,7 @@
 //! The distro hooks in `hooks/`: every script passes shellcheck; mkinitcpio's build
 //! function and runtime hook run under a small harness of mkinitcpio's own functions
 //! (mkinitcpio is not in Debian); the kernel-install plugin builds an initramfs from a
-//! real image root. initramfs-tools' hook is booted for real in vm-tests.
+//! real image root. initramfs-tools' hook and dracut's module are booted for real in vm-tests.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -34,6 +34,8 @@ fn every_hook_script_passes_shellcheck() {
         ("sh", "initramfs-tools/hooks/layerboot"),
         ("sh", "initramfs-tools/scripts/layerboot"),
         ("sh", "kernel-install/50-layerboot.install"),
+        ("bash", "dracut/90layerboot/module-setup.sh"),
+        ("sh", "dracut/90layerboot/mount-layerboot.sh"),
     ] {
         let out = Command::new("shellcheck").args(["-s", shell, &hook(rel)]).output().expect("shellcheck (tests/setup-host.sh installs it)");
         assert!(out.status.success(), "{rel}:\n{}", text(&out));

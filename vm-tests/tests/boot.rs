@@ -463,21 +463,51 @@ impl Drop for ChrootMounts {
 /// Debian's own initramfs-tools, with layerboot's hook and boot script (hooks/), builds
 /// the initramfs inside the image's own root; booted with `boot=layerboot`, it hands
 /// making the root to layerboot-init and switches to the image's systemd itself.
-#[test]
-fn initramfs_tools_with_the_layerboot_hook_boots_the_image() {
-    let dir = work_dir("initramfs-tools");
+/// The demo image's root (`docker export`), unpacked under `dir`, with layerboot-init
+/// installed where the hooks expect it and `files` (repo path, path in the tree, mode)
+/// copied in.
+fn image_tree(dir: &Path, files: &[(&str, &str, u32)]) -> std::path::PathBuf {
     let tree = dir.join("rootfs");
     fs::create_dir_all(&tree).unwrap();
     run(Command::new("tar").arg("-xf").arg(fixtures().join("export-latest.tar")).arg("-C").arg(&tree));
-    let install = |from: &str, to: &str, mode: u32| {
+    let init = ("target/x86_64-unknown-linux-musl/release/layerboot-init", "usr/lib/layerboot/layerboot-init", 0o755);
+    for (from, to, mode) in files.iter().chain([&init]) {
         let dest = tree.join(to);
         fs::create_dir_all(dest.parent().unwrap()).unwrap();
         fs::copy(repo().join(from), &dest).unwrap();
-        fs::set_permissions(&dest, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
-    };
-    install("hooks/initramfs-tools/hooks/layerboot", "etc/initramfs-tools/hooks/layerboot", 0o755);
-    install("hooks/initramfs-tools/scripts/layerboot", "etc/initramfs-tools/scripts/layerboot", 0o644);
-    install("target/x86_64-unknown-linux-musl/release/layerboot-init", "usr/lib/layerboot/layerboot-init", 0o755);
+        fs::set_permissions(&dest, std::os::unix::fs::PermissionsExt::from_mode(*mode)).unwrap();
+    }
+    tree
+}
+
+/// Boots `initramfs` (another tool's, with layerboot's hook) on the overlay2 store with
+/// `cmdline`, and checks the image booted as from layerboot's own initramfs.
+fn boots_with_hooked_initramfs(dir: &Path, initramfs: std::path::PathBuf, cmdline: &str, tool_said: &str) {
+    let demo = demo_boot_files();
+    let boot = Boot { kernel: demo.kernel.clone(), kernel_version: demo.kernel_version.clone(), initramfs };
+    let disk = store_disk_with_toplayer("overlay2", dir, "vm-hooked");
+    let console = Qemu { boot: &boot, ..Qemu::new(vec![disk], cmdline, dir.join("boot.log")) }.run();
+    no_panic(&console);
+    assert!(console.contains(tool_said), "the tool ran layerboot's hook ({tool_said:?} missing):\n{}", tail(&console, 40));
+    assert!(console.contains("layerboot_init::boot[") && !console.contains("layerboot_init::boot[1]:"), "layerboot-init ran as the tool's helper, not as PID 1");
+    let r = report(&console);
+    common_checks(&r, "vm-hooked", "v2");
+    assert!(r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"), "{}", r["root"]);
+}
+
+/// Debian's own initramfs-tools, with layerboot's hook and boot script (hooks/), builds
+/// the initramfs inside the image's own root; booted with `boot=layerboot`, it hands
+/// making the root to layerboot-init and switches to the image's systemd itself.
+#[test]
+fn initramfs_tools_with_the_layerboot_hook_boots_the_image() {
+    let dir = work_dir("initramfs-tools");
+    let tree = image_tree(
+        &dir,
+        &[
+            ("hooks/initramfs-tools/hooks/layerboot", "etc/initramfs-tools/hooks/layerboot", 0o755),
+            ("hooks/initramfs-tools/scripts/layerboot", "etc/initramfs-tools/scripts/layerboot", 0o644),
+        ],
+    );
     let demo = demo_boot_files();
     {
         let _mounts = ChrootMounts::new(&tree);
@@ -485,14 +515,33 @@ fn initramfs_tools_with_the_layerboot_hook_boots_the_image() {
     }
     let listing = run(Command::new("chroot").arg(&tree).args(["lsinitramfs", "/boot/initrd-layerboot.img"]));
     assert!(listing.contains("usr/lib/layerboot/layerboot-init") && listing.contains("scripts/layerboot"), "{listing}");
-
-    let boot = Boot { kernel: demo.kernel.clone(), kernel_version: demo.kernel_version.clone(), initramfs: tree.join("boot/initrd-layerboot.img") };
-    let disk = store_disk_with_toplayer("overlay2", &dir, "vm-initramfs-tools");
     let cmdline = "boot=layerboot rw root=LABEL=lb-overlay docker_image=layerboot/demo:v2 toplayer=LABEL=lb-overlay toplayer_path=/toplayer layerboot.rescue_timeout=0";
-    let console = Qemu { boot: &boot, ..Qemu::new(vec![disk], cmdline, dir.join("boot.log")) }.run();
-    no_panic(&console);
-    assert!(console.contains("Making the root from the container image (layerboot)"), "initramfs-tools ran the boot script:\n{}", tail(&console, 40));
-    let r = report(&console);
-    common_checks(&r, "vm-initramfs-tools", "v2");
-    assert!(r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"), "{}", r["root"]);
+    boots_with_hooked_initramfs(&dir, tree.join("boot/initrd-layerboot.img"), cmdline, "Making the root from the container image (layerboot)");
+}
+
+/// dracut (Debian's dracut-core, run inside the image's root) with layerboot's module:
+/// its mount hook hands making the root to layerboot-init, and dracut switches to it.
+#[test]
+fn dracut_with_the_layerboot_module_boots_the_image() {
+    let dir = work_dir("dracut");
+    let tree = image_tree(
+        &dir,
+        &[
+            ("hooks/dracut/90layerboot/module-setup.sh", "usr/lib/dracut/modules.d/90layerboot/module-setup.sh", 0o755),
+            ("hooks/dracut/90layerboot/mount-layerboot.sh", "usr/lib/dracut/modules.d/90layerboot/mount-layerboot.sh", 0o755),
+        ],
+    );
+    // dracut itself, from the host's dracut-core (tests/setup-host.sh installs it).
+    run(Command::new("cp").args(["-a", "--no-clobber", "/usr/lib/dracut"]).arg(tree.join("usr/lib/")));
+    run(Command::new("cp").args(["-a", "/usr/bin/dracut"]).arg(tree.join("usr/bin/dracut")));
+    let demo = demo_boot_files();
+    {
+        let _mounts = ChrootMounts::new(&tree);
+        run(Command::new("chroot").arg(&tree).args([
+            "dracut", "--quiet", "--force", "--no-hostonly", "--omit", "systemd systemd-initrd dracut-systemd", "-a", "layerboot",
+            "--kver", &demo.kernel_version, "/boot/initrd-dracut.img",
+        ]));
+    }
+    let cmdline = "rw root=LABEL=lb-overlay docker_image=layerboot/demo:v2 toplayer=LABEL=lb-overlay toplayer_path=/toplayer layerboot.rescue_timeout=0 rd.shell=0";
+    boots_with_hooked_initramfs(&dir, tree.join("boot/initrd-dracut.img"), cmdline, "dracut: layerboot: making the root from the container image");
 }
