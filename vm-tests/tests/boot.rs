@@ -373,8 +373,13 @@ fn rescue_shell_runs_on_the_console_after_a_failure() {
 fn podman_store_boots_by_its_local_name() {
     let dir = work_dir("podman");
     let disk = store_disk_with_toplayer("overlay2", &dir, "vm-podman");
+    // The initramfs is built from the podman store itself.
+    let initramfs = dir.join("initramfs.img");
+    run(layerboot().args(["initramfs", "--store"]).arg(fixtures().join("mnt/overlay2/var/lib/containers/storage")).args(["--image", "lb/podman:1", "-o"]).arg(&initramfs));
+    let demo = demo_boot_files();
+    let own = Boot { kernel: demo.kernel.clone(), kernel_version: demo.kernel_version.clone(), initramfs };
     let cmdline = "root=LABEL=lb-overlay docker_path=var/lib/containers/storage docker_image=lb/podman:1 toplayer=LABEL=lb-overlay toplayer_path=/toplayer layerboot.rescue_timeout=0";
-    let console = Qemu::new(vec![disk], cmdline, dir.join("boot.log")).run();
+    let console = Qemu { boot: &own, ..Qemu::new(vec![disk], cmdline, dir.join("boot.log")) }.run();
     no_panic(&console);
     let r = report(&console);
     common_checks(&r, "vm-podman", "v2");
@@ -390,15 +395,28 @@ fn podman_store_boots_by_its_local_name() {
 fn containerd_store_boots_from_both_snapshotters() {
     let dir = work_dir("containerd");
     let disk = store_disk_with_toplayer("containerd", &dir, "vm-containerd");
-    let base = "root=LABEL=lb-containerd docker_path=var/lib/containerd toplayer=LABEL=lb-containerd toplayer_path=/toplayer layerboot.rescue_timeout=0";
+    // The initramfs is built from the containerd store itself, with its path and image
+    // baked in as defaults: boot 1 names neither on the command line.
+    let store = fixtures().join("mnt/containerd/var/lib/containerd");
+    let initramfs = dir.join("initramfs.img");
+    run(layerboot()
+        .args(["initramfs", "--store"])
+        .arg(&store)
+        .args(["--image", "layerboot/demo:v2", "--docker-path", "var/lib/containerd", "-o"])
+        .arg(&initramfs));
+    let demo = demo_boot_files();
+    let own = Boot { kernel: demo.kernel.clone(), kernel_version: demo.kernel_version.clone(), initramfs };
+    let base = "root=LABEL=lb-containerd toplayer=LABEL=lb-containerd toplayer_path=/toplayer layerboot.rescue_timeout=0";
 
-    let console = Qemu::new(vec![disk.clone()], format!("{base} docker_image=layerboot/demo:v2"), dir.join("boot1.log")).run();
+    let console = Qemu { boot: &own, ..Qemu::new(vec![disk.clone()], base, dir.join("boot1.log")) }.run();
     no_panic(&console);
     let r = report(&console);
     common_checks(&r, "vm-containerd", "v2");
     assert!(r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"), "{}", r["root"]);
     assert!(r["booted"].contains(r#""engine":"containerd""#) && r["booted"].contains(r#""namespace":"moby""#), "{}", r["booted"]);
+    assert!(!r["cmdline"].contains("docker_") && r["booted"].contains(r#""image":"layerboot/demo:v2""#), "the baked defaults booted: {}", r["booted"]);
 
+    let base = format!("{base} docker_path=var/lib/containerd");
     let console = Qemu::new(vec![disk.clone()], format!("{base} docker_image=lb/ctr:btrfs"), dir.join("boot2.log")).run();
     no_panic(&console);
     let r = report(&console);
