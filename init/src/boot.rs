@@ -31,10 +31,14 @@ pub const NEW_ROOT: &str = "/sysroot";
 /// What is known once the command line is read; used by `main` to report failures.
 pub struct Boot {
     started: Instant,
+    /// This process's CPU time when /init started (see [`crate::cost::own_cpu`]).
+    cpu_at_start: Duration,
     pub settings: Option<Settings>,
     /// (stage, ms since start), logged together at the end: every line printed on a
     /// serial console costs ~10 ms, which would dwarf the work being timed.
     stages: std::cell::RefCell<Vec<(&'static str, u128)>>,
+    /// (point, ms since start, own CPU ms), for the debug timeline.
+    marks: std::cell::RefCell<Vec<(&'static str, u128, u128)>>,
     /// Where the new root is mounted.
     new_root: PathBuf,
     /// Run by another initramfs (initramfs-tools, dracut, mkinitcpio), which mounted
@@ -45,7 +49,7 @@ pub struct Boot {
 impl Boot {
     /// As the initramfs's `/init`: makes the root at /sysroot and switches to it.
     pub fn new() -> Boot {
-        Boot { started: Instant::now(), settings: None, stages: Default::default(), new_root: PathBuf::from(NEW_ROOT), hosted: false }
+        Boot { started: Instant::now(), cpu_at_start: crate::cost::process_cpu(), settings: None, stages: Default::default(), marks: Default::default(), new_root: PathBuf::from(NEW_ROOT), hosted: false }
     }
 
     /// Inside another initramfs: makes the root at `target` and returns (`--mount-root`).
@@ -53,9 +57,11 @@ impl Boot {
         Boot { new_root: target.to_path_buf(), hosted: true, ..Boot::new() }
     }
 
-    /// A finer timing point, for `layerboot.debug` (with `loglevel=4` it costs no console time).
-    fn mark(&self, what: &str) {
-        log::debug!("t {} ms: {what} (fs {} ms)", self.started.elapsed().as_millis(), crate::mounts::fs_time().as_millis());
+    /// A finer timing point for `layerboot.debug`: wall and own CPU time, kept for one
+    /// line at the end (a console line each would cost more than most steps).
+    fn mark(&self, what: &'static str) {
+        let cpu = crate::cost::own_cpu(self.cpu_at_start).as_millis();
+        self.marks.borrow_mut().push((what, self.started.elapsed().as_millis(), cpu));
     }
 
     /// Marks the end of a stage; `detail` goes to the debug log.
@@ -89,6 +95,7 @@ impl Boot {
         }
         self.settings = Some(settings.clone());
         self.stage("started", "command line and config read");
+        self.mark("settings read");
 
         let _ = fs::write("/proc/sys/kernel/printk_devkmsg", "on\n"); // our stage timings must not be dropped
         let mut hw = Hardware::new(&config)?;
@@ -99,6 +106,7 @@ impl Boot {
 
         let root = hw.wait_for("root", &settings.root, settings.timeout)?;
         self.stage("root device", &root.describe());
+        self.mark("root device found");
         let fstype = settings.root_fstype.clone().or(root.probe.fstype.map(str::to_string)).ok_or_else(|| {
             Error::new(format!("cannot tell which filesystem {} holds (fix: add rootfstype=btrfs, ext4, …)", root.node.display()))
         })?;
@@ -114,6 +122,7 @@ impl Boot {
         let store = Store::open(&data_root).context("reading the image store (docker_path=)")?.with_namespace(settings.namespace.clone());
         let image = store.resolve(&settings.image).context("finding the image to boot (docker_image=)")?;
         self.stage("image", &format!("{} is {} ({} layers, {})", settings.image, image.id, image.layers.len(), image.driver.name()));
+        self.mark("image resolved");
 
         match image.driver {
             Driver::Btrfs if fstype != "btrfs" => {
@@ -151,17 +160,21 @@ impl Boot {
         }
         self.mark("new root mounted");
         write_boot_record(&settings, &store, &image);
+        self.mark("boot record written");
         check_init(new_root, &settings.init)?;
         self.mark("init checked");
+        let marks: Vec<String> = self.marks.borrow().iter().map(|(w, ms, cpu)| format!("{w} {ms}/{cpu}")).collect();
+        log::debug!("timeline (ms since start / own CPU ms): {}", marks.join(", "));
         let total = self.started.elapsed();
         let fs_time = crate::mounts::fs_time();
         let stages: Vec<String> = self.stages.borrow().iter().map(|(n, ms)| format!("{n} {ms}")).collect();
         log::info!(
-            "layerboot: {} from {}: switching to {} at {} ms (init's own work {} ms; mounts and snapshots {} ms; modules and device waits {} ms; stages: {})",
+            "layerboot: {} from {}: switching to {} at {} ms (init's own work {} ms CPU, {} ms with its reads of the store; mounts and snapshots {} ms; modules and device waits {} ms; stages: {})",
             settings.image,
             image.id.get(7..19).unwrap_or(&image.id),
             settings.init,
             total.as_millis(),
+            crate::cost::own_cpu(self.cpu_at_start).as_millis(),
             total.saturating_sub(hw.kernel_time).saturating_sub(fs_time).as_millis(),
             fs_time.as_millis(),
             hw.kernel_time.as_millis(),
@@ -201,6 +214,7 @@ impl Boot {
     fn make_writable_layer(&self, image: &Image, store: &Store, paths: &LayerPaths, toplayer: Option<&Path>, keep: usize) -> Result<()> {
         prepare(paths, image).context("making a fresh writable layer")?;
         log::debug!("fresh layer made: {}", paths.new.display());
+        self.mark("fresh layer made");
         self.copy_toplayer(image, store, &paths.new, toplayer)?;
         self.mark("top layer copied");
         rotate(paths, keep).context("installing the new writable layer")
@@ -349,7 +363,7 @@ impl Hardware {
 
     fn timed<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
         let start = Instant::now();
-        let r = f(self);
+        let r = crate::cost::kernel_work(|| f(self));
         self.kernel_time += start.elapsed();
         r
     }
@@ -359,10 +373,11 @@ impl Hardware {
         self.timed(|h| h.modules.load(names))
     }
 
-    /// Loads the modules matching devices not seen before (their modaliases).
-    fn coldplug(&mut self, extra: Vec<String>) {
-        let mut aliases = self.walker.scan(Path::new("/sys/bus"));
-        aliases.extend(extra.into_iter().filter_map(|a| self.walker.add_from_uevent(&a)));
+    /// Loads the modules matching devices not seen before (their modaliases): those of
+    /// every device on a bus if `walk_sysfs`, and those that uevents brought.
+    fn coldplug(&mut self, walk_sysfs: bool, from_uevents: Vec<String>) {
+        let mut aliases = if walk_sysfs { self.walker.scan(Path::new("/sys/bus")) } else { Vec::new() };
+        aliases.extend(from_uevents.into_iter().filter_map(|a| self.walker.add_from_uevent(&a)));
         let names: BTreeSet<String> = aliases.iter().flat_map(|a| self.modules.index.resolve(a)).collect();
         let names: Vec<String> = names.into_iter().filter(|n| !self.modules.attempted.contains(n)).collect();
         if names.is_empty() {
@@ -397,10 +412,17 @@ impl Hardware {
         let start = Instant::now();
         let kernel_time_before = self.kernel_time;
         let mut told = false;
-        let mut uevent_aliases = Vec::new();
+        // sysfs is walked once; after that, uevents name what changed (the socket was open
+        // before the first walk, so nothing is missed). Each walk costs hundreds of reads,
+        // slow under emulation. With no uevent socket, every pass walks.
+        let mut wakeup = crate::coldplug::Wakeup { events: true, lost: true, modaliases: Vec::new() };
+        let mut devices = Vec::new();
         let result = loop {
-            self.coldplug(std::mem::take(&mut uevent_aliases));
-            let devices = scan(Path::new("/sys/class/block"), Path::new("/dev"));
+            let walk = wakeup.lost || self.uevents.is_none();
+            self.coldplug(walk, std::mem::take(&mut wakeup.modaliases));
+            if walk || wakeup.events {
+                devices = scan(Path::new("/sys/class/block"), Path::new("/dev"));
+            }
             if let Some(d) = devices.iter().find(|d| d.matches(spec)) {
                 match self.complete(d, &devices) {
                     Ok(true) => break Ok(d.clone()),
@@ -424,7 +446,7 @@ impl Hardware {
                 told = true;
             }
             match &self.uevents {
-                Some(u) => uevent_aliases = u.wait(Duration::from_millis(100)),
+                Some(u) => wakeup = u.wait(Duration::from_millis(100)),
                 None => sleep(Duration::from_millis(50)),
             }
         };
@@ -440,6 +462,8 @@ pub struct KernelModules {
     index: ModuleIndex,
     /// Modules already loaded or tried.
     attempted: BTreeSet<String>,
+    /// This CPU's modalias (its features), read when first needed.
+    cpu_modalias: Option<String>,
 }
 
 /// The initramfs's modules must be for the running kernel, or none will load.
@@ -460,12 +484,16 @@ impl KernelModules {
         check_kernel(config.kernel.as_deref(), &running)?;
         let dir = PathBuf::from("/lib/modules").join(&running);
         let index = if dir.join("modules.dep").exists() { ModuleIndex::load(&dir)? } else { ModuleIndex::default() };
-        Ok(KernelModules { dir, index, attempted: BTreeSet::new() })
+        Ok(KernelModules { dir, index, attempted: BTreeSet::new(), cpu_modalias: None })
     }
 
     pub fn load(&mut self, names: &[String]) -> Result<()> {
         for step in self.index.load_order(names)? {
             if !self.attempted.insert(step.name.clone()) {
+                continue;
+            }
+            if step.optional && !self.fits_cpu(&step.name) {
+                log::debug!("optional module {} skipped: this CPU lacks the feature it needs", step.name);
                 continue;
             }
             let path = self.dir.join(&step.path);
@@ -481,6 +509,14 @@ impl KernelModules {
             }
         }
         Ok(())
+    }
+
+    /// Checked only for soft dependencies (a named or device-matched module is always tried).
+    fn fits_cpu(&mut self, name: &str) -> bool {
+        let cpu = self.cpu_modalias.get_or_insert_with(|| {
+            fs::read_to_string("/sys/devices/system/cpu/modalias").map(|s| s.trim().to_string()).unwrap_or_default()
+        });
+        cpu.is_empty() || self.index.fits_cpu(name, cpu)
     }
 
     /// Loads the module for filesystem `fstype` unless the kernel already has it.

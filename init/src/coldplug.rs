@@ -57,6 +57,17 @@ pub fn uevent_modalias(msg: &[u8]) -> Option<String> {
         .find_map(|kv| kv.strip_prefix("MODALIAS=").map(str::to_string))
 }
 
+/// What a wait for uevents brought.
+#[derive(Default)]
+pub struct Wakeup {
+    /// Some uevent came: devices changed.
+    pub events: bool,
+    /// Events were dropped (the socket's buffer overflowed): walk sysfs again.
+    pub lost: bool,
+    /// The modaliases they carried.
+    pub modaliases: Vec<String>,
+}
+
 /// A socket on the kernel's uevent multicast group.
 pub struct Uevents {
     fd: OwnedFd,
@@ -74,22 +85,31 @@ impl Uevents {
         Ok(Uevents { fd })
     }
 
-    /// Waits up to `timeout` for uevents and returns the modaliases they carry.
-    pub fn wait(&self, timeout: Duration) -> Vec<String> {
+    /// Waits up to `timeout` for uevents and tells what they brought.
+    pub fn wait(&self, timeout: Duration) -> Wakeup {
         let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
         let ms = PollTimeout::try_from(timeout.as_millis().min(u16::MAX as u128) as u16).unwrap_or(PollTimeout::NONE);
+        let mut w = Wakeup::default();
         if !matches!(poll(&mut fds, ms), Ok(n) if n > 0) {
-            return Vec::new();
+            return w;
         }
-        let mut out = Vec::new();
         let mut buf = vec![0u8; 8192];
-        while let Ok(n) = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
-            if n == 0 {
-                break;
+        loop {
+            match recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(0) | Err(nix::errno::Errno::EAGAIN) => break,
+                Ok(n) => {
+                    w.events = true;
+                    w.modaliases.extend(uevent_modalias(&buf[..n]));
+                }
+                // The socket's buffer overflowed: some events are lost.
+                Err(_) => {
+                    w.events = true;
+                    w.lost = true;
+                    break;
+                }
             }
-            out.extend(uevent_modalias(&buf[..n]));
         }
-        out
+        w
     }
 }
 

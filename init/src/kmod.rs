@@ -97,6 +97,14 @@ impl ModuleIndex {
         self.builtin.contains(&module_name(name))
     }
 
+    /// Whether module `name` can work on the CPU whose modalias (`/sys/devices/system/cpu/modalias`)
+    /// is `cpu`: a module with `cpu:` aliases (crc32c-intel, sha256-ssse3) needs one of
+    /// them to match, or its init fails with ENODEV after the whole (slow) load.
+    pub fn fits_cpu(&self, name: &str, cpu: &str) -> bool {
+        let mut cpu_aliases = self.aliases.iter().filter(|(p, m)| m == name && p.starts_with("cpu:")).peekable();
+        cpu_aliases.peek().is_none() || cpu_aliases.any(|(p, _)| glob_match(p, cpu))
+    }
+
     pub fn path(&self, name: &str) -> Option<&str> {
         self.modules.get(&module_name(name)).map(|(p, _)| p.as_str())
     }
@@ -196,17 +204,27 @@ impl ModuleIndex {
     }
 }
 
-/// fnmatch(3) without flags: `*`, `?` and `[...]` classes, as modules.alias uses.
+/// fnmatch(3) without flags: `*`, `?` and `[...]` classes, as modules.alias uses, on
+/// bytes (aliases are ASCII). Coldplug matches every device against every alias, so
+/// this runs ~10⁵ times per boot under emulation: it must not allocate, and a pattern
+/// whose literal start differs from the text is dismissed before any glob work.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    let (mut pi, mut ti) = (0, 0);
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let literal = p.iter().position(|b| matches!(b, b'*' | b'?' | b'[')).unwrap_or(p.len());
+    if literal == p.len() {
+        return p == t;
+    }
+    if !t.starts_with(&p[..literal]) {
+        return false;
+    }
+    let (mut pi, mut ti) = (literal, literal);
     let (mut star, mut mark) = (None, 0);
     while ti < t.len() {
-        if pi < p.len() && p[pi] == '*' {
+        if pi < p.len() && p[pi] == b'*' {
             star = Some(pi);
             mark = ti;
             pi += 1;
-        } else if let Some(next) = (pi < p.len()).then(|| match_one(&p, pi, t[ti])).flatten() {
+        } else if let Some(next) = (pi < p.len()).then(|| match_one(p, pi, t[ti])).flatten() {
             pi = next;
             ti += 1;
         } else if let Some(s) = star {
@@ -217,26 +235,26 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
             return false;
         }
     }
-    while pi < p.len() && p[pi] == '*' {
+    while pi < p.len() && p[pi] == b'*' {
         pi += 1;
     }
     pi == p.len()
 }
 
 /// Matches one pattern element at `p[pi]` against `c`; returns the index after it.
-fn match_one(p: &[char], pi: usize, c: char) -> Option<usize> {
+fn match_one(p: &[u8], pi: usize, c: u8) -> Option<usize> {
     match p[pi] {
-        '?' => Some(pi + 1),
-        '[' => {
+        b'?' => Some(pi + 1),
+        b'[' => {
             let mut i = pi + 1;
-            let negate = i < p.len() && (p[i] == '!' || p[i] == '^');
+            let negate = i < p.len() && (p[i] == b'!' || p[i] == b'^');
             if negate {
                 i += 1;
             }
             let mut hit = false;
             let start = i;
-            while i < p.len() && (p[i] != ']' || i == start) {
-                if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
+            while i < p.len() && (p[i] != b']' || i == start) {
+                if i + 2 < p.len() && p[i + 1] == b'-' && p[i + 2] != b']' {
                     hit |= p[i] <= c && c <= p[i + 2];
                     i += 3;
                 } else {
@@ -269,7 +287,7 @@ kernel/drivers/virtio/virtio.ko:
 kernel/drivers/virtio/virtio_ring.ko:
 ";
     const SOFT: &str = "# comment\nsoftdep btrfs pre: crypto-crc32c\nsoftdep libcrc32c pre: crc32c\n";
-    const ALIAS: &str = "alias crypto-crc32c crc32c_intel\nalias crc32c crc32c_intel\nalias crypto-crc32c crc32c_generic\nalias crc32c crc32c_generic\nalias virtio:d00000002v* virtio_blk\n";
+    const ALIAS: &str = "alias crypto-crc32c crc32c_intel\nalias crc32c crc32c_intel\nalias cpu:type:x86,ven*fam*mod*:feature:*0094* crc32c_intel\nalias crypto-crc32c crc32c_generic\nalias crc32c crc32c_generic\nalias virtio:d00000002v* virtio_blk\n";
 
     fn idx() -> ModuleIndex {
         ModuleIndex::parse(DEP, SOFT, ALIAS, "kernel/fs/ext4/ext4.ko\n")
@@ -306,6 +324,16 @@ kernel/drivers/virtio/virtio_ring.ko:
     }
 
     #[test]
+    fn cpu_bound_modules_fit_only_cpus_with_their_feature() {
+        // Feature 0x94 is SSE4.2; QEMU's default TCG CPU (qemu64) lacks it.
+        let with = "cpu:type:x86,ven0000fam0006mod003F:feature:,0000,0001,0094,00E5";
+        let without = "cpu:type:x86,ven0000fam0006mod0006:feature:,0000,0001,0002,0003";
+        assert!(idx().fits_cpu("crc32c_intel", with));
+        assert!(!idx().fits_cpu("crc32c_intel", without));
+        assert!(idx().fits_cpu("crc32c_generic", without), "no cpu: alias, no condition");
+    }
+
+    #[test]
     fn rendered_index_round_trips() {
         let keep: BTreeSet<String> = ["btrfs", "xor", "raid6_pq", "libcrc32c", "crc32c_generic"].map(String::from).into();
         let files = idx().render(&keep);
@@ -326,6 +354,12 @@ kernel/drivers/virtio/virtio_ring.ko:
             ("*", "", true),
             ("a*b*c", "aXbYc", true),
             ("a*b*c", "aXbY", false),
+            ("virtio:d00000002v*", "virtio:d00000002v00001AF4", true),
+            ("virtio:d00000002v*", "virtio:d00000001v00001AF4", false),
+            ("crc32c", "crc32c", true),
+            ("crc32c", "crc32c-intel", false),
+            ("acpi*:PNP0A03:*", "acpi:PNP0A03:", true),
+            ("[ab]*", "", false),
         ] {
             assert_eq!(glob_match(p, t), want, "{p} {t}");
         }

@@ -19,7 +19,7 @@ pub fn fs_time() -> Duration {
 /// Runs a filesystem operation, adding its duration to [`fs_time`].
 pub fn timed_fs<T>(f: impl FnOnce() -> T) -> T {
     let start = Instant::now();
-    let r = f();
+    let r = crate::cost::kernel_work(f);
     FS_MICROS.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
     r
 }
