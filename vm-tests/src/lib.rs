@@ -162,6 +162,11 @@ echo "booted: $(cat /run/layerboot/booted.json)"
 echo "cmdline: $(cat /proc/cmdline)"
 echo "modules: $(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
 echo "init-timing: $(dmesg | grep layerboot_init | grep -o 'switching to .*' | head -n 1)"
+if command -v docker >/dev/null; then
+echo "docker-root: $(findmnt -no SOURCE,FSTYPE /var/lib/docker)"
+echo "docker-load: $(tail -n 1 /run/layerboot-update.log 2>/dev/null || echo none)"
+echo "docker-images: $(docker images --format '{{.Repository}}:{{.Tag}}' | sort | tr '\n' ' ')"
+fi
 echo "LAYERBOOT-REPORT-END"
 }
 text=$(report 2>&1 | sed 's/^/|lb| /')
@@ -226,9 +231,9 @@ pub fn floor_initramfs() -> PathBuf {
     .clone()
 }
 
-/// Boots the demo kernel with the floor initramfs; the seconds from QEMU's start until
-/// its /init ran, if it did within `timeout`. (Not through [`Qemu`], which asks
-/// [`accel`], which uses this as its probe.)
+/// Boots the demo kernel with the floor initramfs; the kernel's clock (seconds since it
+/// started) when its /init ran, if it did within `timeout`. (Not through [`Qemu`], which
+/// asks [`accel`], which uses this as its probe.)
 pub fn floor_boot(accel: &str, timeout: Duration) -> Option<f64> {
     let boot = demo_boot_files();
     let mut cmd = Command::new("qemu-system-x86_64");
@@ -238,7 +243,16 @@ pub fn floor_boot(accel: &str, timeout: Duration) -> Option<f64> {
         .arg("-initrd")
         .arg(floor_initramfs())
         .args(["-append", "console=ttyS0"]);
-    drive(cmd, None, None, Some("floor-init: started"), timeout).stopped_at.map(|d| d.as_secs_f64())
+    let marker = "floor-init: started";
+    let o = drive(cmd, None, None, Some(marker), timeout);
+    o.stopped_at.and_then(|_| kernel_timestamp(&o.console, marker))
+}
+
+/// The kernel's timestamp (`[    5.226962] …`) of the first console line holding `marker`.
+pub fn kernel_timestamp(console: &str, marker: &str) -> Option<f64> {
+    let line = console.lines().find(|l| l.contains(marker))?;
+    let (stamp, _) = line.trim_start().strip_prefix('[')?.split_once(']')?;
+    stamp.trim().parse().ok()
 }
 
 /// How a QEMU run ended.
@@ -313,10 +327,13 @@ fn drive(mut cmd: Command, log: Option<&Path>, answer: Option<(&str, &str)>, sto
     outcome
 }
 
-/// Boots like [`Qemu::run`] but stops as soon as `marker` appears; the seconds from
-/// QEMU's start until then.
-pub fn time_until(q: &Qemu, marker: &str) -> Option<f64> {
-    drive(q.command(), Some(&q.log), q.answer, Some(marker), q.timeout).stopped_at.map(|d| d.as_secs_f64())
+/// Boots like [`Qemu::run`] until the console shows `marker` on a line of the kernel's
+/// log; that line's kernel timestamp. The guest's own clock: QEMU's start-up and the
+/// firmware are not in it.
+pub fn kernel_time_until(q: &Qemu, marker: &str) -> Option<f64> {
+    let o = drive(q.command(), Some(&q.log), q.answer, Some(marker), q.timeout);
+    // The marker may show before its line is complete; the stamp comes first anyway.
+    o.stopped_at.and_then(|_| kernel_timestamp(&o.console, marker))
 }
 
 
@@ -389,6 +406,16 @@ impl Qemu<'_> {
                 tail(&o.console, 60)
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_kernels_timestamp_of_a_marked_line() {
+        let console = "noise\r\n[    4.503379] Run /init as init process\r\n[   12.578544] systemd[1]: systemd 252 running in system mode (+PAM)\r\n";
+        assert_eq!(super::kernel_timestamp(console, "running in system mode"), Some(12.578544));
+        assert_eq!(super::kernel_timestamp("systemd 252 running in system mode", "running in system mode"), None);
     }
 }
 
