@@ -3,7 +3,7 @@
 set -euo pipefail
 pkgs=(
   musl-tools          # static builds of crates with C code (zstd)
-  debootstrap docker.io podman containerd btrfs-progs e2fsprogs dosfstools mtools  # the fixture stores
+  debootstrap docker.io podman containerd btrfs-progs e2fsprogs dosfstools mtools jq  # the fixture stores
   qemu-system-x86 qemu-utils ovmf                              # the VM boot tests
   file zstd cpio kmod fdisk attr xz-utils gzip busybox-static  # busybox: the rescue-shell test
   shellcheck dracut-core                                       # the distro hooks (hooks/)

@@ -417,11 +417,15 @@ impl Hardware {
         // slow under emulation. With no uevent socket, every pass walks.
         let mut wakeup = crate::coldplug::Wakeup { events: true, lost: true, modaliases: Vec::new() };
         let mut devices = Vec::new();
+        let mut probed = Instant::now();
         let result = loop {
             let walk = wakeup.lost || self.uevents.is_none();
             self.coldplug(walk, std::mem::take(&mut wakeup.modaliases));
-            if walk || wakeup.events {
+            // Superblocks are probed again on a change, and each second anyway (a disk
+            // that failed its first read, or a filesystem written with no uevent).
+            if walk || wakeup.events || probed.elapsed() >= Duration::from_secs(1) {
                 devices = scan(Path::new("/sys/class/block"), Path::new("/dev"));
+                probed = Instant::now();
             }
             if let Some(d) = devices.iter().find(|d| d.matches(spec)) {
                 match self.complete(d, &devices) {

@@ -124,6 +124,14 @@ fn btrfs_store_boots_the_image_with_a_fresh_snapshot_each_time() {
     assert_store_untouched("btrfs", &disk, &dir);
 }
 
+/// A disk of its own (ext4, label lb-top) holding the top layer `top_dir`.
+fn toplayer_disk(top_dir: &Path, dir: &Path) -> std::path::PathBuf {
+    let top = dir.join("toplayer.img");
+    fs::File::create(&top).unwrap().set_len(32 << 20).unwrap();
+    run(Command::new("mkfs.ext4").args(["-q", "-L", "lb-top", "-d"]).arg(top_dir).arg(&top));
+    top
+}
+
 #[test]
 fn overlay2_store_boots_the_image_as_an_overlay_with_a_fresh_upper_each_time() {
     let dir = work_dir("overlay2");
@@ -131,9 +139,7 @@ fn overlay2_store_boots_the_image_as_an_overlay_with_a_fresh_upper_each_time() {
     // The top layer on a disk of its own.
     let top_dir = dir.join("toplayer");
     write_toplayer(&top_dir, "vm-overlay");
-    let top = dir.join("toplayer.img");
-    fs::File::create(&top).unwrap().set_len(32 << 20).unwrap();
-    run(Command::new("mkfs.ext4").args(["-q", "-L", "lb-top", "-d"]).arg(&top_dir).arg(&top));
+    let top = toplayer_disk(&top_dir, &dir);
     let cmdline = "root=LABEL=lb-overlay toplayer=LABEL=lb-top layerboot.rescue_timeout=0";
 
     for (i, log) in ["boot1.log", "boot2.log"].iter().enumerate() {
@@ -562,4 +568,62 @@ fn dracut_with_the_layerboot_module_boots_the_image() {
     }
     let cmdline = "rw root=LABEL=lb-overlay docker_image=layerboot/demo:v2 toplayer=LABEL=lb-overlay toplayer_path=/toplayer layerboot.rescue_timeout=0 rd.shell=0";
     boots_with_hooked_initramfs(&dir, tree.join("boot/initrd-dracut.img"), cmdline, "dracut: layerboot: making the root from the container image");
+}
+
+/// The loop users live in (README, "Updating from inside"): a machine booted from an
+/// image with Docker binds the store it booted from onto its /var/lib/docker (a top-layer
+/// fstab line), loads a new image into it, and boots that image next time; the image it
+/// ran stays in the store, untouched.
+#[test]
+fn a_machine_loads_an_update_into_its_own_store_and_boots_it_next() {
+    let dir = work_dir("update");
+    let disk = copy_store_disk("overlay2", &dir);
+    let top_dir = dir.join("toplayer");
+    write_toplayer(&top_dir, "vm-update");
+    let w = |rel: &str, text: &str| {
+        let p = top_dir.join(rel);
+        let mut old = fs::read_to_string(&p).unwrap_or_default();
+        old.push_str(text);
+        fs::write(&p, old).unwrap();
+    };
+    w("etc/fstab", "/run/layerboot/store/var/lib/docker /var/lib/docker none bind 0 0\n");
+    // Loads the archive on the third disk, if there is one, before the report.
+    w(
+        "etc/systemd/system/layerboot-update.service",
+        "[Unit]\nDescription=load the update on /dev/vdc into the store\nRequires=docker.service\nAfter=docker.service\n\
+         Before=layerboot-report.service\nConditionPathExists=/dev/vdc\n\
+         [Service]\nType=oneshot\nExecStart=/bin/sh -c 'docker load -i /dev/vdc >/run/layerboot-update.log 2>&1'\n\
+         [Install]\nWantedBy=multi-user.target\n",
+    );
+    std::os::unix::fs::symlink("../layerboot-update.service", top_dir.join("etc/systemd/system/multi-user.target.wants/layerboot-update.service"))
+        .unwrap();
+    let top = toplayer_disk(&top_dir, &dir);
+    let update = dir.join("update.tar");
+    fs::copy(fixtures().join("update.tar"), &update).unwrap();
+    let base = "root=LABEL=lb-overlay toplayer=LABEL=lb-top layerboot.rescue_timeout=0";
+
+    let cmdline = format!("{base} docker_image=layerboot/demo:docker");
+    let console = Qemu::new(vec![disk.clone(), top.clone(), update], cmdline, dir.join("boot1.log")).run();
+    no_panic(&console);
+    let r = report(&console);
+    common_checks(&r, "vm-update", "docker");
+    assert!(r["docker-root"].starts_with("/dev/vda[/var/lib/docker]"), "the store bound onto /var/lib/docker: {}", r["docker-root"]);
+    assert_eq!(r["docker-load"], "Loaded image: layerboot/demo:update", "docker load inside the machine");
+    {
+        // The store on the disk now holds the update, readable offline as any image.
+        let _m = LoopMount::new(&disk, &dir.join("check"), true);
+        let out = run(layerboot().args(["inspect", "--store"]).arg(dir.join("check/var/lib/docker")).arg("layerboot/demo:update"));
+        assert!(out.contains("layers"), "{out}");
+    }
+
+    let cmdline = format!("{base} docker_image=layerboot/demo:update");
+    let console = Qemu::new(vec![disk.clone(), top], cmdline, dir.join("boot2.log")).run();
+    no_panic(&console);
+    let r = report(&console);
+    common_checks(&r, "vm-update", "update");
+    assert_eq!(r["docker-load"], "none", "no update disk this time");
+    let images: Vec<&str> = r["docker-images"].split_whitespace().collect();
+    assert!(images.contains(&"layerboot/demo:update") && images.contains(&"layerboot/demo:docker"), "{images:?}");
+    // What the machine ran before is all there: its layers are as the engine left them.
+    assert_layers_untouched("overlay2", "var/lib/docker", &[], &disk, &dir, &["layerboot/demo:docker", "layerboot/demo:latest"]);
 }
