@@ -30,6 +30,9 @@ fn exported_tree(dir: &Path) -> PathBuf {
         fs::create_dir_all(&tree).unwrap();
         run(Command::new("tar").arg("-xf").arg(fixtures().join("export-latest.tar")).arg("-C").arg(&tree));
     }
+    // `docker export` adds the container's /.dockerenv, not the image's: with it, systemd
+    // would believe it runs in a container (and log to the console, not through the kernel).
+    let _ = fs::remove_file(tree.join(".dockerenv"));
     tree
 }
 
