@@ -18,7 +18,21 @@ pub struct ModuleIndex {
     softdeps: BTreeMap<String, (Vec<String>, Vec<String>)>,
     /// (pattern, module name), in file order
     aliases: Vec<(String, String)>,
+    /// Positions in `aliases` by the pattern's [`alias_bus`] ("" for patterns that start
+    /// with a wildcard): a device's modalias is matched against its bus's patterns only.
+    by_bus: BTreeMap<String, Vec<usize>>,
     builtin: BTreeSet<String>,
+}
+
+/// What comes before the first `:` of a modalias (`pci`, `usb`, `acpi`, …), or all of a
+/// plain name (`crc32c`); for a pattern, "" if that part holds a wildcard.
+fn alias_bus(text: &str, is_pattern: bool) -> &str {
+    let bus = text.split(':').next().unwrap_or(text);
+    if is_pattern && bus.contains(['*', '?', '[']) {
+        ""
+    } else {
+        bus
+    }
 }
 
 /// One module to load, in order; `optional` for soft dependencies, whose failure is no error.
@@ -32,8 +46,15 @@ pub struct Step {
 /// `kernel/fs/btrfs/btrfs.ko.zst` → `btrfs`; `crc32c-intel` → `crc32c_intel`.
 pub fn module_name(path_or_name: &str) -> String {
     let base = path_or_name.rsplit('/').next().unwrap_or(path_or_name);
-    let base = base.split(".ko").next().unwrap_or(base);
-    base.replace('-', "_")
+    if !base.is_ascii() {
+        return base.split(".ko").next().unwrap_or(base).replace('-', "_");
+    }
+    // Byte-wise: this runs for every line of the index at boot.
+    let base = base.as_bytes();
+    let end = base.windows(3).position(|w| w == b".ko").unwrap_or(base.len());
+    let mut name = String::with_capacity(end);
+    name.extend(base[..end].iter().map(|&b| if b == b'-' { '_' } else { b as char }));
+    name
 }
 
 impl ModuleIndex {
@@ -59,11 +80,11 @@ impl ModuleIndex {
         let mut idx = ModuleIndex::default();
         for line in dep.lines() {
             let Some((path, deps)) = line.split_once(':') else { continue };
-            let deps = deps.split_whitespace().map(module_name).collect();
+            let deps = deps.split_ascii_whitespace().map(module_name).collect();
             idx.modules.insert(module_name(path), (path.trim().to_string(), deps));
         }
         for line in softdep.lines().filter(|l| !l.trim_start().starts_with('#')) {
-            let mut words = line.split_whitespace();
+            let mut words = line.split_ascii_whitespace();
             if words.next() != Some("softdep") {
                 continue;
             }
@@ -80,8 +101,13 @@ impl ModuleIndex {
             }
         }
         for line in alias.lines() {
-            let mut words = line.split_whitespace();
+            let mut words = line.split_ascii_whitespace();
             if let (Some("alias"), Some(pattern), Some(module)) = (words.next(), words.next(), words.next()) {
+                let (bus, at) = (alias_bus(pattern, true), idx.aliases.len());
+                match idx.by_bus.get_mut(bus) {
+                    Some(v) => v.push(at),
+                    None => drop(idx.by_bus.insert(bus.to_string(), vec![at])),
+                }
                 idx.aliases.push((pattern.to_string(), module_name(module)));
             }
         }
@@ -115,9 +141,13 @@ impl ModuleIndex {
         if self.modules.contains_key(&name) {
             return vec![name];
         }
-        let mut out: Vec<String> = self
-            .aliases
-            .iter()
+        let bucket = |bus: &str| self.by_bus.get(bus).map(Vec::as_slice).unwrap_or_default();
+        let mut candidates: Vec<usize> = bucket(alias_bus(name_or_alias, false)).to_vec();
+        candidates.extend_from_slice(bucket(""));
+        candidates.sort_unstable(); // file order, as modprobe reports matches
+        let mut out: Vec<String> = candidates
+            .into_iter()
+            .map(|i| &self.aliases[i])
             .filter(|(pattern, _)| glob_match(pattern, name_or_alias))
             .map(|(_, m)| m.clone())
             .filter(|m| self.modules.contains_key(m))
@@ -321,6 +351,19 @@ kernel/drivers/virtio/virtio_ring.ko:
         assert!(e.contains("'nvme' is not in modules.dep"), "{e}");
         assert_eq!(idx().resolve("virtio:d00000002v00001AF4"), vec!["virtio_blk"]);
         assert_eq!(idx().resolve("crc32c-intel"), vec!["crc32c_intel"]);
+    }
+
+    #[test]
+    fn modaliases_match_their_bus_patterns_and_wildcard_led_ones_in_file_order() {
+        let idx = ModuleIndex::parse(
+            "a.ko:\nb.ko:\nc.ko:\n",
+            "",
+            "alias pci:v1234d* b\nalias usb:v1234* c\nalias ?ci:v1234* a\nalias pci:v1234d0001* c\n",
+            "",
+        );
+        assert_eq!(idx.resolve("pci:v1234d0001sv0"), ["b", "a", "c"]);
+        assert_eq!(idx.resolve("usb:v1234p1"), ["c"]);
+        assert!(idx.resolve("acpi:v1234").is_empty());
     }
 
     #[test]

@@ -7,9 +7,11 @@
 //! - [`kmod`], [`coldplug`], [`probe`]: modules, devices and superblocks, without udev;
 //! - [`btrfs`], [`writable`], [`copy`], [`mounts`]: the fresh writable root and the top layer;
 //! - [`switch`], [`console`]: handing over to the image's init, and failing readably;
+//! - [`arena`]: /init's allocator, which never gives memory back before the exec;
 //! - [`cost`]: /init's own CPU time apart from the kernel work it asks for;
 //! - [`boot`]: the sequence that ties them together. `src/main.rs` only guards PID 1.
 
+pub mod arena;
 pub mod bolt;
 pub mod boot;
 pub mod btrfs;

@@ -11,6 +11,9 @@ use layerboot_init::console;
 use layerboot_init::settings::DEFAULT_RESCUE_TIMEOUT_S;
 use std::time::Duration;
 
+#[global_allocator]
+static ALLOCATOR: layerboot_init::arena::BootAllocator = layerboot_init::arena::BootAllocator;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--mount-root") {
