@@ -352,6 +352,8 @@ pub struct Qemu<'a> {
     pub uefi: bool,
     /// Pull the plug as soon as the console shows this.
     pub cut_power_at: Option<&'a str>,
+    /// More QEMU arguments (the benchmark's `-icount`).
+    pub qemu_args: Vec<&'a str>,
 }
 
 impl Qemu<'_> {
@@ -367,13 +369,15 @@ impl Qemu<'_> {
             answer: None,
             uefi: false,
             cut_power_at: None,
+            qemu_args: Vec::new(),
         }
     }
 
     fn command(&self) -> Command {
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", &accel(), "-m", "1024", "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot"])
-            .args(["-serial", "stdio"]);
+            .args(["-serial", "stdio"])
+            .args(&self.qemu_args);
         if self.uefi {
             cmd.args(["-bios", OVMF]);
         } else {
