@@ -549,14 +549,35 @@ fn write_boot_record(s: &Settings, store: &Store, image: &Image) {
 
 /// The image's init must exist and be executable, or the switch would panic the kernel.
 fn check_init(new_root: &Path, init: &str) -> Result<()> {
-    let view = crate::lookup::MergedView::from_dirs(vec![new_root.to_path_buf()]);
     use std::os::unix::fs::PermissionsExt;
-    match view.lookup_follow(init)? {
-        Some(e) if e.metadata.is_file() && e.metadata.permissions().mode() & 0o111 != 0 => Ok(()),
+    let found = match resolve_in_root(new_root, init) {
+        Ok(found) => found,
+        // Kernels before 5.6 (only in --mount-root under an old distro kernel): resolve
+        // the links ourselves.
+        Err(Errno::ENOSYS) => crate::lookup::MergedView::from_dirs(vec![new_root.to_path_buf()]).lookup_follow(init)?.map(|e| e.metadata),
+        Err(e) => return Err(Error::new(format!("cannot look up {init} in the image: {e}"))),
+    };
+    match found {
+        Some(md) if md.is_file() && md.permissions().mode() & 0o111 != 0 => Ok(()),
         Some(_) => Err(Error::new(format!("{init} in the image is not an executable file (fix: init= another program)"))),
         None => Err(Error::new(format!(
             "the image has no {init} (fix: install an init system in the image, e.g. systemd-sysv, or set init=)"
         ))),
+    }
+}
+
+/// What `path` is inside `root`, its symlinks followed as if `root` were `/`: one
+/// openat2(RESOLVE_IN_ROOT), the kernel's own resolution, as the exec after the switch sees it.
+fn resolve_in_root(root: &Path, path: &str) -> std::result::Result<Option<fs::Metadata>, Errno> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let dir = fs::File::open(root).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
+    let how = OpenHow::new().flags(OFlag::O_PATH | OFlag::O_CLOEXEC).resolve(ResolveFlag::RESOLVE_IN_ROOT);
+    match openat2(dir.as_raw_fd(), path, how) {
+        // SAFETY: openat2 returned a new descriptor that nothing else owns.
+        Ok(fd) => Ok(fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }).metadata().ok()),
+        Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -568,6 +589,29 @@ pub fn cmdline() -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_images_init_is_found_through_its_links_inside_the_new_root_only() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        // Debian's merged /usr: /sbin -> usr/sbin, /sbin/init -> /lib/systemd/systemd, /lib -> usr/lib.
+        fs::create_dir_all(root.join("usr/sbin")).unwrap();
+        fs::create_dir_all(root.join("usr/lib/systemd")).unwrap();
+        symlink("usr/sbin", root.join("sbin")).unwrap();
+        symlink("usr/lib", root.join("lib")).unwrap();
+        symlink("/lib/systemd/systemd", root.join("usr/sbin/init")).unwrap();
+        fs::write(root.join("usr/lib/systemd/systemd"), "").unwrap();
+        fs::set_permissions(root.join("usr/lib/systemd/systemd"), fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(check_init(&root, "/sbin/init").is_ok());
+        // An absolute link is the image's path, never the host's (/bin/sh exists here).
+        symlink("/bin/sh", root.join("usr/sbin/sh-link")).unwrap();
+        let e = check_init(&root, "/sbin/sh-link").unwrap_err().to_string();
+        assert!(e.contains("the image has no /sbin/sh-link"), "{e}");
+        fs::write(root.join("usr/sbin/plain"), "").unwrap();
+        let e = check_init(&root, "/usr/sbin/plain").unwrap_err().to_string();
+        assert!(e.contains("not an executable file"), "{e}");
+    }
 
     #[test]
     fn modules_for_another_kernel_are_refused_with_the_fix() {
