@@ -169,9 +169,11 @@ impl Boot {
         let fs_time = crate::mounts::fs_time();
         let stages: Vec<String> = self.stages.borrow().iter().map(|(n, ms)| format!("{n} {ms}")).collect();
         log::info!(
-            "layerboot: {} from {}: switching to {} at {} ms (init's own work {} ms CPU, {} ms with its reads of the store; mounts and snapshots {} ms; modules and device waits {} ms; stages: {})",
+            "layerboot: {} from {}: {} {} at {} ms (init's own work {} ms CPU, {} ms with its reads of the store; mounts and snapshots {} ms; modules and device waits {} ms; stages: {})",
             settings.image,
             image.id.get(7..19).unwrap_or(&image.id),
+            // Under another initramfs (--mount-root), that one switches.
+            if self.hosted { "root ready for" } else { "switching to" },
             settings.init,
             total.as_millis(),
             crate::cost::own_cpu(self.cpu_at_start).as_millis(),

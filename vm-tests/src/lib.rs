@@ -161,7 +161,7 @@ echo "marker: $(cat /var/tmp/layerboot-marker 2>/dev/null || echo none)"
 echo "booted: $(cat /run/layerboot/booted.json)"
 echo "cmdline: $(cat /proc/cmdline)"
 echo "modules: $(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
-echo "init-timing: $(dmesg | grep layerboot_init | grep -o 'switching to .*' | head -n 1)"
+echo "init-timing: $(dmesg | grep layerboot_init | grep -o -E '(switching to|root ready for) .*' | head -n 1)"
 if command -v docker >/dev/null; then
 echo "docker-root: $(findmnt -no SOURCE,FSTYPE /var/lib/docker)"
 echo "docker-load: $(tail -n 1 /run/layerboot-update.log 2>/dev/null || echo none)"

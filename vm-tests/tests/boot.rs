@@ -516,6 +516,7 @@ fn boots_with_hooked_initramfs(dir: &Path, initramfs: std::path::PathBuf, cmdlin
     assert!(console.contains("layerboot_init::boot[") && !console.contains("layerboot_init::boot[1]:"), "layerboot-init ran as the tool's helper, not as PID 1");
     let r = report(&console);
     common_checks(&r, "vm-hooked", "v2");
+    assert!(r["init-timing"].starts_with("root ready for /sbin/init"), "the tool switches, not layerboot: {}", r["init-timing"]);
     assert!(r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"), "{}", r["root"]);
 }
 
