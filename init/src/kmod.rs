@@ -46,14 +46,10 @@ pub struct Step {
 /// `kernel/fs/btrfs/btrfs.ko.zst` → `btrfs`; `crc32c-intel` → `crc32c_intel`.
 pub fn module_name(path_or_name: &str) -> String {
     let base = path_or_name.rsplit('/').next().unwrap_or(path_or_name);
-    if !base.is_ascii() {
-        return base.split(".ko").next().unwrap_or(base).replace('-', "_");
-    }
-    // Byte-wise: this runs for every line of the index at boot.
-    let base = base.as_bytes();
-    let end = base.windows(3).position(|w| w == b".ko").unwrap_or(base.len());
+    // One allocation, no substring searcher: this runs for every line of the index at boot.
+    let end = base.as_bytes().windows(3).position(|w| w == b".ko").unwrap_or(base.len());
     let mut name = String::with_capacity(end);
-    name.extend(base[..end].iter().map(|&b| if b == b'-' { '_' } else { b as char }));
+    name.extend(base[..end].chars().map(|c| if c == '-' { '_' } else { c }));
     name
 }
 

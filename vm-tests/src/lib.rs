@@ -413,16 +413,6 @@ impl Qemu<'_> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn reads_the_kernels_timestamp_of_a_marked_line() {
-        let console = "noise\r\n[    4.503379] Run /init as init process\r\n[   12.578544] systemd[1]: systemd 252 running in system mode (+PAM)\r\n";
-        assert_eq!(super::kernel_timestamp(console, "running in system mode"), Some(12.578544));
-        assert_eq!(super::kernel_timestamp("systemd 252 running in system mode", "running in system mode"), None);
-    }
-}
-
 pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -442,4 +432,14 @@ pub fn report(console: &str) -> BTreeMap<String, String> {
         .filter_map(|l| l.trim_end_matches('\r').split_once(": "))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_kernels_timestamp_of_a_marked_line() {
+        let console = "noise\r\n[    4.503379] Run /init as init process\r\n[   12.578544] systemd[1]: systemd 252 running in system mode (+PAM)\r\n";
+        assert_eq!(super::kernel_timestamp(console, "running in system mode"), Some(12.578544));
+        assert_eq!(super::kernel_timestamp("systemd 252 running in system mode", "running in system mode"), None);
+    }
 }

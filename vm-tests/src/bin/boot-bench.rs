@@ -49,11 +49,7 @@ fn exported_root(fs_type: &str, dir: &Path) -> PathBuf {
     img
 }
 
-fn boot_until(disk: &Path, kernel: &Path, initrd: &Path, cmdline: &str, log: PathBuf, marker: &str) -> f64 {
-    boot_with(disk, kernel, initrd, cmdline, log, marker, vec![])
-}
-
-fn boot_with(disk: &Path, kernel: &Path, initrd: &Path, cmdline: &str, log: PathBuf, marker: &str, qemu_args: Vec<&str>) -> f64 {
+fn boot_until(disk: &Path, kernel: &Path, initrd: &Path, cmdline: &str, log: PathBuf, marker: &str, qemu_args: Vec<&str>) -> f64 {
     let boot = Boot { kernel: kernel.to_path_buf(), kernel_version: String::new(), initramfs: initrd.to_path_buf() };
     // systemd logs through the kernel, so its first line carries the kernel's timestamp.
     let cmdline = format!("{cmdline} systemd.log_target=kmsg");
@@ -93,9 +89,9 @@ fn main() {
         floor.push(floor_boot(&accel(), Duration::from_secs(120)).expect("floor boot"));
         for (i, (driver, _, label, _)) in stores.iter().enumerate() {
             let log = |kind: &str| dir.join(format!("{kind}-{driver}-{round}.log"));
-            times[i].0.push(boot_until(&roots[i], &demo.kernel, &itools_initrd, "root=LABEL=bench-root ro", log("itools"), INIT_STARTED));
+            times[i].0.push(boot_until(&roots[i], &demo.kernel, &itools_initrd, "root=LABEL=bench-root ro", log("itools"), INIT_STARTED, vec![]));
             let store = fixtures().join(format!("{driver}.img"));
-            times[i].1.push(boot_until(&store, &demo.kernel, &demo.initramfs, &format!("root=LABEL={label}"), log("layerboot"), INIT_STARTED));
+            times[i].1.push(boot_until(&store, &demo.kernel, &demo.initramfs, &format!("root=LABEL={label}"), log("layerboot"), INIT_STARTED, vec![]));
         }
     }
     for root in &roots {
@@ -108,7 +104,7 @@ fn main() {
     let instructions = (accel() == "tcg").then(|| {
         let log = dir.join("layerboot-overlay2-icount.log");
         let store = fixtures().join("overlay2.img");
-        boot_with(&store, &demo.kernel, &demo.initramfs, "root=LABEL=lb-overlay", log.clone(), INIT_STARTED, vec!["-icount", "shift=0"]);
+        boot_until(&store, &demo.kernel, &demo.initramfs, "root=LABEL=lb-overlay", log.clone(), INIT_STARTED, vec!["-icount", "shift=0"]);
         own_work_ms(&log)
     });
 
