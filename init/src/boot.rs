@@ -557,7 +557,11 @@ fn check_init(new_root: &Path, init: &str) -> Result<()> {
         // Kernels before 5.6 (only in --mount-root under an old distro kernel): resolve
         // the links ourselves.
         Err(Errno::ENOSYS) => crate::lookup::MergedView::from_dirs(vec![new_root.to_path_buf()]).lookup_follow(init)?.map(|e| e.metadata),
-        Err(e) => return Err(Error::new(format!("cannot look up {init} in the image: {e}"))),
+        Err(e) => {
+            return Err(Error::new(format!(
+                "cannot look up {init} in the image: {e} (fix: check the image's links on the way to {init}, or set init= to its real path)"
+            )))
+        }
     };
     match found {
         Some(md) if md.is_file() && md.permissions().mode() & 0o111 != 0 => Ok(()),
@@ -610,6 +614,11 @@ mod tests {
         symlink("/bin/sh", root.join("usr/sbin/sh-link")).unwrap();
         let e = check_init(&root, "/sbin/sh-link").unwrap_err().to_string();
         assert!(e.contains("the image has no /sbin/sh-link"), "{e}");
+        // A link loop: the kernel gives up (ELOOP), and the message says what to fix.
+        symlink("loop-b", root.join("usr/sbin/loop-a")).unwrap();
+        symlink("loop-a", root.join("usr/sbin/loop-b")).unwrap();
+        let e = check_init(&root, "/sbin/loop-a").unwrap_err().to_string();
+        assert!(e.contains("cannot look up /sbin/loop-a") && e.contains("fix: "), "{e}");
         fs::write(root.join("usr/sbin/plain"), "").unwrap();
         let e = check_init(&root, "/usr/sbin/plain").unwrap_err().to_string();
         assert!(e.contains("not an executable file"), "{e}");
