@@ -194,14 +194,28 @@ pub fn accel() -> String {
         .clone()
 }
 
+/// An uncompressed initramfs (cpio newc) of `(path, mode, (rdev major, minor), data)`.
+pub fn newc_archive(entries: Vec<(&str, u32, (u32, u32), Vec<u8>)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, (name, mode, (ma, mi), data)) in entries.into_iter().enumerate() {
+        let mut w = cpio::newc::Builder::new(name).ino(i as u32 + 1).mode(mode).rdev_major(ma).rdev_minor(mi).nlink(1).write(out, data.len() as u32);
+        std::io::Write::write_all(&mut w, &data).unwrap();
+        out = w.finish().unwrap();
+    }
+    cpio::newc::trailer(out).unwrap()
+}
+
+/// A static helper binary of this crate (floor-init, minimal-init), built by vm-tests/bench.
+pub fn helper_binary(name: &str) -> Vec<u8> {
+    let path = repo().join("target/x86_64-unknown-linux-musl/release").join(name);
+    fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (cargo build --release -p vm-tests)", path.display()))
+}
+
 /// The floor initramfs: floor-init as /init, /dev/console and /dev/kmsg, and 1 MiB of
 /// incompressible padding, as small initramfs images go.
 pub fn floor_initramfs() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let init = repo().join("target/x86_64-unknown-linux-musl/release/floor-init");
-        assert!(init.exists(), "{} is missing: cargo build --release -p vm-tests", init.display());
-        let mut out = Vec::new();
         let mut pad = vec![0u8; 1 << 20];
         let mut x: u32 = 0x9e37_79b9;
         for b in pad.iter_mut() {
@@ -210,22 +224,16 @@ pub fn floor_initramfs() -> PathBuf {
             x ^= x << 5;
             *b = x as u8;
         }
-        let files: [(&str, u32, (u32, u32), Vec<u8>); 5] = [
+        let archive = newc_archive(vec![
             ("dev", 0o040755, (0, 0), Vec::new()),
             ("dev/console", 0o020600, (5, 1), Vec::new()),
             ("dev/kmsg", 0o020600, (1, 11), Vec::new()),
-            ("init", 0o100755, (0, 0), fs::read(&init).unwrap()),
+            ("init", 0o100755, (0, 0), helper_binary("floor-init")),
             ("padding", 0o100644, (0, 0), pad),
-        ];
-        for (i, (name, mode, (ma, mi), data)) in files.into_iter().enumerate() {
-            let mut w = cpio::newc::Builder::new(name).ino(i as u32 + 1).mode(mode).rdev_major(ma).rdev_minor(mi).nlink(1).write(out, data.len() as u32);
-            std::io::Write::write_all(&mut w, &data).unwrap();
-            out = w.finish().unwrap();
-        }
-        out = cpio::newc::trailer(out).unwrap();
+        ]);
         let path = repo().join("target/vm-tests/floor-initramfs.img");
         fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(&path, out).unwrap();
+        fs::write(&path, archive).unwrap();
         path
     })
     .clone()
