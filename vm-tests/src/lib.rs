@@ -187,7 +187,7 @@ pub fn accel() -> String {
             if let Ok(a) = std::env::var("LAYERBOOT_ACCEL") {
                 return a;
             }
-            let ok = std::path::Path::new("/dev/kvm").exists() && floor_boot("kvm", Duration::from_secs(20)).is_some();
+            let ok = std::path::Path::new("/dev/kvm").exists() && floor_boot("kvm", Duration::from_secs(20), &[]).is_some();
             eprintln!("vm-tests: accelerator {}", if ok { "kvm" } else { "tcg (the KVM probe boot failed)" });
             (if ok { "kvm" } else { "tcg" }).to_string()
         })
@@ -242,7 +242,7 @@ pub fn floor_initramfs() -> PathBuf {
 /// Boots the demo kernel with the floor initramfs; the kernel's clock (seconds since it
 /// started) when its /init ran, if it did within `timeout`. (Not through [`Qemu`], which
 /// asks [`accel`], which uses this as its probe.)
-pub fn floor_boot(accel: &str, timeout: Duration) -> Option<f64> {
+pub fn floor_boot(accel: &str, timeout: Duration, qemu_args: &[&str]) -> Option<f64> {
     let boot = demo_boot_files();
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-accel", accel, "-m", "1024", "-display", "none", "-monitor", "none", "-no-reboot", "-serial", "stdio"])
@@ -250,7 +250,8 @@ pub fn floor_boot(accel: &str, timeout: Duration) -> Option<f64> {
         .arg(&boot.kernel)
         .arg("-initrd")
         .arg(floor_initramfs())
-        .args(["-append", "console=ttyS0"]);
+        .args(["-append", "console=ttyS0"])
+        .args(qemu_args);
     let marker = "floor-init: started";
     let o = drive(cmd, None, None, Some(marker), timeout);
     o.stopped_at.and_then(|_| kernel_timestamp(&o.console, marker))
