@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use layerboot_init::kmod::{ModuleIndex, Step};
 use vm_tests::*;
 
 /// The image's init has started: systemd's first console line.
@@ -52,46 +53,32 @@ fn exported_root(fs_type: &str, dir: &Path) -> PathBuf {
     img
 }
 
-/// `roots` and their dependencies from `modules.dep`, in an order they load in
-/// (a module's dependencies, which modules.dep lists in full, first; each once).
-fn load_order(modules_dir: &Path, roots: &[&str]) -> Vec<(String, PathBuf)> {
-    let dep = fs::read_to_string(modules_dir.join("modules.dep")).unwrap();
-    let name = |path: &str| path.rsplit('/').next().unwrap().trim_end_matches(".ko").replace('-', "_");
-    let mut order: Vec<(String, PathBuf)> = Vec::new();
-    for root in roots {
-        let line = dep.lines().find(|l| name(l.split(':').next().unwrap()) == *root).unwrap_or_else(|| panic!("{root} is not in modules.dep"));
-        let (module, deps) = line.split_once(':').unwrap();
-        for path in deps.split_whitespace().rev().chain([module]) {
-            if !order.iter().any(|(n, _)| *n == name(path)) {
-                order.push((name(path), modules_dir.join(path)));
-            }
-        }
-    }
-    order
-}
-
 /// The minimal initramfs for a root of type `fs_type`: minimal-init, and the modules
-/// to reach a virtio disk and mount it (with the checksum modules the filesystem asks
-/// the crypto API for: without a modprobe, nobody else would load them).
+/// to reach a virtio disk and mount it, in the order layerboot loads them, without the
+/// optional soft dependencies (the CPU-specific ones fail under TCG's CPU). The checksum
+/// modules the filesystem asks the crypto API for are named: with no modprobe, nobody
+/// else would load them.
 fn minimal_initramfs(fs_type: &str, modules_dir: &Path, dir: &Path) -> PathBuf {
     let roots: &[&str] = match fs_type {
         "ext4" => &["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"],
         _ => &["virtio_pci", "virtio_blk", "crc32c_generic", "xxhash_generic", "blake2b_generic", "btrfs"],
     };
-    let order = load_order(modules_dir, roots);
-    let names: Vec<String> = order.iter().map(|(n, _)| format!("lib/modules/{n}.ko")).collect();
+    let index = ModuleIndex::load(modules_dir).unwrap();
+    let wanted: Vec<String> = roots.iter().map(|r| r.to_string()).collect();
+    let order: Vec<Step> = index.load_order(&wanted).unwrap().into_iter().filter(|s| !s.optional).collect();
+    let names: Vec<String> = order.iter().map(|s| format!("lib/modules/{}.ko", s.name)).collect();
     let mut entries = vec![
         ("dev", 0o040755, (0, 0), Vec::new()),
         ("dev/console", 0o020600, (5, 1), Vec::new()),
         ("dev/kmsg", 0o020600, (1, 11), Vec::new()),
         ("init", 0o100755, (0, 0), helper_binary("minimal-init")),
         ("fstype", 0o100644, (0, 0), fs_type.as_bytes().to_vec()),
-        ("modules", 0o100644, (0, 0), order.iter().map(|(n, _)| format!("{n}\n")).collect::<String>().into_bytes()),
+        ("modules", 0o100644, (0, 0), order.iter().map(|s| format!("{}\n", s.name)).collect::<String>().into_bytes()),
         ("lib", 0o040755, (0, 0), Vec::new()),
         ("lib/modules", 0o040755, (0, 0), Vec::new()),
     ];
-    for (name, (_, path)) in names.iter().zip(&order) {
-        entries.push((name.as_str(), 0o100644, (0, 0), fs::read(path).unwrap()));
+    for (name, step) in names.iter().zip(&order) {
+        entries.push((name.as_str(), 0o100644, (0, 0), fs::read(modules_dir.join(&step.path)).unwrap()));
     }
     let img = dir.join(format!("minimal-{fs_type}.img"));
     fs::write(&img, newc_archive(entries)).unwrap();
