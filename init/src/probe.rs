@@ -7,6 +7,7 @@ use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use crate::coldplug::read_attribute;
 use crate::settings::DeviceSpec;
 
 /// What a device holds.
@@ -162,7 +163,7 @@ pub fn partition_ids(disk: &Path, number: u32) -> std::io::Result<(Option<String
 /// (an empty CD drive) are listed with nothing probed.
 pub fn scan(sys_block: &Path, dev: &Path) -> Vec<BlockDevice> {
     let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir(sys_block) else { return out };
+    let (Ok(entries), Ok(dir)) = (fs::read_dir(sys_block), File::open(sys_block)) else { return out };
     let mut names: Vec<String> = entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
     names.sort();
     for name in names {
@@ -171,10 +172,12 @@ pub fn scan(sys_block: &Path, dev: &Path) -> Vec<BlockDevice> {
         }
         let node = dev.join(&name);
         let probe = probe(&node).unwrap_or_default();
-        let sys = sys_block.join(&name);
         let (mut part_uuid, mut part_label) = (None, None);
-        if let Ok(n) = fs::read_to_string(sys.join("partition")) {
-            let parent = fs::canonicalize(&sys).ok().and_then(|p| p.parent().and_then(|p| p.file_name()).map(|n| n.to_os_string()));
+        if let Some(n) = read_attribute(&dir, format!("{name}/partition").as_bytes()) {
+            // A partition's sysfs link ends in …/block/<disk>/<partition>: one readlink,
+            // where canonicalize would readlink every component.
+            let link = fs::read_link(sys_block.join(&name)).ok();
+            let parent = link.as_deref().and_then(|l| l.parent()).and_then(|p| p.file_name()).map(|n| n.to_os_string());
             if let (Ok(n), Some(parent)) = (n.trim().parse(), parent) {
                 (part_uuid, part_label) = partition_ids(&dev.join(parent), n).unwrap_or((None, None));
             }
