@@ -33,6 +33,8 @@ pub struct Boot {
     started: Instant,
     /// This process's CPU time when /init started (see [`crate::cost::own_cpu`]).
     cpu_at_start: Duration,
+    /// The same in user mode only: /init's own code.
+    user_cpu_at_start: Duration,
     pub settings: Option<Settings>,
     /// (stage, ms since start), logged together at the end: every line printed on a
     /// serial console costs ~10 ms, which would dwarf the work being timed.
@@ -49,7 +51,7 @@ pub struct Boot {
 impl Boot {
     /// As the initramfs's `/init`: makes the root at /sysroot and switches to it.
     pub fn new() -> Boot {
-        Boot { started: Instant::now(), cpu_at_start: crate::cost::process_cpu(), settings: None, stages: Default::default(), marks: Default::default(), new_root: PathBuf::from(NEW_ROOT), hosted: false }
+        Boot { started: Instant::now(), cpu_at_start: crate::cost::process_cpu(), user_cpu_at_start: crate::cost::process_user_cpu(), settings: None, stages: Default::default(), marks: Default::default(), new_root: PathBuf::from(NEW_ROOT), hosted: false }
     }
 
     /// Inside another initramfs: makes the root at `target` and returns (`--mount-root`).
@@ -169,7 +171,7 @@ impl Boot {
         let fs_time = crate::mounts::fs_time();
         let stages: Vec<String> = self.stages.borrow().iter().map(|(n, ms)| format!("{n} {ms}")).collect();
         log::info!(
-            "layerboot: {} from {}: {} {} at {} ms (init's own work {} ms CPU, {} ms with its reads of the store; mounts and snapshots {} ms; modules and device waits {} ms; stages: {})",
+            "layerboot: {} from {}: {} {} at {} ms (init's own work {} ms CPU, {} ms of it in its own code and the rest in the kernel serving its reads and writes; {} ms with its reads of the store; mounts and snapshots {} ms; modules and device waits {} ms; stages: {})",
             settings.image,
             image.id.get(7..19).unwrap_or(&image.id),
             // Under another initramfs (--mount-root), that one switches.
@@ -177,6 +179,7 @@ impl Boot {
             settings.init,
             total.as_millis(),
             crate::cost::own_cpu(self.cpu_at_start).as_millis(),
+            crate::cost::process_user_cpu().saturating_sub(self.user_cpu_at_start).as_millis(),
             total.saturating_sub(hw.kernel_time).saturating_sub(fs_time).as_millis(),
             fs_time.as_millis(),
             hw.kernel_time.as_millis(),

@@ -15,6 +15,13 @@ pub fn process_cpu() -> Duration {
     clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID).map(Duration::from).unwrap_or_default()
 }
 
+/// User-mode CPU time this process has used: its own code, none of the kernel's.
+pub fn process_user_cpu() -> Duration {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .map(|u| Duration::from_micros((u.user_time().tv_sec() * 1_000_000 + u.user_time().tv_usec()) as u64))
+        .unwrap_or_default()
+}
+
 /// Runs `f`, a request for the kernel's work, and counts the CPU time it takes as the kernel's.
 pub fn kernel_work<T>(f: impl FnOnce() -> T) -> T {
     let start = process_cpu();
@@ -37,6 +44,26 @@ mod tests {
     fn spin(d: Duration) {
         let end = process_cpu() + d;
         while process_cpu() < end {}
+    }
+
+    #[test]
+    fn user_time_is_own_code_and_not_the_kernels_service() {
+        let (user0, cpu0) = (process_user_cpu(), process_cpu());
+        // Arithmetic, with the clock (itself a system call) read only now and then.
+        let mut x = 1u64;
+        while process_cpu() < cpu0 + Duration::from_millis(100) {
+            for _ in 0..1_000_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        }
+        let (user1, cpu1) = (process_user_cpu(), process_cpu());
+        // The same CPU time spent in system calls instead.
+        while process_cpu() < cpu1 + Duration::from_millis(100) {
+            let _ = std::fs::metadata("/proc/self/stat");
+        }
+        let (user2, cpu2) = (process_user_cpu(), process_cpu());
+        assert!(user1 - user0 > (cpu1 - cpu0) / 2, "spinning is user time: {:?} of {:?}", user1 - user0, cpu1 - cpu0);
+        assert!(user2 - user1 < (cpu2 - cpu1) / 2, "system calls are not: {:?} of {:?}", user2 - user1, cpu2 - cpu1);
     }
 
     #[test]

@@ -83,6 +83,7 @@ fn common_checks(r: &BTreeMap<String, String>, hostname: &str, tag: &str) {
     assert!(modules.contains(&"virtio_blk") && modules.contains(&"virtio_pci"), "{modules:?}");
     assert!(!modules.contains(&"nvme") && !modules.contains(&"ahci"), "no NVMe or AHCI here: {modules:?}");
     assert!(r["init-timing"].contains("init's own work"), "stage timings in dmesg: {}", r["init-timing"]);
+    assert!(r["init-timing"].contains("ms of it in its own code"), "own work split into code and kernel: {}", r["init-timing"]);
 }
 
 fn no_panic(console: &str) {
