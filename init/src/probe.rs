@@ -224,14 +224,13 @@ mod tests {
         assert_eq!(pa.uuid, pb.uuid, "one filesystem");
     }
 
-    #[test]
-    fn reads_gpt_partition_uuids() {
-        let t = tempfile::tempdir().unwrap();
-        let img = t.path().join("disk");
-        File::create(&img).unwrap().set_len(64 << 20).unwrap();
+    /// A 64 MiB GPT disk image with partitions "esp" and "store"; returns store's PARTUUID.
+    fn gpt_disk(img: &Path) -> String {
+        File::create(img).unwrap().set_len(64 << 20).unwrap();
         let out = std::process::Command::new("sfdisk")
-            .arg(&img)
+            .arg(img)
             .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
             .spawn()
             .and_then(|mut c| {
                 use std::io::Write;
@@ -240,10 +239,46 @@ mod tests {
             })
             .unwrap();
         assert!(out.status.success());
-        let sfdisk = std::process::Command::new("sfdisk").args(["--part-uuid"]).arg(&img).arg("2").output().unwrap();
-        let want = String::from_utf8_lossy(&sfdisk.stdout).trim().to_ascii_lowercase();
+        let sfdisk = std::process::Command::new("sfdisk").args(["--part-uuid"]).arg(img).arg("2").output().unwrap();
+        String::from_utf8_lossy(&sfdisk.stdout).trim().to_ascii_lowercase()
+    }
+
+    #[test]
+    fn reads_gpt_partition_uuids() {
+        let t = tempfile::tempdir().unwrap();
+        let img = t.path().join("disk");
+        let want = gpt_disk(&img);
         assert_eq!(partition_ids(&img, 2).unwrap(), (Some(want), Some("store".to_string())));
         assert_eq!(partition_ids(&img, 9).unwrap(), (None, None));
+    }
+
+    #[test]
+    fn scan_finds_a_partitions_disk_through_its_sysfs_link() {
+        // As in sysfs: /sys/class/block/<name> links into the device tree, where a
+        // partition sits under its disk and has a `partition` number. The "devices" in
+        // dev/ are image files: the disk's GPT and the partition's ext4.
+        let t = tempfile::tempdir().unwrap();
+        let (sys, dev) = (t.path().join("sys"), t.path().join("dev"));
+        let disk_dir = sys.join("devices/pci0000:00/0000:00:04.0/virtio1/block/vdz");
+        fs::create_dir_all(disk_dir.join("vdz2")).unwrap();
+        fs::write(disk_dir.join("vdz2/partition"), "2\n").unwrap();
+        fs::create_dir_all(sys.join("class/block")).unwrap();
+        fs::create_dir_all(&dev).unwrap();
+        std::os::unix::fs::symlink("../../devices/pci0000:00/0000:00:04.0/virtio1/block/vdz", sys.join("class/block/vdz")).unwrap();
+        std::os::unix::fs::symlink("../../devices/pci0000:00/0000:00:04.0/virtio1/block/vdz/vdz2", sys.join("class/block/vdz2")).unwrap();
+        let part_uuid = gpt_disk(&dev.join("vdz"));
+        File::create(dev.join("vdz2")).unwrap().set_len(32 << 20).unwrap();
+        let out = std::process::Command::new("mkfs.ext4").args(["-q", "-L", "lb-part"]).arg(dev.join("vdz2")).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+        let found = scan(&sys.join("class/block"), &dev);
+        let names: Vec<&str> = found.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["vdz", "vdz2"]);
+        let part = &found[1];
+        assert_eq!((part.part_uuid.as_deref(), part.part_label.as_deref()), (Some(part_uuid.as_str()), Some("store")));
+        assert_eq!((part.probe.fstype, part.probe.label.as_deref()), (Some("ext4"), Some("lb-part")));
+        assert_eq!((found[0].part_uuid.as_deref(), found[0].probe.fstype), (None, None), "the whole disk is no partition");
+        assert!(part.matches(&DeviceSpec::parse("root", "PARTLABEL=store").unwrap()) && part.matches(&DeviceSpec::parse("root", &format!("PARTUUID={part_uuid}")).unwrap()));
     }
 
     #[test]
