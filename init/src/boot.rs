@@ -40,7 +40,7 @@ pub struct Boot {
     /// serial console costs ~10 ms, which would dwarf the work being timed.
     stages: std::cell::RefCell<Vec<(&'static str, u128)>>,
     /// (point, ms since start, own CPU ms), for the debug timeline.
-    marks: std::cell::RefCell<Vec<(&'static str, u128, u128)>>,
+    marks: std::cell::RefCell<Vec<(&'static str, u128, u128, u128)>>,
     /// Where the new root is mounted.
     new_root: PathBuf,
     /// Run by another initramfs (initramfs-tools, dracut, mkinitcpio), which mounted
@@ -59,11 +59,13 @@ impl Boot {
         Boot { new_root: target.to_path_buf(), hosted: true, ..Boot::new() }
     }
 
-    /// A finer timing point for `layerboot.debug`: wall and own CPU time, kept for one
-    /// line at the end (a console line each would cost more than most steps).
+    /// A finer timing point for `layerboot.debug`: wall time, own CPU time and the part of
+    /// it in /init's own code, kept for one line at the end (a console line each would
+    /// cost more than most steps).
     fn mark(&self, what: &'static str) {
         let cpu = crate::cost::own_cpu(self.cpu_at_start).as_millis();
-        self.marks.borrow_mut().push((what, self.started.elapsed().as_millis(), cpu));
+        let user = crate::cost::process_user_cpu().saturating_sub(self.user_cpu_at_start).as_millis();
+        self.marks.borrow_mut().push((what, self.started.elapsed().as_millis(), cpu, user));
     }
 
     /// Marks the end of a stage; `detail` goes to the debug log.
@@ -165,8 +167,8 @@ impl Boot {
         self.mark("boot record written");
         check_init(new_root, &settings.init)?;
         self.mark("init checked");
-        let marks: Vec<String> = self.marks.borrow().iter().map(|(w, ms, cpu)| format!("{w} {ms}/{cpu}")).collect();
-        log::debug!("timeline (ms since start / own CPU ms): {}", marks.join(", "));
+        let marks: Vec<String> = self.marks.borrow().iter().map(|(w, ms, cpu, user)| format!("{w} {ms}/{cpu}/{user}")).collect();
+        log::debug!("timeline (ms since start / own CPU ms / of it in /init's code): {}", marks.join(", "));
         let total = self.started.elapsed();
         let fs_time = crate::mounts::fs_time();
         let stages: Vec<String> = self.stages.borrow().iter().map(|(n, ms)| format!("{n} {ms}")).collect();
