@@ -39,7 +39,7 @@ pub struct Boot {
     /// (stage, ms since start), logged together at the end: every line printed on a
     /// serial console costs ~10 ms, which would dwarf the work being timed.
     stages: std::cell::RefCell<Vec<(&'static str, u128)>>,
-    /// (point, ms since start, own CPU ms), for the debug timeline.
+    /// (point, ms since start, own CPU ms, of it in /init's code ms), for the debug timeline.
     marks: std::cell::RefCell<Vec<(&'static str, u128, u128, u128)>>,
     /// Where the new root is mounted.
     new_root: PathBuf,
