@@ -63,9 +63,14 @@ impl Boot {
     /// it in /init's own code, kept for one line at the end (a console line each would
     /// cost more than most steps).
     fn mark(&self, what: &'static str) {
-        let cpu = crate::cost::own_cpu(self.cpu_at_start).as_millis();
-        let user = crate::cost::process_user_cpu().saturating_sub(self.user_cpu_at_start).as_millis();
+        let (cpu, user) = self.own_work_ms();
         self.marks.borrow_mut().push((what, self.started.elapsed().as_millis(), cpu, user));
+    }
+
+    /// /init's own CPU time so far and the part of it in /init's own code, in ms.
+    fn own_work_ms(&self) -> (u128, u128) {
+        let user = crate::cost::process_user_cpu().saturating_sub(self.user_cpu_at_start);
+        (crate::cost::own_cpu(self.cpu_at_start).as_millis(), user.as_millis())
     }
 
     /// Marks the end of a stage; `detail` goes to the debug log.
@@ -172,6 +177,7 @@ impl Boot {
         let total = self.started.elapsed();
         let fs_time = crate::mounts::fs_time();
         let stages: Vec<String> = self.stages.borrow().iter().map(|(n, ms)| format!("{n} {ms}")).collect();
+        let (own_cpu, own_code) = self.own_work_ms();
         log::info!(
             "layerboot: {} from {}: {} {} at {} ms (init's own work {} ms CPU, {} ms of it in its own code and the rest in the kernel serving its reads and writes; {} ms with its reads of the store; mounts and snapshots {} ms; modules and device waits {} ms; stages: {})",
             settings.image,
@@ -180,8 +186,8 @@ impl Boot {
             if self.hosted { "root ready for" } else { "switching to" },
             settings.init,
             total.as_millis(),
-            crate::cost::own_cpu(self.cpu_at_start).as_millis(),
-            crate::cost::process_user_cpu().saturating_sub(self.user_cpu_at_start).as_millis(),
+            own_cpu,
+            own_code,
             total.saturating_sub(hw.kernel_time).saturating_sub(fs_time).as_millis(),
             fs_time.as_millis(),
             hw.kernel_time.as_millis(),
