@@ -36,6 +36,7 @@ pub fn mount(source: &Path, target: &Path, fstype: &str, flags: MountFlags, data
                 _ => String::new(),
             };
             Error::new(format!("cannot mount {} ({fstype}) on {}: {e}{hint}", source.display(), target.display()))
+                .with_errno(e.raw_os_error().map(nix::errno::Errno::from_raw))
         })
 }
 
