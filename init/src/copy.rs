@@ -6,6 +6,12 @@
 //! Destination directories are opened with `openat2(RESOLVE_IN_ROOT)`, so a symlink in
 //! the image (`/bin` → `usr/bin`) is followed as the booted system would follow it, and
 //! can never lead outside the new root.
+//!
+//! Deletions stay inside the new root too: a whiteout must name one real entry (`.wh.`,
+//! `.wh..` and `.wh...` would name the directory itself or its parent, which at the top
+//! is the store's partition), an opaque marker at the top layer's root (it would empty
+//! the whole image) is refused, and a recursive delete never enters another filesystem
+//! or btrfs subvolume. Each refusal is a warning naming the file, not a failed boot.
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
@@ -17,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::{fchmodat, mkdirat, mknodat, utimensat, FchmodatFlags, Mode, SFlag, UtimensatFlags};
+use nix::sys::stat::{fchmodat, fstat, fstatat, mkdirat, mknodat, utimensat, FchmodatFlags, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{fchownat, linkat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags};
 use nix::fcntl::AtFlags;
@@ -34,6 +40,8 @@ pub struct CopyStats {
     pub links: usize,
     pub other: usize,
     pub bytes: u64,
+    /// What was skipped and why, one sentence each, for the console and booted.json.
+    pub warnings: Vec<String>,
 }
 
 /// Copies the contents of `src` (not `src` itself) into the tree at `dest_root`.
@@ -84,14 +92,30 @@ impl Copier {
             .map_err(|e| Error::io("cannot list", src, e))?;
         entries.sort();
         if entries.iter().any(|n| n == OPAQUE) {
-            self.remove_children(dir.as_raw_fd(), rel)?;
+            if rel.as_os_str().is_empty() {
+                self.warn(format!(
+                    "top layer: ignored {}: an opaque marker at the top layer's root would empty the whole image (fix: put it in the directory to empty)",
+                    self.src_root.join(OPAQUE).display()
+                ));
+            } else {
+                let dev = fstat(dir.as_raw_fd()).map_err(|e| Error::os(format!("top layer: cannot stat {}", Path::new("/").join(rel).display()), e))?.st_dev;
+                self.remove_children(dir.as_raw_fd(), dev, rel)?;
+            }
         }
         for name in entries {
             if name == OPAQUE {
                 continue;
             }
             if let Some(victim) = name.as_bytes().strip_prefix(WHITEOUT_PREFIX) {
-                self.remove_at(dir.as_raw_fd(), OsStr::from_bytes(victim), &rel.join(OsStr::from_bytes(victim)))?;
+                if matches!(victim, b"" | b"." | b"..") {
+                    self.warn(format!(
+                        "top layer: ignored whiteout {}: it names no file (fix: a whiteout is .wh. followed by the name to delete)",
+                        src.join(&name).display()
+                    ));
+                    continue;
+                }
+                let dev = fstat(dir.as_raw_fd()).map_err(|e| Error::os(format!("top layer: cannot stat {}", Path::new("/").join(rel).display()), e))?.st_dev;
+                self.remove_at(dir.as_raw_fd(), dev, OsStr::from_bytes(victim), &rel.join(OsStr::from_bytes(victim)))?;
                 continue;
             }
             let s = src.join(&name);
@@ -101,41 +125,60 @@ impl Copier {
         Ok(())
     }
 
-    /// Deletes `name` in `dir` (a whole tree for a directory), symlinks not followed.
-    fn remove_at(&mut self, dir: RawFd, name: &OsStr, rel: &Path) -> Result<()> {
-        let fail = |e: Errno| Error::new(format!("top layer: cannot delete {}: {e}", Path::new("/").join(rel).display()));
-        let st = match nix::sys::stat::fstatat(Some(dir), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+    fn warn(&mut self, msg: String) {
+        log::warn!("{msg}");
+        self.stats.warnings.push(msg);
+    }
+
+    /// Deletes `name` in `dir` (a whole tree for a directory), symlinks not followed,
+    /// never leaving `dev`, the filesystem (or btrfs subvolume) of `dir`.
+    fn remove_at(&mut self, dir: RawFd, dev: u64, name: &OsStr, rel: &Path) -> Result<()> {
+        let shown = Path::new("/").join(rel);
+        let fail = |e: Errno| Error::os(format!("top layer: cannot delete {}", shown.display()), e);
+        let st = match fstatat(Some(dir), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(Errno::ENOENT) => return Ok(()),
             Err(e) => return Err(fail(e)),
         };
-        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
-            let fd = openat(Some(dir), name, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
-                .map_err(fail)?;
-            // SAFETY: a fresh descriptor from openat.
-            let sub = unsafe { OwnedFd::from_raw_fd(fd) };
-            self.remove_children(sub.as_raw_fd(), rel)?;
-            unlinkat(Some(dir), name, UnlinkatFlags::RemoveDir).map_err(fail)
-        } else {
-            unlinkat(Some(dir), name, UnlinkatFlags::NoRemoveDir).map_err(fail)
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
+            return unlinkat(Some(dir), name, UnlinkatFlags::NoRemoveDir).map_err(fail);
+        }
+        let fd = openat(Some(dir), name, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).map_err(fail)?;
+        // SAFETY: a fresh descriptor from openat.
+        let sub = unsafe { OwnedFd::from_raw_fd(fd) };
+        let sub_dev = fstat(sub.as_raw_fd()).map_err(fail)?.st_dev;
+        if sub_dev != dev {
+            self.warn(format!("top layer: did not delete {}: it is another filesystem or btrfs subvolume", shown.display()));
+            return Ok(());
+        }
+        self.remove_children(sub.as_raw_fd(), dev, rel)?;
+        match unlinkat(Some(dir), name, UnlinkatFlags::RemoveDir) {
+            // A child on another filesystem was left in place.
+            Err(Errno::ENOTEMPTY) | Err(Errno::EBUSY) => Ok(()),
+            r => r.map_err(fail),
         }
     }
 
-    fn remove_children(&mut self, dir: RawFd, rel: &Path) -> Result<()> {
-        let path = proc_path(dir, OsStr::new(""));
-        let names: Vec<_> = fs::read_dir(&path)
-            .map_err(|e| Error::io("cannot list", &Path::new("/").join(rel), e))?
-            .filter_map(|e| e.ok().map(|e| e.file_name()))
+    fn remove_children(&mut self, dir: RawFd, dev: u64, rel: &Path) -> Result<()> {
+        let shown = Path::new("/").join(rel);
+        // Listed through a duplicate of the descriptor, never by path.
+        let listing = nix::dir::Dir::openat(Some(dir), ".", OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| Error::os(format!("top layer: cannot list {}", shown.display()), e))?;
+        let names: Vec<std::ffi::OsString> = listing
+            .into_iter()
+            .filter_map(|e| e.ok())
+            .map(|e| OsStr::from_bytes(e.file_name().to_bytes()).to_os_string())
+            .filter(|n| n != "." && n != "..")
             .collect();
         for n in names {
-            self.remove_at(dir, &n, &rel.join(&n))?;
+            self.remove_at(dir, dev, &n, &rel.join(&n))?;
         }
         Ok(())
     }
 
     fn copy_entry(&mut self, src: &Path, md: &fs::Metadata, dir: RawFd, name: &OsStr, rel: &Path) -> Result<()> {
         let shown = Path::new("/").join(rel);
-        let fail = |what: &str, e: Errno| Error::new(format!("top layer: cannot {what} {}: {e}", shown.display()));
+        let fail = |what: &str, e: Errno| Error::os(format!("top layer: cannot {what} {}", shown.display()), e);
         let existing = nix::sys::stat::fstatat(Some(dir), name, AtFlags::AT_SYMLINK_NOFOLLOW).ok();
         let existing_is_dir = existing.is_some_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR);
         let ft = md.file_type();
@@ -208,8 +251,8 @@ impl Copier {
     }
 
     /// Owner, then mode (chown clears set-id bits), xattrs, then times (last: the others touch ctime only).
-    fn set_attrs(&self, dir: RawFd, name: &OsStr, src: &Path, md: &fs::Metadata, shown: &Path) -> Result<()> {
-        let fail = |what: &str, e: Errno| Error::new(format!("top layer: cannot {what} {}: {e}", shown.display()));
+    fn set_attrs(&mut self, dir: RawFd, name: &OsStr, src: &Path, md: &fs::Metadata, shown: &Path) -> Result<()> {
+        let fail = |what: &str, e: Errno| Error::os(format!("top layer: cannot {what} {}", shown.display()), e);
         let is_link = md.file_type().is_symlink();
         fchownat(Some(dir), name, Some(Uid::from_raw(md.uid())), Some(Gid::from_raw(md.gid())), AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| fail("set the owner of", e))?;
@@ -217,7 +260,10 @@ impl Copier {
             fchmodat(Some(dir), name, Mode::from_bits_truncate(md.mode() & 0o7777), FchmodatFlags::FollowSymlink)
                 .map_err(|e| fail("set the mode of", e))?;
         }
-        copy_xattrs(src, &proc_path(dir, name), is_link).map_err(|e| e.context(format!("top layer: {}", shown.display())))?;
+        let refused = copy_xattrs(src, &proc_path(dir, name), is_link).map_err(|e| e.context(format!("top layer: {}", shown.display())))?;
+        for w in refused {
+            self.warn(format!("top layer: {}: {w}", shown.display()));
+        }
         let atime = TimeSpec::new(md.atime(), md.atime_nsec());
         let mtime = TimeSpec::new(md.mtime(), md.mtime_nsec());
         utimensat(Some(dir), name, &atime, &mtime, UtimensatFlags::NoFollowSymlink).map_err(|e| fail("set the times of", e))
@@ -230,38 +276,56 @@ fn proc_path(dir: RawFd, name: &OsStr) -> PathBuf {
 }
 
 /// Copies every xattr (security.*, trusted.*, user.*) of `src` to `dest`, neither followed.
-/// nix has no xattr calls; these are the plain l*xattr(2) system calls.
-fn copy_xattrs(src: &Path, dest: &Path, is_link: bool) -> Result<()> {
+/// An attribute the new root's filesystem refuses is a warning (returned), not a failure;
+/// a full disk or an I/O error is a failure. nix has no xattr calls; these are the plain
+/// l*xattr(2) system calls, each asked for its size first, so no list or value is cut.
+fn copy_xattrs(src: &Path, dest: &Path, is_link: bool) -> Result<Vec<String>> {
     let s = CString::new(src.as_os_str().as_bytes()).map_err(|_| Error::new("NUL in path"))?;
     let d = CString::new(dest.as_os_str().as_bytes()).map_err(|_| Error::new("NUL in path"))?;
-    let mut names = vec![0u8; 4096];
-    // SAFETY: valid C string, buffer valid for its length.
-    let len = unsafe { nix::libc::llistxattr(s.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    if len < 0 {
-        let e = Errno::last();
-        return if e == Errno::ENOTSUP { Ok(()) } else { Err(Error::io("cannot list xattrs of", src, e)) };
-    }
-    names.truncate(len as usize);
+    // SAFETY: valid C string; a null buffer of size 0 asks for the size.
+    let names = read_sized(|buf, len| unsafe { nix::libc::llistxattr(s.as_ptr(), buf.cast(), len) });
+    let names = match names {
+        Ok(n) => n,
+        Err(Errno::ENOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("cannot list xattrs of", src, e)),
+    };
+    let mut warnings = Vec::new();
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        let n = CString::new(name).unwrap();
-        let mut value = vec![0u8; 65536];
+        let n = CString::new(name).map_err(|_| Error::new("NUL in an xattr name"))?;
+        let shown = String::from_utf8_lossy(name);
         // SAFETY: as above.
-        let vlen = unsafe { nix::libc::lgetxattr(s.as_ptr(), n.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
-        if vlen < 0 {
-            return Err(Error::io(&format!("cannot read xattr {} of", String::from_utf8_lossy(name)), src, Errno::last()));
-        }
-        // SAFETY: as above; value holds vlen initialised bytes.
-        let r = unsafe { nix::libc::lsetxattr(d.as_ptr(), n.as_ptr(), value.as_ptr().cast(), vlen as usize, 0) };
+        let value = read_sized(|buf, len| unsafe { nix::libc::lgetxattr(s.as_ptr(), n.as_ptr(), buf.cast(), len) })
+            .map_err(|e| Error::io(&format!("cannot read xattr {shown} of"), src, e))?;
+        // SAFETY: NUL-terminated strings; value is valid for its length.
+        let r = unsafe { nix::libc::lsetxattr(d.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
         if r < 0 {
-            let e = Errno::last();
-            // Symlinks cannot carry user.* xattrs; the kernel refuses, as it would for cp -a.
-            if is_link && e == Errno::EPERM {
-                continue;
+            match Errno::last() {
+                // Symlinks cannot carry user.* xattrs; the kernel refuses, as it would for cp -a.
+                Errno::EPERM if is_link => {}
+                e @ (Errno::ENOSPC | Errno::EDQUOT | Errno::EIO) => return Err(Error::os(format!("cannot set xattr {shown}"), e)),
+                e => warnings.push(format!("did not copy xattr {shown}: the new root's filesystem refused it ({e})")),
             }
-            return Err(Error::new(format!("cannot set xattr {}: {e}", String::from_utf8_lossy(name))));
         }
     }
-    Ok(())
+    Ok(warnings)
+}
+
+/// Calls a size-then-fill system call (listxattr, getxattr) until the buffer fits, as
+/// the value may grow between the two calls.
+fn read_sized(call: impl Fn(*mut u8, usize) -> isize) -> std::result::Result<Vec<u8>, Errno> {
+    for _ in 0..8 {
+        let size = Errno::result(call(std::ptr::null_mut(), 0))? as usize;
+        let mut buf = vec![0u8; size.max(1)];
+        match Errno::result(call(buf.as_mut_ptr(), buf.len())) {
+            Ok(len) => {
+                buf.truncate(len as usize);
+                return Ok(buf);
+            }
+            Err(Errno::ERANGE) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Errno::ERANGE)
 }
 
 #[cfg(test)]
@@ -318,5 +382,66 @@ mod tests {
         assert!(e.contains("/etc/ssh is a directory in the image"), "{e}");
         let e = copy_tree(&t.path().join("nope"), &dest).unwrap_err().to_string();
         assert!(e.contains("cannot read the top layer"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod hostile_names {
+    use super::*;
+
+    /// A partition with the new root `root` beside a `store` that must survive.
+    fn partition() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let (src, root) = (t.path().join("top"), t.path().join("root"));
+        fs::create_dir_all(t.path().join("store/var/lib/docker")).unwrap();
+        fs::write(t.path().join("store/var/lib/docker/precious"), "layers").unwrap();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::write(root.join("etc/issue"), "image").unwrap();
+        fs::write(root.join("keep"), "image").unwrap();
+        fs::create_dir_all(&src).unwrap();
+        (t, src, root)
+    }
+
+    #[test]
+    fn whiteouts_that_name_no_file_are_skipped_with_a_warning() {
+        for dir in ["", "etc"] {
+            for bad in [".wh.", ".wh..", ".wh..."] {
+                let (t, src, root) = partition();
+                fs::create_dir_all(src.join(dir)).unwrap();
+                fs::write(src.join(dir).join(bad), "").unwrap();
+                let stats = copy_tree(&src, &root).unwrap();
+                assert!(t.path().join("store/var/lib/docker/precious").exists(), "{dir}/{bad} deleted the store");
+                assert_eq!(fs::read_to_string(root.join("etc/issue")).unwrap(), "image", "{dir}/{bad}");
+                assert_eq!(fs::read_to_string(root.join("keep")).unwrap(), "image", "{dir}/{bad}");
+                assert_eq!(stats.warnings.len(), 1, "{dir}/{bad}: {:?}", stats.warnings);
+                assert!(stats.warnings[0].contains(bad) && stats.warnings[0].contains("names no file"), "{:?}", stats.warnings);
+            }
+        }
+    }
+
+    #[test]
+    fn an_opaque_marker_at_the_root_is_refused_but_works_below_it() {
+        let (t, src, root) = partition();
+        fs::write(src.join(OPAQUE), "").unwrap();
+        fs::create_dir_all(src.join("etc")).unwrap();
+        fs::write(src.join("etc").join(OPAQUE), "").unwrap();
+        fs::write(src.join("etc/hostname"), "pc1").unwrap();
+        let stats = copy_tree(&src, &root).unwrap();
+        assert!(root.join("keep").exists(), "the root was not emptied");
+        assert!(!root.join("etc/issue").exists(), "etc/ was emptied");
+        assert_eq!(fs::read_to_string(root.join("etc/hostname")).unwrap(), "pc1");
+        assert!(t.path().join("store/var/lib/docker/precious").exists());
+        assert!(stats.warnings.len() == 1 && stats.warnings[0].contains("opaque marker at the top layer's root"), "{:?}", stats.warnings);
+    }
+
+    #[test]
+    fn a_whiteout_through_an_image_symlink_stays_inside_the_root() {
+        let (t, src, root) = partition();
+        // The image's /etc/alt points at the partition above the root if followed on the host.
+        std::os::unix::fs::symlink("../../store", root.join("etc/alt")).unwrap();
+        fs::create_dir_all(src.join("etc/alt/var/lib")).unwrap();
+        fs::write(src.join("etc/alt/var/lib/.wh.docker"), "").unwrap();
+        let _ = copy_tree(&src, &root); // refused or done: either way nothing outside is touched
+        assert!(t.path().join("store/var/lib/docker/precious").exists(), "the whiteout left the new root");
     }
 }
