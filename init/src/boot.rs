@@ -20,7 +20,7 @@ use crate::coldplug::{ModaliasWalker, Uevents};
 use crate::probe::{scan, BlockDevice};
 use crate::settings::{parse_cmdline, Config, DeviceSpec, Settings, CONFIG_PATH};
 use crate::store::{Driver, Image, Store};
-use crate::writable::{overlay_data, prepare, rotate, LayerPaths};
+use crate::writable::{check_clear_of, overlay_data, Layers};
 
 pub const STORE_MOUNT: &str = "/run/layerboot/store";
 const TOPLAYER_MOUNT: &str = "/run/layerboot/toplayer";
@@ -46,12 +46,14 @@ pub struct Boot {
     /// Run by another initramfs (initramfs-tools, dracut, mkinitcpio), which mounted
     /// /dev, /proc, /sys and /run and will switch root itself.
     hosted: bool,
+    /// What went wrong without stopping the boot, for the console and booted.json.
+    warnings: std::cell::RefCell<Vec<String>>,
 }
 
 impl Boot {
     /// As the initramfs's `/init`: makes the root at /sysroot and switches to it.
     pub fn new() -> Boot {
-        Boot { started: Instant::now(), cpu_at_start: crate::cost::process_cpu(), user_cpu_at_start: crate::cost::process_user_cpu(), settings: None, stages: Default::default(), marks: Default::default(), new_root: PathBuf::from(NEW_ROOT), hosted: false }
+        Boot { started: Instant::now(), cpu_at_start: crate::cost::process_cpu(), user_cpu_at_start: crate::cost::process_user_cpu(), settings: None, stages: Default::default(), marks: Default::default(), new_root: PathBuf::from(NEW_ROOT), hosted: false, warnings: Default::default() }
     }
 
     /// Inside another initramfs: makes the root at `target` and returns (`--mount-root`).
@@ -71,6 +73,12 @@ impl Boot {
     fn own_work_ms(&self) -> (u128, u128) {
         let user = crate::cost::process_user_cpu().saturating_sub(self.user_cpu_at_start);
         (crate::cost::own_cpu(self.cpu_at_start).as_millis(), user.as_millis())
+    }
+
+    /// A problem that does not stop the boot: on the console now, in booted.json later.
+    fn warn(&self, msg: &str) {
+        crate::console::say(&format!("layerboot: warning: {msg}"));
+        self.warnings.borrow_mut().push(msg.to_string());
     }
 
     /// Marks the end of a stage; `detail` goes to the debug log.
@@ -148,27 +156,57 @@ impl Boot {
             hw.ensure_filesystem("overlay")?;
             self.mount_tmpfs_root(&image, &store, toplayer.as_deref(), ro)?;
         } else {
-            let paths = LayerPaths::new(store_mount, &settings.rw_name);
-            if settings.mode_keep && reusable(&paths, &image, &settings.rw_name) {
-                self.copy_toplayer(&image, &store, &paths.current, toplayer.as_deref())?;
-            } else {
-                self.make_writable_layer(&image, &store, &paths, toplayer.as_deref(), settings.keep)?;
+            // Before anything is touched: the layer's generations must not be the store
+            // or the top layer, nor hold them.
+            check_clear_of(&settings.rw_name, "the image store (docker_path=)", &settings.docker_path)?;
+            if toplayer.as_deref().is_some_and(|t| t.starts_with(STORE_MOUNT)) {
+                check_clear_of(&settings.rw_name, "the top layer (toplayer_path=)", &settings.toplayer_path)?;
             }
-            self.stage("writable layer", &paths.current.display().to_string());
-            match image.driver {
-                Driver::Btrfs => {
-                    let mut opts = vec![format!("subvol=/{}", settings.rw_name)];
-                    opts.extend(settings.root_flags.iter().filter(|f| !f.starts_with("subvolid=")).cloned());
-                    mount(&root.node, new_root, "btrfs", ro, &opts.join(","))?
+            let mut layers = Layers::open(store_mount, &settings.rw_name, settings.keep, settings.rw_adopt)?;
+            let recovered = layers.recover();
+            self.take_warnings(&mut layers);
+            recovered.context("cleaning up after an interrupted boot")?;
+            let kept = settings.mode_keep && reusable(&layers.current(), &image, &settings.rw_name);
+            let mut fill = |layer: &Path| self.copy_toplayer(&image, &store, layer, toplayer.as_deref());
+            let made = if kept { layers.refresh_current(&mut fill) } else { layers.make_fresh_or_prune(&image, &mut fill) };
+            self.take_warnings(&mut layers);
+            self.mark("top layer copied");
+            match made {
+                Ok(()) => {
+                    self.stage("writable layer", &layers.current().display().to_string());
+                    match image.driver {
+                        Driver::Btrfs => {
+                            let mut opts = vec![format!("subvol=/{}", settings.rw_name)];
+                            opts.extend(settings.root_flags.iter().filter(|f| !f.starts_with("subvolid=")).cloned());
+                            mount(&root.node, new_root, "btrfs", ro, &opts.join(","))?
+                        }
+                        Driver::Overlay2 | Driver::Vfs => mount_overlay(&image, &store, &layers.current(), new_root, ro)?,
+                    }
                 }
-                Driver::Overlay2 | Driver::Vfs => mount_overlay(&image, &store, &paths.current, new_root, ro)?,
+                // Never an older image's layer: this image, with nothing kept.
+                Err(e) if e.errno() == Some(Errno::ENOSPC) => {
+                    self.warn(&format!(
+                        "{e}. Booting {} with its writable layer in memory (as layerboot.upper=tmpfs): nothing it writes is kept \
+                         (fix: free space on the store's partition)",
+                        settings.image
+                    ));
+                    hw.ensure_filesystem("overlay")?;
+                    self.mount_tmpfs_root(&image, &store, toplayer.as_deref(), ro)?;
+                }
+                Err(e) => return Err(e.context("making the writable layer")),
             }
         }
         if toplayer.as_deref().is_some_and(|t| t.starts_with(TOPLAYER_MOUNT)) {
             let _ = unmount(Path::new(TOPLAYER_MOUNT));
         }
         self.mark("new root mounted");
-        write_boot_record(&settings, &store, &image);
+        // Our own switch: leave the way back for a clean unmount at shutdown.
+        if !self.hosted {
+            if let Err(e) = crate::shutdown::prepare(Path::new("/init")) {
+                self.warn(&format!("{e}: the store's filesystem will not be unmounted cleanly at shutdown"));
+            }
+        }
+        write_boot_record(&settings, &store, &image, &self.warnings.borrow());
         self.mark("boot record written");
         check_init(new_root, &settings.init)?;
         self.mark("init checked");
@@ -223,14 +261,10 @@ impl Boot {
         Ok(Some(dir))
     }
 
-    /// Makes `NAME.new`, copies the top layer into it, then swaps it in as `NAME`.
-    fn make_writable_layer(&self, image: &Image, store: &Store, paths: &LayerPaths, toplayer: Option<&Path>, keep: usize) -> Result<()> {
-        prepare(paths, image).context("making a fresh writable layer")?;
-        log::debug!("fresh layer made: {}", paths.new.display());
-        self.mark("fresh layer made");
-        self.copy_toplayer(image, store, &paths.new, toplayer)?;
-        self.mark("top layer copied");
-        rotate(paths, keep).context("installing the new writable layer")
+    fn take_warnings(&self, layers: &mut Layers) {
+        for w in std::mem::take(&mut layers.warnings) {
+            self.warn(&w);
+        }
     }
 
     /// Copies the top layer into a writable layer: straight into a btrfs snapshot, or
@@ -256,6 +290,7 @@ impl Boot {
             stats.links,
             stats.bytes
         ));
+        stats.warnings.iter().for_each(|w| self.warn(w));
         Ok(())
     }
 
@@ -272,6 +307,7 @@ impl Boot {
         if let Some(src) = toplayer {
             let stats = copy_tree(src, new_root)?;
             self.stage("top layer", &format!("copied from {} ({} files)", src.display(), stats.files));
+            stats.warnings.iter().for_each(|w| self.warn(w));
         }
         if ro.contains(MountFlags::RDONLY) {
             mount(Path::new("overlay"), new_root, "overlay", MountFlags::REMOUNT | MountFlags::RDONLY, "")?;
@@ -282,8 +318,8 @@ impl Boot {
 }
 
 /// `layerboot.mode=keep`: the current layer is reused only if it was made from this image.
-fn reusable(paths: &LayerPaths, image: &Image, name: &str) -> bool {
-    match crate::writable::layer_image(&paths.current) {
+fn reusable(current: &Path, image: &Image, name: &str) -> bool {
+    match crate::writable::layer_image(current) {
         Some(id) if id == image.id => {
             log::info!("layerboot: reusing writable layer {name} (layerboot.mode=keep)");
             true
@@ -296,7 +332,7 @@ fn reusable(paths: &LayerPaths, image: &Image, name: &str) -> bool {
             false
         }
         None => {
-            if paths.current.exists() {
+            if current.exists() {
                 crate::console::say(&format!("layerboot: layerboot.mode=keep, but layer {name} records no image: making a fresh layer"));
             }
             false
@@ -320,7 +356,7 @@ fn mount_api_filesystems() -> Result<()> {
     ] {
         // Already mounted (the kernel may mount devtmpfs itself): fine.
         if let Err(e) = mount(Path::new(src), Path::new(target), fstype, flags, data) {
-            if !e.message().contains("Device or resource busy") {
+            if e.errno() != Some(Errno::EBUSY) {
                 return Err(e);
             }
         }
@@ -552,10 +588,11 @@ impl KernelModules {
 }
 
 /// `/run/layerboot/booted.json`: which image and layer this boot came from, for the booted system.
-fn write_boot_record(s: &Settings, store: &Store, image: &Image) {
+fn write_boot_record(s: &Settings, store: &Store, image: &Image, warnings: &[String]) {
     let record = serde_json::json!({
         "image": s.image, "id": image.id, "driver": image.driver, "layer": s.rw_name,
         "store": store.root(), "engine": store.engine(), "namespace": image.namespace,
+        "warnings": warnings,
     });
     let _ = fs::write("/run/layerboot/booted.json", format!("{record}\n"));
 }

@@ -9,6 +9,7 @@ use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::{open, OFlag};
@@ -160,4 +161,94 @@ fn nested_subvolumes(root: &Path) -> Result<Vec<PathBuf>> {
 
 pub fn is_subvolume(path: &Path) -> bool {
     fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && m.ino() == BTRFS_FIRST_FREE_OBJECTID)
+}
+
+/// The ID of the subvolume whose root is `path` (`BTRFS_IOC_INO_LOOKUP` with no tree: the
+/// kernel answers with the tree of the open directory).
+pub fn subvolume_id(path: &Path) -> Result<u64> {
+    #[repr(C)]
+    struct InoLookupArgs {
+        treeid: u64,
+        objectid: u64,
+        name: [u8; 4080],
+    }
+    nix::ioctl_readwrite!(btrfs_ino_lookup, BTRFS_IOCTL_MAGIC, 18, InoLookupArgs);
+    if !is_subvolume(path) {
+        return Err(Error::new(format!("{} is not a btrfs subvolume", path.display())));
+    }
+    let dir = open_dir(path)?;
+    let mut args = Box::new(InoLookupArgs { treeid: 0, objectid: BTRFS_FIRST_FREE_OBJECTID, name: [0; 4080] });
+    // SAFETY: args is a valid btrfs_ioctl_ino_lookup_args the kernel writes back into.
+    unsafe { btrfs_ino_lookup(dir.as_raw_fd(), &mut *args) }.map_err(|e| Error::io("cannot look up the subvolume of", path, e))?;
+    Ok(args.treeid)
+}
+
+/// Waits until btrfs's cleaner has dropped the deleted subvolumes `ids` of the filesystem
+/// at `fs_dir` (their root items gone from the root tree), which is when their space is
+/// free again, as `btrfs subvolume sync` does.
+pub fn wait_until_cleaned(fs_dir: &Path, ids: &[u64], timeout: Duration) -> Result<()> {
+    #[repr(C)]
+    struct SearchArgs {
+        tree_id: u64,
+        min_objectid: u64,
+        max_objectid: u64,
+        min_offset: u64,
+        max_offset: u64,
+        min_transid: u64,
+        max_transid: u64,
+        min_type: u32,
+        max_type: u32,
+        nr_items: u32,
+        unused: u32,
+        unused1: [u64; 4],
+        buf: [u8; 4096 - 104],
+    }
+    nix::ioctl_readwrite!(btrfs_tree_search, BTRFS_IOCTL_MAGIC, 17, SearchArgs);
+    // BTRFS_IOC_SYNC commits and, unlike syncfs, pokes the transaction thread, which wakes
+    // the cleaner (else it wakes every commit interval, 30 s by default).
+    nix::ioctl_none!(btrfs_sync, BTRFS_IOCTL_MAGIC, 8);
+    const ROOT_TREE: u64 = 1;
+    const ROOT_ITEM_KEY: u32 = 132;
+    let dir = open_dir(fs_dir)?;
+    let start = std::time::Instant::now();
+    let mut waiting: Vec<u64> = ids.to_vec();
+    while !waiting.is_empty() {
+        // SAFETY: an argument-less ioctl on an open btrfs directory.
+        let _ = unsafe { btrfs_sync(dir.as_raw_fd()) };
+        let mut still = Vec::new();
+        for &id in &waiting {
+            let mut args = Box::new(SearchArgs {
+                tree_id: ROOT_TREE,
+                min_objectid: id,
+                max_objectid: id,
+                min_offset: 0,
+                max_offset: u64::MAX,
+                min_transid: 0,
+                max_transid: u64::MAX,
+                min_type: ROOT_ITEM_KEY,
+                max_type: ROOT_ITEM_KEY,
+                nr_items: 1,
+                unused: 0,
+                unused1: [0; 4],
+                buf: [0; 4096 - 104],
+            });
+            // SAFETY: args is a valid btrfs_ioctl_search_args the kernel writes back into.
+            unsafe { btrfs_tree_search(dir.as_raw_fd(), &mut *args) }
+                .map_err(|e| Error::io("cannot search the root tree of", fs_dir, e))?;
+            if args.nr_items > 0 {
+                still.push(id);
+            }
+        }
+        waiting = still;
+        if !waiting.is_empty() {
+            if start.elapsed() >= timeout {
+                return Err(Error::new(format!(
+                    "btrfs had not freed the space of deleted subvolumes {waiting:?} after {} s",
+                    timeout.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(())
 }

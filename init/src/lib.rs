@@ -7,6 +7,7 @@
 //! - [`kmod`], [`coldplug`], [`probe`]: modules, devices and superblocks, without udev;
 //! - [`btrfs`], [`writable`], [`copy`], [`mounts`]: the fresh writable root and the top layer;
 //! - [`switch`], [`console`]: handing over to the image's init, and failing readably;
+//! - [`shutdown`]: the way back at shutdown, to unmount the root and the store cleanly;
 //! - [`arena`]: /init's allocator, which never gives memory back before the exec;
 //! - [`cost`]: /init's own CPU time apart from the kernel work it asks for;
 //! - [`boot`]: the sequence that ties them together. `src/main.rs` only guards PID 1.
@@ -27,6 +28,7 @@ pub mod mounts;
 pub mod probe;
 pub mod reference;
 pub mod settings;
+pub mod shutdown;
 pub mod store;
 pub mod switch;
 pub mod writable;

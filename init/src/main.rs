@@ -16,6 +16,14 @@ static ALLOCATOR: layerboot_init::arena::BootAllocator = layerboot_init::arena::
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // systemd-shutdown runs our copy at /run/initramfs/shutdown as PID 1 (see shutdown.rs).
+    if args.first().is_some_and(|a| layerboot_init::shutdown::is_shutdown(a)) {
+        std::panic::set_hook(Box::new(|info| {
+            console::say(&format!("layerboot: shutdown: internal error: {info}"));
+            nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF).ok();
+        }));
+        layerboot_init::shutdown::run(args.get(1).map_or("poweroff", String::as_str));
+    }
     if args.get(1).map(String::as_str) == Some("--mount-root") {
         let Some(target) = args.get(2).filter(|t| t.starts_with('/')) else {
             eprintln!("usage: layerboot-init --mount-root /ABSOLUTE/DIR (the directory the initramfs switches to, e.g. ${{rootmnt}})");

@@ -99,6 +99,9 @@ pub struct Settings {
     pub toplayer_path: String,
     pub init: String,
     pub rw_name: String,
+    /// The name came as `rootflags=subvol=` (mkinitcpio-docker-hooks' spelling): an
+    /// unmarked layer of that name is that hook's, moved aside once, never deleted.
+    pub rw_adopt: bool,
     /// `None`: wait forever (`rootwait` without a timeout).
     pub timeout: Option<Duration>,
     pub rescue_timeout: Duration,
@@ -163,10 +166,15 @@ impl Settings {
                 None => root_flags.push(flag.to_string()),
             }
         }
+        let rw_adopt = nonempty("layerboot.rw").is_none() && rw_subvol.is_some();
         let rw_name = nonempty("layerboot.rw").map(str::to_string).or(rw_subvol).unwrap_or_else(|| DEFAULT_RW_NAME.to_string());
-        if rw_name.contains('/') || rw_name.starts_with('.') || rw_name.is_empty() {
+        // A plain name: it becomes a path at the partition's top level and part of the
+        // overlay's mount options, where ',' or ':' would inject options of their own.
+        let plain = rw_name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._@+-".contains(&b));
+        if !plain || rw_name.starts_with('.') || rw_name.is_empty() || rw_name.len() > 200 {
             return Err(Error::new(format!(
-                "writable layer name '{rw_name}' (layerboot.rw= or rootflags=subvol=) must be a plain name at the partition's top level, e.g. layerboot-rw"
+                "writable layer name '{rw_name}' (layerboot.rw= or rootflags=subvol=) must be a plain name at the partition's top level \
+                 (letters, digits and . _ @ + -, not starting with '.'), e.g. layerboot-rw"
             )));
         }
         let docker_path = get("docker_path").unwrap_or(DEFAULT_DOCKER_PATH).trim_matches('/').to_string();
@@ -209,6 +217,7 @@ impl Settings {
             toplayer_path,
             init,
             rw_name,
+            rw_adopt,
             timeout,
             rescue_timeout: Duration::from_secs(seconds("layerboot.rescue_timeout", DEFAULT_RESCUE_TIMEOUT_S)?),
             debug: cmdline.contains_key("layerboot.debug") || cmdline.contains_key("rd.debug"),
@@ -247,6 +256,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.root, DeviceSpec::Uuid("abcd-1".into()));
         assert_eq!(s.rw_name, "docker_rw");
+        assert!(s.rw_adopt, "the hook's unmarked layer may be adopted");
         assert_eq!(s.root_flags, vec!["compress=zstd"]);
         assert_eq!(s.toplayer, Some(DeviceSpec::Label("top".into())));
         assert_eq!(s.toplayer_flags, vec!["ro"]);
@@ -288,6 +298,9 @@ mod tests {
             ("root=LABEL= docker_image=x", "names no device"),
             ("root=/dev/vda docker_image=x docker_path=../etc", "inside the root partition"),
             ("root=/dev/vda docker_image=x layerboot.rw=a/b", "plain name"),
+            ("root=/dev/vda docker_image=x layerboot.rw=a,lowerdir=/", "plain name"),
+            ("root=/dev/vda docker_image=x rootflags=subvol=a:b", "plain name"),
+            ("root=/dev/vda docker_image=x layerboot.rw=..", "plain name"),
             ("root=/dev/vda docker_image=x layerboot.timeout=soon", "not a number"),
             ("root=/dev/vda docker_image=x init=sbin/init", "absolute path"),
             ("root=/dev/vda docker_image=x toplayer=top", "toplayer=top is not a device"),

@@ -1,34 +1,42 @@
-//! The writable layer on a real btrfs filesystem (a loop device; needs root): snapshot,
-//! swap-in, previous generation kept, leftovers from a cut boot discarded, nested
-//! subvolumes deleted, and the image's own subvolume never touched.
+//! The writable layer on real filesystems (btrfs and ext4 loop devices; needs root):
+//! snapshot, swap-in, kept generations, what a cut boot left finished or discarded,
+//! unmarked directories never touched, a full disk, a failed delete, and the image's
+//! own subvolume never written. Every crash point of the rotation is checked as a model
+//! in `init/src/writable/plan.rs`; here the same plans run on a disk.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use layerboot_init::store::{Driver, Image, Layer};
 use layerboot_init::btrfs::is_subvolume;
-use layerboot_init::writable::{apply, layer_image, prepare, rotate, rotation, LayerPaths};
+use layerboot_init::store::{Driver, Image, Layer};
+use layerboot_init::writable::plan::Mark;
+use layerboot_init::writable::{check_clear_of, layer_image, write_mark, Layers};
+use layerboot_init::Result;
 
-struct Btrfs {
+struct LoopFs {
     _dir: tempfile::TempDir,
     mnt: PathBuf,
 }
 
-impl Btrfs {
-    fn new() -> Btrfs {
+impl LoopFs {
+    fn new(mkfs: &str, size: u64) -> LoopFs {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("fs.img");
-        fs::File::create(&img).unwrap().set_len(256 << 20).unwrap();
-        sh(Command::new("mkfs.btrfs").arg("-q").arg(&img));
+        fs::File::create(&img).unwrap().set_len(size).unwrap();
+        sh(Command::new(mkfs).arg("-q").arg(&img));
         let mnt = dir.path().join("mnt");
         fs::create_dir(&mnt).unwrap();
         sh(Command::new("mount").arg("-o").arg("loop").arg(&img).arg(&mnt));
-        Btrfs { _dir: dir, mnt }
+        LoopFs { _dir: dir, mnt }
+    }
+
+    fn btrfs() -> LoopFs {
+        LoopFs::new("mkfs.btrfs", 256 << 20)
     }
 }
 
-impl Drop for Btrfs {
+impl Drop for LoopFs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.mnt).status();
     }
@@ -40,75 +48,78 @@ fn sh(cmd: &mut Command) {
 }
 
 fn image(top: &Path, driver: Driver) -> Image {
-    let layer = Layer {
-        chain_id: String::new(),
-        diff_id: String::new(),
-        cache_id: "c".repeat(64),
-        dir: top.to_path_buf(),
-        link: None,
-    };
+    let layer = Layer { chain_id: String::new(), diff_id: String::new(), cache_id: "c".repeat(64), dir: top.to_path_buf(), link: None };
     Image { id: format!("sha256:{}", "a".repeat(64)), config: serde_json::json!({}), driver, layers: vec![layer], refs: vec![], namespace: None }
+}
+
+/// A btrfs store with an image subvolume whose /id file says which boot a layer is from.
+fn store_with_image() -> (LoopFs, PathBuf) {
+    let fs_ = LoopFs::btrfs();
+    let top = fs_.mnt.join("var/lib/docker/btrfs/subvolumes/img");
+    fs::create_dir_all(top.parent().unwrap()).unwrap();
+    sh(Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(&top));
+    fs::write(top.join("id"), "image").unwrap();
+    (fs_, top)
+}
+
+/// One boot as /init runs it: recover, then a fresh layer stamped `id`, keeping `keep`.
+fn boot(root: &Path, img: &Image, id: &str, keep: usize) -> Vec<String> {
+    let mut layers = Layers::open(root, "rw", keep, false).unwrap();
+    layers.recover().unwrap();
+    layers.make_fresh_or_prune(img, &mut |l: &Path| -> Result<()> { fs::write(l.join("id"), id).map_err(|e| layerboot_init::Error::io("w", l, e)) }).unwrap();
+    layers.warnings
+}
+
+fn id(p: &Path) -> String {
+    fs::read_to_string(p.join("id")).unwrap_or_else(|_| "-".into())
+}
+
+fn names(root: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(root).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).filter(|n| n.starts_with("rw")).collect();
+    v.sort();
+    v
 }
 
 #[test]
 fn btrfs_layers_rotate_and_the_image_is_never_written() {
-    let fs_ = Btrfs::new();
+    let (fs_, top) = store_with_image();
     let m = &fs_.mnt;
-    let top = m.join("var/lib/docker/btrfs/subvolumes/img");
-    fs::create_dir_all(top.parent().unwrap()).unwrap();
-    sh(Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(&top));
-    fs::create_dir_all(top.join("etc")).unwrap();
-    fs::write(top.join("etc/os-release"), "image\n").unwrap();
     let img = image(&top, Driver::Btrfs);
-    let paths = LayerPaths::new(m, "rw");
-
-    // First boot: no previous layer.
-    prepare(&paths, &img).unwrap();
-    assert!(is_subvolume(&paths.new));
-    fs::write(paths.new.join("etc/hostname"), "boot1\n").unwrap(); // the top layer's copy
-    rotate(&paths, 1).unwrap();
-    assert!(is_subvolume(&paths.current) && !paths.new.exists() && !paths.prev(1).exists());
-    assert_eq!(fs::read_to_string(paths.current.join("etc/hostname")).unwrap(), "boot1\n");
-
+    boot(m, &img, "b1", 1);
+    assert!(is_subvolume(&m.join("rw")) && names(m) == ["rw"]);
+    assert_eq!(layer_image(&m.join("rw")).as_deref(), Some(img.id.as_str()), "mode=keep can tell which image a layer is from");
     // The booted system writes, and systemd makes a nested subvolume.
-    fs::write(paths.current.join("etc/written"), "x").unwrap();
-    sh(Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(paths.current.join("machines")));
-
-    // A boot cut after the snapshot left a half-made NAME.new: it is discarded, not used.
-    prepare(&paths, &img).unwrap();
-    fs::write(paths.new.join("half-made"), "x").unwrap();
-    prepare(&paths, &img).unwrap();
-    assert!(!paths.new.join("half-made").exists());
-    rotate(&paths, 1).unwrap();
-    assert!(!paths.current.join("etc/written").exists(), "fresh layer every boot");
-    assert!(paths.prev(1).join("etc/written").exists(), "the previous layer is kept");
-    assert!(is_subvolume(&paths.prev(1).join("machines")));
-
+    fs::write(m.join("rw/written"), "x").unwrap();
+    sh(Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(m.join("rw/machines")));
+    boot(m, &img, "b2", 1);
+    assert_eq!((id(&m.join("rw")), id(&m.join("rw.prev"))), ("b2".into(), "b1".into()));
+    assert!(!m.join("rw/written").exists(), "fresh layer every boot");
+    assert!(is_subvolume(&m.join("rw.prev/machines")));
     // The next rotation deletes the old .prev, nested subvolume and all.
-    prepare(&paths, &img).unwrap();
-    rotate(&paths, 1).unwrap();
-    assert!(!paths.prev(1).join("etc/written").exists() && !paths.prev(1).join("machines").exists());
-
-    let entries: Vec<_> = fs::read_dir(top.join("etc")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(entries, vec!["os-release"], "the image's subvolume is untouched");
-    assert_eq!(fs::read_to_string(top.join("etc/os-release")).unwrap(), "image\n");
+    boot(m, &img, "b3", 1);
+    assert_eq!(names(m), ["rw", "rw.prev"]);
+    assert_eq!(id(&m.join("rw.prev")), "b2");
+    for keep in [2, 2, 2] {
+        boot(m, &img, "bk", keep);
+    }
+    assert_eq!(names(m), ["rw", "rw.prev", "rw.prev.2"]);
+    boot(m, &img, "b0", 0);
+    assert_eq!(names(m), ["rw"], "keep 0 drops every kept generation");
+    assert_eq!(fs::read_dir(&top).unwrap().count(), 1, "the image's subvolume is untouched");
+    assert_eq!(fs::read_to_string(top.join("id")).unwrap(), "image");
 }
 
 #[test]
 fn overlay_layers_are_plain_directories_rotated_the_same_way() {
-    let dir = tempfile::tempdir().unwrap();
-    let lower = dir.path().join("lower");
+    let fs_ = LoopFs::new("mkfs.ext4", 64 << 20);
+    let lower = fs_.mnt.join("lower");
     fs::create_dir(&lower).unwrap();
     let img = image(&lower, Driver::Overlay2);
-    let paths = LayerPaths::new(dir.path(), "rw");
-    prepare(&paths, &img).unwrap();
-    assert!(paths.new.join("upper").is_dir() && paths.new.join("work").is_dir());
-    rotate(&paths, 1).unwrap();
-    fs::write(paths.current.join("upper/file"), "boot1").unwrap();
-    prepare(&paths, &img).unwrap();
-    rotate(&paths, 1).unwrap();
-    assert!(!paths.current.join("upper/file").exists());
-    assert!(paths.prev(1).join("upper/file").exists());
+    boot(&fs_.mnt, &img, "b1", 1);
+    assert!(fs_.mnt.join("rw/upper").is_dir() && fs_.mnt.join("rw/work").is_dir());
+    fs::write(fs_.mnt.join("rw/upper/file"), "boot1").unwrap();
+    boot(&fs_.mnt, &img, "b2", 1);
+    assert!(!fs_.mnt.join("rw/upper/file").exists() && fs_.mnt.join("rw.prev/upper/file").exists());
     assert_eq!(fs::read_dir(&lower).unwrap().count(), 0);
 }
 
@@ -117,90 +128,150 @@ fn snapshot_of_a_non_btrfs_store_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let top = dir.path().join("img");
     fs::create_dir(&top).unwrap();
-    let e = prepare(&LayerPaths::new(dir.path(), "rw"), &image(&top, Driver::Btrfs)).unwrap_err().to_string();
+    let mut layers = Layers::open(dir.path(), "rw", 1, false).unwrap();
+    let e = layers.make_fresh_or_prune(&image(&top, Driver::Btrfs), &mut |_: &Path| Ok(())).unwrap_err().to_string();
     assert!(e.contains("cannot snapshot") && e.contains("not on btrfs"), "{e}");
 }
 
-/// A btrfs store with an image subvolume whose /id file says which boot a layer is from.
-fn store_with_image() -> (Btrfs, PathBuf) {
-    let fs_ = Btrfs::new();
-    let top = fs_.mnt.join("img");
-    sh(Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(&top));
-    fs::write(top.join("id"), "image").unwrap();
-    (fs_, top)
-}
-
-/// One boot: a fresh layer stamped `boot`, rotated in keeping `keep`.
-fn boot(paths: &LayerPaths, img: &Image, boot: &str, keep: usize) {
-    prepare(paths, img).unwrap();
-    fs::write(paths.new.join("id"), boot).unwrap();
-    rotate(paths, keep).unwrap();
-}
-
-fn id(p: &Path) -> String {
-    fs::read_to_string(p.join("id")).unwrap_or_else(|_| "-".into())
+/// A marked layer made by hand, as a cut boot would have left it.
+fn layer(root: &Path, name: &str, mark: Mark, id: &str) {
+    sh(Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(root.join(name)));
+    fs::write(root.join(name).join("id"), id).unwrap();
+    write_mark(&root.join(name), mark).unwrap();
 }
 
 #[test]
-fn a_power_cut_at_any_step_of_the_rotation_leaves_a_bootable_layer() {
-    for keep in [0, 1, 2] {
-        let (fs_, top) = store_with_image();
-        let img = image(&top, Driver::Btrfs);
-        let paths = LayerPaths::new(&fs_.mnt, "rw");
-        for b in ["b1", "b2", "b3"] {
-            boot(&paths, &img, b, keep);
-        }
-        // Boot 4 is cut after each step in turn; then boot 5 runs to the end.
-        prepare(&paths, &img).unwrap();
-        fs::write(paths.new.join("id"), "b4").unwrap();
-        let steps = rotation(&paths, keep);
-        assert!(steps.len() >= 2, "{steps:?}");
-        let saved = fs_.mnt.join("saved");
-        sh(Command::new("btrfs").args(["-q", "subvolume", "snapshot"]).arg(&paths.new).arg(&saved));
-        for cut in 0..=steps.len() {
-            // Restore the state "boot 3 done, boot 4 prepared", apply `cut` steps.
-            for e in fs::read_dir(&fs_.mnt).unwrap() {
-                let p = e.unwrap().path();
-                let n = p.file_name().unwrap().to_str().unwrap().to_string();
-                if n.starts_with("rw") {
-                    layerboot_init::btrfs::delete(&p).unwrap();
-                }
-            }
-            for b in ["b1", "b2", "b3"] {
-                boot(&paths, &img, b, keep);
-            }
-            sh(Command::new("btrfs").args(["-q", "subvolume", "snapshot"]).arg(&saved).arg(&paths.new));
-            for step in rotation(&paths, keep).iter().take(cut) {
-                apply(step).unwrap();
-            }
-            let now = id(&paths.current);
-            assert!(now == "b3" || now == "b4", "keep {keep}, cut after {cut} steps: NAME is {now}");
-            if cut == steps.len() {
-                assert_eq!(now, "b4");
-            }
-            // The next boot cleans up whatever the cut left and succeeds.
-            boot(&paths, &img, "b5", keep);
-            assert_eq!(id(&paths.current), "b5", "keep {keep}, cut {cut}");
-            assert!(!paths.new.exists());
-            assert_eq!(id(&top), "image");
-        }
-    }
-}
-
-#[test]
-fn keep_n_keeps_the_last_n_layers_and_records_the_image() {
+fn a_cut_between_the_exchange_and_the_rename_loses_no_layer() {
     let (fs_, top) = store_with_image();
-    let img = image(&top, Driver::Btrfs);
-    let paths = LayerPaths::new(&fs_.mnt, "rw");
-    for b in ["b1", "b2", "b3", "b4"] {
-        boot(&paths, &img, b, 2);
+    let m = &fs_.mnt;
+    // Boot 5 swapped its layer in, then lost power: NAME.new is boot 4's layer.
+    layer(m, "rw", Mark::Complete(5), "b5");
+    layer(m, "rw.new", Mark::Complete(4), "b4");
+    layer(m, "rw.prev", Mark::Complete(3), "b3");
+    let warnings = boot(m, &image(&top, Driver::Btrfs), "b6", 2);
+    assert_eq!((id(&m.join("rw")), id(&m.join("rw.prev")), id(&m.join("rw.prev.2"))), ("b6".into(), "b5".into(), "b4".into()));
+    assert_eq!(names(m), ["rw", "rw.prev", "rw.prev.2"]);
+    assert!(warnings.iter().any(|w| w.contains("finished the rotation")), "{warnings:?}");
+    // A half-made layer is discarded, and said so.
+    layer(m, "rw.new", Mark::Making, "half");
+    let warnings = boot(m, &image(&top, Driver::Btrfs), "b7", 2);
+    assert_eq!((id(&m.join("rw")), id(&m.join("rw.prev")), id(&m.join("rw.prev.2"))), ("b7".into(), "b6".into(), "b5".into()));
+    assert!(warnings.iter().any(|w| w.contains("discarded an unfinished writable layer")), "{warnings:?}");
+}
+
+#[test]
+fn unmarked_directories_are_never_touched_and_the_old_hooks_layer_is_adopted() {
+    let (fs_, top) = store_with_image();
+    let m = &fs_.mnt;
+    boot(m, &image(&top, Driver::Btrfs), "b1", 1);
+    fs::create_dir(m.join("rw.prev")).unwrap();
+    fs::write(m.join("rw.prev/mine"), "user data").unwrap();
+    let e = Layers::open(m, "rw", 1, true).err().unwrap().to_string();
+    assert!(e.contains("rw.prev exists but layerboot did not make it") && e.contains("fix:"), "{e}");
+    assert_eq!(fs::read_to_string(m.join("rw.prev/mine")).unwrap(), "user data");
+    fs::remove_dir_all(m.join("rw.prev")).unwrap();
+
+    // mkinitcpio-docker-hooks' rw subvolume, named by rootflags=subvol=: moved aside once.
+    let fs2 = LoopFs::btrfs();
+    sh(Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(fs2.mnt.join("docker_rwlayer")));
+    fs::write(fs2.mnt.join("docker_rwlayer/home-data"), "keep me").unwrap();
+    let e = Layers::open(&fs2.mnt, "docker_rwlayer", 1, false).err().unwrap().to_string();
+    assert!(e.contains("did not make it"), "layerboot.rw= never adopts: {e}");
+    let layers = Layers::open(&fs2.mnt, "docker_rwlayer", 1, true).unwrap();
+    assert!(layers.warnings[0].contains("moved aside to") && layers.warnings[0].contains("never deleted"), "{:?}", layers.warnings);
+    assert_eq!(fs::read_to_string(fs2.mnt.join("docker_rwlayer.pre-layerboot/home-data")).unwrap(), "keep me");
+    // A second unmarked one finds the place taken: the boot stops, nothing moves.
+    fs::create_dir(fs2.mnt.join("docker_rwlayer")).unwrap();
+    assert!(Layers::open(&fs2.mnt, "docker_rwlayer", 1, true).is_err());
+    assert!(fs2.mnt.join("docker_rwlayer").is_dir() && fs2.mnt.join("docker_rwlayer.pre-layerboot/home-data").exists());
+}
+
+#[test]
+fn layer_names_that_are_or_hold_the_store_or_top_layer_are_refused() {
+    assert!(check_clear_of("layerboot-rw", "the image store", "var/lib/docker").is_ok());
+    for (name, rel) in [("var", "var/lib/docker"), ("@", "@/var/lib/docker"), ("var", "var.new/x"), ("rw", ""), ("data", "data.prev.2/docker")] {
+        let e = check_clear_of(name, "the image store (docker_path=)", rel).unwrap_err().to_string();
+        assert!(e.contains("the image store (docker_path=)") && e.contains("Nothing was changed") && e.contains("fix:"), "{name} {rel}: {e}");
     }
-    assert_eq!((id(&paths.current), id(&paths.prev(1)), id(&paths.prev(2))), ("b4".into(), "b3".into(), "b2".into()));
-    assert!(!paths.prev(3).exists());
-    // Lowering keep drops the extra generations.
-    boot(&paths, &img, "b5", 1);
-    assert_eq!((id(&paths.prev(1)), paths.prev(2).exists()), ("b4".into(), false));
-    boot(&paths, &img, "b6", 0);
-    assert!(!paths.prev(1).exists());
-    assert_eq!(layer_image(&paths.current).as_deref(), Some(img.id.as_str()), "mode=keep can tell which image a layer is from");
+}
+
+#[test]
+fn a_failed_delete_is_a_warning_and_is_tried_again() {
+    // Overlay layers on ext4: an immutable file stops the delete; the layer is moved aside.
+    let fs_ = LoopFs::new("mkfs.ext4", 64 << 20);
+    let (m, lower) = (&fs_.mnt, fs_.mnt.join("lower"));
+    fs::create_dir(&lower).unwrap();
+    let img = image(&lower, Driver::Overlay2);
+    boot(m, &img, "b1", 1);
+    boot(m, &img, "b2", 1);
+    fs::write(m.join("rw.prev/upper/stuck"), "x").unwrap();
+    sh(Command::new("chattr").arg("+i").arg(m.join("rw.prev/upper/stuck")));
+    let warnings = boot(m, &img, "b3", 1);
+    assert!(warnings.iter().any(|w| w.contains("could not delete old writable layer") && w.contains("rw.trash.1")), "{warnings:?}");
+    assert_eq!((id(&m.join("rw")), id(&m.join("rw.prev"))), ("b3".into(), "b2".into()));
+    sh(Command::new("chattr").arg("-i").arg(m.join("rw.trash.1/upper/stuck")));
+    boot(m, &img, "b4", 1);
+    assert_eq!(names(m), ["rw", "rw.prev"], "the next boot deleted it");
+
+    // btrfs: an immutable layer can be neither deleted nor moved; boots go on around it.
+    let (fs_, top) = store_with_image();
+    let (m, img) = (&fs_.mnt, image(&top, Driver::Btrfs));
+    boot(m, &img, "b1", 1);
+    boot(m, &img, "b2", 1);
+    sh(Command::new("chattr").arg("+i").arg(m.join("rw.prev")));
+    for b in ["b3", "b4"] {
+        let warnings = boot(m, &img, b, 1);
+        assert!(warnings.iter().any(|w| w.contains("could not delete old writable layer") && w.contains("rw.prev")), "{warnings:?}");
+        assert_eq!(id(&m.join("rw")), b);
+    }
+    assert_eq!(id(&m.join("rw.prev")), "b1", "still there, for its owner to look at");
+    sh(Command::new("chattr").arg("-i").arg(m.join("rw.prev")));
+    boot(m, &img, "b5", 1);
+    assert_eq!(names(m), ["rw", "rw.prev"]);
+    assert_eq!(id(&m.join("rw.prev")), "b4");
+}
+
+#[test]
+fn a_full_disk_prunes_old_generations_then_gives_up_with_enospc() {
+    let (fs_, top) = store_with_image();
+    let m = &fs_.mnt;
+    let img = image(&top, Driver::Btrfs);
+    let big = vec![7u8; 60 << 20];
+    let fill = |size: usize| move |l: &Path| -> Result<()> { fs::write(l.join("big"), vec![1u8; size]).map_err(|e| layerboot_init::Error::io("cannot write", &l.join("big"), e)) };
+    for b in ["b1", "b2"] {
+        let mut layers = Layers::open(m, "rw", 2, false).unwrap();
+        layers.recover().unwrap();
+        layers.make_fresh_or_prune(&img, &mut fill(0)).unwrap();
+        fs::write(m.join("rw").join(b), &big).unwrap(); // what the booted system wrote
+    }
+    // 120 MiB kept in NAME and NAME.prev of 256: a 100 MiB top layer fits only if .prev goes.
+    let mut layers = Layers::open(m, "rw", 2, false).unwrap();
+    layers.make_fresh_or_prune(&img, &mut fill(100 << 20)).unwrap();
+    assert!(layers.warnings.iter().any(|w| w.contains("partition is full") && w.contains("1 kept generation")), "{:?}", layers.warnings);
+    assert!(m.join("rw.prev/b2").exists(), "the layer that booted last is kept");
+    // Too big whatever is deleted: ENOSPC for the caller (it boots on tmpfs); NAME intact.
+    let mut layers = Layers::open(m, "rw", 2, false).unwrap();
+    let e = layers.make_fresh_or_prune(&img, &mut fill(300 << 20)).unwrap_err();
+    assert_eq!(e.errno(), Some(nix::errno::Errno::ENOSPC), "{e}");
+    assert!(m.join("rw/big").exists() && !m.join("rw.new").exists());
+}
+
+#[test]
+fn a_cut_keep_mode_copy_is_done_again() {
+    let (fs_, top) = store_with_image();
+    let m = &fs_.mnt;
+    boot(m, &image(&top, Driver::Btrfs), "b1", 1);
+    let mut layers = Layers::open(m, "rw", 1, false).unwrap();
+    assert!(!layers.current_interrupted());
+    let cut = layers.refresh_current(&mut |l: &Path| -> Result<()> {
+        fs::write(l.join("half"), "").unwrap();
+        Err(layerboot_init::Error::new("power cut"))
+    });
+    assert!(cut.is_err());
+    let mut layers = Layers::open(m, "rw", 1, false).unwrap();
+    assert!(layers.current_interrupted(), "the next boot knows the copy was cut");
+    layers.refresh_current(&mut |l: &Path| -> Result<()> { fs::write(l.join("half"), "whole").map_err(|e| layerboot_init::Error::io("w", l, e)) }).unwrap();
+    assert!(layers.warnings.iter().any(|w| w.contains("again")), "{:?}", layers.warnings);
+    assert!(!Layers::open(m, "rw", 1, false).unwrap().current_interrupted());
+    assert_eq!(fs::read_to_string(m.join("rw/half")).unwrap(), "whole");
 }

@@ -1,22 +1,371 @@
 //! The fresh writable root made at every boot, at the store partition's top level:
 //!
 //! - btrfs driver: `NAME` is a btrfs snapshot of the image's top subvolume;
-//! - overlay2 driver: `NAME/{upper,work}` are the upper and work dirs of an overlayfs
+//! - overlay drivers: `NAME/{upper,work}` are the upper and work dirs of an overlayfs
 //!   whose lower dirs are the image's layers.
 //!
-//! A new layer is made as `NAME.new`, filled (top layer), then swapped in with
-//! `renameat2(RENAME_EXCHANGE)`: at any instant `NAME` is either the old complete layer or
-//! the new complete one, so a half-made layer never replaces a good one. The old one is
-//! kept as `NAME.prev`. The image's own layers are only ever read.
+//! A new layer is made as `NAME.new` and marked "making", filled (the top layer), synced,
+//! marked "complete, generation N", then swapped in with `renameat2(RENAME_EXCHANGE)` and
+//! synced again: at any instant `NAME` is either the old complete layer or the new
+//! complete one. The old one becomes `NAME.prev` (`layerboot.keep` of them are kept).
+//! Only marked directories are ever exchanged, renamed or deleted, and a boot cut at any
+//! step is finished by the next ([`plan`] is the model; `docs/rotation.md` the argument).
+//! The image's own layers are only ever read.
 
+mod overlay;
+pub mod plan;
+
+use std::ffi::CString;
 use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use nix::errno::Errno;
 
 use crate::btrfs::{self, is_subvolume};
 use crate::error::{Error, Result};
 use crate::store::{Driver, Image};
+
+pub use overlay::overlay_data;
+use plan::{Mark, Slot, State, Step};
+
+/// The xattr on a layer's top directory that says layerboot made it, and how far.
+pub const STATE_XATTR: &str = "trusted.layerboot.state";
+/// The xattr on a layer's top directory that names the image it was made from, for
+/// `layerboot.mode=keep`. On the layer itself, so it moves with every rename.
+const IMAGE_XATTR: &str = "trusted.layerboot.image";
+/// Where an unmarked `NAME` from mkinitcpio-docker-hooks is moved aside, once.
+pub const ADOPTED_SUFFIX: &str = ".pre-layerboot";
+
+/// The image ID a layer was made from, if recorded.
+pub fn layer_image(layer: &Path) -> Option<String> {
+    crate::lookup::getxattr(layer, IMAGE_XATTR).and_then(|v| String::from_utf8(v).ok())
+}
+
+/// Marks the layer at `path` (for tests that build a disk's state by hand).
+pub fn write_mark(path: &Path, mark: Mark) -> Result<()> {
+    set_xattr(path, STATE_XATTR, mark.encode().as_bytes())
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) -> Result<()> {
+    let p = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::new("NUL in path"))?;
+    let n = CString::new(name).map_err(|_| Error::new("NUL in xattr name"))?;
+    // SAFETY: NUL-terminated strings; the value is valid for its length.
+    let r = unsafe { nix::libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    Errno::result(r).map(drop).map_err(|e| Error::io(&format!("cannot set {name} on"), path, e))
+}
+
+/// The mark on the directory at `path`: `Ok(None)` if it is unmarked (or not a
+/// directory: a symlink here is never followed). Layers of layerboot before marks carry
+/// only the image xattr: those count as complete, generation 0 (`NAME.new`: half-made).
+fn read_mark(path: &Path, slot: Slot) -> Option<Mark> {
+    let md = fs::symlink_metadata(path).ok()?;
+    if !md.is_dir() {
+        return None;
+    }
+    match crate::lookup::getxattr(path, STATE_XATTR) {
+        Some(raw) => Mark::decode(&raw),
+        None if layer_image(path).is_some() => Some(if slot == Slot::New { Mark::Making } else { Mark::Complete(0) }),
+        None => None,
+    }
+}
+
+/// Refuses a layer name whose generations (`NAME`, `NAME.*`) would be, contain or lie
+/// inside `what` at `rel` (a path from the partition's top level; "" is the top itself),
+/// since rotating them would move or delete it.
+pub fn check_clear_of(name: &str, what: &str, rel: &str) -> Result<()> {
+    let first = rel.trim_matches('/').split('/').next().unwrap_or("");
+    let clash = first.is_empty() || first == name || first.starts_with(&format!("{name}."));
+    if clash {
+        let shown = if first.is_empty() { "the partition's top level".to_string() } else { format!("/{}", rel.trim_matches('/')) };
+        return Err(Error::new(format!(
+            "the writable layer {name} (layerboot.rw= or rootflags=subvol=) and its generations {name}.new, {name}.prev… would \
+             be or hold {what} at {shown}: rotating them would move or delete it. Nothing was changed \
+             (fix: choose a writable layer name of its own, e.g. layerboot.rw=layerboot-rw, and keep {what} in a directory of its own)"
+        )));
+    }
+    Ok(())
+}
+
+/// The generations of one writable layer name at the partition's top level.
+pub struct Layers {
+    root: PathBuf,
+    root_fd: OwnedFd,
+    name: String,
+    keep: usize,
+    state: State,
+    /// What went wrong but did not stop the boot, one sentence each.
+    pub warnings: Vec<String>,
+}
+
+impl Layers {
+    /// Reads the marks of `NAME` and its generations under `root`. An unmarked directory
+    /// at one of those names stops the boot, except `NAME` itself when `adopt` (the name
+    /// came as `rootflags=subvol=`, mkinitcpio-docker-hooks' spelling): it is moved aside
+    /// to `NAME.pre-layerboot`, once, and never deleted.
+    pub fn open(root: &Path, name: &str, keep: usize, adopt: bool) -> Result<Layers> {
+        let root_fd = OwnedFd::from(fs::File::open(root).map_err(|e| Error::io("cannot open", root, e))?);
+        let mut layers = Layers { root: root.to_path_buf(), root_fd, name: name.to_string(), keep, state: State::new(), warnings: Vec::new() };
+        let entries = fs::read_dir(root).map_err(|e| Error::io("cannot list", root, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("cannot list", root, e))?;
+            let Some(slot) = entry.file_name().to_str().and_then(|f| Slot::parse(name, f)) else { continue };
+            let path = layers.path(slot);
+            match read_mark(&path, slot) {
+                Some(mark) => {
+                    layers.state.insert(slot, mark);
+                }
+                None if slot == Slot::Current && adopt => layers.adopt()?,
+                None => {
+                    return Err(Error::new(format!(
+                        "{} exists but layerboot did not make it (it has no {STATE_XATTR} mark), so layerboot will not \
+                         replace, rename or delete it. Nothing was changed (fix: move it elsewhere, or choose another \
+                         writable layer name with layerboot.rw=)",
+                        path.display()
+                    )))
+                }
+            }
+        }
+        Ok(layers)
+    }
+
+    /// mkinitcpio-docker-hooks' writable subvolume: kept, renamed out of the rotation.
+    fn adopt(&mut self) -> Result<()> {
+        let (from, to) = (self.path(Slot::Current), self.root.join(format!("{}{ADOPTED_SUFFIX}", self.name)));
+        rename_noreplace(&from, &to).map_err(|e| {
+            Error::io(&format!("{} has no layerboot mark and cannot be moved aside to", from.display()), &to, e)
+                .context("(fix: move one of them elsewhere)")
+        })?;
+        self.warn(format!(
+            "{} was not made by layerboot (mkinitcpio-docker-hooks' writable layer?): moved aside to {}, kept, never deleted; \
+             a fresh layer replaces it",
+            from.display(),
+            to.display()
+        ));
+        Ok(())
+    }
+
+    pub fn path(&self, slot: Slot) -> PathBuf {
+        self.root.join(slot.file_name(&self.name))
+    }
+
+    pub fn current(&self) -> PathBuf {
+        self.path(Slot::Current)
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    fn warn(&mut self, msg: String) {
+        log::warn!("layerboot: {msg}");
+        self.warnings.push(msg);
+    }
+
+    /// Flushes the store's filesystem: what is written before is on the disk after.
+    pub fn sync(&self) -> Result<()> {
+        crate::mounts::timed_fs(|| nix::unistd::syncfs(self.root_fd.as_raw_fd())).map_err(|e| Error::io("cannot flush", &self.root, e))
+    }
+
+    /// First thing each boot: finishes or discards what a cut boot left.
+    pub fn recover(&mut self) -> Result<()> {
+        let steps = plan::recover(&self.state, self.keep);
+        if self.state.contains_key(&Slot::New) {
+            let what = if plan::displaced(&self.state) {
+                "finished the rotation of writable layers that a power cut interrupted"
+            } else {
+                "discarded an unfinished writable layer left by an interrupted boot"
+            };
+            self.warn(format!("{what} ({})", self.path(Slot::New).display()));
+        }
+        for step in steps {
+            self.run(step)?;
+        }
+        Ok(())
+    }
+
+    /// Makes a fresh `NAME.new` from `image`, fills it with `fill`, and swaps it in.
+    pub fn make_fresh(&mut self, image: &Image, fill: &mut dyn FnMut(&Path) -> Result<()>) -> Result<()> {
+        let new = self.path(Slot::New);
+        let generation = plan::next_generation(&self.state);
+        match image.driver {
+            Driver::Btrfs => {
+                let top = image.layers.first().ok_or_else(|| Error::new(format!("image {} has no layers to boot", image.id)))?;
+                btrfs::snapshot(&top.dir, &new)?;
+            }
+            Driver::Overlay2 | Driver::Vfs => {
+                fs::create_dir(&new).map_err(|e| Error::io("cannot create", &new, e))?;
+                for d in ["upper", "work"] {
+                    fs::create_dir(new.join(d)).map_err(|e| Error::io("cannot create", &new.join(d), e))?;
+                }
+            }
+        }
+        self.state.insert(Slot::New, Mark::Making);
+        set_xattr(&new, STATE_XATTR, Mark::Making.encode().as_bytes())?;
+        set_xattr(&new, IMAGE_XATTR, image.id.as_bytes())?;
+        log::debug!("fresh layer made: {}", new.display());
+        fill(&new)?;
+        self.sync()?;
+        set_xattr(&new, STATE_XATTR, Mark::Complete(generation).encode().as_bytes())?;
+        self.state.insert(Slot::New, Mark::Complete(generation));
+        let mut steps = plan::install(&self.state, self.keep).into_iter();
+        if let Some(swap) = steps.next() {
+            self.run(swap)?;
+            self.sync()?;
+            log::debug!("writable layer swapped in: {} (generation {generation})", self.current().display());
+        }
+        // Settling the old generations is clean-up: the new layer is in and durable.
+        for step in steps {
+            if let Err(e) = self.run(step) {
+                self.warn(format!("{e} (the next boot tries again)"));
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`make_fresh`](Self::make_fresh); when the disk is full, discards the new layer,
+    /// deletes every kept generation (never `NAME`), waits for btrfs to free their space,
+    /// and tries once more. Still full: the error, with ENOSPC, for the caller to fall
+    /// back on a layer in memory.
+    pub fn make_fresh_or_prune(&mut self, image: &Image, fill: &mut dyn FnMut(&Path) -> Result<()>) -> Result<()> {
+        let first = self.make_fresh(image, fill);
+        let Err(e) = first else { return Ok(()) };
+        self.discard_new();
+        if e.errno() != Some(Errno::ENOSPC) {
+            return Err(e);
+        }
+        let old: Vec<Slot> = self.state.keys().copied().filter(|s| matches!(s, Slot::Prev(_) | Slot::Trash(_))).collect();
+        self.warn(format!(
+            "the store's partition is full ({e}): deleted the new layer and {} kept generation(s) of {} to make room, and tried again",
+            old.len(),
+            self.name
+        ));
+        let mut freed = Vec::new();
+        for slot in old {
+            let path = self.path(slot);
+            freed.extend(btrfs::subvolume_id(&path).ok());
+            if let Err(e) = self.remove(slot) {
+                self.warn(e.to_string());
+            }
+        }
+        self.sync()?;
+        if !freed.is_empty() {
+            if let Err(e) = btrfs::wait_until_cleaned(&self.root, &freed, Duration::from_secs(30)) {
+                self.warn(format!("{e}; trying anyway"));
+            }
+        }
+        let second = self.make_fresh(image, fill);
+        if second.is_err() {
+            self.discard_new();
+        }
+        second
+    }
+
+    /// Removes a failed `NAME.new` now, to give its space back (the next boot would anyway).
+    fn discard_new(&mut self) {
+        if self.state.contains_key(&Slot::New) && !plan::displaced(&self.state) {
+            if let Err(e) = self.remove(Slot::New) {
+                self.warn(e.to_string());
+            }
+        }
+    }
+
+    /// Whether `NAME` was being refreshed (`layerboot.mode=keep`) when a boot was cut.
+    pub fn current_interrupted(&self) -> bool {
+        matches!(self.state.get(&Slot::Current), Some(Mark::Refreshing(_)))
+    }
+
+    /// `layerboot.mode=keep`: copies the top layer into `NAME` itself. Marked
+    /// "refreshing" first: a cut copy is done again by the next boot that keeps the layer,
+    /// so `NAME` never boots with a half-copied top layer.
+    pub fn refresh_current(&mut self, fill: &mut dyn FnMut(&Path) -> Result<()>) -> Result<()> {
+        let current = self.current();
+        let Some(generation) = self.state.get(&Slot::Current).and_then(|m| m.generation()) else {
+            return Err(Error::new(format!("{} is not a complete writable layer", current.display())));
+        };
+        if self.current_interrupted() {
+            self.warn(format!("copying the top layer into {} again: a power cut interrupted the last copy", current.display()));
+        }
+        set_xattr(&current, STATE_XATTR, Mark::Refreshing(generation).encode().as_bytes())?;
+        self.state.insert(Slot::Current, Mark::Refreshing(generation));
+        fill(&current)?;
+        self.sync()?;
+        set_xattr(&current, STATE_XATTR, Mark::Complete(generation).encode().as_bytes())?;
+        self.state.insert(Slot::Current, Mark::Complete(generation));
+        Ok(())
+    }
+
+    /// Runs one step of a plan on the disk, each path checked to be marked first.
+    fn run(&mut self, step: Step) -> Result<()> {
+        for slot in match step {
+            Step::Remove(a) => vec![a],
+            Step::Rename(a, _) => vec![a],
+            Step::Exchange(a, b) => vec![a, b],
+        } {
+            if read_mark(&self.path(slot), slot).is_none() {
+                return Err(Error::new(format!("{} lost its layerboot mark: not touching it", self.path(slot).display())));
+            }
+        }
+        match step {
+            // `remove` keeps the state true to the disk, whatever happens.
+            Step::Remove(slot) => {
+                if let Err(e) = self.remove(slot) {
+                    self.warn(e.to_string());
+                }
+                Ok(())
+            }
+            Step::Rename(a, b) => {
+                // A kept generation that could not be deleted may still hold a `.prev`
+                // slot: then the next free one. Generations, not names, give the order.
+                let b = match b {
+                    Slot::Prev(_) if self.state.contains_key(&b) => {
+                        Slot::Prev(self.state.keys().filter_map(|s| if let Slot::Prev(k) = s { Some(*k) } else { None }).max().unwrap_or(0) + 1)
+                    }
+                    b => b,
+                };
+                let (pa, pb) = (self.path(a), self.path(b));
+                rename_noreplace(&pa, &pb).map_err(|e| Error::os(format!("cannot rename {} to {}", pa.display(), pb.display()), e))?;
+                plan::apply(&mut self.state, Step::Rename(a, b));
+                Ok(())
+            }
+            Step::Exchange(a, b) => {
+                let (pa, pb) = (self.path(a), self.path(b));
+                exchange(&pa, &pb).map_err(|e| Error::os(format!("cannot swap in the new writable layer {}", pb.display()), e))?;
+                plan::apply(&mut self.state, step);
+                Ok(())
+            }
+        }
+    }
+
+    /// Deletes the layer in `slot`. If that fails (an immutable file, an I/O error), the
+    /// boot goes on: the layer is renamed to `NAME.trash.K`, which each boot tries again.
+    fn remove(&mut self, slot: Slot) -> Result<()> {
+        let path = self.path(slot);
+        let Err(e) = remove_layer(&path) else {
+            self.state.remove(&slot);
+            return Ok(());
+        };
+        if matches!(slot, Slot::Trash(_)) {
+            return Err(e.context("an old writable layer could not be deleted again; it stays until you delete it"));
+        }
+        let k = self.state.keys().filter_map(|s| if let Slot::Trash(k) = s { Some(*k) } else { None }).max().unwrap_or(0) + 1;
+        let trash = self.path(Slot::Trash(k));
+        let moved = rename_noreplace(&path, &trash);
+        if moved.is_ok() {
+            let mark = self.state.remove(&slot).unwrap_or(Mark::Making);
+            self.state.insert(Slot::Trash(k), mark);
+        }
+        Err(e.context(format!(
+            "could not delete old writable layer {}{}",
+            path.display(),
+            if moved.is_ok() { format!(" (moved to {}; each boot tries again)", trash.display()) } else { String::new() }
+        )))
+    }
+}
 
 /// Removes a layer directory or subvolume, whichever it is.
 fn remove_layer(path: &Path) -> Result<()> {
@@ -25,184 +374,27 @@ fn remove_layer(path: &Path) -> Result<()> {
         Err(e) => Err(Error::io("cannot stat", path, e)),
         Ok(_) if is_subvolume(path) => btrfs::delete(path),
         Ok(md) if md.is_dir() => fs::remove_dir_all(path).map_err(|e| Error::io("cannot remove", path, e)),
-        Ok(_) => fs::remove_file(path).map_err(|e| Error::io("cannot remove", path, e)),
+        Ok(md) => Err(Error::new(format!("{} is not a directory (mode {:o}): not removing it", path.display(), md.mode()))),
     }
 }
 
-/// The paths of one writable layer's generations, at the partition's top level:
-/// `NAME`, `NAME.new`, and the kept previous ones `NAME.prev`, `NAME.prev.2`, …
-#[derive(Debug, Clone)]
-pub struct LayerPaths {
-    pub current: PathBuf,
-    pub new: PathBuf,
-    root: PathBuf,
-    name: String,
-}
-
-impl LayerPaths {
-    pub fn new(partition_root: &Path, name: &str) -> LayerPaths {
-        LayerPaths {
-            current: partition_root.join(name),
-            new: partition_root.join(format!("{name}.new")),
-            root: partition_root.to_path_buf(),
-            name: name.to_string(),
-        }
-    }
-
-    /// The `k`-th previous layer (1 = the last one).
-    pub fn prev(&self, k: usize) -> PathBuf {
-        match k {
-            1 => self.root.join(format!("{}.prev", self.name)),
-            k => self.root.join(format!("{}.prev.{k}", self.name)),
-        }
-    }
-
-    /// Previous generations on disk beyond `keep` (left by a larger `layerboot.keep`).
-    fn prev_beyond(&self, keep: usize) -> Vec<PathBuf> {
-        let prefix = format!("{}.prev", self.name);
-        let Ok(entries) = fs::read_dir(&self.root) else { return Vec::new() };
-        let mut out: Vec<(usize, PathBuf)> = entries
-            .filter_map(|e| {
-                let e = e.ok()?;
-                let name = e.file_name().into_string().ok()?;
-                let rest = name.strip_prefix(&prefix)?;
-                let k = if rest.is_empty() { 1 } else { rest.strip_prefix('.')?.parse().ok()? };
-                (k > keep).then(|| (k, e.path()))
-            })
-            .collect();
-        out.sort();
-        out.into_iter().map(|(_, p)| p).collect()
-    }
-}
-
-/// The xattr on a layer's top directory that names the image it was made from, for
-/// `layerboot.mode=keep`. On the layer itself, so it moves with every rename.
-const IMAGE_XATTR: &str = "trusted.layerboot.image";
-
-/// The image ID a layer was made from, if recorded.
-pub fn layer_image(layer: &Path) -> Option<String> {
-    crate::lookup::getxattr(layer, IMAGE_XATTR).and_then(|v| String::from_utf8(v).ok())
-}
-
-fn set_layer_image(layer: &Path, id: &str) -> Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let p = CString::new(layer.as_os_str().as_bytes()).map_err(|_| Error::new("NUL in path"))?;
-    let n = CString::new(IMAGE_XATTR).unwrap();
-    // SAFETY: NUL-terminated strings; the value is valid for its length.
-    let r = unsafe { nix::libc::lsetxattr(p.as_ptr(), n.as_ptr(), id.as_ptr().cast(), id.len(), 0) };
-    Errno::result(r).map(drop).map_err(|e| Error::io(&format!("cannot record the image on {IMAGE_XATTR} of"), layer, e))
-}
-
-/// Step 1: discard a `NAME.new` left by an interrupted boot, then make a fresh one
-/// from the image (a snapshot, or empty upper/work dirs), recording the image's ID.
-pub fn prepare(paths: &LayerPaths, image: &Image) -> Result<()> {
-    remove_layer(&paths.new).map_err(|e| e.context("discarding an unfinished writable layer"))?;
-    match image.driver {
-        Driver::Btrfs => {
-            let top = image.layers.first().ok_or_else(|| Error::new(format!("image {} has no layers to boot", image.id)))?;
-            btrfs::snapshot(&top.dir, &paths.new)?;
-        }
-        Driver::Overlay2 | Driver::Vfs => {
-            for d in ["upper", "work"] {
-                let p = paths.new.join(d);
-                fs::create_dir_all(&p).map_err(|e| Error::io("cannot create", &p, e))?;
-            }
-        }
-    }
-    set_layer_image(&paths.new, &image.id)
-}
-
-/// One file-system operation of a rotation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
-    Remove(PathBuf),
-    Rename(PathBuf, PathBuf),
-    /// Atomically swap two paths.
-    Exchange(PathBuf, PathBuf),
-}
-
-/// The operations that make the complete `NAME.new` the current layer and keep `keep`
-/// previous ones. Every prefix of this list leaves `NAME` a complete layer (old or new),
-/// which is what makes a power cut at any instant harmless.
-pub fn rotation(paths: &LayerPaths, keep: usize) -> Vec<Step> {
-    let mut steps: Vec<Step> = paths.prev_beyond(keep.saturating_sub(1)).into_iter().rev().map(Step::Remove).collect();
-    for k in (1..keep).rev() {
-        if paths.prev(k).exists() {
-            steps.push(Step::Rename(paths.prev(k), paths.prev(k + 1)));
-        }
-    }
-    if fs::symlink_metadata(&paths.current).is_ok() {
-        steps.push(Step::Exchange(paths.new.clone(), paths.current.clone()));
-        if keep == 0 {
-            steps.push(Step::Remove(paths.new.clone()));
-        } else {
-            steps.push(Step::Rename(paths.new.clone(), paths.prev(1)));
-        }
-    } else {
-        steps.push(Step::Rename(paths.new.clone(), paths.current.clone()));
-    }
-    steps
-}
-
-pub fn apply(step: &Step) -> Result<()> {
-    match step {
-        Step::Remove(p) => remove_layer(p).map_err(|e| e.context("removing an old writable layer")),
-        Step::Rename(a, b) => fs::rename(a, b).map_err(|e| Error::new(format!("cannot rename {} to {}: {e}", a.display(), b.display()))),
-        Step::Exchange(a, b) => {
-            exchange(a, b).map_err(|e| Error::new(format!("cannot swap in the new writable layer {}: {e}", b.display())))
-        }
-    }
-}
-
-/// Step 2, after the new layer is complete: `NAME.new` becomes `NAME`; the old ones
-/// shift down to `NAME.prev`, `NAME.prev.2`, … up to `keep`.
-pub fn rotate(paths: &LayerPaths, keep: usize) -> Result<()> {
-    rotation(paths, keep).iter().try_for_each(apply)
-}
-
-/// `renameat2(RENAME_EXCHANGE)`: swaps two paths atomically. nix offers renameat2 only
-/// for glibc targets; /init is built for musl, so this is the raw system call.
-fn exchange(a: &Path, b: &Path) -> std::result::Result<(), Errno> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
+/// `renameat2` with `flags`. nix offers renameat2 only for glibc targets; /init is built
+/// for musl, so this is the raw system call.
+fn renameat2(a: &Path, b: &Path, flags: nix::libc::c_uint) -> std::result::Result<(), Errno> {
     let a = CString::new(a.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
     let b = CString::new(b.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
-    const RENAME_EXCHANGE: nix::libc::c_uint = 2;
     let at = nix::libc::AT_FDCWD;
     // SAFETY: both paths are NUL-terminated and outlive the call.
-    let r = unsafe { nix::libc::syscall(nix::libc::SYS_renameat2, at, a.as_ptr(), at, b.as_ptr(), RENAME_EXCHANGE) };
+    let r = unsafe { nix::libc::syscall(nix::libc::SYS_renameat2, at, a.as_ptr(), at, b.as_ptr(), flags) };
     Errno::result(r).map(drop)
 }
 
-/// The overlayfs mount data for an overlay2 image with `upper` and `work`, and the
-/// directory to chdir into first: lower dirs are named by their short `l/` links
-/// relative to the driver's home, as Docker does, so more layers fit in the one page
-/// that mount(2) accepts.
-pub fn overlay_data(image: &Image, driver_home: &Path, upper: &Path, work: &Path) -> Result<String> {
-    // btrfs, vfs: the top layer is the whole tree, the only lower.
-    let layers = if image.driver.top_is_whole_tree() { &image.layers[..image.layers.len().min(1)] } else { &image.layers[..] };
-    let lowers: Vec<String> = layers
-        .iter()
-        .map(|l| match &l.link {
-            Some(link) if driver_home.join("l").join(link).exists() => format!("l/{link}"),
-            // Relative to the driver's home where the layer lies under it (podman,
-            // containerd's `<id>/fs`), else absolute.
-            _ => l.dir.strip_prefix(driver_home).unwrap_or(&l.dir).display().to_string(),
-        })
-        .collect();
-    if lowers.is_empty() {
-        return Err(Error::new(format!("image {} has no layers to boot", image.id)));
-    }
-    let data = format!("lowerdir={},upperdir={},workdir={},index=off", lowers.join(":"), upper.display(), work.display());
-    let page = 4096;
-    if data.len() >= page {
-        return Err(Error::new(format!(
-            "image {} has {} layers: their overlay mount options ({} bytes) exceed the kernel's limit of {page} (fix: squash the image into fewer layers)",
-            image.id,
-            lowers.len(),
-            data.len()
-        )));
-    }
-    Ok(data)
+/// Swaps two paths atomically.
+fn exchange(a: &Path, b: &Path) -> std::result::Result<(), Errno> {
+    renameat2(a, b, 2) // RENAME_EXCHANGE
+}
+
+/// Renames, failing rather than replacing whatever is at `b`.
+fn rename_noreplace(a: &Path, b: &Path) -> std::result::Result<(), Errno> {
+    renameat2(a, b, 1) // RENAME_NOREPLACE
 }
