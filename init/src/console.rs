@@ -64,7 +64,8 @@ fn wait_for_enter(wait: Duration) {
         std::thread::sleep(wait);
         return;
     };
-    let deadline = std::time::Instant::now() + wait;
+    // checked: no wait, however long, may overflow into a panic in PID 1.
+    let deadline = std::time::Instant::now().checked_add(wait).unwrap_or_else(|| std::time::Instant::now() + Duration::from_secs(86_400));
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {

@@ -8,7 +8,7 @@
 
 use layerboot_init::boot::Boot;
 use layerboot_init::console;
-use layerboot_init::settings::DEFAULT_RESCUE_TIMEOUT_S;
+use layerboot_init::settings::{DEFAULT_RESCUE_TIMEOUT_S, MAX_WAIT_S};
 use std::time::Duration;
 
 #[global_allocator]
@@ -48,7 +48,7 @@ fn main() {
     // A panic must not kill PID 1 (a kernel panic): report it like any failure.
     std::panic::set_hook(Box::new(move |info| {
         let cmdline = layerboot_init::boot::cmdline();
-        let wait = cmdline.get("layerboot.rescue_timeout").and_then(|v| v.parse().ok()).map_or(default_wait, Duration::from_secs);
+        let wait = raw_rescue_timeout(&cmdline).unwrap_or(default_wait);
         let shell = cmdline.get("layerboot.rescue").is_some_and(|v| v == "shell");
         console::fail(&format!("internal error: {info}"), wait, shell)
     }));
@@ -59,8 +59,14 @@ fn main() {
     };
     // Settings may be missing (a bad command line): fall back to reading it raw.
     let cmdline = layerboot_init::boot::cmdline();
-    let raw_wait = cmdline.get("layerboot.rescue_timeout").and_then(|v| v.parse().ok()).map(Duration::from_secs);
+    let raw_wait = raw_rescue_timeout(&cmdline);
     let wait = boot.settings.as_ref().map(|s| s.rescue_timeout).or(raw_wait).unwrap_or(default_wait);
     let shell = cmdline.get("layerboot.rescue").is_some_and(|v| v == "shell");
     console::fail(err.message(), wait, shell)
+}
+
+/// `layerboot.rescue_timeout=` read raw (the settings may have failed), bounded as the
+/// settings bound it: an unbounded value would overflow the deadline, a panic in PID 1.
+fn raw_rescue_timeout(cmdline: &std::collections::BTreeMap<String, String>) -> Option<Duration> {
+    cmdline.get("layerboot.rescue_timeout").and_then(|v| v.parse::<u64>().ok()).map(|s| Duration::from_secs(s.min(MAX_WAIT_S)))
 }

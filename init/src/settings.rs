@@ -15,6 +15,10 @@ pub const DEFAULT_RW_NAME: &str = "layerboot-rw";
 pub const DEFAULT_INIT: &str = "/sbin/init";
 pub const DEFAULT_TIMEOUT_S: u64 = 30;
 pub const DEFAULT_RESCUE_TIMEOUT_S: u64 = 60;
+/// The longest `layerboot.timeout=` and `layerboot.rescue_timeout=`: a day.
+pub const MAX_WAIT_S: u64 = 86_400;
+/// The most kept generations `layerboot.keep=` may ask for.
+pub const MAX_KEEP: u64 = 100;
 
 /// `/etc/layerboot.json`, written by `layerboot initramfs`. Every field is optional.
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
@@ -190,15 +194,21 @@ impl Settings {
         if toplayer_path.split('/').any(|c| c == "..") {
             return Err(Error::new(format!("toplayer_path={toplayer_path} must stay inside the top-layer device (no '..')")));
         }
-        let seconds = |k: &str, default: u64| -> Result<u64> {
+        // Bounded: a huge value would wait for ever, or overflow a deadline into a panic.
+        let number = |k: &str, default: u64, max: u64| -> Result<u64> {
+            let unit = if k.ends_with("timeout") { " of seconds" } else { "" };
             match nonempty(k) {
                 None => Ok(default),
-                Some(v) => v.parse().map_err(|_| Error::new(format!("{k}={v} is not a number{}", if k.ends_with("timeout") { " of seconds" } else { "" }))),
+                Some(v) => match v.parse::<u64>() {
+                    Ok(n) if n <= max => Ok(n),
+                    Ok(_) => Err(Error::new(format!("{k}={v} is too large: at most {max}{unit}"))),
+                    Err(_) => Err(Error::new(format!("{k}={v} is not a number{unit}"))),
+                },
             }
         };
         let timeout = match (cmdline.contains_key("rootwait"), cmdline.contains_key("layerboot.timeout")) {
             (true, false) => None,
-            _ => Some(Duration::from_secs(seconds("layerboot.timeout", DEFAULT_TIMEOUT_S)?)),
+            _ => Some(Duration::from_secs(number("layerboot.timeout", DEFAULT_TIMEOUT_S, MAX_WAIT_S)?)),
         };
         let init = nonempty("init").unwrap_or(DEFAULT_INIT).to_string();
         if !init.starts_with('/') {
@@ -219,9 +229,9 @@ impl Settings {
             rw_name,
             rw_adopt,
             timeout,
-            rescue_timeout: Duration::from_secs(seconds("layerboot.rescue_timeout", DEFAULT_RESCUE_TIMEOUT_S)?),
+            rescue_timeout: Duration::from_secs(number("layerboot.rescue_timeout", DEFAULT_RESCUE_TIMEOUT_S, MAX_WAIT_S)?),
             debug: cmdline.contains_key("layerboot.debug") || cmdline.contains_key("rd.debug"),
-            keep: seconds("layerboot.keep", 1)? as usize,
+            keep: number("layerboot.keep", 1, MAX_KEEP)? as usize,
             mode_keep: match nonempty("layerboot.mode") {
                 None | Some("fresh") => false,
                 Some("keep") => true,
@@ -307,6 +317,9 @@ mod tests {
             ("root=/dev/vda docker_image=x layerboot.mode=sticky", "layerboot.mode=sticky is unknown"),
             ("root=/dev/vda docker_image=x layerboot.upper=ram", "layerboot.upper=ram is unknown"),
             ("root=/dev/vda docker_image=x layerboot.keep=-1", "layerboot.keep=-1 is not a number"),
+            ("root=/dev/vda docker_image=x layerboot.keep=18446744073709551615", "at most 100"),
+            ("root=/dev/vda docker_image=x layerboot.rescue_timeout=99999999999999999", "at most 86400 of seconds"),
+            ("root=/dev/vda docker_image=x layerboot.timeout=99999999999", "too large"),
         ] {
             let e = settings(line, &c).unwrap_err().to_string();
             assert!(e.contains(want), "{line}: {e}");
