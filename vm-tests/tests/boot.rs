@@ -304,6 +304,15 @@ fn refind_boots_the_btrfs_store_from_a_gpt_disk() {
     boots_through_uefi(vm_tests::disk::Loader::Refind, "btrfs", "LABEL=lb-btrfs");
 }
 
+/// Enough top-layer files that their copy takes seconds under TCG, so a cut lands inside it.
+fn write_bulk(top: &Path) {
+    let bulk = top.join("usr/share/layerboot-bulk");
+    fs::create_dir_all(&bulk).unwrap();
+    for i in 0..4000 {
+        fs::write(bulk.join(format!("f{i}")), format!("{i}\n")).unwrap();
+    }
+}
+
 /// Power is cut at three points of a boot: before the snapshot, right after it, and in
 /// the middle of the top-layer copy. Every next boot succeeds with a fresh layer, no
 /// half-made layer is left, and the image's layers are exactly as the engine left them.
@@ -315,12 +324,7 @@ fn a_power_cut_during_boot_never_breaks_the_next_boot_or_the_store() {
         let _m = LoopMount::new(&disk, &dir.join("mnt"), false);
         let top = dir.join("mnt/toplayer");
         write_toplayer(&top, "vm-power");
-        // Enough files that the copy takes seconds under TCG, so the cut lands inside it.
-        let bulk = top.join("usr/share/layerboot-bulk");
-        fs::create_dir_all(&bulk).unwrap();
-        for i in 0..4000 {
-            fs::write(bulk.join(format!("f{i}")), format!("{i}\n")).unwrap();
-        }
+        write_bulk(&top);
     }
     let cmdline = "root=LABEL=lb-btrfs toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.debug layerboot.keep=2 layerboot.rescue_timeout=0";
     let qemu = |log: &str, cut: Option<&'static str>| {
@@ -699,12 +703,7 @@ fn overlay2_power_cuts_after_the_swap_and_during_a_keep_copy_lose_nothing() {
         let m = LoopMount::new(&disk, &dir.join("mnt"), false);
         let top = m.0.join("toplayer");
         write_toplayer(&top, "vm-cut");
-        // Enough files that the copy takes seconds under TCG, so the cut lands inside it.
-        let bulk = top.join("usr/share/layerboot-bulk");
-        fs::create_dir_all(&bulk).unwrap();
-        for i in 0..4000 {
-            fs::write(bulk.join(format!("f{i}")), format!("{i}\n")).unwrap();
-        }
+        write_bulk(&top);
     }
     let base = "root=LABEL=lb-overlay toplayer=LABEL=lb-overlay toplayer_path=/toplayer layerboot.debug layerboot.keep=2 layerboot.rescue_timeout=0";
     let qemu = |extra: &str, log: &str, cut: Option<&'static str>| {
