@@ -162,7 +162,8 @@ impl Boot {
             if toplayer.as_deref().is_some_and(|t| t.starts_with(STORE_MOUNT)) {
                 check_clear_of(&settings.rw_name, "the top layer (toplayer_path=)", &settings.toplayer_path)?;
             }
-            let mut layers = Layers::open(store_mount, &settings.rw_name, settings.keep, settings.rw_adopt)?;
+            let origin = image.layers.first().map(|l| l.dir.as_path()).filter(|_| image.driver == Driver::Btrfs);
+            let mut layers = Layers::open(store_mount, &settings.rw_name, settings.keep, settings.rw_adopt, origin)?;
             let recovered = layers.recover();
             self.take_warnings(&mut layers);
             recovered.context("cleaning up after an interrupted boot")?;

@@ -252,3 +252,39 @@ pub fn wait_until_cleaned(fs_dir: &Path, ids: &[u64], timeout: Duration) -> Resu
     }
     Ok(())
 }
+
+/// The UUIDs of the subvolume whose root is `path`: its own and the one it was
+/// snapshotted from (zero if none), from `BTRFS_IOC_GET_SUBVOL_INFO` (Linux 4.18).
+pub fn subvolume_uuids(path: &Path) -> Result<([u8; 16], [u8; 16])> {
+    #[repr(C)]
+    struct Timespec {
+        sec: u64,
+        nsec: u32,
+    }
+    #[repr(C)]
+    struct SubvolInfo {
+        treeid: u64,
+        name: [u8; 256],
+        parent_id: u64,
+        dirid: u64,
+        generation: u64,
+        flags: u64,
+        uuid: [u8; 16],
+        parent_uuid: [u8; 16],
+        received_uuid: [u8; 16],
+        transids: [u64; 4],
+        times: [Timespec; 4],
+        reserved: [u64; 8],
+    }
+    const _: () = assert!(std::mem::size_of::<SubvolInfo>() == 504, "struct btrfs_ioctl_get_subvol_info_args");
+    nix::ioctl_read!(btrfs_get_subvol_info, BTRFS_IOCTL_MAGIC, 60, SubvolInfo);
+    if !is_subvolume(path) {
+        return Err(Error::new(format!("{} is not a btrfs subvolume", path.display())));
+    }
+    let dir = open_dir(path)?;
+    // SAFETY: all-zero is a valid SubvolInfo (plain integers); the kernel fills it in.
+    let mut info: Box<SubvolInfo> = Box::new(unsafe { std::mem::zeroed() });
+    // SAFETY: info is a valid btrfs_ioctl_get_subvol_info_args the kernel writes into.
+    unsafe { btrfs_get_subvol_info(dir.as_raw_fd(), &mut *info) }.map_err(|e| Error::io("cannot read the subvolume info of", path, e))?;
+    Ok((info.uuid, info.parent_uuid))
+}

@@ -64,7 +64,7 @@ fn store_with_image() -> (LoopFs, PathBuf) {
 
 /// One boot as /init runs it: recover, then a fresh layer stamped `id`, keeping `keep`.
 fn boot(root: &Path, img: &Image, id: &str, keep: usize) -> Vec<String> {
-    let mut layers = Layers::open(root, "rw", keep, false).unwrap();
+    let mut layers = Layers::open(root, "rw", keep, false, img.layers.first().map(|l| l.dir.as_path())).unwrap();
     layers.recover().unwrap();
     layers.make_fresh_or_prune(img, &mut |l: &Path| -> Result<()> { fs::write(l.join("id"), id).map_err(|e| layerboot_init::Error::io("w", l, e)) }).unwrap();
     layers.warnings
@@ -128,7 +128,7 @@ fn snapshot_of_a_non_btrfs_store_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let top = dir.path().join("img");
     fs::create_dir(&top).unwrap();
-    let mut layers = Layers::open(dir.path(), "rw", 1, false).unwrap();
+    let mut layers = Layers::open(dir.path(), "rw", 1, false, None).unwrap();
     let e = layers.make_fresh_or_prune(&image(&top, Driver::Btrfs), &mut |_: &Path| Ok(())).unwrap_err().to_string();
     assert!(e.contains("cannot snapshot") && e.contains("not on btrfs"), "{e}");
 }
@@ -166,7 +166,7 @@ fn unmarked_directories_are_never_touched_and_the_old_hooks_layer_is_adopted() {
     boot(m, &image(&top, Driver::Btrfs), "b1", 1);
     fs::create_dir(m.join("rw.prev")).unwrap();
     fs::write(m.join("rw.prev/mine"), "user data").unwrap();
-    let e = Layers::open(m, "rw", 1, true).err().unwrap().to_string();
+    let e = Layers::open(m, "rw", 1, true, None).err().unwrap().to_string();
     assert!(e.contains("rw.prev exists but layerboot did not make it") && e.contains("fix:"), "{e}");
     assert_eq!(fs::read_to_string(m.join("rw.prev/mine")).unwrap(), "user data");
     fs::remove_dir_all(m.join("rw.prev")).unwrap();
@@ -175,14 +175,14 @@ fn unmarked_directories_are_never_touched_and_the_old_hooks_layer_is_adopted() {
     let fs2 = LoopFs::btrfs();
     sh(Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(fs2.mnt.join("docker_rwlayer")));
     fs::write(fs2.mnt.join("docker_rwlayer/home-data"), "keep me").unwrap();
-    let e = Layers::open(&fs2.mnt, "docker_rwlayer", 1, false).err().unwrap().to_string();
+    let e = Layers::open(&fs2.mnt, "docker_rwlayer", 1, false, None).err().unwrap().to_string();
     assert!(e.contains("did not make it"), "layerboot.rw= never adopts: {e}");
-    let layers = Layers::open(&fs2.mnt, "docker_rwlayer", 1, true).unwrap();
+    let layers = Layers::open(&fs2.mnt, "docker_rwlayer", 1, true, None).unwrap();
     assert!(layers.warnings[0].contains("moved aside to") && layers.warnings[0].contains("never deleted"), "{:?}", layers.warnings);
     assert_eq!(fs::read_to_string(fs2.mnt.join("docker_rwlayer.pre-layerboot/home-data")).unwrap(), "keep me");
     // A second unmarked one finds the place taken: the boot stops, nothing moves.
     fs::create_dir(fs2.mnt.join("docker_rwlayer")).unwrap();
-    assert!(Layers::open(&fs2.mnt, "docker_rwlayer", 1, true).is_err());
+    assert!(Layers::open(&fs2.mnt, "docker_rwlayer", 1, true, None).is_err());
     assert!(fs2.mnt.join("docker_rwlayer").is_dir() && fs2.mnt.join("docker_rwlayer.pre-layerboot/home-data").exists());
 }
 
@@ -239,18 +239,18 @@ fn a_full_disk_prunes_old_generations_then_gives_up_with_enospc() {
     let big = vec![7u8; 60 << 20];
     let fill = |size: usize| move |l: &Path| -> Result<()> { fs::write(l.join("big"), vec![1u8; size]).map_err(|e| layerboot_init::Error::io("cannot write", &l.join("big"), e)) };
     for b in ["b1", "b2"] {
-        let mut layers = Layers::open(m, "rw", 2, false).unwrap();
+        let mut layers = Layers::open(m, "rw", 2, false, None).unwrap();
         layers.recover().unwrap();
         layers.make_fresh_or_prune(&img, &mut fill(0)).unwrap();
         fs::write(m.join("rw").join(b), &big).unwrap(); // what the booted system wrote
     }
     // 120 MiB kept in NAME and NAME.prev of 256: a 100 MiB top layer fits only if .prev goes.
-    let mut layers = Layers::open(m, "rw", 2, false).unwrap();
+    let mut layers = Layers::open(m, "rw", 2, false, None).unwrap();
     layers.make_fresh_or_prune(&img, &mut fill(100 << 20)).unwrap();
     assert!(layers.warnings.iter().any(|w| w.contains("partition is full") && w.contains("1 kept generation")), "{:?}", layers.warnings);
     assert!(m.join("rw.prev/b2").exists(), "the layer that booted last is kept");
     // Too big whatever is deleted: ENOSPC for the caller (it boots on tmpfs); NAME intact.
-    let mut layers = Layers::open(m, "rw", 2, false).unwrap();
+    let mut layers = Layers::open(m, "rw", 2, false, None).unwrap();
     let e = layers.make_fresh_or_prune(&img, &mut fill(300 << 20)).unwrap_err();
     assert_eq!(e.errno(), Some(nix::errno::Errno::ENOSPC), "{e}");
     assert!(m.join("rw/big").exists() && !m.join("rw.new").exists());
@@ -261,17 +261,45 @@ fn a_cut_keep_mode_copy_is_done_again() {
     let (fs_, top) = store_with_image();
     let m = &fs_.mnt;
     boot(m, &image(&top, Driver::Btrfs), "b1", 1);
-    let mut layers = Layers::open(m, "rw", 1, false).unwrap();
+    let mut layers = Layers::open(m, "rw", 1, false, None).unwrap();
     assert!(!layers.current_interrupted());
     let cut = layers.refresh_current(&mut |l: &Path| -> Result<()> {
         fs::write(l.join("half"), "").unwrap();
         Err(layerboot_init::Error::new("power cut"))
     });
     assert!(cut.is_err());
-    let mut layers = Layers::open(m, "rw", 1, false).unwrap();
+    let mut layers = Layers::open(m, "rw", 1, false, None).unwrap();
     assert!(layers.current_interrupted(), "the next boot knows the copy was cut");
     layers.refresh_current(&mut |l: &Path| -> Result<()> { fs::write(l.join("half"), "whole").map_err(|e| layerboot_init::Error::io("w", l, e)) }).unwrap();
     assert!(layers.warnings.iter().any(|w| w.contains("again")), "{:?}", layers.warnings);
-    assert!(!Layers::open(m, "rw", 1, false).unwrap().current_interrupted());
+    assert!(!Layers::open(m, "rw", 1, false, None).unwrap().current_interrupted());
     assert_eq!(fs::read_to_string(m.join("rw/half")).unwrap(), "whole");
+}
+
+#[test]
+fn what_a_cut_boot_made_before_marking_it_is_discarded_and_nothing_else() {
+    let (fs_, top) = store_with_image();
+    let m = &fs_.mnt;
+    let img = image(&top, Driver::Btrfs);
+    boot(m, &img, "b1", 1);
+    // Cut between the snapshot and its mark: an unmarked snapshot of the image.
+    sh(Command::new("btrfs").args(["-q", "subvolume", "snapshot"]).arg(&top).arg(m.join("rw.new")));
+    boot(m, &img, "b2", 1);
+    assert_eq!(names(m), ["rw", "rw.prev"]);
+    // Overlay drivers: empty upper/ and work/, or an empty directory.
+    let dir = tempfile::tempdir().unwrap();
+    for d in ["rw.new/upper", "rw.new/work"] {
+        fs::create_dir_all(dir.path().join(d)).unwrap();
+    }
+    let mut layers = Layers::open(dir.path(), "rw", 1, false, None).unwrap();
+    layers.recover().unwrap();
+    assert!(!dir.path().join("rw.new").exists());
+    // Anything else unmarked there is someone's: refused, kept.
+    sh(Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(m.join("rw.new")));
+    fs::write(m.join("rw.new/notes"), "mine").unwrap();
+    assert!(Layers::open(m, "rw", 1, false, Some(&top)).is_err());
+    fs::create_dir_all(dir.path().join("rw.new/upper")).unwrap();
+    fs::write(dir.path().join("rw.new/upper/notes"), "mine").unwrap();
+    assert!(Layers::open(dir.path(), "rw", 1, false, None).is_err());
+    assert!(dir.path().join("rw.new/upper/notes").exists());
 }

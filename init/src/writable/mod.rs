@@ -73,6 +73,33 @@ fn read_mark(path: &Path, slot: Slot) -> Option<Mark> {
     }
 }
 
+/// Whether the unmarked `NAME.new` at `path` is what a cut boot made in the instant
+/// before marking it: an empty directory, empty `upper/` and `work/` (overlay drivers),
+/// or a btrfs snapshot of the image's top subvolume `origin`. Nothing of anyone's.
+fn unmarked_leftover(path: &Path, origin: Option<&Path>) -> bool {
+    let names = |p: &Path| -> Option<Vec<String>> {
+        let mut v: Vec<String> = fs::read_dir(p).ok()?.map(|e| e.ok().and_then(|e| e.file_name().into_string().ok())).collect::<Option<_>>()?;
+        v.sort();
+        Some(v)
+    };
+    if fs::symlink_metadata(path).map(|m| !m.is_dir()).unwrap_or(true) {
+        return false;
+    }
+    match names(path).as_deref() {
+        Some([]) => return true,
+        Some([a, b]) if a == "upper" && b == "work" => {
+            if [a, b].iter().all(|d| fs::symlink_metadata(path.join(d)).is_ok_and(|m| m.is_dir()) && names(&path.join(d)).is_some_and(|n| n.is_empty())) {
+                return true;
+            }
+        }
+        _ => {}
+    }
+    match (origin, btrfs::subvolume_uuids(path)) {
+        (Some(origin), Ok((_, parent))) => btrfs::subvolume_uuids(origin).is_ok_and(|(uuid, _)| uuid == parent && parent != [0; 16]),
+        _ => false,
+    }
+}
+
 /// Refuses a layer name whose generations (`NAME`, `NAME.*`) would be, contain or lie
 /// inside `what` at `rel` (a path from the partition's top level; "" is the top itself),
 /// since rotating them would move or delete it.
@@ -106,7 +133,10 @@ impl Layers {
     /// at one of those names stops the boot, except `NAME` itself when `adopt` (the name
     /// came as `rootflags=subvol=`, mkinitcpio-docker-hooks' spelling): it is moved aside
     /// to `NAME.pre-layerboot`, once, and never deleted.
-    pub fn open(root: &Path, name: &str, keep: usize, adopt: bool) -> Result<Layers> {
+    ///
+    /// `origin` is the image's top subvolume on the btrfs driver: a `NAME.new` snapshotted
+    /// from it by a boot cut before it was marked is recognised by that and discarded.
+    pub fn open(root: &Path, name: &str, keep: usize, adopt: bool, origin: Option<&Path>) -> Result<Layers> {
         let root_fd = OwnedFd::from(fs::File::open(root).map_err(|e| Error::io("cannot open", root, e))?);
         let mut layers = Layers { root: root.to_path_buf(), root_fd, name: name.to_string(), keep, state: State::new(), warnings: Vec::new() };
         let entries = fs::read_dir(root).map_err(|e| Error::io("cannot list", root, e))?;
@@ -119,6 +149,12 @@ impl Layers {
                     layers.state.insert(slot, mark);
                 }
                 None if slot == Slot::Current && adopt => layers.adopt()?,
+                // Made by a boot cut before it could mark it: nothing in it but the image.
+                // (marked now, so every later step's check of the mark holds).
+                None if slot == Slot::New && unmarked_leftover(&path, origin) => {
+                    write_mark(&path, Mark::Making)?;
+                    layers.state.insert(slot, Mark::Making);
+                }
                 None => {
                     return Err(Error::new(format!(
                         "{} exists but layerboot did not make it (it has no {STATE_XATTR} mark), so layerboot will not \
