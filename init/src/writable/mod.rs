@@ -87,10 +87,12 @@ fn unmarked_leftover(path: &Path, origin: Option<&Path>) -> bool {
     }
     match names(path).as_deref() {
         Some([]) => return true,
-        Some([a, b]) if a == "upper" && b == "work" => {
-            if [a, b].iter().all(|d| fs::symlink_metadata(path.join(d)).is_ok_and(|m| m.is_dir()) && names(&path.join(d)).is_some_and(|n| n.is_empty())) {
-                return true;
-            }
+        Some([a, b])
+            if a == "upper"
+                && b == "work"
+                && [a, b].iter().all(|d| fs::symlink_metadata(path.join(d)).is_ok_and(|m| m.is_dir()) && names(&path.join(d)).is_some_and(|n| n.is_empty())) =>
+        {
+            return true
         }
         _ => {}
     }
