@@ -159,8 +159,8 @@ impl Boot {
             // Before anything is touched: the layer's generations must not be the store
             // or the top layer, nor hold them.
             check_clear_of(&settings.rw_name, "the image store (docker_path=)", &settings.docker_path)?;
-            if toplayer.as_deref().is_some_and(|t| t.starts_with(STORE_MOUNT)) {
-                check_clear_of(&settings.rw_name, "the top layer (toplayer_path=)", &settings.toplayer_path)?;
+            if let Some(on_store) = toplayer.as_deref().and_then(|t| t.strip_prefix(STORE_MOUNT).ok()) {
+                check_clear_of(&settings.rw_name, "the top layer (toplayer_path=)", &on_store.to_string_lossy())?;
             }
             let origin = image.layers.first().map(|l| l.dir.as_path()).filter(|_| image.driver == Driver::Btrfs);
             let mut layers = Layers::open(store_mount, &settings.rw_name, settings.keep, settings.rw_adopt, origin)?;
@@ -252,12 +252,25 @@ impl Boot {
                 .context("mounting the top layer (toplayer=)")?;
             PathBuf::from(TOPLAYER_MOUNT)
         };
-        let dir = base.join(rel);
-        if !dir.is_dir() {
-            return Err(Error::new(format!(
-                "the top layer directory {} does not exist on {spec} (fix: create it, or set toplayer_path= to the directory to copy)",
+        // Resolved inside its device (a link in toplayer_path cannot lead off it), on one
+        // filesystem.
+        let dir = crate::copy::resolve_source(&base, rel).map_err(|e| {
+            e.context(format!(
+                "the top layer directory {} on {spec} (fix: create it, or set toplayer_path= to the directory to copy)",
                 Path::new("/").join(rel).display()
-            )));
+            ))
+        })?;
+        // On the store's own device, the top layer must not hold the store (toplayer_path=/
+        // would copy the whole store into the new root).
+        if let Ok(on_store) = dir.strip_prefix(STORE_MOUNT) {
+            if Path::new(&s.docker_path).starts_with(on_store) {
+                return Err(Error::new(format!(
+                    "the top layer directory /{} holds the image store /{} (toplayer_path= on the store's own device): it would be \
+                     copied into the new root (fix: keep the top layer in a directory of its own, e.g. toplayer_path=/hosts/NAME)",
+                    on_store.display(),
+                    s.docker_path
+                )));
+            }
         }
         Ok(Some(dir))
     }
@@ -477,7 +490,19 @@ impl Hardware {
                 devices = scan(Path::new("/sys/class/block"), Path::new("/dev"));
                 probed = Instant::now();
             }
-            if let Some(d) = devices.iter().find(|d| d.matches(spec)) {
+            let matching: Vec<&BlockDevice> = devices.iter().filter(|d| d.matches(spec)).collect();
+            // Two filesystems answer to the name: a stick with the same label could be a
+            // spoofed root or top layer. Never guess.
+            let distinct = crate::probe::distinct_filesystems(&matching);
+            if distinct.len() > 1 {
+                let list: Vec<String> = distinct.iter().map(|d| format!("  {}", d.describe())).collect();
+                break Err(Error::new(format!(
+                    "{what}={spec} names {} different filesystems:\n{}\n(fix: name the one meant by UUID= or PARTUUID=, or remove the other disk)",
+                    list.len(),
+                    list.join("\n")
+                )));
+            }
+            if let Some(d) = matching.first().copied() {
                 match self.complete(d, &devices) {
                     Ok(true) => break Ok(d.clone()),
                     Ok(false) => {}

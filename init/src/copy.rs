@@ -44,11 +44,39 @@ pub struct CopyStats {
     pub warnings: Vec<String>,
 }
 
+/// The top-layer directory `rel` on the device mounted at `base`, resolved as if `base`
+/// were `/` (a symlink in `rel` can never lead off the device) and without crossing into
+/// another mount. Kernels before 5.6 (no openat2): the path, canonicalised and checked
+/// to stay under `base`.
+pub fn resolve_source(base: &Path, rel: &str) -> Result<PathBuf> {
+    let rel = if rel.trim_matches('/').is_empty() { "." } else { rel.trim_start_matches('/') };
+    let dir = File::open(base).map_err(|e| Error::io("cannot open", base, e))?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS | ResolveFlag::RESOLVE_NO_XDEV);
+    let resolved = match openat2(dir.as_raw_fd(), rel, how) {
+        Ok(fd) => {
+            // SAFETY: a fresh descriptor from openat2.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|e| Error::io("cannot read the path of", &base.join(rel), e))?
+        }
+        Err(Errno::ENOSYS) => fs::canonicalize(base.join(rel)).map_err(|e| Error::io("cannot resolve", &base.join(rel), e))?,
+        Err(Errno::EXDEV) => return Err(Error::new("it lies on another filesystem mounted inside the top-layer device")),
+        Err(Errno::ENOTDIR) => return Err(Error::new("it is not a directory")),
+        Err(Errno::ENOENT) => return Err(Error::new("it does not exist")),
+        Err(e) => return Err(Error::os("cannot open it", e)),
+    };
+    if !resolved.starts_with(base) || !resolved.is_dir() {
+        return Err(Error::new(format!("it resolves to {}, outside the top-layer device", resolved.display())));
+    }
+    Ok(resolved)
+}
+
 /// Copies the contents of `src` (not `src` itself) into the tree at `dest_root`.
 pub fn copy_tree(src: &Path, dest_root: &Path) -> Result<CopyStats> {
     let root = open_dir(None, dest_root)?;
-    let mut c = Copier { root, src_root: src.to_path_buf(), hardlinks: HashMap::new(), stats: CopyStats::default() };
     let md = fs::symlink_metadata(src).map_err(|e| Error::io("cannot read the top layer", src, e))?;
+    let mut c = Copier { root, src_root: src.to_path_buf(), src_dev: md.dev(), hardlinks: HashMap::new(), stats: CopyStats::default() };
     if !md.is_dir() {
         return Err(Error::new(format!("top layer {} is not a directory (fix: toplayer_path= must name a directory)", src.display())));
     }
@@ -59,6 +87,8 @@ pub fn copy_tree(src: &Path, dest_root: &Path) -> Result<CopyStats> {
 struct Copier {
     root: OwnedFd,
     src_root: PathBuf,
+    /// The top layer's filesystem: the copy never leaves it.
+    src_dev: u64,
     /// (dev, ino) of a multiply-linked source file → its path in the destination
     hardlinks: HashMap<(u64, u64), PathBuf>,
     stats: CopyStats,
@@ -120,6 +150,11 @@ impl Copier {
             }
             let s = src.join(&name);
             let md = fs::symlink_metadata(&s).map_err(|e| Error::io("cannot stat", &s, e))?;
+            // One filesystem: something mounted inside the top layer is not part of it.
+            if md.is_dir() && md.dev() != self.src_dev {
+                self.warn(format!("top layer: did not copy {}: another filesystem is mounted there", s.display()));
+                continue;
+            }
             self.copy_entry(&s, &md, dir.as_raw_fd(), &name, &rel.join(&name))?;
         }
         Ok(())
@@ -209,9 +244,12 @@ impl Copier {
             unlinkat(Some(dir), name, UnlinkatFlags::NoRemoveDir).map_err(|e| fail("replace", e))?;
         }
         if md.nlink() > 1 && !ft.is_dir() {
-            if let Some(first) = self.hardlinks.get(&(md.dev(), md.ino())) {
-                linkat(Some(self.root.as_raw_fd()), first.as_path(), Some(dir), Path::new(name), AtFlags::empty())
-                    .map_err(|e| fail("hard-link", e))?;
+            if let Some(first) = self.hardlinks.get(&(md.dev(), md.ino())).cloned() {
+                // By descriptor: the first copy's directory resolved inside the new root,
+                // its name never followed.
+                let (parent, file) = (first.parent().unwrap_or(Path::new("")), first.file_name().unwrap_or_default());
+                let from = self.dest_dir(parent)?;
+                linkat(Some(from.as_raw_fd()), Path::new(file), Some(dir), Path::new(name), AtFlags::empty()).map_err(|e| fail("hard-link", e))?;
                 self.stats.links += 1;
                 return Ok(());
             }
@@ -417,6 +455,21 @@ mod hostile_names {
                 assert!(stats.warnings[0].contains(bad) && stats.warnings[0].contains("names no file"), "{:?}", stats.warnings);
             }
         }
+    }
+
+    #[test]
+    fn the_top_layer_path_resolves_inside_its_device() {
+        let t = tempfile::tempdir().unwrap();
+        let dev = t.path().join("dev");
+        fs::create_dir_all(dev.join("hosts/pc1")).unwrap();
+        fs::create_dir_all(dev.join("etc")).unwrap();
+        std::os::unix::fs::symlink("/etc", dev.join("hosts/abs")).unwrap();
+        std::os::unix::fs::symlink("../../..", dev.join("hosts/up")).unwrap();
+        assert_eq!(resolve_source(&dev, "/hosts/pc1").unwrap(), dev.join("hosts/pc1"));
+        assert_eq!(resolve_source(&dev, "/").unwrap(), dev);
+        assert_eq!(resolve_source(&dev, "/hosts/abs").unwrap(), dev.join("etc"), "an absolute link is the device's /etc, not the host's");
+        assert_eq!(resolve_source(&dev, "/hosts/up").unwrap(), dev, "'..' stops at the device's root");
+        assert!(resolve_source(&dev, "/hosts/none").unwrap_err().to_string().contains("does not exist"));
     }
 
     #[test]

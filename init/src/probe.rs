@@ -57,6 +57,22 @@ impl BlockDevice {
     }
 }
 
+/// One device of each filesystem among `devices`: the members of one multi-device btrfs
+/// (same filesystem UUID, more than one device) are one filesystem; anything else that
+/// matched twice, a clone or a namesake, is two.
+pub fn distinct_filesystems<'a>(devices: &[&'a BlockDevice]) -> Vec<&'a BlockDevice> {
+    let mut out: Vec<&BlockDevice> = Vec::new();
+    for d in devices {
+        let one_btrfs = |o: &&BlockDevice| {
+            o.probe.fstype == Some("btrfs") && d.probe.fstype == Some("btrfs") && o.probe.uuid.is_some() && o.probe.uuid == d.probe.uuid && d.probe.devices.unwrap_or(1) > 1
+        };
+        if !out.iter().any(one_btrfs) {
+            out.push(d);
+        }
+    }
+    out
+}
+
 const SUPERBLOCK_SPAN: usize = 0x10000 + 0x1000;
 
 /// Reads the superblock area of `dev` and recognises btrfs, ext2/3/4, xfs and vfat.
@@ -122,41 +138,99 @@ fn guid(b: &[u8]) -> String {
     uuid(&le)
 }
 
-/// Partition `number` (1-based) of a disk: its (PARTUUID, PARTLABEL), from GPT, or the
-/// MBR's `<signature>-<nn>` form.
-pub fn partition_ids(disk: &Path, number: u32) -> std::io::Result<(Option<String>, Option<String>)> {
-    let mut f = File::open(disk)?;
+/// Reads at byte offsets: a disk, or (for tests and fuzzing) bytes in memory.
+pub trait ReadAt {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    fn size(&self) -> std::io::Result<u64>;
+}
+
+impl ReadAt for File {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        // A block device's length is only known by seeking to its end.
+        (&mut &*self).seek(SeekFrom::End(0))
+    }
+}
+
+impl ReadAt for [u8] {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let start = usize::try_from(offset).map_err(|_| std::io::ErrorKind::UnexpectedEof)?;
+        let src = start.checked_add(buf.len()).and_then(|end| self.get(start..end)).ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.len() as u64)
+    }
+}
+
+/// The most GPT entry-array bytes read (the UEFI minimum is 16 KiB; 128 KiB of them is
+/// already far more than any tool writes).
+const GPT_MAX_ARRAY: u64 = 1 << 20;
+
+/// Partition `number` (1-based) of a disk with `sector`-byte logical blocks: its
+/// (PARTUUID, PARTLABEL). From the GPT only behind a protective (or hybrid) MBR, as the
+/// kernel reads it, with the header's and the entry array's CRCs checked and every size
+/// and LBA bounded by the disk; else the MBR's `<signature>-<nn>` form. Anything that
+/// does not check out is no ID, never an allocation or read a disk's bytes chose.
+pub fn partition_ids(disk: &(impl ReadAt + ?Sized), number: u32, sector: u64) -> (Option<String>, Option<String>) {
     let mut mbr = [0u8; 512];
-    f.read_exact(&mut mbr)?;
-    for sector in [512u64, 4096] {
-        let mut hdr = [0u8; 92];
-        f.seek(SeekFrom::Start(sector))?;
-        if f.read_exact(&mut hdr).is_err() || &hdr[0..8] != b"EFI PART" {
-            continue;
-        }
-        let lba = u64::from_le_bytes(hdr[72..80].try_into().unwrap());
-        let count = u32::from_le_bytes(hdr[80..84].try_into().unwrap());
-        let size = u32::from_le_bytes(hdr[84..88].try_into().unwrap()) as u64;
-        if number == 0 || number > count || size < 128 {
-            return Ok((None, None));
-        }
-        let mut entry = vec![0u8; size as usize];
-        f.seek(SeekFrom::Start(lba * sector + (number as u64 - 1) * size))?;
-        f.read_exact(&mut entry)?;
-        if entry[0..16].iter().all(|&b| b == 0) {
-            return Ok((None, None)); // an unused entry
-        }
-        let name: Vec<u16> = entry[56..128].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|&c| c != 0).collect();
-        let name = String::from_utf16_lossy(&name);
-        return Ok((Some(guid(&entry[16..32])), (!name.is_empty()).then_some(name)));
+    if number == 0 || disk.read_at(0, &mut mbr).is_err() || mbr[510..512] != [0x55, 0xaa] {
+        return (None, None);
     }
-    if mbr[510..512] == [0x55, 0xaa] {
-        let sig = u32::from_le_bytes(mbr[440..444].try_into().unwrap());
-        if sig != 0 {
-            return Ok((Some(format!("{sig:08x}-{number:02x}")), None));
-        }
+    let protective = (0..4).any(|i| mbr[446 + 16 * i + 4] == 0xee);
+    if protective {
+        return gpt_entry(disk, number, sector).unwrap_or((None, None));
     }
-    Ok((None, None))
+    let sig = u32::from_le_bytes(mbr[440..444].try_into().unwrap());
+    if sig != 0 && number <= 255 {
+        return (Some(format!("{sig:08x}-{number:02x}")), None);
+    }
+    (None, None)
+}
+
+fn gpt_entry(disk: &(impl ReadAt + ?Sized), number: u32, sector: u64) -> Option<(Option<String>, Option<String>)> {
+    if !(512..=65536).contains(&sector) || !sector.is_power_of_two() {
+        return None;
+    }
+    let disk_sectors = disk.size().ok()? / sector;
+    let mut hdr = vec![0u8; sector as usize];
+    disk.read_at(sector, &mut hdr).ok()?;
+    let le32 = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    let le64 = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    let header_size = le32(&hdr, 12) as usize;
+    if &hdr[0..8] != b"EFI PART" || !(92..=hdr.len()).contains(&header_size) || le64(&hdr, 24) != 1 {
+        return None;
+    }
+    let mut crc_input = hdr[..header_size].to_vec();
+    crc_input[16..20].fill(0);
+    if crc32fast::hash(&crc_input) != le32(&hdr, 16) {
+        return None;
+    }
+    let (array_lba, count, size) = (le64(&hdr, 72), le32(&hdr, 80) as u64, le32(&hdr, 84) as u64);
+    // Entries are 128·2ⁿ bytes; the whole array must be small and inside the disk.
+    let array_bytes = count.checked_mul(size)?;
+    let array_end = array_lba.checked_mul(sector)?.checked_add(array_bytes)?;
+    if size < 128 || !size.is_power_of_two() || array_bytes > GPT_MAX_ARRAY || array_lba < 2 || array_end > disk_sectors.checked_mul(sector)? {
+        return None;
+    }
+    let mut array = vec![0u8; array_bytes as usize];
+    disk.read_at(array_lba * sector, &mut array).ok()?;
+    if crc32fast::hash(&array) != le32(&hdr, 88) {
+        return None;
+    }
+    if u64::from(number) > count {
+        return Some((None, None));
+    }
+    let entry = &array[(number as usize - 1) * size as usize..][..size as usize];
+    if entry[0..16].iter().all(|&b| b == 0) {
+        return Some((None, None)); // an unused entry
+    }
+    let name: Vec<u16> = entry[56..128].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|&c| c != 0).collect();
+    let name = String::from_utf16_lossy(&name);
+    Some((Some(guid(&entry[16..32])), (!name.is_empty()).then_some(name)))
 }
 
 /// Every block device the kernel has registered, probed. Devices that cannot be read
@@ -179,7 +253,12 @@ pub fn scan(sys_block: &Path, dev: &Path) -> Vec<BlockDevice> {
             let link = fs::read_link(sys_block.join(&name)).ok();
             let parent = link.as_deref().and_then(|l| l.parent()).and_then(|p| p.file_name()).map(|n| n.to_os_string());
             if let (Ok(n), Some(parent)) = (n.trim().parse(), parent) {
-                (part_uuid, part_label) = partition_ids(&dev.join(parent), n).unwrap_or((None, None));
+                // The disk's logical block size places its GPT (512 or 4096 bytes).
+                let queue = format!("{}/queue/logical_block_size", parent.to_string_lossy());
+                let sector = read_attribute(&dir, queue.as_bytes()).and_then(|s| s.trim().parse().ok()).unwrap_or(512);
+                if let Ok(disk) = File::open(dev.join(parent)) {
+                    (part_uuid, part_label) = partition_ids(&disk, n, sector);
+                }
             }
         }
         out.push(BlockDevice { name, node, probe, part_uuid, part_label });
@@ -248,8 +327,50 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let img = t.path().join("disk");
         let want = gpt_disk(&img);
-        assert_eq!(partition_ids(&img, 2).unwrap(), (Some(want), Some("store".to_string())));
-        assert_eq!(partition_ids(&img, 9).unwrap(), (None, None));
+        let disk = File::open(&img).unwrap();
+        assert_eq!(partition_ids(&disk, 2, 512), (Some(want), Some("store".to_string())));
+        assert_eq!(partition_ids(&disk, 9, 512), (None, None));
+        assert_eq!(partition_ids(&disk, 2, 4096), (None, None), "no GPT where 4 KiB sectors would put it");
+    }
+
+    /// A disk whose MBR has one Linux partition, with a stale GPT header behind it that
+    /// claims entries of `size` bytes (`count` of them), its CRC made right.
+    fn mbr_disk_with_stale_gpt(size: u32, count: u32) -> Vec<u8> {
+        let mut d = vec![0u8; 1 << 20];
+        d[440..444].copy_from_slice(&0x1234_abcdu32.to_le_bytes());
+        d[446 + 4] = 0x83;
+        d[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+        d[510] = 0x55;
+        d[511] = 0xaa;
+        let h = &mut d[512..1024];
+        h[0..8].copy_from_slice(b"EFI PART");
+        h[12..16].copy_from_slice(&92u32.to_le_bytes());
+        h[24..32].copy_from_slice(&1u64.to_le_bytes());
+        h[72..80].copy_from_slice(&2u64.to_le_bytes());
+        h[80..84].copy_from_slice(&count.to_le_bytes());
+        h[84..88].copy_from_slice(&size.to_le_bytes());
+        let crc = crc32fast::hash(&h[..92]);
+        h[16..20].copy_from_slice(&crc.to_le_bytes());
+        d
+    }
+
+    #[test]
+    fn a_stale_gpt_behind_an_mbr_is_not_read_and_its_sizes_are_never_trusted() {
+        for (size, count) in [(0xffff_ff80, 1), (128, 0xffff_ffff), (128, 4)] {
+            let disk = mbr_disk_with_stale_gpt(size, count);
+            assert_eq!(partition_ids(&disk[..], 1, 512), (Some("1234abcd-01".to_string()), None), "the MBR's ID, {size}×{count}");
+            // Even with the MBR made protective, the sizes are bounded: no ID, no huge read.
+            let mut protective = disk.clone();
+            protective[446 + 4] = 0xee;
+            let ids = partition_ids(&protective[..], 1, 512);
+            assert_eq!(ids, (None, None), "{size}×{count}");
+        }
+        // A header whose CRC is wrong is no GPT.
+        let mut bad = mbr_disk_with_stale_gpt(128, 4);
+        bad[446 + 4] = 0xee;
+        bad[512 + 80] ^= 1;
+        assert_eq!(partition_ids(&bad[..], 1, 512), (None, None));
+        assert_eq!(partition_ids(&bad[..8], 1, 512), (None, None), "a truncated disk");
     }
 
     #[test]
@@ -279,6 +400,23 @@ mod tests {
         assert_eq!((part.probe.fstype, part.probe.label.as_deref()), (Some("ext4"), Some("lb-part")));
         assert_eq!((found[0].part_uuid.as_deref(), found[0].probe.fstype), (None, None), "the whole disk is no partition");
         assert!(part.matches(&DeviceSpec::parse("root", "PARTLABEL=store").unwrap()) && part.matches(&DeviceSpec::parse("root", &format!("PARTUUID={part_uuid}")).unwrap()));
+    }
+
+    #[test]
+    fn namesakes_are_two_filesystems_and_a_multi_device_btrfs_is_one() {
+        let dev = |node: &str, fstype: &'static str, uuid: &str, devices: u64| BlockDevice {
+            name: node.into(),
+            node: PathBuf::from(node),
+            probe: Probe { fstype: Some(fstype), uuid: Some(uuid.into()), label: Some("store".into()), devices: Some(devices) },
+            part_uuid: None,
+            part_label: None,
+        };
+        let (a, b) = (dev("/dev/vda", "btrfs", "u1", 2), dev("/dev/vdb", "btrfs", "u1", 2));
+        assert_eq!(distinct_filesystems(&[&a, &b]).len(), 1, "two members of one btrfs");
+        let (c, d) = (dev("/dev/vda", "ext4", "u1", 1), dev("/dev/sda1", "ext4", "u2", 1));
+        assert_eq!(distinct_filesystems(&[&c, &d]).len(), 2, "a USB stick with the same label");
+        let (e, f) = (dev("/dev/vda", "btrfs", "u1", 1), dev("/dev/sda", "btrfs", "u1", 1));
+        assert_eq!(distinct_filesystems(&[&e, &f]).len(), 2, "a cloned single-device btrfs");
     }
 
     #[test]
