@@ -654,13 +654,26 @@ fn hostile_whiteouts_and_layer_names_never_touch_the_store() {
         fs::write(top.join(".wh..wh..opq"), "").unwrap();
     }
     let base = "root=LABEL=lb-btrfs toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.rescue_timeout=0";
+    // A USB stick with the store's label: the boot stops and names both, never guesses.
+    let namesake = dir.join("namesake.img");
+    fs::File::create(&namesake).unwrap().set_len(16 << 20).unwrap();
+    run(Command::new("mkfs.ext4").args(["-q", "-L", "lb-btrfs"]).arg(&namesake));
+    let console = Qemu { snapshot: true, ..Qemu::new(vec![disk.clone(), namesake], base, dir.join("boot0.log")) }.run();
+    no_panic(&console);
+    for want in ["layerboot: BOOT FAILED", "root=LABEL=lb-btrfs names 2 different filesystems", "/dev/vda type=btrfs", "/dev/vdb type=ext4", "fix: name the one meant by UUID="] {
+        assert!(console.contains(want), "missing {want:?} in:\n{}", tail(&console, 30));
+    }
+
     let console = Qemu::new(vec![disk.clone()], format!("{base} rootflags=subvol=var"), dir.join("boot1.log")).run();
     no_panic(&console);
     for want in ["layerboot: BOOT FAILED", "writable layer var", "the image store (docker_path=) at /var/lib/docker", "Nothing was changed", "fix:"] {
         assert!(console.contains(want), "missing {want:?} in:\n{}", tail(&console, 30));
     }
 
-    let console = Qemu::new(vec![disk.clone()], base, dir.join("boot2.log")).run();
+    // Also attached: a disk with an MBR partition and a stale GPT header behind it that
+    // claims 4 GiB entries (it made PID 1 fault once). The kernel reads the MBR; so must we.
+    let stale = stale_gpt_disk(&dir);
+    let console = Qemu::new(vec![disk.clone(), stale], base, dir.join("boot2.log")).run();
     no_panic(&console);
     let r = report(&console);
     common_checks(&r, "vm-hostile", "latest");
@@ -674,6 +687,29 @@ fn hostile_whiteouts_and_layer_names_never_touch_the_store() {
         assert!(m.join("var/lib/docker/image").is_dir() && !top.iter().any(|n| n.starts_with("var.")), "the store stayed where it was: {top:?}");
     }
     assert_store_untouched("btrfs", &disk, &dir);
+}
+
+/// An 8 MiB disk with one MBR partition and, behind it, a GPT header with a right CRC
+/// that claims entries of 4 GiB.
+fn stale_gpt_disk(dir: &Path) -> std::path::PathBuf {
+    let img = dir.join("stale-gpt.img");
+    fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+    let mut sfdisk = Command::new("sfdisk").arg("-q").arg(&img).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(&mut sfdisk.stdin.take().unwrap(), b"label: dos\ntype=83\n").unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    let mut d = fs::read(&img).unwrap();
+    let h = &mut d[512..1024];
+    h.fill(0);
+    h[0..8].copy_from_slice(b"EFI PART");
+    h[12..16].copy_from_slice(&92u32.to_le_bytes());
+    h[24..32].copy_from_slice(&1u64.to_le_bytes());
+    h[72..80].copy_from_slice(&2u64.to_le_bytes());
+    h[80..84].copy_from_slice(&1u32.to_le_bytes());
+    h[84..88].copy_from_slice(&0xffff_ff80u32.to_le_bytes());
+    let crc = crc32fast::hash(&h[..92]);
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
+    fs::write(&img, d).unwrap();
+    img
 }
 
 /// The generations' marks, read from the host: (layer name, mark) at the top level.
