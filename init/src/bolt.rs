@@ -27,6 +27,8 @@ const BUCKET_FLAG: u32 = 0x01;
 const BUCKET_HEADER: usize = 16;
 /// B+tree depth bound: a corrupt file with a page cycle must not loop forever.
 const MAX_DEPTH: usize = 64;
+/// The largest database read whole into memory (containerd's meta.db is a few MiB).
+const MAX_DB_BYTES: u64 = 256 << 20;
 
 /// An opened database file.
 pub struct Db {
@@ -79,7 +81,7 @@ fn meta_at(data: &[u8], offset: usize) -> Option<(usize, u64, u64)> {
 
 impl Db {
     pub fn open(path: &Path) -> Result<Db> {
-        let data = std::fs::read(path).map_err(|e| Error::io("cannot read", path, e))?;
+        let data = crate::store::read_bounded(path, MAX_DB_BYTES)?;
         Db::from_bytes(path, data)
     }
 
@@ -174,18 +176,25 @@ impl<'a> Bucket<'a> {
     /// Every key in order, with what it holds.
     pub fn entries(&self) -> Result<Vec<(&'a [u8], Entry<'a>)>> {
         let mut out = Vec::new();
-        self.collect(self.root, 0, &mut out)?;
+        self.collect(self.root, 0, &mut out, &mut std::collections::HashSet::new())?;
         Ok(out)
     }
 
-    fn collect(&self, node: Node<'a>, depth: usize, out: &mut Vec<(&'a [u8], Entry<'a>)>) -> Result<()> {
+    /// In a B+tree each page has one parent: a page met twice (a crafted or corrupt file
+    /// whose branches all point at one child) would make the walk exponential.
+    fn collect(&self, node: Node<'a>, depth: usize, out: &mut Vec<(&'a [u8], Entry<'a>)>, seen: &mut std::collections::HashSet<u64>) -> Result<()> {
         if depth > MAX_DEPTH {
             return Err(self.db.corrupt("its B+tree is deeper than any real one (a page cycle)"));
+        }
+        if let Node::Page(id) = node {
+            if !seen.insert(id) {
+                return Err(self.db.corrupt(&format!("page {id} is referenced twice in one bucket")));
+            }
         }
         let (flags, elements) = self.elements(node)?;
         for e in &elements {
             if flags & BRANCH != 0 {
-                self.collect(Node::Page(e.child), depth + 1, out)?;
+                self.collect(Node::Page(e.child), depth + 1, out, seen)?;
             } else {
                 out.push((e.key, self.entry(e)?));
             }
@@ -369,5 +378,23 @@ mod tests {
         let db = Db::from_bytes(Path::new("x.db"), b.data).unwrap();
         assert!(db.root().value("a").err().unwrap().to_string().contains("page cycle"));
         assert!(db.root().entries().is_err());
+    }
+
+    #[test]
+    fn a_page_referenced_twice_is_refused_not_walked_exponentially() {
+        // 40 levels of branch pages whose two children are both the next level: 2^40
+        // visits of one leaf if walked blindly.
+        let levels = 40;
+        let mut b = Builder::new(4096, levels + 4);
+        b.meta(0, 2, 7);
+        b.meta(1, 2, 6);
+        for l in 0..levels {
+            let next = (3 + l) as u64;
+            b.page(2 + l, &Builder::page_image(BRANCH, &[(next, b"a", b""), (next, b"b", b"")]));
+        }
+        b.page(2 + levels, &Builder::page_image(LEAF, &[(0, b"a", b"1")]));
+        let db = Db::from_bytes(Path::new("x.db"), b.data).unwrap();
+        let e = db.root().entries().err().unwrap().to_string();
+        assert!(e.contains("referenced twice"), "{e}");
     }
 }

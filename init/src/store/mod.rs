@@ -400,10 +400,7 @@ impl Store {
             Driver::Vfs => (self.root.join("vfs/dir").join(&cache_id), None),
             Driver::Overlay2 => {
                 let home = self.root.join("overlay2").join(&cache_id);
-                let link = fs::read_to_string(home.join("link"))
-                    .ok()
-                    .map(|l| l.trim().to_string())
-                    .filter(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric()));
+                let link = short_link(&home);
                 (home.join("diff"), link)
             }
         };
@@ -433,8 +430,36 @@ pub(super) fn diff_ids(config: &serde_json::Value, path: &Path) -> Result<Vec<St
         .collect()
 }
 
+/// The largest store file (JSON, image config, blob) read whole into memory.
+const MAX_STORE_FILE: u64 = 64 << 20;
+
 pub(super) fn read(path: &Path) -> Result<Vec<u8>> {
-    fs::read(path).map_err(|e| Error::io("cannot read", path, e))
+    read_bounded(path, MAX_STORE_FILE)
+}
+
+/// Reads a whole file of at most `max` bytes; a larger one (corrupt, or crafted to
+/// exhaust /init's memory) is a named error, not an allocation.
+pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let file = fs::File::open(path).map_err(|e| Error::io("cannot read", path, e))?;
+    let mut data = Vec::new();
+    file.take(max + 1).read_to_end(&mut data).map_err(|e| Error::io("cannot read", path, e))?;
+    if data.len() as u64 > max {
+        return Err(Error::new(format!(
+            "{} is larger than {} MiB, more than any store file of its kind: the store is corrupt (fix: repair or re-pull the image)",
+            path.display(),
+            max >> 20
+        )));
+    }
+    Ok(data)
+}
+
+/// An overlay layer's short `l/` link name, if it has a sane one (a short name of
+/// letters and digits: it becomes part of the overlay's mount options).
+pub(super) fn short_link(layer_home: &Path) -> Option<String> {
+    let raw = read_bounded(&layer_home.join("link"), 256).ok()?;
+    let link = String::from_utf8(raw).ok()?.trim().to_string();
+    (!link.is_empty() && link.bytes().all(|b| b.is_ascii_alphanumeric())).then_some(link)
 }
 
 fn read_trimmed(path: &Path) -> Result<String> {

@@ -6,12 +6,11 @@
 //! `btrfs/subvolumes/<id>`, vfs as a full copy in `vfs/dir/<id>`.
 //! Format notes: shared/docs/image-stores.md, section C.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{edit_distance, read, Driver, Image, ImageEntry, Layer, Store};
+use super::{edit_distance, read, short_link, Driver, Image, ImageEntry, Layer, Store};
 use crate::digest::is_hex64;
 use crate::error::{Error, Result};
 use crate::reference::Reference;
@@ -156,7 +155,7 @@ impl Store {
             if !dir.is_dir() {
                 return Err(Error::new(format!("layer {id} has no data: {} does not exist (fix: podman pull / load the image again)", dir.display())));
             }
-            let link = fs::read_to_string(home.join("link")).ok().map(|l| l.trim().to_string()).filter(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric()));
+            let link = short_link(&home);
             layers.push(Layer { chain_id: String::new(), diff_id: String::new(), cache_id: id.clone(), dir, link });
             next = layer.parent.clone();
         }

@@ -234,3 +234,14 @@ fn podman_incomplete_or_malformed_layers_are_refused() {
     let e = err(Store::open(t.path()).unwrap().resolve("app:1"));
     assert!(e.contains("layers.json is corrupt"), "{e}");
 }
+
+#[test]
+fn a_store_file_larger_than_any_real_one_is_a_named_error() {
+    let t = tempfile::tempdir().unwrap();
+    let big = t.path().join("repositories.json");
+    fs::File::create(&big).unwrap().set_len(65 << 20).unwrap(); // sparse: no disk used
+    let e = super::read(&big).unwrap_err().to_string();
+    assert!(e.contains("repositories.json is larger than 64 MiB") && e.contains("fix:"), "{e}");
+    fs::write(&big, "{}").unwrap();
+    assert_eq!(super::read(&big).unwrap(), b"{}");
+}
