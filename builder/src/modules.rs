@@ -106,6 +106,12 @@ pub fn pack(src: &SourceImage, index: &ModuleIndex, modules_dir: &str, kver: &st
     let mut notes = Vec::new();
     let mut names = BTreeSet::new();
     for step in steps {
+        if !plain_relative(&step.path) {
+            return Err(format!(
+                "modules.dep of kernel {kver} names module {} at '{}', a path leaving {modules_dir} (fix: regenerate it with `depmod {kver}` in the image)",
+                step.name, step.path
+            ));
+        }
         let raw = src.read(&format!("{modules_dir}/{}", step.path))?.ok_or_else(|| {
             format!("module {} is listed in modules.dep but {modules_dir}/{} is missing from {}", step.name, step.path, src.name)
         })?;
@@ -120,6 +126,9 @@ pub fn pack(src: &SourceImage, index: &ModuleIndex, modules_dir: &str, kver: &st
             ));
         }
         for (_, fw) in info.iter().filter(|(k, _)| *k == "firmware") {
+            if !plain_relative(fw) {
+                return Err(format!("module {} names firmware '{fw}', a path leaving /lib/firmware: refused", step.path));
+            }
             match find_firmware(src, fw)? {
                 Some((path, bytes)) => {
                     firmware.insert(path, bytes);
@@ -137,6 +146,11 @@ pub fn pack(src: &SourceImage, index: &ModuleIndex, modules_dir: &str, kver: &st
         }
     }
     Ok(Selection { modules, index_files, firmware, notes })
+}
+
+/// A path that stays below the directory it is joined to: relative, no `..`, no NUL.
+fn plain_relative(path: &str) -> bool {
+    !path.is_empty() && !path.starts_with('/') && !path.contains('\0') && path.split('/').all(|c| c != "..")
 }
 
 fn strip_compression(path: &str) -> String {
@@ -171,7 +185,8 @@ pub fn modinfo(elf_bytes: &[u8]) -> Result<Vec<(&str, &str)>, String> {
         .find(|sh| elf.shdr_strtab.get_at(sh.sh_name) == Some(".modinfo"))
         .ok_or("it has no .modinfo section")?;
     let start = section.sh_offset as usize;
-    let bytes = elf_bytes.get(start..start + section.sh_size as usize).ok_or("its .modinfo section is truncated")?;
+    let end = start.checked_add(section.sh_size as usize).ok_or("its .modinfo section is truncated")?;
+    let bytes = elf_bytes.get(start..end).ok_or("its .modinfo section is truncated")?;
     Ok(bytes
         .split(|&b| b == 0)
         .filter_map(|kv| std::str::from_utf8(kv).ok()?.split_once('='))
@@ -187,4 +202,17 @@ fn find_firmware(src: &SourceImage, name: &str) -> Result<Option<(String, Vec<u8
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod path_tests {
+    #[test]
+    fn module_and_firmware_paths_stay_below_their_directory() {
+        for good in ["kernel/fs/btrfs/btrfs.ko", "updates/x.ko.zst", "rtl_nic/rtl8168g-2.fw"] {
+            assert!(super::plain_relative(good), "{good}");
+        }
+        for bad in ["../../etc/shadow", "kernel/../../x.ko", "/etc/shadow", "", "a/..", "a\0b"] {
+            assert!(!super::plain_relative(bad), "{bad:?}");
+        }
+    }
 }
