@@ -119,3 +119,84 @@ fn whiteouts_in_the_top_layer_delete_from_the_new_root() {
     assert_eq!(vendor, vec!["mine"], "opaque: only the top layer's files remain");
     assert!(!root.join("etc/.wh.motd").exists() && !root.join("opt/vendor/.wh..wh..opq").exists(), "markers are not copied");
 }
+
+/// One entry of a generated top layer: a path of 1–3 names, and what is there.
+#[derive(Debug, Clone)]
+enum Kind {
+    File(Vec<u8>, u32),
+    Dir(u32),
+    Symlink(String),
+    /// A hard link to the n-th file made so far.
+    HardLink(usize),
+}
+
+/// Names a hostile or careless user might give files: spaces, newlines, backslashes,
+/// leading dashes and dots, non-ASCII, up to the 255-byte limit. Never `.`/`..` (not
+/// names), never `.wh.*` (whiteouts, which cp -a would copy as files).
+fn name() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    prop_oneof![
+        "[a-zA-Z0-9 ._\\-\n\\\\:,=@$ü*?\\[\\]]{1,12}",
+        Just("-rf".to_string()),
+        Just("...".to_string()),
+        Just(" ".to_string()),
+        "[a-z]{255}",
+    ]
+    .prop_filter("not . or .. or a whiteout", |n| n != "." && n != ".." && !n.starts_with(".wh.") && n.len() <= 255)
+}
+
+fn kind() -> impl proptest::strategy::Strategy<Value = Kind> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (proptest::collection::vec(any::<u8>(), 0..64), prop_oneof![Just(0o644u32), Just(0o600), Just(0o4755), Just(0o000)]).prop_map(|(d, m)| Kind::File(d, m)),
+        prop_oneof![Just(0o755u32), Just(0o1777), Just(0o700)].prop_map(Kind::Dir),
+        prop_oneof![Just("..".to_string()), Just("/".to_string()), Just("../../../etc/shadow".to_string()), Just("/etc".to_string()), "[a-z./]{1,20}"].prop_map(Kind::Symlink),
+        (0usize..8).prop_map(Kind::HardLink),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
+
+    /// Generated trees with hostile names and links: the copy is `cp -a`'s, file by file,
+    /// and writes nothing outside the new root.
+    #[test]
+    fn generated_trees_with_hostile_names_copy_like_cp_a(entries in proptest::collection::vec((proptest::collection::vec(name(), 1..4), kind(), 0u32..3), 1..24)) {
+        let t = tempfile::tempdir().unwrap();
+        let (src, ours, theirs, outside) = (t.path().join("top"), t.path().join("a/ours"), t.path().join("theirs"), t.path().join("a/outside"));
+        for d in [&src, &ours, &theirs, &outside] {
+            fs::create_dir_all(d).unwrap();
+        }
+        fs::write(outside.join("canary"), "keep").unwrap();
+        let mut files = Vec::new();
+        for (names, kind, owner) in entries {
+            let path = names.iter().fold(src.clone(), |p, n| p.join(n));
+            let parent = path.parent().unwrap();
+            if fs::symlink_metadata(&path).is_ok() || (parent != src && fs::create_dir_all(parent).is_err()) {
+                continue;
+            }
+            let made = match &kind {
+                Kind::File(data, mode) => fs::write(&path, data).and_then(|_| fs::set_permissions(&path, fs::Permissions::from_mode(*mode))),
+                Kind::Dir(mode) => fs::create_dir(&path).and_then(|_| fs::set_permissions(&path, fs::Permissions::from_mode(*mode))),
+                Kind::Symlink(target) => symlink(target, &path),
+                Kind::HardLink(n) => match files.get(*n % files.len().max(1)) {
+                    Some(first) => fs::hard_link(first, &path),
+                    None => continue,
+                },
+            };
+            if made.is_err() {
+                continue;
+            }
+            if matches!(kind, Kind::File(..)) {
+                files.push(path.clone());
+            }
+            let _ = std::os::unix::fs::lchown(&path, Some(1000 * owner), Some(100 * owner));
+        }
+        copy_tree(&src, &ours).unwrap();
+        sh(Command::new("cp").arg("-a").arg(format!("{}/.", src.display())).arg(&theirs));
+        let (a, b) = (describe(&ours), describe(&theirs));
+        proptest::prop_assert_eq!(a, b);
+        let left: Vec<_> = fs::read_dir(&outside).unwrap().map(|e| e.unwrap().file_name()).collect();
+        proptest::prop_assert_eq!(left, vec!["canary"]);
+    }
+}
