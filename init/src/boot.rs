@@ -260,17 +260,8 @@ impl Boot {
                 Path::new("/").join(rel).display()
             ))
         })?;
-        // On the store's own device, the top layer must not hold the store (toplayer_path=/
-        // would copy the whole store into the new root).
         if let Ok(on_store) = dir.strip_prefix(STORE_MOUNT) {
-            if Path::new(&s.docker_path).starts_with(on_store) {
-                return Err(Error::new(format!(
-                    "the top layer directory /{} holds the image store /{} (toplayer_path= on the store's own device): it would be \
-                     copied into the new root (fix: keep the top layer in a directory of its own, e.g. toplayer_path=/hosts/NAME)",
-                    on_store.display(),
-                    s.docker_path
-                )));
-            }
+            check_toplayer_clear_of_store(on_store, &s.docker_path)?;
         }
         Ok(Some(dir))
     }
@@ -329,6 +320,19 @@ impl Boot {
         self.stage("writable layer", "an overlay with its upper on tmpfs (layerboot.upper=tmpfs)");
         Ok(())
     }
+}
+
+/// On the store's own device, the top layer (at `on_store`, from the partition's top)
+/// must not hold the store: `toplayer_path=/` would copy the whole store into the root.
+fn check_toplayer_clear_of_store(on_store: &Path, docker_path: &str) -> Result<()> {
+    if Path::new(docker_path).starts_with(on_store) {
+        return Err(Error::new(format!(
+            "the top layer directory /{} holds the image store /{docker_path} (toplayer_path= on the store's own device): it would be \
+             copied into the new root (fix: keep the top layer in a directory of its own, e.g. toplayer_path=/hosts/NAME)",
+            on_store.display()
+        )));
+    }
+    Ok(())
 }
 
 /// `layerboot.mode=keep`: the current layer is reused only if it was made from this image.
@@ -704,6 +708,16 @@ mod tests {
         assert!(check_kernel(None, "6.1.0-50-amd64").is_ok());
         let e = check_kernel(Some("6.1.0-50-amd64"), "6.12.0-1-amd64").unwrap_err().to_string();
         assert!(e.contains("modules for kernel 6.1.0-50-amd64, but the running kernel is 6.12.0-1-amd64") && e.contains("rebuild"), "{e}");
+    }
+
+    #[test]
+    fn a_top_layer_that_holds_the_store_is_refused() {
+        for (top, store) in [("", "var/lib/docker"), ("var", "var/lib/docker"), ("var/lib/docker", "var/lib/docker")] {
+            let e = check_toplayer_clear_of_store(Path::new(top), store).unwrap_err().to_string();
+            assert!(e.contains("holds the image store") && e.contains("fix:"), "{top}: {e}");
+        }
+        assert!(check_toplayer_clear_of_store(Path::new("toplayer"), "var/lib/docker").is_ok());
+        assert!(check_toplayer_clear_of_store(Path::new("var/lib/docker2"), "var/lib/docker").is_ok());
     }
 
     #[test]
