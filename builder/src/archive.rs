@@ -79,7 +79,11 @@ impl Tree {
         self.add_parent_dirs();
         let mut out = Vec::new();
         for (ino, (path, node)) in self.0.iter().enumerate() {
-            let b = cpio::newc::Builder::new(path).ino(ino as u32 + 1).uid(0).gid(0).mtime(mtime);
+            let b = cpio::newc::Builder::new(path)
+                .ino(ino as u32 + 1)
+                .uid(0)
+                .gid(0)
+                .mtime(mtime);
             out = match node {
                 Node::Dir => b.mode(0o040755).nlink(2).write(out, 0).finish()?,
                 Node::File { data, mode } => {
@@ -87,9 +91,13 @@ impl Tree {
                     w.write_all(data)?;
                     w.finish()?
                 }
-                Node::CharDev { major, minor, mode } => {
-                    b.mode(0o020000 | mode).nlink(1).rdev_major(*major).rdev_minor(*minor).write(out, 0).finish()?
-                }
+                Node::CharDev { major, minor, mode } => b
+                    .mode(0o020000 | mode)
+                    .nlink(1)
+                    .rdev_major(*major)
+                    .rdev_minor(*minor)
+                    .write(out, 0)
+                    .finish()?,
             };
         }
         cpio::newc::trailer(out)

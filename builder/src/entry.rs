@@ -78,7 +78,10 @@ fn options(a: &Args, image: &str) -> Result<String, String> {
     let mut push = |k: &str, v: &Option<String>| -> Result<(), String> {
         if let Some(v) = v {
             if v.contains(char::is_whitespace) || v.contains('"') {
-                return Err(format!("--{} '{v}' contains spaces or quotes, which a kernel argument cannot", k.replace('_', "-")));
+                return Err(format!(
+                    "--{} '{v}' contains spaces or quotes, which a kernel argument cannot",
+                    k.replace('_', "-")
+                ));
             }
             o.push(format!("{k}={v}"));
         }
@@ -98,7 +101,10 @@ fn options(a: &Args, image: &str) -> Result<String, String> {
 
 /// A file-name-safe form of an image reference: `layerboot/demo:v2` → `layerboot-demo-v2`.
 fn slug(image: &str) -> String {
-    image.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '-' }).collect()
+    image
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '-' })
+        .collect()
 }
 
 /// (file name for systemd-boot, text) per image.
@@ -112,7 +118,10 @@ pub fn render(a: &Args) -> Result<Vec<(String, String)>, String> {
         let title = format!("layerboot: {image}");
         let text = match a.loader {
             Loader::SystemdBoot => {
-                format!("title {title}\nlinux {}\ninitrd {}\noptions {opts}\n", a.kernel, a.initrd)
+                format!(
+                    "title {title}\nlinux {}\ninitrd {}\noptions {opts}\n",
+                    a.kernel, a.initrd
+                )
             }
             Loader::Grub => format!(
                 "menuentry '{}' {{\n\tlinux {} {opts}\n\tinitrd {}\n}}\n",

@@ -16,23 +16,33 @@ pub struct SourceImage {
 
 impl SourceImage {
     pub fn open(store: &Path, reference: &str, namespace: Option<&str>) -> Result<SourceImage, String> {
-        let store = Store::open(store).map_err(|e| e.to_string())?.with_namespace(namespace.map(str::to_string));
+        let store = Store::open(store)
+            .map_err(|e| e.to_string())?
+            .with_namespace(namespace.map(str::to_string));
         let image = store.resolve(reference).map_err(|e| e.to_string())?;
         let view = MergedView::new(&image);
-        Ok(SourceImage { view, name: format!("image {reference}") })
+        Ok(SourceImage {
+            view,
+            name: format!("image {reference}"),
+        })
     }
 
     pub fn rootfs(dir: &Path) -> Result<SourceImage, String> {
         if !dir.is_dir() {
             return Err(format!("--rootfs {}: no such directory", dir.display()));
         }
-        Ok(SourceImage { view: MergedView::from_dirs(vec![dir.to_path_buf()]), name: format!("root filesystem {}", dir.display()) })
+        Ok(SourceImage {
+            view: MergedView::from_dirs(vec![dir.to_path_buf()]),
+            name: format!("root filesystem {}", dir.display()),
+        })
     }
 
     /// The bytes of a file of the image (symlinks followed inside it), if it has one.
     pub fn read(&self, path: &str) -> Result<Option<Vec<u8>>, String> {
         match self.view.lookup_follow(path).map_err(|e| e.to_string())? {
-            Some(e) if e.metadata.is_file() => std::fs::read(&e.host_path).map(Some).map_err(|err| format!("cannot read {}: {err}", e.host_path.display())),
+            Some(e) if e.metadata.is_file() => std::fs::read(&e.host_path)
+                .map(Some)
+                .map_err(|err| format!("cannot read {}: {err}", e.host_path.display())),
             _ => Ok(None),
         }
     }
@@ -47,12 +57,13 @@ impl SourceImage {
                  install one in the image, e.g. RUN apt-get install linux-image-amd64 (Debian) or apk add linux-virt (Alpine)"
             ));
         }
-        all.sort_by(|a, b| version_key(&a.version).cmp(&version_key(&b.version)));
+        all.sort_by_key(|a| version_key(&a.version));
         if let Some(w) = wanted {
             let names: Vec<String> = all.iter().map(|k| k.version.clone()).collect();
-            return all.into_iter().find(|k| k.version == w).ok_or_else(|| {
-                format!("{reference} has no kernel {w}; it has {}", names.join(", "))
-            });
+            return all
+                .into_iter()
+                .find(|k| k.version == w)
+                .ok_or_else(|| format!("{reference} has no kernel {w}; it has {}", names.join(", ")));
         }
         if all.len() > 1 {
             eprintln!(
@@ -91,18 +102,31 @@ fn version_key(v: &str) -> Vec<(u64, String)> {
 pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| format!("{} is not a file name", path.display()))?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| format!("{} is not a file name", path.display()))?;
     let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
     let result = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
     result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        format!("cannot write {}: {e} (fix: check that {} exists and is writable)", path.display(), dir.display())
+        format!(
+            "cannot write {}: {e} (fix: check that {} exists and is writable)",
+            path.display(),
+            dir.display()
+        )
     })
 }
 

@@ -78,12 +78,20 @@ pub fn run(args: Args) -> Result<(), String> {
         (None, Some(dir), _) => SourceImage::rootfs(dir)?,
         (Some(_), None, None) => return Err("--store needs --image: which image's kernel modules to pack".into()),
         (Some(_), Some(_), _) => return Err("give either --store with --image, or --rootfs, not both".into()),
-        (None, None, _) => return Err("where are the kernel modules? give --store DATA_ROOT --image REF, or --rootfs DIR".into()),
+        (None, None, _) => {
+            return Err("where are the kernel modules? give --store DATA_ROOT --image REF, or --rootfs DIR".into())
+        }
     };
     let kernel = src.kernel(args.kver.as_deref(), |k| k.modules)?;
     let kver = kernel.version.clone();
     let image_init = args.image_init.clone().unwrap_or_else(|| "/sbin/init".to_string());
-    if args.store.is_some() && src.view.lookup_follow(&image_init).map_err(|e| e.to_string())?.is_none() {
+    if args.store.is_some()
+        && src
+            .view
+            .lookup_follow(&image_init)
+            .map_err(|e| e.to_string())?
+            .is_none()
+    {
         return Err(format!(
             "{} has no {image_init}, so it cannot boot: install an init system in it (systemd-sysv on Debian and Ubuntu, openrc on Alpine), or name its init with --image-init",
             src.name
@@ -91,9 +99,15 @@ pub fn run(args: Args) -> Result<(), String> {
     }
     let init_path = match &args.init {
         Some(p) => p.clone(),
-        None => std::env::current_exe().map_err(|e| e.to_string())?.with_file_name("layerboot-init"),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("layerboot-init"),
     };
-    let init = read_static(&init_path, "the /init program", "`cargo build --release` builds it beside layerboot, or pass --init PATH")?;
+    let init = read_static(
+        &init_path,
+        "the /init program",
+        "`cargo build --release` builds it beside layerboot, or pass --init PATH",
+    )?;
 
     // The modules directory as the image names it (/lib/modules may be a link to /usr/lib/modules).
     let modules_dir = ["/lib/modules", "/usr/lib/modules"]
@@ -113,9 +127,17 @@ pub fn run(args: Args) -> Result<(), String> {
     tree.char_dev("dev/console", 5, 1, 0o600);
     tree.file("init", init, 0o755);
     tree.file("etc/initrd-release", initrd_release().into_bytes(), 0o644);
-    tree.file("etc/layerboot.json", config_json(&args, &kver, &image_init).into_bytes(), 0o644);
+    tree.file(
+        "etc/layerboot.json",
+        config_json(&args, &kver, &image_init).into_bytes(),
+        0o644,
+    );
     if let Some(shell) = &args.rescue_shell {
-        let sh = read_static(shell, "the rescue shell", "use a static shell, e.g. /bin/busybox from busybox-static")?;
+        let sh = read_static(
+            shell,
+            "the rescue shell",
+            "use a static shell, e.g. /bin/busybox from busybox-static",
+        )?;
         tree.file("bin/sh", sh, 0o755);
     }
     let packed_dir = format!("lib/modules/{kver}");
@@ -135,7 +157,9 @@ pub fn run(args: Args) -> Result<(), String> {
         }
     }
     let mtime = match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) => v.parse().map_err(|_| format!("SOURCE_DATE_EPOCH={v} is not a number of seconds"))?,
+        Ok(v) => v
+            .parse()
+            .map_err(|_| format!("SOURCE_DATE_EPOCH={v} is not a number of seconds"))?,
         Err(_) => 0,
     };
     let archive = tree.cpio(mtime).map_err(|e| format!("cannot build the archive: {e}"))?;
@@ -151,7 +175,10 @@ pub fn run(args: Args) -> Result<(), String> {
         packed.firmware.len(),
         compressed.len() / 1024,
         archive.len() / 1024,
-        args.image.as_ref().map(|i| format!(", default image {i}")).unwrap_or_default()
+        args.image
+            .as_ref()
+            .map(|i| format!(", default image {i}"))
+            .unwrap_or_default()
     );
     Ok(())
 }
@@ -165,7 +192,16 @@ fn config_json(args: &Args, kver: &str, image_init: &str) -> String {
         }
     };
     set("docker_image", &args.image);
-    set("docker_path", &Some(args.docker_path.clone().unwrap_or_else(|| DEFAULT_DOCKER_PATH.to_string()).trim_matches('/').to_string()));
+    set(
+        "docker_path",
+        &Some(
+            args.docker_path
+                .clone()
+                .unwrap_or_else(|| DEFAULT_DOCKER_PATH.to_string())
+                .trim_matches('/')
+                .to_string(),
+        ),
+    );
     set("layerboot.rw", &args.rw_name);
     set("layerboot.namespace", &args.namespace);
     set("root", &args.root);
@@ -174,21 +210,32 @@ fn config_json(args: &Args, kver: &str, image_init: &str) -> String {
     if image_init != "/sbin/init" {
         defaults.insert("init".into(), image_init.to_string());
     }
-    let config = Config { kernel: Some(kver.to_string()), modules: Vec::new(), defaults };
+    let config = Config {
+        kernel: Some(kver.to_string()),
+        modules: Vec::new(),
+        defaults,
+    };
     serde_json::to_string_pretty(&config).unwrap() + "\n"
 }
 
 /// Reads a program that must run without a dynamic loader (there is none in the initramfs).
 fn read_static(path: &Path, what: &str, fix: &str) -> Result<Vec<u8>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e} (fix: {fix})", path.display()))?;
-    let elf = goblin::elf::Elf::parse(&bytes).map_err(|e| format!("{what} {} is not an ELF program: {e}", path.display()))?;
+    let elf =
+        goblin::elf::Elf::parse(&bytes).map_err(|e| format!("{what} {} is not an ELF program: {e}", path.display()))?;
     if let Some(interp) = elf.interpreter {
-        return Err(format!("{what} {} is dynamically linked (it asks for {interp}); it must be static (fix: {fix})", path.display()));
+        return Err(format!(
+            "{what} {} is dynamically linked (it asks for {interp}); it must be static (fix: {fix})",
+            path.display()
+        ));
     }
     Ok(bytes)
 }
 
 /// systemd's convention: /etc/initrd-release marks an initrd.
 fn initrd_release() -> String {
-    format!("NAME=\"layerboot\"\nID=layerboot\nVERSION_ID={}\nPRETTY_NAME=\"layerboot initramfs\"\n", env!("CARGO_PKG_VERSION"))
+    format!(
+        "NAME=\"layerboot\"\nID=layerboot\nVERSION_ID={}\nPRETTY_NAME=\"layerboot initramfs\"\n",
+        env!("CARGO_PKG_VERSION")
+    )
 }

@@ -47,18 +47,32 @@ pub fn kernels(view: &MergedView) -> Result<Vec<Kernel>, String> {
     }
     let mut out = Vec::new();
     for version in versions {
-        let vmlinuz = [format!("/boot/vmlinuz-{version}"), format!("/usr/lib/modules/{version}/vmlinuz")]
-            .into_iter()
-            .find(|p| matches!(view.lookup_follow(p), Ok(Some(e)) if e.metadata.is_file()));
-        let modules = matches!(view.lookup_follow(&format!("/lib/modules/{version}/modules.dep")), Ok(Some(_)))
-            || matches!(view.lookup_follow(&format!("/usr/lib/modules/{version}/modules.dep")), Ok(Some(_)));
-        out.push(Kernel { version, vmlinuz, modules });
+        let vmlinuz = [
+            format!("/boot/vmlinuz-{version}"),
+            format!("/usr/lib/modules/{version}/vmlinuz"),
+        ]
+        .into_iter()
+        .find(|p| matches!(view.lookup_follow(p), Ok(Some(e)) if e.metadata.is_file()));
+        let modules = matches!(
+            view.lookup_follow(&format!("/lib/modules/{version}/modules.dep")),
+            Ok(Some(_))
+        ) || matches!(
+            view.lookup_follow(&format!("/usr/lib/modules/{version}/modules.dep")),
+            Ok(Some(_))
+        );
+        out.push(Kernel {
+            version,
+            vmlinuz,
+            modules,
+        });
     }
     Ok(out)
 }
 
 pub fn run(args: Args) -> Result<(), String> {
-    let store = Store::open(&args.store).map_err(|e| e.to_string())?.with_namespace(args.namespace.clone());
+    let store = Store::open(&args.store)
+        .map_err(|e| e.to_string())?
+        .with_namespace(args.namespace.clone());
     match &args.reference {
         Some(r) => show(&store, r, args.json),
         None => list(&store, args.json),
@@ -87,13 +101,28 @@ fn list(store: &Store, as_json: bool) -> Result<(), String> {
                 json!({"id": e.id, "refs": e.refs, "namespace": e.namespace, "driver": store.driver(), "layers": layers, "kernels": kernels, "error": error})
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&json!({"store": store.root(), "engine": store.engine(), "driver": store.driver(), "images": v})).unwrap());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"store": store.root(), "engine": store.engine(), "driver": store.driver(), "images": v})
+            )
+            .unwrap()
+        );
         return Ok(());
     }
-    println!("store {} ({}, {} driver)", store.root().display(), store.engine().name(), store.driver().name());
+    println!(
+        "store {} ({}, {} driver)",
+        store.root().display(),
+        store.engine().name(),
+        store.driver().name()
+    );
     println!("{:<36} {:<12} {:>6}  KERNELS", "REFS", "IMAGE ID", "LAYERS");
     for (entry, layers, kernels, error) in rows {
-        let mut refs = if entry.refs.is_empty() { "<none>".to_string() } else { entry.refs.join(", ") };
+        let mut refs = if entry.refs.is_empty() {
+            "<none>".to_string()
+        } else {
+            entry.refs.join(", ")
+        };
         if let Some(ns) = &entry.namespace {
             refs = format!("{ns}: {refs}");
         }
@@ -101,7 +130,11 @@ fn list(store: &Store, as_json: bool) -> Result<(), String> {
         let kernels = match error {
             Some(e) => format!("ERROR: {e}"),
             None if kernels.is_empty() => "-".to_string(),
-            None => kernels.iter().map(|k| k.version.as_str()).collect::<Vec<_>>().join(", "),
+            None => kernels
+                .iter()
+                .map(|k| k.version.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
         };
         println!("{refs:<36} {:<12} {layers:>6}  {kernels}", short(&entry.id));
     }

@@ -14,9 +14,21 @@ use crate::image::SourceImage;
 /// Drivers that find the disk on common PCs and VMs; /init loads those its devices'
 /// modaliases ask for.
 pub const STORAGE_DRIVERS: &[&str] = &[
-    "virtio_pci", "virtio_blk", "virtio_scsi", "ahci", "nvme", "sd_mod", // disks
-    "usb_storage", "uas", "xhci_pci", "ehci_pci", "ohci_pci", "uhci_hcd", // USB disks
-    "sdhci_pci", "sdhci_acpi", "mmc_block", // SD cards
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "ahci",
+    "nvme",
+    "sd_mod", // disks
+    "usb_storage",
+    "uas",
+    "xhci_pci",
+    "ehci_pci",
+    "ohci_pci",
+    "uhci_hcd", // USB disks
+    "sdhci_pci",
+    "sdhci_acpi",
+    "mmc_block", // SD cards
 ];
 /// Filesystems the store, the top layer and the new root may need; loaded on demand.
 pub const FILESYSTEMS: &[&str] = &["btrfs", "overlay", "ext4", "xfs", "vfat", "nls_cp437", "nls_iso8859_1"];
@@ -42,18 +54,33 @@ pub fn read_index(src: &SourceImage, modules_dir: &str) -> Result<ModuleIndex, S
     for f in INDEX_FILES {
         let t = match src.read(&format!("{modules_dir}/{f}"))? {
             Some(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-            None if f == "modules.dep" => return Err(format!("{} has no {modules_dir}/modules.dep (fix: run depmod for that kernel)", src.name)),
+            None if f == "modules.dep" => {
+                return Err(format!(
+                    "{} has no {modules_dir}/modules.dep (fix: run depmod for that kernel)",
+                    src.name
+                ))
+            }
             None => String::new(),
         };
         text.insert(f, t);
     }
-    Ok(ModuleIndex::parse(&text["modules.dep"], &text["modules.softdep"], &text["modules.alias"], &text["modules.builtin"]))
+    Ok(ModuleIndex::parse(
+        &text["modules.dep"],
+        &text["modules.softdep"],
+        &text["modules.alias"],
+        &text["modules.builtin"],
+    ))
 }
 
 /// The modules to pack: `extra` must exist; defaults that this kernel lacks are skipped
 /// with a note; with `host_only`, only drivers this machine's devices match and the
 /// filesystems it has mounted.
-pub fn select(index: &ModuleIndex, kver: &str, extra: &[String], host_only: bool) -> Result<(Vec<Step>, Vec<String>), String> {
+pub fn select(
+    index: &ModuleIndex,
+    kver: &str,
+    extra: &[String],
+    host_only: bool,
+) -> Result<(Vec<Step>, Vec<String>), String> {
     let mut notes = Vec::new();
     let mut wanted: Vec<String> = Vec::new();
     // This machine's devices resolved to module names once, not once per candidate.
@@ -93,14 +120,24 @@ pub fn select(index: &ModuleIndex, kver: &str, extra: &[String], host_only: bool
 fn host_needs() -> (Vec<String>, BTreeSet<String>) {
     let devices = ModaliasWalker::default().scan(Path::new("/sys/bus"));
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let filesystems = mounts.lines().filter_map(|l| l.split_whitespace().nth(2)).map(str::to_string).collect();
+    let filesystems = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .map(str::to_string)
+        .collect();
     (devices, filesystems)
 }
 
 const COMPRESSED: [&str; 3] = [".xz", ".zst", ".gz"];
 
 /// Reads every module of `steps`, decompressed, after checking its vermagic.
-pub fn pack(src: &SourceImage, index: &ModuleIndex, modules_dir: &str, kver: &str, steps: &[Step]) -> Result<Selection, String> {
+pub fn pack(
+    src: &SourceImage,
+    index: &ModuleIndex,
+    modules_dir: &str,
+    kver: &str,
+    steps: &[Step],
+) -> Result<Selection, String> {
     let mut modules = Vec::new();
     let mut firmware = BTreeMap::new();
     let mut notes = Vec::new();
@@ -113,11 +150,17 @@ pub fn pack(src: &SourceImage, index: &ModuleIndex, modules_dir: &str, kver: &st
             ));
         }
         let raw = src.read(&format!("{modules_dir}/{}", step.path))?.ok_or_else(|| {
-            format!("module {} is listed in modules.dep but {modules_dir}/{} is missing from {}", step.name, step.path, src.name)
+            format!(
+                "module {} is listed in modules.dep but {modules_dir}/{} is missing from {}",
+                step.name, step.path, src.name
+            )
         })?;
         let data = decompress(&step.path, raw).map_err(|e| format!("cannot decompress module {}: {e}", step.path))?;
         let info = modinfo(&data).map_err(|e| format!("module {} is not a kernel module: {e}", step.path))?;
-        let vermagic = info.iter().find_map(|(k, v)| (*k == "vermagic").then_some(*v)).unwrap_or("");
+        let vermagic = info
+            .iter()
+            .find_map(|(k, v)| (*k == "vermagic").then_some(*v))
+            .unwrap_or("");
         if vermagic.split_whitespace().next() != Some(kver) {
             return Err(format!(
                 "module {} was built for kernel '{}', not {kver}: the image's modules and kernel do not match (fix: reinstall the kernel package in the image)",
@@ -127,7 +170,10 @@ pub fn pack(src: &SourceImage, index: &ModuleIndex, modules_dir: &str, kver: &st
         }
         for (_, fw) in info.iter().filter(|(k, _)| *k == "firmware") {
             if !plain_relative(fw) {
-                return Err(format!("module {} names firmware '{fw}', a path leaving /lib/firmware: refused", step.path));
+                return Err(format!(
+                    "module {} names firmware '{fw}', a path leaving /lib/firmware: refused",
+                    step.path
+                ));
             }
             match find_firmware(src, fw)? {
                 Some((path, bytes)) => {
@@ -137,7 +183,10 @@ pub fn pack(src: &SourceImage, index: &ModuleIndex, modules_dir: &str, kver: &st
             }
         }
         names.insert(step.name.clone());
-        modules.push(Packed { path: strip_compression(&step.path), data });
+        modules.push(Packed {
+            path: strip_compression(&step.path),
+            data,
+        });
     }
     let mut index_files = index.render(&names);
     for text in index_files.values_mut() {
@@ -145,7 +194,12 @@ pub fn pack(src: &SourceImage, index: &ModuleIndex, modules_dir: &str, kver: &st
             *text = text.replace(&format!(".ko{suffix}"), ".ko");
         }
     }
-    Ok(Selection { modules, index_files, firmware, notes })
+    Ok(Selection {
+        modules,
+        index_files,
+        firmware,
+        notes,
+    })
 }
 
 /// A path that stays below the directory it is joined to: relative, no `..`, no NUL.
@@ -154,7 +208,11 @@ fn plain_relative(path: &str) -> bool {
 }
 
 fn strip_compression(path: &str) -> String {
-    COMPRESSED.iter().find_map(|s| path.strip_suffix(s)).unwrap_or(path).to_string()
+    COMPRESSED
+        .iter()
+        .find_map(|s| path.strip_suffix(s))
+        .unwrap_or(path)
+        .to_string()
 }
 
 /// Compressed modules are stored decompressed: /init loads them with finit_module, and
@@ -169,7 +227,9 @@ fn decompress(path: &str, raw: Vec<u8>) -> Result<Vec<u8>, String> {
         Ok(out)
     } else if path.ends_with(".gz") {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| e.to_string())?;
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|e| e.to_string())?;
         Ok(out)
     } else {
         Ok(raw)
@@ -185,7 +245,9 @@ pub fn modinfo(elf_bytes: &[u8]) -> Result<Vec<(&str, &str)>, String> {
         .find(|sh| elf.shdr_strtab.get_at(sh.sh_name) == Some(".modinfo"))
         .ok_or("it has no .modinfo section")?;
     let start = section.sh_offset as usize;
-    let end = start.checked_add(section.sh_size as usize).ok_or("its .modinfo section is truncated")?;
+    let end = start
+        .checked_add(section.sh_size as usize)
+        .ok_or("its .modinfo section is truncated")?;
     let bytes = elf_bytes.get(start..end).ok_or("its .modinfo section is truncated")?;
     Ok(bytes
         .split(|&b| b == 0)
@@ -211,7 +273,14 @@ mod path_tests {
         for good in ["kernel/fs/btrfs/btrfs.ko", "updates/x.ko.zst", "rtl_nic/rtl8168g-2.fw"] {
             assert!(super::plain_relative(good), "{good}");
         }
-        for bad in ["../../etc/shadow", "kernel/../../x.ko", "/etc/shadow", "", "a/..", "a\0b"] {
+        for bad in [
+            "../../etc/shadow",
+            "kernel/../../x.ko",
+            "/etc/shadow",
+            "",
+            "a/..",
+            "a\0b",
+        ] {
             assert!(!super::plain_relative(bad), "{bad:?}");
         }
     }

@@ -18,7 +18,11 @@ fn hook(rel: &str) -> String {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// The static layerboot-init that `cargo build --release` puts beside layerboot.
@@ -37,7 +41,10 @@ fn every_hook_script_passes_shellcheck() {
         ("bash", "dracut/90layerboot/module-setup.sh"),
         ("sh", "dracut/90layerboot/mount-layerboot.sh"),
     ] {
-        let out = Command::new("shellcheck").args(["-s", shell, &hook(rel)]).output().expect("shellcheck (tests/setup-host.sh installs it)");
+        let out = Command::new("shellcheck")
+            .args(["-s", shell, &hook(rel)])
+            .output()
+            .expect("shellcheck (tests/setup-host.sh installs it)");
         assert!(out.status.success(), "{rel}:\n{}", text(&out));
     }
 }
@@ -53,17 +60,37 @@ error() { echo "ERROR: $*" >&2; }
 
 #[test]
 fn mkinitcpio_install_hook_packs_init_and_filesystems_and_refuses_without_init() {
-    let script = format!("{MKINITCPIO_HARNESS}\n. '{}'\nbuild", hook("mkinitcpio/install/layerboot"));
-    let out = Command::new("bash").args(["-c", &script]).env("LAYERBOOT_INIT", init_binary()).output().unwrap();
+    let script = format!(
+        "{MKINITCPIO_HARNESS}\n. '{}'\nbuild",
+        hook("mkinitcpio/install/layerboot")
+    );
+    let out = Command::new("bash")
+        .args(["-c", &script])
+        .env("LAYERBOOT_INIT", init_binary())
+        .output()
+        .unwrap();
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    assert!(t.contains(&format!("binary {} -> /usr/lib/layerboot/layerboot-init", init_binary().display())), "{t}");
+    assert!(
+        t.contains(&format!(
+            "binary {} -> /usr/lib/layerboot/layerboot-init",
+            init_binary().display()
+        )),
+        "{t}"
+    );
     for m in ["module btrfs", "module overlay", "runscript"] {
         assert!(t.contains(m), "{m} missing:\n{t}");
     }
-    let out = Command::new("bash").args(["-c", &script]).env("LAYERBOOT_INIT", "/nonexistent/layerboot-init").output().unwrap();
+    let out = Command::new("bash")
+        .args(["-c", &script])
+        .env("LAYERBOOT_INIT", "/nonexistent/layerboot-init")
+        .output()
+        .unwrap();
     let t = text(&out);
-    assert!(!out.status.success() && t.contains("ERROR: layerboot: /nonexistent/layerboot-init is missing"), "{t}");
+    assert!(
+        !out.status.success() && t.contains("ERROR: layerboot: /nonexistent/layerboot-init is missing"),
+        "{t}"
+    );
 }
 
 #[test]
@@ -77,20 +104,39 @@ fn mkinitcpio_runtime_hook_hands_mounting_the_root_to_layerboot() {
     let out = Command::new("busybox").args(["ash", "-c", &script]).output().unwrap();
     let t = text(&out);
     assert!(t.contains("handler=layerboot_mount_handler"), "{t}");
-    assert!(t.contains("ERR: layerboot could not make the root filesystem") && t.contains("SHELL"), "{t}");
+    assert!(
+        t.contains("ERR: layerboot could not make the root filesystem") && t.contains("SHELL"),
+        "{t}"
+    );
     // And layerboot-init's --mount-root mode says what it wants when misused.
-    let out = Command::new(init_binary()).args(["--mount-root", "relative"]).output().unwrap();
-    assert!(!out.status.success() && text(&out).contains("usage: layerboot-init --mount-root /ABSOLUTE/DIR"), "{}", text(&out));
+    let out = Command::new(init_binary())
+        .args(["--mount-root", "relative"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && text(&out).contains("usage: layerboot-init --mount-root /ABSOLUTE/DIR"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
 fn kernel_install_plugin_builds_the_initramfs_for_the_new_kernel() {
     // A real image root: the btrfs fixture's top subvolume holds the demo image's tree.
-    let root = PathBuf::from(std::env::var_os("LAYERBOOT_FIXTURES").map(PathBuf::from).unwrap_or_else(|| repo().join("target/fixtures")))
+    let root = std::env::var_os("LAYERBOOT_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/fixtures"))
         .join("mnt/btrfs/var/lib/docker");
     let image = Store::open(root).unwrap().resolve("layerboot/demo").unwrap();
     let rootfs = image.layers[0].dir.clone();
-    let kver = fs::read_dir(rootfs.join("lib/modules")).unwrap().next().unwrap().unwrap().file_name().into_string().unwrap();
+    let kver = fs::read_dir(rootfs.join("lib/modules"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name()
+        .into_string()
+        .unwrap();
     let staging = tempfile::tempdir().unwrap();
     let out = Command::new(hook("kernel-install/50-layerboot.install"))
         .args(["add", &kver, "/boot/vmlinuz"])
@@ -108,6 +154,15 @@ fn kernel_install_plugin_builds_the_initramfs_for_the_new_kernel() {
     // An older kernel-install names the entry directory instead; remove deletes it.
     let entry = tempfile::tempdir().unwrap();
     fs::write(entry.path().join("initrd"), "old").unwrap();
-    let out = Command::new(hook("kernel-install/50-layerboot.install")).arg("remove").arg(&kver).arg(entry.path()).output().unwrap();
-    assert!(out.status.success() && !entry.path().join("initrd").exists(), "{}", text(&out));
+    let out = Command::new(hook("kernel-install/50-layerboot.install"))
+        .arg("remove")
+        .arg(&kver)
+        .arg(entry.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && !entry.path().join("initrd").exists(),
+        "{}",
+        text(&out)
+    );
 }

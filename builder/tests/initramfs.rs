@@ -14,26 +14,44 @@ use layerboot_init::settings::Config;
 use layerboot_init::store::Store;
 
 fn fixtures() -> PathBuf {
-    std::env::var_os("LAYERBOOT_FIXTURES").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures"))
+    std::env::var_os("LAYERBOOT_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures"))
 }
 
 fn store(driver: &str) -> String {
     let root = fixtures().join("mnt").join(driver).join("var/lib/docker");
-    assert!(root.is_dir(), "{} is missing: run tests/run, which builds and mounts the fixture stores", root.display());
+    assert!(
+        root.is_dir(),
+        "{} is missing: run tests/run, which builds and mounts the fixture stores",
+        root.display()
+    );
     root.display().to_string()
 }
 
 fn layerboot(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_layerboot")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_layerboot"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn ok(out: Output) -> String {
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn err(out: Output) -> String {
-    assert!(!out.status.success(), "expected a failure: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "expected a failure: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -55,18 +73,38 @@ fn unpack(file: &Path) -> BTreeMap<String, Entry> {
             break;
         }
         let e = r.entry();
-        let (name, mode, rdev, mtime) = (e.name().to_string(), e.mode(), (e.rdev_major(), e.rdev_minor()), e.mtime());
+        let (name, mode, rdev, mtime) = (
+            e.name().to_string(),
+            e.mode(),
+            (e.rdev_major(), e.rdev_minor()),
+            e.mtime(),
+        );
         assert_eq!((e.uid(), e.gid()), (0, 0), "{name} owned by root");
         let mut data = Vec::new();
         r.read_to_end(&mut data).unwrap();
         rest = r.finish().unwrap();
-        out.insert(name, Entry { mode, rdev, mtime, data });
+        out.insert(
+            name,
+            Entry {
+                mode,
+                rdev,
+                mtime,
+                data,
+            },
+        );
     }
     out
 }
 
 fn kver() -> String {
-    let v: serde_json::Value = serde_json::from_str(&ok(layerboot(&["inspect", "--json", "--store", &store("btrfs"), "layerboot/demo"]))).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(layerboot(&[
+        "inspect",
+        "--json",
+        "--store",
+        &store("btrfs"),
+        "layerboot/demo",
+    ])))
+    .unwrap();
     v["kernels"][0]["version"].as_str().unwrap().to_string()
 }
 
@@ -74,7 +112,17 @@ fn kver() -> String {
 fn archive_holds_init_config_console_and_every_modules_dependencies() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("initramfs.img");
-    ok(layerboot(&["initramfs", "--store", &store("btrfs"), "--image", "layerboot/demo", "--docker-path", "/srv/docker/", "-o", out.to_str().unwrap()]));
+    ok(layerboot(&[
+        "initramfs",
+        "--store",
+        &store("btrfs"),
+        "--image",
+        "layerboot/demo",
+        "--docker-path",
+        "/srv/docker/",
+        "-o",
+        out.to_str().unwrap(),
+    ]));
     let a = unpack(&out);
     let kver = kver();
 
@@ -86,31 +134,63 @@ fn archive_holds_init_config_console_and_every_modules_dependencies() {
     let config = Config::parse(&String::from_utf8_lossy(&a["etc/layerboot.json"].data)).unwrap();
     assert_eq!(config.kernel.as_deref(), Some(kver.as_str()));
     assert_eq!(config.defaults["docker_image"], "layerboot/demo");
-    assert_eq!(config.defaults["docker_path"], "srv/docker", "the build machine's --store is never baked in");
+    assert_eq!(
+        config.defaults["docker_path"], "srv/docker",
+        "the build machine's --store is never baked in"
+    );
 
     let dir = format!("lib/modules/{kver}");
     let dep = String::from_utf8_lossy(&a[&format!("{dir}/modules.dep")].data).into_owned();
     let packed: BTreeSet<&str> = dep.lines().filter_map(|l| l.split(':').next()).collect();
-    for m in ["btrfs", "ext4", "overlay", "xfs", "vfat", "virtio_blk", "virtio_pci", "virtio_scsi", "nvme", "ahci", "sd_mod", "usb-storage", "uas", "xhci-pci", "crc32c_generic", "libcrc32c"] {
+    for m in [
+        "btrfs",
+        "ext4",
+        "overlay",
+        "xfs",
+        "vfat",
+        "virtio_blk",
+        "virtio_pci",
+        "virtio_scsi",
+        "nvme",
+        "ahci",
+        "sd_mod",
+        "usb-storage",
+        "uas",
+        "xhci-pci",
+        "crc32c_generic",
+        "libcrc32c",
+    ] {
         assert!(packed.iter().any(|p| p.ends_with(&format!("/{m}.ko"))), "{m} packed");
     }
     for line in dep.lines() {
         let (module, deps) = line.split_once(':').unwrap();
         assert!(a.contains_key(&format!("{dir}/{module}")), "{module} listed and packed");
         for d in deps.split_whitespace() {
-            assert!(a.contains_key(&format!("{dir}/{d}")), "{module} needs {d}, which is packed");
+            assert!(
+                a.contains_key(&format!("{dir}/{d}")),
+                "{module} needs {d}, which is packed"
+            );
         }
     }
     let softdep = String::from_utf8_lossy(&a[&format!("{dir}/modules.softdep")].data).into_owned();
     assert!(softdep.contains("softdep libcrc32c pre: crc32c"), "{softdep}");
     let alias = String::from_utf8_lossy(&a[&format!("{dir}/modules.alias")].data).into_owned();
-    assert!(alias.contains("alias crc32c crc32c_generic") && alias.contains(" virtio_blk\n"), "coldplug needs the aliases");
+    assert!(
+        alias.contains("alias crc32c crc32c_generic") && alias.contains(" virtio_blk\n"),
+        "coldplug needs the aliases"
+    );
     // Every module is the image's own file, byte for byte.
     let img = Store::open(store("btrfs")).unwrap().resolve("layerboot/demo").unwrap();
     let view = MergedView::new(&img);
     let btrfs_ko = packed.iter().find(|p| p.ends_with("/btrfs.ko")).unwrap();
-    let original = view.lookup_follow(&format!("/lib/modules/{kver}/{btrfs_ko}")).unwrap().unwrap();
-    assert_eq!(fs::read(original.host_path).unwrap(), a[&format!("{dir}/{btrfs_ko}")].data);
+    let original = view
+        .lookup_follow(&format!("/lib/modules/{kver}/{btrfs_ko}"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        fs::read(original.host_path).unwrap(),
+        a[&format!("{dir}/{btrfs_ko}")].data
+    );
 }
 
 #[test]
@@ -118,15 +198,49 @@ fn builds_are_byte_identical_and_mtimes_follow_source_date_epoch() {
     let t = tempfile::tempdir().unwrap();
     let (a, b) = (t.path().join("a"), t.path().join("b"));
     let s = store("overlay2");
-    ok(layerboot(&["initramfs", "--store", &s, "--image", "layerboot/demo", "-o", a.to_str().unwrap()]));
-    ok(layerboot(&["initramfs", "--store", &s, "--image", "demo:latest", "--image-init", "/sbin/init", "-o", b.to_str().unwrap()]));
+    ok(layerboot(&[
+        "initramfs",
+        "--store",
+        &s,
+        "--image",
+        "layerboot/demo",
+        "-o",
+        a.to_str().unwrap(),
+    ]));
+    ok(layerboot(&[
+        "initramfs",
+        "--store",
+        &s,
+        "--image",
+        "demo:latest",
+        "--image-init",
+        "/sbin/init",
+        "-o",
+        b.to_str().unwrap(),
+    ]));
     let (ra, rb) = (fs::read(&a).unwrap(), fs::read(&b).unwrap());
     assert_ne!(ra, rb, "the default image differs, so the config does");
-    ok(layerboot(&["initramfs", "--store", &s, "--image", "demo:latest", "-o", a.to_str().unwrap()]));
+    ok(layerboot(&[
+        "initramfs",
+        "--store",
+        &s,
+        "--image",
+        "demo:latest",
+        "-o",
+        a.to_str().unwrap(),
+    ]));
     assert_eq!(fs::read(&a).unwrap(), rb, "same inputs, same bytes");
     assert!(unpack(&a).values().all(|e| e.mtime == 0));
     let out = Command::new(env!("CARGO_BIN_EXE_layerboot"))
-        .args(["initramfs", "--store", &s, "--image", "demo:latest", "-o", a.to_str().unwrap()])
+        .args([
+            "initramfs",
+            "--store",
+            &s,
+            "--image",
+            "demo:latest",
+            "-o",
+            a.to_str().unwrap(),
+        ])
         .env("SOURCE_DATE_EPOCH", "1700000000")
         .output()
         .unwrap();
@@ -137,11 +251,26 @@ fn builds_are_byte_identical_and_mtimes_follow_source_date_epoch() {
 /// Walks a merged view: path → (kind, mode, owner, size).
 fn tree(view: &MergedView, dir: &str, out: &mut BTreeMap<String, String>) {
     for name in view.read_dir(dir).unwrap().unwrap() {
-        let path = if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") };
+        let path = if dir == "/" {
+            format!("/{name}")
+        } else {
+            format!("{dir}/{name}")
+        };
         let md = view.lookup(&path).unwrap().unwrap().metadata;
-        let kind = if md.is_dir() { "d" } else if md.file_type().is_symlink() { "l" } else if md.file_type().is_char_device() { "c" } else { "f" };
+        let kind = if md.is_dir() {
+            "d"
+        } else if md.file_type().is_symlink() {
+            "l"
+        } else if md.file_type().is_char_device() {
+            "c"
+        } else {
+            "f"
+        };
         let size = if md.is_file() { md.len() } else { 0 };
-        out.insert(path.clone(), format!("{kind} {:o} {}:{} {size}", md.permissions().mode(), md.uid(), md.gid()));
+        out.insert(
+            path.clone(),
+            format!("{kind} {:o} {}:{} {size}", md.permissions().mode(), md.uid(), md.gid()),
+        );
         if md.is_dir() {
             tree(view, &path, out);
         }
@@ -152,13 +281,20 @@ fn tree(view: &MergedView, dir: &str, out: &mut BTreeMap<String, String>) {
 fn overlay2_merged_view_equals_the_btrfs_view_of_the_same_image() {
     let mut views = Vec::new();
     for driver in ["btrfs", "overlay2"] {
-        let img = Store::open(store(driver)).unwrap().resolve("layerboot/demo:v2").unwrap();
+        let img = Store::open(store(driver))
+            .unwrap()
+            .resolve("layerboot/demo:v2")
+            .unwrap();
         let mut t = BTreeMap::new();
         tree(&MergedView::new(&img), "/", &mut t);
         views.push(t);
     }
     assert!(views[0].len() > 5000);
-    let only: Vec<_> = views[0].keys().filter(|k| !views[1].contains_key(*k)).chain(views[1].keys().filter(|k| !views[0].contains_key(*k))).collect();
+    let only: Vec<_> = views[0]
+        .keys()
+        .filter(|k| !views[1].contains_key(*k))
+        .chain(views[1].keys().filter(|k| !views[0].contains_key(*k)))
+        .collect();
     assert!(only.is_empty(), "in one view only: {only:?}");
     for (path, v) in &views[0] {
         assert_eq!(v, &views[1][path], "{path}");
@@ -172,11 +308,19 @@ fn compressed_modules_are_stored_decompressed_and_foreign_ones_refused() {
     let view = MergedView::new(&img);
     let t = tempfile::tempdir().unwrap();
     let root = t.path().join("rootfs");
-    let mods = [("kernel/drivers/block/virtio_blk.ko", "xz"), ("kernel/drivers/virtio/virtio.ko", "zstd"), ("kernel/drivers/virtio/virtio_ring.ko", "gzip")];
+    let mods = [
+        ("kernel/drivers/block/virtio_blk.ko", "xz"),
+        ("kernel/drivers/virtio/virtio.ko", "zstd"),
+        ("kernel/drivers/virtio/virtio_ring.ko", "gzip"),
+    ];
     let dir = root.join(format!("usr/lib/modules/{kver}"));
     let mut originals = BTreeMap::new();
     for (m, tool) in mods {
-        let src = view.lookup_follow(&format!("/lib/modules/{kver}/{m}")).unwrap().unwrap().host_path;
+        let src = view
+            .lookup_follow(&format!("/lib/modules/{kver}/{m}"))
+            .unwrap()
+            .unwrap()
+            .host_path;
         let dest = dir.join(m);
         fs::create_dir_all(dest.parent().unwrap()).unwrap();
         fs::copy(&src, &dest).unwrap();
@@ -191,18 +335,46 @@ fn compressed_modules_are_stored_decompressed_and_foreign_ones_refused() {
     .unwrap();
     let out = t.path().join("initramfs.img");
     let o = root.to_str().unwrap();
-    ok(layerboot(&["initramfs", "--rootfs", o, "--module", "virtio_blk", "-o", out.to_str().unwrap()]));
+    ok(layerboot(&[
+        "initramfs",
+        "--rootfs",
+        o,
+        "--module",
+        "virtio_blk",
+        "-o",
+        out.to_str().unwrap(),
+    ]));
     let a = unpack(&out);
     for (m, _) in mods {
-        assert_eq!(a[&format!("lib/modules/{kver}/{m}")].data, originals[m], "{m} stored decompressed");
+        assert_eq!(
+            a[&format!("lib/modules/{kver}/{m}")].data,
+            originals[m],
+            "{m} stored decompressed"
+        );
     }
     let dep = String::from_utf8_lossy(&a[&format!("lib/modules/{kver}/modules.dep")].data).into_owned();
-    assert!(dep.contains("kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko"), "{dep}");
+    assert!(
+        dep.contains(
+            "kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko"
+        ),
+        "{dep}"
+    );
 
     // The same modules filed under another kernel version: their vermagic says otherwise.
     fs::rename(&dir, root.join("usr/lib/modules/9.9.9-other")).unwrap();
-    let e = err(layerboot(&["initramfs", "--rootfs", o, "--module", "virtio_blk", "-o", out.to_str().unwrap()]));
-    assert!(e.contains(&format!("was built for kernel '{kver}', not 9.9.9-other")), "{e}");
+    let e = err(layerboot(&[
+        "initramfs",
+        "--rootfs",
+        o,
+        "--module",
+        "virtio_blk",
+        "-o",
+        out.to_str().unwrap(),
+    ]));
+    assert!(
+        e.contains(&format!("was built for kernel '{kver}', not 9.9.9-other")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -210,18 +382,89 @@ fn each_build_error_names_the_problem_and_the_fix() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("x.img");
     let o = out.to_str().unwrap();
-    let e = err(layerboot(&["initramfs", "--store", &store("overlay2"), "--image", "layerboot/base:bookworm", "-o", o]));
-    assert!(e.contains("image layerboot/base:bookworm has no kernel") && e.contains("linux-image-amd64"), "{e}");
-    let e = err(layerboot(&["initramfs", "--store", &store("btrfs"), "--image", "layerboot/demo", "--image-init", "/sbin/openrc-init", "-o", o]));
-    assert!(e.contains("has no /sbin/openrc-init") && e.contains("systemd-sysv"), "{e}");
-    let e = err(layerboot(&["initramfs", "--store", &store("btrfs"), "--image", "layerboot/demo", "--module", "no_such_driver", "-o", o]));
-    assert!(e.contains("module no_such_driver (--module) is not in modules.dep"), "{e}");
-    let e = err(layerboot(&["initramfs", "--store", &store("btrfs"), "--image", "layerboot/demo", "-o", "/nonexistent/dir/x.img"]));
-    assert!(e.contains("cannot write /nonexistent/dir/x.img") && e.contains("writable"), "{e}");
-    let e = err(layerboot(&["initramfs", "--store", &store("btrfs"), "--image", "layerboot/demo", "--init", "/bin/ls", "-o", o]));
+    let e = err(layerboot(&[
+        "initramfs",
+        "--store",
+        &store("overlay2"),
+        "--image",
+        "layerboot/base:bookworm",
+        "-o",
+        o,
+    ]));
+    assert!(
+        e.contains("image layerboot/base:bookworm has no kernel") && e.contains("linux-image-amd64"),
+        "{e}"
+    );
+    let e = err(layerboot(&[
+        "initramfs",
+        "--store",
+        &store("btrfs"),
+        "--image",
+        "layerboot/demo",
+        "--image-init",
+        "/sbin/openrc-init",
+        "-o",
+        o,
+    ]));
+    assert!(
+        e.contains("has no /sbin/openrc-init") && e.contains("systemd-sysv"),
+        "{e}"
+    );
+    let e = err(layerboot(&[
+        "initramfs",
+        "--store",
+        &store("btrfs"),
+        "--image",
+        "layerboot/demo",
+        "--module",
+        "no_such_driver",
+        "-o",
+        o,
+    ]));
+    assert!(
+        e.contains("module no_such_driver (--module) is not in modules.dep"),
+        "{e}"
+    );
+    let e = err(layerboot(&[
+        "initramfs",
+        "--store",
+        &store("btrfs"),
+        "--image",
+        "layerboot/demo",
+        "-o",
+        "/nonexistent/dir/x.img",
+    ]));
+    assert!(
+        e.contains("cannot write /nonexistent/dir/x.img") && e.contains("writable"),
+        "{e}"
+    );
+    let e = err(layerboot(&[
+        "initramfs",
+        "--store",
+        &store("btrfs"),
+        "--image",
+        "layerboot/demo",
+        "--init",
+        "/bin/ls",
+        "-o",
+        o,
+    ]));
     assert!(e.contains("is dynamically linked"), "{e}");
-    let e = err(layerboot(&["initramfs", "--store", &store("btrfs"), "--image", "layerboot/demo", "--rescue-shell", "/bin/bash", "-o", o]));
-    assert!(e.contains("the rescue shell /bin/bash is dynamically linked") && e.contains("busybox"), "{e}");
+    let e = err(layerboot(&[
+        "initramfs",
+        "--store",
+        &store("btrfs"),
+        "--image",
+        "layerboot/demo",
+        "--rescue-shell",
+        "/bin/bash",
+        "-o",
+        o,
+    ]));
+    assert!(
+        e.contains("the rescue shell /bin/bash is dynamically linked") && e.contains("busybox"),
+        "{e}"
+    );
     let e = err(layerboot(&["initramfs", "--image", "layerboot/demo", "-o", o]));
     assert!(e.contains("--store DATA_ROOT --image REF, or --rootfs DIR"), "{e}");
     assert!(!out.exists(), "nothing half-written");
@@ -231,17 +474,48 @@ fn each_build_error_names_the_problem_and_the_fix() {
 fn kernel_is_copied_from_the_image() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("boot/layerboot");
-    let path = ok(layerboot(&["kernel", "--store", &store("btrfs"), "--image", "layerboot/demo", "-o", dir.to_str().unwrap()]));
+    let path = ok(layerboot(&[
+        "kernel",
+        "--store",
+        &store("btrfs"),
+        "--image",
+        "layerboot/demo",
+        "-o",
+        dir.to_str().unwrap(),
+    ]));
     let path = PathBuf::from(path.trim());
     assert_eq!(path, dir.join(format!("vmlinuz-{}", kver())));
     let img = Store::open(store("btrfs")).unwrap().resolve("layerboot/demo").unwrap();
-    let original = MergedView::new(&img).lookup_follow(&format!("/boot/vmlinuz-{}", kver())).unwrap().unwrap().host_path;
+    let original = MergedView::new(&img)
+        .lookup_follow(&format!("/boot/vmlinuz-{}", kver()))
+        .unwrap()
+        .unwrap()
+        .host_path;
     assert_eq!(fs::read(path).unwrap(), fs::read(original).unwrap());
 }
 
 #[test]
 fn entries_carry_each_formats_required_keys() {
-    let base = ["--image", "layerboot/demo", "--image", "layerboot/demo:v2", "--kernel", "/lb/vmlinuz", "--initrd", "/lb/initramfs.img", "--root", "LABEL=store", "--rootflags", "subvol=rw", "--docker-path", "docker", "--toplayer", "LABEL=store", "--toplayer-path", "hosts/pc1"];
+    let base = [
+        "--image",
+        "layerboot/demo",
+        "--image",
+        "layerboot/demo:v2",
+        "--kernel",
+        "/lb/vmlinuz",
+        "--initrd",
+        "/lb/initramfs.img",
+        "--root",
+        "LABEL=store",
+        "--rootflags",
+        "subvol=rw",
+        "--docker-path",
+        "docker",
+        "--toplayer",
+        "LABEL=store",
+        "--toplayer-path",
+        "hosts/pc1",
+    ];
     fn with<'a>(loader: &'a str, base: &[&'a str]) -> Vec<&'a str> {
         [&["entry", "--loader", loader][..], base].concat()
     }
@@ -255,20 +529,44 @@ fn entries_carry_each_formats_required_keys() {
     ok(layerboot(&a));
     let v2 = fs::read_to_string(dir.join("layerboot-layerboot-demo-v2.conf")).unwrap();
     assert!(dir.join("layerboot-layerboot-demo.conf").exists());
-    for key in ["title layerboot: layerboot/demo:v2\n", "linux /lb/vmlinuz\n", "initrd /lb/initramfs.img\n", &format!("options {opts}\n")] {
+    for key in [
+        "title layerboot: layerboot/demo:v2\n",
+        "linux /lb/vmlinuz\n",
+        "initrd /lb/initramfs.img\n",
+        &format!("options {opts}\n"),
+    ] {
         assert!(v2.contains(key), "{key:?} in {v2}");
     }
     let grub = ok(layerboot(&args("grub")));
     assert_eq!(grub.matches("menuentry 'layerboot: ").count(), 2);
-    assert!(grub.contains(&format!("\tlinux /lb/vmlinuz {opts}\n\tinitrd /lb/initramfs.img\n}}")), "{grub}");
+    assert!(
+        grub.contains(&format!("\tlinux /lb/vmlinuz {opts}\n\tinitrd /lb/initramfs.img\n}}")),
+        "{grub}"
+    );
     let mut r = args("refind");
     r.extend(["--volume", "linux"]);
     let refind = ok(layerboot(&r));
     assert!(refind.contains(&format!("menuentry \"layerboot: layerboot/demo:v2\" {{\n\tvolume linux\n\tloader /lb/vmlinuz\n\tinitrd /lb/initramfs.img\n\toptions \"{opts}\"\n}}")), "{refind}");
 
-    let e = err(layerboot(&["entry", "--loader", "lilo", "--kernel", "k", "--initrd", "i", "--root", "r", "--image", "x"]));
+    let e = err(layerboot(&[
+        "entry", "--loader", "lilo", "--kernel", "k", "--initrd", "i", "--root", "r", "--image", "x",
+    ]));
     assert!(e.contains("use systemd-boot, grub or refind"), "{e}");
-    let e = err(layerboot(&["entry", "--loader", "grub", "--kernel", "k", "--initrd", "i", "--root", "r", "--image", "x", "--toplayer-path", "a b"]));
+    let e = err(layerboot(&[
+        "entry",
+        "--loader",
+        "grub",
+        "--kernel",
+        "k",
+        "--initrd",
+        "i",
+        "--root",
+        "r",
+        "--image",
+        "x",
+        "--toplayer-path",
+        "a b",
+    ]));
     assert!(e.contains("contains spaces"), "{e}");
 }
 
@@ -278,7 +576,15 @@ fn compression_listing_and_host_only_do_what_they_say() {
     let s = store("btrfs");
     let build = |extra: &[&str], name: &str| {
         let out = t.path().join(name);
-        let mut args = vec!["initramfs", "--store", &s, "--image", "layerboot/demo", "-o", out.to_str().unwrap()];
+        let mut args = vec![
+            "initramfs",
+            "--store",
+            &s,
+            "--image",
+            "layerboot/demo",
+            "-o",
+            out.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         (ok(layerboot(&args)), fs::read(&out).unwrap())
     };
@@ -288,25 +594,54 @@ fn compression_listing_and_host_only_do_what_they_say() {
     assert_eq!(&raw[..6], b"070701", "a bare newc archive");
     let (listing, zst) = build(&["--list"], "zst");
     assert_eq!(&zst[..4], &[0x28, 0xb5, 0x2f, 0xfd], "zstd magic");
-    for want in ["  init\n", "  etc/layerboot.json\n", "  dev/console\n", "/kernel/fs/btrfs/btrfs.ko\n"] {
+    for want in [
+        "  init\n",
+        "  etc/layerboot.json\n",
+        "  dev/console\n",
+        "/kernel/fs/btrfs/btrfs.ko\n",
+    ] {
         assert!(listing.contains(want), "--list shows {want:?}");
     }
-    let e = err(layerboot(&["initramfs", "--store", &s, "--image", "layerboot/demo", "--compress", "lz4", "-o", "x"]));
+    let e = err(layerboot(&[
+        "initramfs",
+        "--store",
+        &s,
+        "--image",
+        "layerboot/demo",
+        "--compress",
+        "lz4",
+        "-o",
+        "x",
+    ]));
     assert!(e.contains("use zstd, gzip or none"), "{e}");
 
     // --host-only: a subset of the default set, keeping the filesystems this host has mounted.
     let modules = |file: &str| -> BTreeSet<String> {
         let a = unpack(&t.path().join(file));
-        a.keys().filter(|k| k.ends_with(".ko")).map(|k| k.rsplit('/').next().unwrap().to_string()).collect()
+        a.keys()
+            .filter(|k| k.ends_with(".ko"))
+            .map(|k| k.rsplit('/').next().unwrap().to_string())
+            .collect()
     };
     build(&["--host-only"], "host");
     let (host, all) = (modules("host"), modules("zst"));
-    assert!(host.is_subset(&all) && host.len() < all.len(), "host-only {} of {}", host.len(), all.len());
+    assert!(
+        host.is_subset(&all) && host.len() < all.len(),
+        "host-only {} of {}",
+        host.len(),
+        all.len()
+    );
     let mounted = fs::read_to_string("/proc/mounts").unwrap();
     for fs_type in ["ext4", "btrfs"] {
         if mounted.lines().any(|l| l.split_whitespace().nth(2) == Some(fs_type)) {
-            assert!(host.contains(&format!("{fs_type}.ko")), "{fs_type} is mounted here: {host:?}");
+            assert!(
+                host.contains(&format!("{fs_type}.ko")),
+                "{fs_type} is mounted here: {host:?}"
+            );
         }
     }
-    assert!(host.contains("overlay.ko"), "overlay is always needed for overlay2 stores");
+    assert!(
+        host.contains("overlay.ko"),
+        "overlay is always needed for overlay2 stores"
+    );
 }

@@ -33,13 +33,20 @@ fn containerd_store() -> Store {
 
 fn open_store(fs: &str, path: &str) -> Store {
     let root = fixtures().join("mnt").join(fs).join(path);
-    assert!(root.is_dir(), "{} is missing: run tests/run, which builds and mounts the fixture stores", root.display());
+    assert!(
+        root.is_dir(),
+        "{} is missing: run tests/run, which builds and mounts the fixture stores",
+        root.display()
+    );
     Store::open(root).unwrap()
 }
 
 fn image_id(key: &str) -> String {
     let env = fs::read_to_string(fixtures().join("images.env")).unwrap();
-    env.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).unwrap().to_string()
+    env.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap()
+        .to_string()
 }
 
 const DRIVERS: [(&str, Driver); 2] = [("btrfs", Driver::Btrfs), ("overlay2", Driver::Overlay2)];
@@ -52,9 +59,20 @@ fn every_ref_spelling_resolves_in_both_drivers() {
         let s = store(name);
         assert_eq!(s.driver(), driver);
         for r in [
-            "layerboot/demo", "layerboot/demo:latest", "docker.io/layerboot/demo:latest", "index.docker.io/layerboot/demo",
-            "layerboot/demo:v1", "localhost:5000/lb/demo:t", "demo", "demo:latest", "docker.io/library/demo",
-            "docker.io/library/demo:latest", &demo, &demo[7..], &demo[7..19], &demo[..19],
+            "layerboot/demo",
+            "layerboot/demo:latest",
+            "docker.io/layerboot/demo:latest",
+            "index.docker.io/layerboot/demo",
+            "layerboot/demo:v1",
+            "localhost:5000/lb/demo:t",
+            "demo",
+            "demo:latest",
+            "docker.io/library/demo",
+            "docker.io/library/demo:latest",
+            &demo,
+            &demo[7..],
+            &demo[7..19],
+            &demo[..19],
         ] {
             let img = s.resolve(r).unwrap_or_else(|e| panic!("{name}: {r}: {e}"));
             assert_eq!(img.id, demo, "{name}: {r}");
@@ -64,7 +82,10 @@ fn every_ref_spelling_resolves_in_both_drivers() {
         assert_eq!(img.refs, vec!["layerboot/demo:v2"]);
         assert!(img.layers.len() >= 7, "{name}: {} layers", img.layers.len());
         let e = s.resolve("layerboot/demo:v3").unwrap_err().to_string();
-        assert!(e.contains("image 'layerboot/demo:v3' is not in the") && e.contains("closest match: layerboot/demo:v"), "{e}");
+        assert!(
+            e.contains("image 'layerboot/demo:v3' is not in the") && e.contains("closest match: layerboot/demo:v"),
+            "{e}"
+        );
         assert!(e.contains("  localhost:5000/lb/demo:t  "), "{e}");
     }
 }
@@ -83,7 +104,12 @@ fn describe(md: &fs::Metadata, link: Option<String>) -> String {
     } else {
         format!("file {} bytes mtime {}", md.len(), md.mtime())
     };
-    format!("{kind} mode {:o} {}:{}", md.permissions().mode() & 0o7777, md.uid(), md.gid())
+    format!(
+        "{kind} mode {:o} {}:{}",
+        md.permissions().mode() & 0o7777,
+        md.uid(),
+        md.gid()
+    )
 }
 
 fn tar_describe(h: &tar::Header, link: Option<String>, size: u64) -> String {
@@ -91,25 +117,48 @@ fn tar_describe(h: &tar::Header, link: Option<String>, size: u64) -> String {
         tar::EntryType::Directory => "dir".to_string(),
         tar::EntryType::Symlink => format!("link->{}", link.unwrap_or_default()),
         tar::EntryType::Char | tar::EntryType::Block => {
-            let (ma, mi) = (h.device_major().unwrap().unwrap() as u64, h.device_minor().unwrap().unwrap() as u64);
+            let (ma, mi) = (
+                h.device_major().unwrap().unwrap() as u64,
+                h.device_minor().unwrap().unwrap() as u64,
+            );
             format!("dev {}", nix::sys::stat::makedev(ma, mi))
         }
         tar::EntryType::Fifo => "fifo".to_string(),
         _ => format!("file {size} bytes mtime {}", h.mtime().unwrap()),
     };
-    format!("{kind} mode {:o} {}:{}", h.mode().unwrap() & 0o7777, h.uid().unwrap(), h.gid().unwrap())
+    format!(
+        "{kind} mode {:o} {}:{}",
+        h.mode().unwrap() & 0o7777,
+        h.uid().unwrap(),
+        h.gid().unwrap()
+    )
 }
 
 /// Paths that `docker export` adds from the container's init layer, not from the image.
 const INIT_LAYER: [&str; 10] = [
-    "/.dockerenv", "/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/etc/mtab",
-    "/dev/console", "/dev/pts", "/dev/shm", "/proc", "/sys",
+    "/.dockerenv",
+    "/etc/hostname",
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/etc/mtab",
+    "/dev/console",
+    "/dev/pts",
+    "/dev/shm",
+    "/proc",
+    "/sys",
 ];
 
 fn walk(view: &MergedView, dir: &str, out: &mut BTreeSet<String>) {
     for name in view.read_dir(dir).unwrap().unwrap() {
-        let path = if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") };
-        let e = view.lookup(&path).unwrap().unwrap_or_else(|| panic!("{path} listed but not found"));
+        let path = if dir == "/" {
+            format!("/{name}")
+        } else {
+            format!("{dir}/{name}")
+        };
+        let e = view
+            .lookup(&path)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{path} listed but not found"));
         out.insert(path.clone());
         if e.metadata.is_dir() {
             walk(view, &path, out);
@@ -120,10 +169,22 @@ fn walk(view: &MergedView, dir: &str, out: &mut BTreeSet<String>) {
 #[test]
 fn podman_store_resolves_docker_and_podman_spellings() {
     let s = podman_store();
-    assert_eq!((s.engine(), s.driver()), (layerboot_init::store::Engine::Podman, Driver::Overlay2));
+    assert_eq!(
+        (s.engine(), s.driver()),
+        (layerboot_init::store::Engine::Podman, Driver::Overlay2)
+    );
     let demo = image_id("DEMO_ID");
     // `podman load` of a docker-archive files short names under localhost/.
-    for r in ["layerboot/demo", "localhost/layerboot/demo:latest", "layerboot/demo:v1", "localhost:5000/lb/demo:t", "demo", "localhost/demo", &demo, &demo[7..19]] {
+    for r in [
+        "layerboot/demo",
+        "localhost/layerboot/demo:latest",
+        "layerboot/demo:v1",
+        "localhost:5000/lb/demo:t",
+        "demo",
+        "localhost/demo",
+        &demo,
+        &demo[7..19],
+    ] {
         assert_eq!(s.resolve(r).unwrap_or_else(|e| panic!("{r}: {e}")).id, demo, "{r}");
     }
     // A local name: podman keeps it as localhost/lb/podman:1, and `lb/podman:1` finds it.
@@ -132,10 +193,19 @@ fn podman_store_resolves_docker_and_podman_spellings() {
         assert_eq!(s.resolve(r).unwrap_or_else(|e| panic!("{r}: {e}")).id, v2, "{r}");
     }
     let e = s.resolve("lb/podman:2").unwrap_err().to_string();
-    assert!(e.contains("not in the podman store") && e.contains("closest match: localhost/lb/podman:1"), "{e}");
+    assert!(
+        e.contains("not in the podman store") && e.contains("closest match: localhost/lb/podman:1"),
+        "{e}"
+    );
     let img = s.resolve("layerboot/demo").unwrap();
-    assert_eq!(img.layers.len(), store("overlay2").resolve("layerboot/demo").unwrap().layers.len());
-    assert!(img.layers.iter().all(|l| l.dir.starts_with(s.root().join("overlay")) && l.link.is_some()));
+    assert_eq!(
+        img.layers.len(),
+        store("overlay2").resolve("layerboot/demo").unwrap().layers.len()
+    );
+    assert!(img
+        .layers
+        .iter()
+        .all(|l| l.dir.starts_with(s.root().join("overlay")) && l.link.is_some()));
 }
 
 #[test]
@@ -149,37 +219,88 @@ fn containerd_store_resolves_every_spelling_in_its_namespaces() {
     let id = demo.id.clone();
     let digest_ref = format!("layerboot/demo@{id}");
     for r in [
-        "layerboot/demo", "layerboot/demo:latest", "docker.io/layerboot/demo:latest", "index.docker.io/layerboot/demo",
-        "layerboot/demo:v1", "localhost:5000/lb/demo:t", "demo", "docker.io/library/demo:latest", &digest_ref, &id, &id[7..19],
+        "layerboot/demo",
+        "layerboot/demo:latest",
+        "docker.io/layerboot/demo:latest",
+        "index.docker.io/layerboot/demo",
+        "layerboot/demo:v1",
+        "localhost:5000/lb/demo:t",
+        "demo",
+        "docker.io/library/demo:latest",
+        &digest_ref,
+        &id,
+        &id[7..19],
     ] {
         let img = s.resolve(r).unwrap_or_else(|e| panic!("{r}: {e}"));
-        assert_eq!((img.id.as_str(), img.namespace.as_deref(), img.driver), (id.as_str(), Some("moby"), Driver::Overlay2), "{r}");
+        assert_eq!(
+            (img.id.as_str(), img.namespace.as_deref(), img.driver),
+            (id.as_str(), Some("moby"), Driver::Overlay2),
+            "{r}"
+        );
     }
     // The same layers, by chain ID, as Docker's own store of the same image; and where the
     // overlayfs snapshotter keeps them.
     assert_eq!(chains(&demo), chains(&docker.resolve("layerboot/demo").unwrap()));
     let home = s.root().join("io.containerd.snapshotter.v1.overlayfs/snapshots");
-    assert!(demo.layers.iter().all(|l| l.dir.starts_with(&home) && l.dir.ends_with("fs") && l.dir.is_dir()), "{:?}", demo.layers);
+    assert!(
+        demo.layers
+            .iter()
+            .all(|l| l.dir.starts_with(&home) && l.dir.ends_with("fs") && l.dir.is_dir()),
+        "{:?}",
+        demo.layers
+    );
 
     // moby comes before default; default's copy is unpacked with the btrfs snapshotter.
     let v2 = s.resolve("layerboot/demo:v2").unwrap();
     assert_eq!((v2.namespace.as_deref(), v2.driver), (Some("moby"), Driver::Overlay2));
     let btrfs = s.resolve("lb/ctr:btrfs").unwrap();
-    assert_eq!((btrfs.namespace.as_deref(), btrfs.driver), (Some("default"), Driver::Btrfs));
+    assert_eq!(
+        (btrfs.namespace.as_deref(), btrfs.driver),
+        (Some("default"), Driver::Btrfs)
+    );
     assert_eq!(chains(&btrfs), chains(&v2));
-    assert!(btrfs.layers[0].dir.starts_with(s.root().join("io.containerd.snapshotter.v1.btrfs/snapshots")));
-    let default_v2 = s.clone().with_namespace(Some("default".into())).resolve("layerboot/demo:v2").unwrap();
+    assert!(btrfs.layers[0]
+        .dir
+        .starts_with(s.root().join("io.containerd.snapshotter.v1.btrfs/snapshots")));
+    let default_v2 = s
+        .clone()
+        .with_namespace(Some("default".into()))
+        .resolve("layerboot/demo:v2")
+        .unwrap();
     assert_eq!(default_v2.driver, Driver::Btrfs);
 
     // The same name in two namespaces that are neither moby nor default: ambiguous.
     let e = s.resolve("lb/twice:1").unwrap_err().to_string();
-    assert!(e.contains("in several containerd namespaces") && e.contains("a (docker.io/lb/twice:1)") && e.contains("layerboot.namespace="), "{e}");
+    assert!(
+        e.contains("in several containerd namespaces")
+            && e.contains("a (docker.io/lb/twice:1)")
+            && e.contains("layerboot.namespace="),
+        "{e}"
+    );
     // Named, but never unpacked: the error says how to unpack it.
-    let e = s.clone().with_namespace(Some("a".into())).resolve("lb/twice:1").unwrap_err().to_string();
-    assert!(e.contains("is not unpacked") && e.contains("ctr -n a images unpack"), "{e}");
+    let e = s
+        .clone()
+        .with_namespace(Some("a".into()))
+        .resolve("lb/twice:1")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("is not unpacked") && e.contains("ctr -n a images unpack"),
+        "{e}"
+    );
     let e = s.resolve("layerboot/demo:v3").unwrap_err().to_string();
-    assert!(e.contains("not in the containerd store") && e.contains("closest match: docker.io/layerboot/demo:v") && e.contains("(namespace moby)"), "{e}");
-    let e = s.clone().with_namespace(Some("nope".into())).resolve("layerboot/demo").unwrap_err().to_string();
+    assert!(
+        e.contains("not in the containerd store")
+            && e.contains("closest match: docker.io/layerboot/demo:v")
+            && e.contains("(namespace moby)"),
+        "{e}"
+    );
+    let e = s
+        .clone()
+        .with_namespace(Some("nope".into()))
+        .resolve("layerboot/demo")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("namespace nope") && e.contains("holds no images"), "{e}");
 
     // Docker 29 with the containerd it runs itself: <data-root>/containerd/daemon.
@@ -203,7 +324,9 @@ fn assert_matches_export(view: &MergedView, export: &str, label: &str) -> usize 
     for entry in archive.entries().unwrap() {
         let entry = entry.unwrap();
         let h = entry.header();
-        let path = format!("/{}", entry.path().unwrap().display()).trim_end_matches('/').to_string();
+        let path = format!("/{}", entry.path().unwrap().display())
+            .trim_end_matches('/')
+            .to_string();
         let path = if path.is_empty() { "/".to_string() } else { path };
         in_tar.insert(path.clone());
         if INIT_LAYER.contains(&path.as_str()) || INIT_LAYER.iter().any(|p| path.starts_with(&format!("{p}/"))) {
@@ -218,7 +341,10 @@ fn assert_matches_export(view: &MergedView, export: &str, label: &str) -> usize 
             hardlinks.push((path, format!("/{}", link.unwrap())));
             continue;
         }
-        let e = view.lookup(&path).unwrap().unwrap_or_else(|| panic!("{label}: {path} is in the export but not in the merged view"));
+        let e = view
+            .lookup(&path)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{label}: {path} is in the export but not in the merged view"));
         let target = fs::read_link(&e.host_path).ok().map(|l| l.display().to_string());
         let want = tar_describe(h, link, entry.size());
         let mut got = describe(&e.metadata, target);
@@ -232,18 +358,34 @@ fn assert_matches_export(view: &MergedView, export: &str, label: &str) -> usize 
     for (path, target) in hardlinks {
         let a = view.lookup(&path).unwrap().unwrap().metadata;
         let b = view.lookup(&target).unwrap().unwrap().metadata;
-        assert!(a.is_file() && a.len() == b.len(), "{label}: hard link {path} -> {target}");
+        assert!(
+            a.is_file() && a.len() == b.len(),
+            "{label}: hard link {path} -> {target}"
+        );
     }
     let mut in_view = BTreeSet::new();
     walk(view, "/", &mut in_view);
-    let extra: Vec<_> = in_view.difference(&in_tar).filter(|p| !INIT_LAYER.contains(&p.as_str())).collect();
-    assert!(extra.is_empty(), "{label}: in the merged view but not in the export: {extra:?}");
+    let extra: Vec<_> = in_view
+        .difference(&in_tar)
+        .filter(|p| !INIT_LAYER.contains(&p.as_str()))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "{label}: in the merged view but not in the export: {extra:?}"
+    );
     checked
 }
 
 #[test]
 fn merged_view_equals_docker_export() {
-    for name in ["btrfs", "overlay2", "podman", "podman-btrfs", "containerd", "containerd-btrfs"] {
+    for name in [
+        "btrfs",
+        "overlay2",
+        "podman",
+        "podman-btrfs",
+        "containerd",
+        "containerd-btrfs",
+    ] {
         let s = match name {
             "podman" => podman_store(),
             "podman-btrfs" => open_store("btrfs", "var/lib/containers/storage"),
@@ -263,7 +405,13 @@ fn merged_view_equals_docker_export() {
             }
             let tag_file = view.lookup("/etc/layerboot-tag").unwrap().unwrap();
             assert_eq!(fs::read_to_string(tag_file.host_path).unwrap().trim(), tag);
-            assert!(view.lookup("/dev/full").unwrap().unwrap().metadata.file_type().is_char_device());
+            assert!(view
+                .lookup("/dev/full")
+                .unwrap()
+                .unwrap()
+                .metadata
+                .file_type()
+                .is_char_device());
         }
     }
 }
@@ -274,8 +422,16 @@ fn merged_view_equals_docker_export() {
 #[test]
 fn full_copy_drivers_show_the_top_layer_alone() {
     let stores = [
-        ("docker vfs", open_store("overlay2", "var/lib/docker-vfs"), Engine::Docker),
-        ("podman vfs", open_store("overlay2", "var/lib/containers/vfs"), Engine::Podman),
+        (
+            "docker vfs",
+            open_store("overlay2", "var/lib/docker-vfs"),
+            Engine::Docker,
+        ),
+        (
+            "podman vfs",
+            open_store("overlay2", "var/lib/containers/vfs"),
+            Engine::Podman,
+        ),
         ("containerd native", containerd_store(), Engine::Containerd),
     ];
     for (label, s, engine) in stores {
@@ -283,32 +439,62 @@ fn full_copy_drivers_show_the_top_layer_alone() {
         let img = s.resolve("layerboot/tiny:1").unwrap_or_else(|e| panic!("{label}: {e}"));
         assert_eq!(img.driver, Driver::Vfs, "{label}");
         assert!(img.layers.len() >= 4, "{label}: {} layers", img.layers.len());
-        assert!(img.layers.last().unwrap().dir.join("etc/gone").is_file(), "{label}: the base layer is a full copy");
+        assert!(
+            img.layers.last().unwrap().dir.join("etc/gone").is_file(),
+            "{label}: the base layer is a full copy"
+        );
         let view = MergedView::new(&img);
         assert!(assert_matches_export(&view, "tiny", label) >= 6, "{label}");
         for gone in ["/etc/gone", "/dir/old"] {
-            assert!(view.lookup(gone).unwrap().is_none(), "{label}: {gone} should be deleted");
+            assert!(
+                view.lookup(gone).unwrap().is_none(),
+                "{label}: {gone} should be deleted"
+            );
         }
-        assert_eq!(fs::read_to_string(view.lookup("/dir/new").unwrap().unwrap().host_path).unwrap(), "new\n");
+        assert_eq!(
+            fs::read_to_string(view.lookup("/dir/new").unwrap().unwrap().host_path).unwrap(),
+            "new\n"
+        );
     }
     let s = open_store("btrfs", "var/lib/containers/storage");
     assert_eq!((s.engine(), s.driver()), (Engine::Podman, Driver::Btrfs));
     let img = s.resolve("layerboot/demo:v2").unwrap();
-    assert!(img.layers.iter().all(|l| l.dir.starts_with(s.root().join("btrfs/subvolumes"))), "{:?}", img.layers);
+    assert!(
+        img.layers
+            .iter()
+            .all(|l| l.dir.starts_with(s.root().join("btrfs/subvolumes"))),
+        "{:?}",
+        img.layers
+    );
 }
 
 #[test]
 fn overlay2_fixture_really_has_whiteouts_and_opaque_dirs() {
     let img = store("overlay2").resolve("layerboot/demo").unwrap();
-    let whiteout = img.layers.iter().any(|l| fs::symlink_metadata(l.dir.join("etc/issue.net")).is_ok_and(|m| is_whiteout(&m)));
-    let opaque = img.layers.iter().any(|l| l.dir.join("opt/layerboot").is_dir() && is_opaque(&l.dir.join("opt/layerboot")));
+    let whiteout = img
+        .layers
+        .iter()
+        .any(|l| fs::symlink_metadata(l.dir.join("etc/issue.net")).is_ok_and(|m| is_whiteout(&m)));
+    let opaque = img
+        .layers
+        .iter()
+        .any(|l| l.dir.join("opt/layerboot").is_dir() && is_opaque(&l.dir.join("opt/layerboot")));
     let base_has_it = img.layers.last().unwrap().dir.join("etc/issue.net").is_file();
-    assert!(whiteout && opaque && base_has_it, "whiteout {whiteout}, opaque {opaque}, base file {base_has_it}");
-    assert!(img.layers.iter().all(|l| l.link.as_ref().is_some_and(|k| k.len() == 26)));
+    assert!(
+        whiteout && opaque && base_has_it,
+        "whiteout {whiteout}, opaque {opaque}, base file {base_has_it}"
+    );
+    assert!(img
+        .layers
+        .iter()
+        .all(|l| l.link.as_ref().is_some_and(|k| k.len() == 26)));
 }
 
 fn layerboot(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_layerboot")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_layerboot"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -319,29 +505,63 @@ fn inspect_lists_images_with_kernels_and_fails_clearly_on_unknown_refs() {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
         assert!(text.contains(&format!("{name} driver")), "{text}");
-        let demo = text.lines().find(|l| l.contains("layerboot/demo:latest")).expect("demo listed");
-        assert!(demo.contains(&image_id("DEMO_ID")[7..19]) && demo.contains("-amd64"), "{demo}");
+        let demo = text
+            .lines()
+            .find(|l| l.contains("layerboot/demo:latest"))
+            .expect("demo listed");
+        assert!(
+            demo.contains(&image_id("DEMO_ID")[7..19]) && demo.contains("-amd64"),
+            "{demo}"
+        );
 
         let out = layerboot(&["inspect", "--store", &root, "--json", "demo"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["id"], image_id("DEMO_ID"));
         let k = &v["kernels"][0];
-        assert!(k["version"].as_str().unwrap().ends_with("-amd64") && k["modules"] == true, "{k}");
+        assert!(
+            k["version"].as_str().unwrap().ends_with("-amd64") && k["modules"] == true,
+            "{k}"
+        );
         assert!(k["vmlinuz"].as_str().unwrap().starts_with("/boot/vmlinuz-"), "{k}");
 
         let out = layerboot(&["inspect", "--store", &root, "nope:1"]);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains("image 'nope:1' is not in the") && err.contains("layerboot/demo:v2"), "{err}");
+        assert!(
+            !out.status.success() && err.contains("image 'nope:1' is not in the") && err.contains("layerboot/demo:v2"),
+            "{err}"
+        );
     }
     let root = containerd_store().root().display().to_string();
     let out = layerboot(&["inspect", "--store", &root]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("(containerd, overlay2 driver)"), "{text}");
-    assert!(text.lines().any(|l| l.starts_with("moby: docker.io/layerboot/demo:latest") && l.contains("-amd64")), "{text}");
-    assert!(text.lines().any(|l| l.starts_with("a: docker.io/lb/twice:1") && l.contains("not unpacked")), "{text}");
-    let out = layerboot(&["inspect", "--store", &root, "--namespace", "default", "--json", "layerboot/demo:v2"]);
+    assert!(
+        out.status.success() && text.contains("(containerd, overlay2 driver)"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("moby: docker.io/layerboot/demo:latest") && l.contains("-amd64")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("a: docker.io/lb/twice:1") && l.contains("not unpacked")),
+        "{text}"
+    );
+    let out = layerboot(&[
+        "inspect",
+        "--store",
+        &root,
+        "--namespace",
+        "default",
+        "--json",
+        "layerboot/demo:v2",
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((v["namespace"].as_str(), v["driver"].as_str(), v["engine"].as_str()), (Some("default"), Some("btrfs"), Some("containerd")));
+    assert_eq!(
+        (v["namespace"].as_str(), v["driver"].as_str(), v["engine"].as_str()),
+        (Some("default"), Some("btrfs"), Some("containerd"))
+    );
     let out = layerboot(&["inspect", "--store", "/nonexistent"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("does not exist"));
 }
@@ -349,5 +569,8 @@ fn inspect_lists_images_with_kernels_and_fails_clearly_on_unknown_refs() {
 #[test]
 fn version_is_printed() {
     let out = layerboot(&["--version"]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("layerboot {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("layerboot {}", env!("CARGO_PKG_VERSION"))
+    );
 }

@@ -85,7 +85,10 @@ unsafe impl GlobalAlloc for BootAllocator {
         // The newest allocation grows in place (a Vec being filled, mostly).
         let (start, old_end) = (ptr as usize - base(), ptr as usize - base() + layout.size());
         if let Some(new_end) = start.checked_add(new_size).filter(|&e| e <= ARENA_SIZE) {
-            if NEXT.compare_exchange(old_end, new_end, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            if NEXT
+                .compare_exchange(old_end, new_end, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
                 return ptr;
             }
         }

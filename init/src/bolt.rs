@@ -69,7 +69,9 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 }
 
 fn fnv1a64(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// A meta page's (page size, root bucket page, txid), if its magic, version and checksum hold.
@@ -93,37 +95,65 @@ impl Db {
             Some((ps, _, _)) => vec![ps],
             None => vec![4096, 8192, 16384, 32768, 65536],
         };
-        let second = sizes.iter().filter(|&&ps| ps >= 1024).find_map(|&ps| meta_at(&data, ps));
-        let (page_size, root, _) = [first, second].into_iter().flatten().max_by_key(|m| m.2).ok_or_else(|| {
-            Error::new(format!(
-                "{} is not a bbolt database (or both its meta pages are corrupt): no valid meta page",
-                path.display()
-            ))
-        })?;
+        let second = sizes
+            .iter()
+            .filter(|&&ps| ps >= 1024)
+            .find_map(|&ps| meta_at(&data, ps));
+        let (page_size, root, _) = [first, second]
+            .into_iter()
+            .flatten()
+            .max_by_key(|m| m.2)
+            .ok_or_else(|| {
+                Error::new(format!(
+                    "{} is not a bbolt database (or both its meta pages are corrupt): no valid meta page",
+                    path.display()
+                ))
+            })?;
         if !(1024..=1 << 20).contains(&page_size) || !page_size.is_power_of_two() {
-            return Err(Error::new(format!("{} is corrupt: page size {page_size}", path.display())));
+            return Err(Error::new(format!(
+                "{} is corrupt: page size {page_size}",
+                path.display()
+            )));
         }
-        Ok(Db { path: path.to_path_buf(), data, page_size, root })
+        Ok(Db {
+            path: path.to_path_buf(),
+            data,
+            page_size,
+            root,
+        })
     }
 
     /// The top-level bucket that holds every other.
     pub fn root(&self) -> Bucket<'_> {
-        Bucket { db: self, root: Node::Page(self.root) }
+        Bucket {
+            db: self,
+            root: Node::Page(self.root),
+        }
     }
 
     fn corrupt(&self, what: &str) -> Error {
-        Error::new(format!("{} is corrupt: {what} (fix: the engine rewrites it; copy the store again if it was copied)", self.path.display()))
+        Error::new(format!(
+            "{} is corrupt: {what} (fix: the engine rewrites it; copy the store again if it was copied)",
+            self.path.display()
+        ))
     }
 
     /// A page with its overflow pages, checked to lie inside the file.
     fn page(&self, id: u64) -> Result<&[u8]> {
-        let start = usize::try_from(id).ok().and_then(|i| i.checked_mul(self.page_size)).filter(|&s| s + PAGE_HEADER <= self.data.len());
+        let start = usize::try_from(id)
+            .ok()
+            .and_then(|i| i.checked_mul(self.page_size))
+            .filter(|&s| s + PAGE_HEADER <= self.data.len());
         let start = start.ok_or_else(|| self.corrupt(&format!("page {id} lies past the end of the file")))?;
         let overflow = u32_at(&self.data, start + 12) as usize;
-        let end = (overflow + 1).checked_mul(self.page_size).and_then(|n| n.checked_add(start));
+        let end = (overflow + 1)
+            .checked_mul(self.page_size)
+            .and_then(|n| n.checked_add(start));
         match end {
             Some(end) if end <= self.data.len() => Ok(&self.data[start..end]),
-            _ => Err(self.corrupt(&format!("page {id} (with {overflow} overflow pages) runs past the end of the file"))),
+            _ => Err(self.corrupt(&format!(
+                "page {id} (with {overflow} overflow pages) runs past the end of the file"
+            ))),
         }
     }
 }
@@ -145,7 +175,9 @@ impl<'a> Bucket<'a> {
             if flags & BRANCH != 0 {
                 // The child whose first key is the last one not above `key`.
                 let i = elements.partition_point(|e| e.key <= key);
-                let Some(e) = elements.get(i.saturating_sub(1)) else { return Ok(None) };
+                let Some(e) = elements.get(i.saturating_sub(1)) else {
+                    return Ok(None);
+                };
                 node = Node::Page(e.child);
                 continue;
             }
@@ -182,7 +214,13 @@ impl<'a> Bucket<'a> {
 
     /// In a B+tree each page has one parent: a page met twice (a crafted or corrupt file
     /// whose branches all point at one child) would make the walk exponential.
-    fn collect(&self, node: Node<'a>, depth: usize, out: &mut Vec<(&'a [u8], Entry<'a>)>, seen: &mut std::collections::HashSet<u64>) -> Result<()> {
+    fn collect(
+        &self,
+        node: Node<'a>,
+        depth: usize,
+        out: &mut Vec<(&'a [u8], Entry<'a>)>,
+        seen: &mut std::collections::HashSet<u64>,
+    ) -> Result<()> {
         if depth > MAX_DEPTH {
             return Err(self.db.corrupt("its B+tree is deeper than any real one (a page cycle)"));
         }
@@ -211,7 +249,11 @@ impl<'a> Bucket<'a> {
             return Err(self.db.corrupt("a nested bucket's header is truncated"));
         }
         let root = u64_at(value, 0);
-        let root = if root == 0 { Node::Inline(&value[BUCKET_HEADER..]) } else { Node::Page(root) };
+        let root = if root == 0 {
+            Node::Inline(&value[BUCKET_HEADER..])
+        } else {
+            Node::Page(root)
+        };
         Ok(Entry::Bucket(Bucket { db: self.db, root }))
     }
 
@@ -226,22 +268,42 @@ impl<'a> Bucket<'a> {
         }
         let flags = u16_at(page, 8);
         if flags & (BRANCH | LEAF) == 0 {
-            return Err(self.db.corrupt(&format!("a bucket points at a page that is neither branch nor leaf (flags {flags:#x})")));
+            return Err(self.db.corrupt(&format!(
+                "a bucket points at a page that is neither branch nor leaf (flags {flags:#x})"
+            )));
         }
         let count = u16_at(page, 10) as usize;
         let mut out = Vec::with_capacity(count);
         for i in 0..count {
             let at = PAGE_HEADER + i * ELEMENT;
-            let el = page.get(at..at + ELEMENT).ok_or_else(|| self.db.corrupt("a page's element table runs past the page"))?;
-            let slice = |from: usize, len: usize| page.get(at + from..at + from + len).ok_or_else(|| self.db.corrupt("a key or value runs past its page"));
+            let el = page
+                .get(at..at + ELEMENT)
+                .ok_or_else(|| self.db.corrupt("a page's element table runs past the page"))?;
+            let slice = |from: usize, len: usize| {
+                page.get(at + from..at + from + len)
+                    .ok_or_else(|| self.db.corrupt("a key or value runs past its page"))
+            };
             if flags & BRANCH != 0 {
                 let (pos, ksize) = (u32_at(el, 0) as usize, u32_at(el, 4) as usize);
-                out.push(Element { key: slice(pos, ksize)?, leaf: None, child: u64_at(el, 8) });
+                out.push(Element {
+                    key: slice(pos, ksize)?,
+                    leaf: None,
+                    child: u64_at(el, 8),
+                });
             } else {
-                let (f, pos, ksize, vsize) = (u32_at(el, 0), u32_at(el, 4) as usize, u32_at(el, 8) as usize, u32_at(el, 12) as usize);
+                let (f, pos, ksize, vsize) = (
+                    u32_at(el, 0),
+                    u32_at(el, 4) as usize,
+                    u32_at(el, 8) as usize,
+                    u32_at(el, 12) as usize,
+                );
                 let key = slice(pos, ksize)?;
                 let value = slice(pos + ksize, vsize)?;
-                out.push(Element { key, leaf: Some((f, value)), child: 0 });
+                out.push(Element {
+                    key,
+                    leaf: Some((f, value)),
+                    child: 0,
+                });
             }
         }
         Ok((flags, out))
@@ -273,7 +335,10 @@ mod tests {
 
     impl Builder {
         fn new(ps: usize, pages: usize) -> Builder {
-            Builder { ps, data: vec![0; ps * pages] }
+            Builder {
+                ps,
+                data: vec![0; ps * pages],
+            }
         }
         fn meta(&mut self, page: usize, root: u64, txid: u64) {
             let at = page * self.ps;
@@ -332,7 +397,10 @@ mod tests {
         b.page(2, &Builder::page_image(BRANCH, &[(3, b"a", b""), (4, b"v1", b"")]));
         b.page(3, &Builder::page_image(LEAF, &[(0, b"a", b"1"), (0, b"b", b"2")]));
         let nested = inline_bucket(&[(0, b"id", &[0xac, 0x02]), (0, b"kind", &[3])]);
-        b.page(4, &Builder::page_image(LEAF, &[(BUCKET_FLAG as u64, b"v1", &nested), (0, b"zz", b"last")]));
+        b.page(
+            4,
+            &Builder::page_image(LEAF, &[(BUCKET_FLAG as u64, b"v1", &nested), (0, b"zz", b"last")]),
+        );
         b
     }
 
@@ -366,7 +434,10 @@ mod tests {
 
     #[test]
     fn corrupt_files_are_named_errors_not_panics() {
-        let e = Db::from_bytes(Path::new("x.db"), vec![0; 8192]).err().unwrap().to_string();
+        let e = Db::from_bytes(Path::new("x.db"), vec![0; 8192])
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("x.db is not a bbolt database"), "{e}");
         let mut b = sample();
         b.page(2, &Builder::page_image(BRANCH, &[(99, b"a", b"")])); // child past the end
@@ -390,7 +461,10 @@ mod tests {
         b.meta(1, 2, 6);
         for l in 0..levels {
             let next = (3 + l) as u64;
-            b.page(2 + l, &Builder::page_image(BRANCH, &[(next, b"a", b""), (next, b"b", b"")]));
+            b.page(
+                2 + l,
+                &Builder::page_image(BRANCH, &[(next, b"a", b""), (next, b"b", b"")]),
+            );
         }
         b.page(2 + levels, &Builder::page_image(LEAF, &[(0, b"a", b"1")]));
         let db = Db::from_bytes(Path::new("x.db"), b.data).unwrap();

@@ -12,11 +12,11 @@ use nix::errno::Errno;
 use nix::kmod::{finit_module, ModuleInitFlags};
 use sys_mount::MountFlags;
 
+use crate::coldplug::{ModaliasWalker, Uevents};
 use crate::copy::copy_tree;
 use crate::error::{Context, Error, Result};
 use crate::kmod::ModuleIndex;
 use crate::mounts::{mount, unmount};
-use crate::coldplug::{ModaliasWalker, Uevents};
 use crate::probe::{scan, BlockDevice};
 use crate::settings::{parse_cmdline, Config, DeviceSpec, Settings, CONFIG_PATH};
 use crate::store::{Driver, Image, Store};
@@ -53,12 +53,26 @@ pub struct Boot {
 impl Boot {
     /// As the initramfs's `/init`: makes the root at /sysroot and switches to it.
     pub fn new() -> Boot {
-        Boot { started: Instant::now(), cpu_at_start: crate::cost::process_cpu(), user_cpu_at_start: crate::cost::process_user_cpu(), settings: None, stages: Default::default(), marks: Default::default(), new_root: PathBuf::from(NEW_ROOT), hosted: false, warnings: Default::default() }
+        Boot {
+            started: Instant::now(),
+            cpu_at_start: crate::cost::process_cpu(),
+            user_cpu_at_start: crate::cost::process_user_cpu(),
+            settings: None,
+            stages: Default::default(),
+            marks: Default::default(),
+            new_root: PathBuf::from(NEW_ROOT),
+            hosted: false,
+            warnings: Default::default(),
+        }
     }
 
     /// Inside another initramfs: makes the root at `target` and returns (`--mount-root`).
     pub fn hosted(target: &Path) -> Boot {
-        Boot { new_root: target.to_path_buf(), hosted: true, ..Boot::new() }
+        Boot {
+            new_root: target.to_path_buf(),
+            hosted: true,
+            ..Boot::new()
+        }
     }
 
     /// A finer timing point for `layerboot.debug`: wall time, own CPU time and the part of
@@ -66,7 +80,9 @@ impl Boot {
     /// cost more than most steps).
     fn mark(&self, what: &'static str) {
         let (cpu, user) = self.own_work_ms();
-        self.marks.borrow_mut().push((what, self.started.elapsed().as_millis(), cpu, user));
+        self.marks
+            .borrow_mut()
+            .push((what, self.started.elapsed().as_millis(), cpu, user));
     }
 
     /// /init's own CPU time so far and the part of it in /init's own code, in ms.
@@ -103,7 +119,8 @@ impl Boot {
             mount_api_filesystems()?;
         }
         crate::console::init_logging(false);
-        let cmdline_text = fs::read_to_string("/proc/cmdline").map_err(|e| Error::new(format!("cannot read /proc/cmdline: {e}")))?;
+        let cmdline_text =
+            fs::read_to_string("/proc/cmdline").map_err(|e| Error::new(format!("cannot read /proc/cmdline: {e}")))?;
         let cmdline = parse_cmdline(&cmdline_text);
         let config = read_config()?;
         let settings = Settings::resolve(&cmdline, &config)?;
@@ -119,31 +136,65 @@ impl Boot {
         self.mark("module index read");
         let mut forced = config.modules.clone();
         forced.extend(settings.modules.iter().cloned());
-        hw.load(&forced).context("loading the modules named by layerboot.modules=")?;
+        hw.load(&forced)
+            .context("loading the modules named by layerboot.modules=")?;
 
         let root = hw.wait_for("root", &settings.root, settings.timeout)?;
         self.stage("root device", &root.describe());
         self.mark("root device found");
-        let fstype = settings.root_fstype.clone().or(root.probe.fstype.map(str::to_string)).ok_or_else(|| {
-            Error::new(format!("cannot tell which filesystem {} holds (fix: add rootfstype=btrfs, ext4, …)", root.node.display()))
-        })?;
+        let fstype = settings
+            .root_fstype
+            .clone()
+            .or(root.probe.fstype.map(str::to_string))
+            .ok_or_else(|| {
+                Error::new(format!(
+                    "cannot tell which filesystem {} holds (fix: add rootfstype=btrfs, ext4, …)",
+                    root.node.display()
+                ))
+            })?;
         hw.ensure_filesystem(&fstype)?;
         let store_mount = Path::new(STORE_MOUNT);
         // With the upper on tmpfs the store partition is only read.
-        let store_flags = if settings.upper_tmpfs { MountFlags::RDONLY } else { MountFlags::empty() };
-        mount(&root.node, store_mount, &fstype, store_flags, &store_options(&fstype, &settings.root_flags))
-            .context("mounting the image store partition (root=)")?;
+        let store_flags = if settings.upper_tmpfs {
+            MountFlags::RDONLY
+        } else {
+            MountFlags::empty()
+        };
+        mount(
+            &root.node,
+            store_mount,
+            &fstype,
+            store_flags,
+            &store_options(&fstype, &settings.root_flags),
+        )
+        .context("mounting the image store partition (root=)")?;
 
         let data_root = store_mount.join(&settings.docker_path);
         self.mark("store partition mounted");
-        let store = Store::open(&data_root).context("reading the image store (docker_path=)")?.with_namespace(settings.namespace.clone());
-        let image = store.resolve(&settings.image).context("finding the image to boot (docker_image=)")?;
-        self.stage("image", &format!("{} is {} ({} layers, {})", settings.image, image.id, image.layers.len(), image.driver.name()));
+        let store = Store::open(&data_root)
+            .context("reading the image store (docker_path=)")?
+            .with_namespace(settings.namespace.clone());
+        let image = store
+            .resolve(&settings.image)
+            .context("finding the image to boot (docker_image=)")?;
+        self.stage(
+            "image",
+            &format!(
+                "{} is {} ({} layers, {})",
+                settings.image,
+                image.id,
+                image.layers.len(),
+                image.driver.name()
+            ),
+        );
         self.mark("image resolved");
 
         match image.driver {
             Driver::Btrfs if fstype != "btrfs" => {
-                return Err(Error::new(format!("the store uses the btrfs driver but {} is {fstype}", root.node.display())))
+                return Err(Error::new(format!(
+                    "the store uses the btrfs driver but {} is {fstype}",
+                    root.node.display()
+                )))
             }
             Driver::Btrfs => {}
             Driver::Overlay2 | Driver::Vfs => hw.ensure_filesystem("overlay")?,
@@ -151,25 +202,45 @@ impl Boot {
         let toplayer = self.mount_toplayer(&settings, &root, &mut hw)?;
         self.mark("top layer found");
         let new_root = self.new_root.as_path();
-        let ro = if settings.read_only { MountFlags::RDONLY } else { MountFlags::empty() };
+        let ro = if settings.read_only {
+            MountFlags::RDONLY
+        } else {
+            MountFlags::empty()
+        };
         if settings.upper_tmpfs {
             hw.ensure_filesystem("overlay")?;
             self.mount_tmpfs_root(&image, &store, toplayer.as_deref(), ro)?;
         } else {
             // Before anything is touched: the layer's generations must not be the store
             // or the top layer, nor hold them.
-            check_clear_of(&settings.rw_name, "the image store (docker_path=)", &settings.docker_path)?;
+            check_clear_of(
+                &settings.rw_name,
+                "the image store (docker_path=)",
+                &settings.docker_path,
+            )?;
             if let Some(on_store) = toplayer.as_deref().and_then(|t| t.strip_prefix(STORE_MOUNT).ok()) {
-                check_clear_of(&settings.rw_name, "the top layer (toplayer_path=)", &on_store.to_string_lossy())?;
+                check_clear_of(
+                    &settings.rw_name,
+                    "the top layer (toplayer_path=)",
+                    &on_store.to_string_lossy(),
+                )?;
             }
-            let origin = image.layers.first().map(|l| l.dir.as_path()).filter(|_| image.driver == Driver::Btrfs);
+            let origin = image
+                .layers
+                .first()
+                .map(|l| l.dir.as_path())
+                .filter(|_| image.driver == Driver::Btrfs);
             let mut layers = Layers::open(store_mount, &settings.rw_name, settings.keep, settings.rw_adopt, origin)?;
             let recovered = layers.recover();
             self.take_warnings(&mut layers);
             recovered.context("cleaning up after an interrupted boot")?;
             let kept = settings.mode_keep && reusable(&layers.current(), &image, &settings.rw_name);
             let mut fill = |layer: &Path| self.copy_toplayer(&image, &store, layer, toplayer.as_deref());
-            let made = if kept { layers.refresh_current(&mut fill) } else { layers.make_fresh_or_prune(&image, &mut fill) };
+            let made = if kept {
+                layers.refresh_current(&mut fill)
+            } else {
+                layers.make_fresh_or_prune(&image, &mut fill)
+            };
             self.take_warnings(&mut layers);
             self.mark("top layer copied");
             match made {
@@ -178,10 +249,18 @@ impl Boot {
                     match image.driver {
                         Driver::Btrfs => {
                             let mut opts = vec![format!("subvol=/{}", settings.rw_name)];
-                            opts.extend(settings.root_flags.iter().filter(|f| !f.starts_with("subvolid=")).cloned());
+                            opts.extend(
+                                settings
+                                    .root_flags
+                                    .iter()
+                                    .filter(|f| !f.starts_with("subvolid="))
+                                    .cloned(),
+                            );
                             mount(&root.node, new_root, "btrfs", ro, &opts.join(","))?
                         }
-                        Driver::Overlay2 | Driver::Vfs => mount_overlay(&image, &store, &layers.current(), new_root, ro)?,
+                        Driver::Overlay2 | Driver::Vfs => {
+                            mount_overlay(&image, &store, &layers.current(), new_root, ro)?
+                        }
                     }
                 }
                 // Never an older image's layer: this image, with nothing kept.
@@ -204,15 +283,25 @@ impl Boot {
         // Our own switch: leave the way back for a clean unmount at shutdown.
         if !self.hosted {
             if let Err(e) = crate::shutdown::prepare(Path::new("/init")) {
-                self.warn(&format!("{e}: the store's filesystem will not be unmounted cleanly at shutdown"));
+                self.warn(&format!(
+                    "{e}: the store's filesystem will not be unmounted cleanly at shutdown"
+                ));
             }
         }
         write_boot_record(&settings, &store, &image, &self.warnings.borrow());
         self.mark("boot record written");
         check_init(new_root, &settings.init)?;
         self.mark("init checked");
-        let marks: Vec<String> = self.marks.borrow().iter().map(|(w, ms, cpu, user)| format!("{w} {ms}/{cpu}/{user}")).collect();
-        log::debug!("timeline (ms since start / own CPU ms / of it in /init's code): {}", marks.join(", "));
+        let marks: Vec<String> = self
+            .marks
+            .borrow()
+            .iter()
+            .map(|(w, ms, cpu, user)| format!("{w} {ms}/{cpu}/{user}"))
+            .collect();
+        log::debug!(
+            "timeline (ms since start / own CPU ms / of it in /init's code): {}",
+            marks.join(", ")
+        );
         let total = self.started.elapsed();
         let fs_time = crate::mounts::fs_time();
         let stages: Vec<String> = self.stages.borrow().iter().map(|(n, ms)| format!("{n} {ms}")).collect();
@@ -244,12 +333,25 @@ impl Boot {
             PathBuf::from(STORE_MOUNT)
         } else {
             let dev = hw.wait_for("toplayer", spec, s.timeout)?;
-            let fstype = s.toplayer_fstype.clone().or(dev.probe.fstype.map(str::to_string)).ok_or_else(|| {
-                Error::new(format!("cannot tell which filesystem {} holds (fix: add toplayerfstype=)", dev.node.display()))
-            })?;
+            let fstype = s
+                .toplayer_fstype
+                .clone()
+                .or(dev.probe.fstype.map(str::to_string))
+                .ok_or_else(|| {
+                    Error::new(format!(
+                        "cannot tell which filesystem {} holds (fix: add toplayerfstype=)",
+                        dev.node.display()
+                    ))
+                })?;
             hw.ensure_filesystem(&fstype)?;
-            mount(&dev.node, Path::new(TOPLAYER_MOUNT), &fstype, MountFlags::RDONLY, &s.toplayer_flags.join(","))
-                .context("mounting the top layer (toplayer=)")?;
+            mount(
+                &dev.node,
+                Path::new(TOPLAYER_MOUNT),
+                &fstype,
+                MountFlags::RDONLY,
+                &s.toplayer_flags.join(","),
+            )
+            .context("mounting the top layer (toplayer=)")?;
             PathBuf::from(TOPLAYER_MOUNT)
         };
         // Resolved inside its device (a link in toplayer_path cannot lead off it), on one
@@ -287,14 +389,17 @@ impl Boot {
                 copied?
             }
         };
-        self.stage("top layer", &format!(
-            "copied from {} ({} files, {} dirs, {} links, {} bytes)",
-            src.display(),
-            stats.files,
-            stats.dirs,
-            stats.links,
-            stats.bytes
-        ));
+        self.stage(
+            "top layer",
+            &format!(
+                "copied from {} ({} files, {} dirs, {} links, {} bytes)",
+                src.display(),
+                stats.files,
+                stats.dirs,
+                stats.links,
+                stats.bytes
+            ),
+        );
         stats.warnings.iter().for_each(|w| self.warn(w));
         Ok(())
     }
@@ -303,7 +408,13 @@ impl Boot {
     /// nothing is written to the disk.
     fn mount_tmpfs_root(&self, image: &Image, store: &Store, toplayer: Option<&Path>, ro: MountFlags) -> Result<()> {
         let home = Path::new(TMPFS_UPPER);
-        mount(Path::new("tmpfs"), home, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, "mode=0755")?;
+        mount(
+            Path::new("tmpfs"),
+            home,
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV,
+            "mode=0755",
+        )?;
         for d in ["upper", "work"] {
             fs::create_dir_all(home.join(d)).map_err(|e| Error::io("cannot create", &home.join(d), e))?;
         }
@@ -311,13 +422,25 @@ impl Boot {
         mount_overlay(image, store, home, new_root, MountFlags::empty())?;
         if let Some(src) = toplayer {
             let stats = copy_tree(src, new_root)?;
-            self.stage("top layer", &format!("copied from {} ({} files)", src.display(), stats.files));
+            self.stage(
+                "top layer",
+                &format!("copied from {} ({} files)", src.display(), stats.files),
+            );
             stats.warnings.iter().for_each(|w| self.warn(w));
         }
         if ro.contains(MountFlags::RDONLY) {
-            mount(Path::new("overlay"), new_root, "overlay", MountFlags::REMOUNT | MountFlags::RDONLY, "")?;
+            mount(
+                Path::new("overlay"),
+                new_root,
+                "overlay",
+                MountFlags::REMOUNT | MountFlags::RDONLY,
+                "",
+            )?;
         }
-        self.stage("writable layer", "an overlay with its upper on tmpfs (layerboot.upper=tmpfs)");
+        self.stage(
+            "writable layer",
+            "an overlay with its upper on tmpfs (layerboot.upper=tmpfs)",
+        );
         Ok(())
     }
 }
@@ -351,7 +474,9 @@ fn reusable(current: &Path, image: &Image, name: &str) -> bool {
         }
         None => {
             if current.exists() {
-                crate::console::say(&format!("layerboot: layerboot.mode=keep, but layer {name} records no image: making a fresh layer"));
+                crate::console::say(&format!(
+                    "layerboot: layerboot.mode=keep, but layer {name} records no image: making a fresh layer"
+                ));
             }
             false
         }
@@ -402,7 +527,9 @@ fn store_options(fstype: &str, flags: &[String]) -> String {
 
 fn mount_overlay(image: &Image, store: &Store, layer: &Path, target: &Path, flags: MountFlags) -> Result<()> {
     // A containerd store may have no overlayfs snapshots at all (btrfs snapshotter only).
-    let home = Some(store.driver_home()).filter(|h| h.is_dir()).unwrap_or_else(|| PathBuf::from("/"));
+    let home = Some(store.driver_home())
+        .filter(|h| h.is_dir())
+        .unwrap_or_else(|| PathBuf::from("/"));
     let data = overlay_data(image, &home, &layer.join("upper"), &layer.join("work"))?;
     // The lower dirs are relative to the driver's home (see overlay_data).
     nix::unistd::chdir(&home).map_err(|e| Error::io("cannot enter", &home, e))?;
@@ -424,8 +551,15 @@ pub struct Hardware {
 impl Hardware {
     pub fn new(config: &Config) -> Result<Hardware> {
         // Opened before the first sysfs walk, so no device can appear unseen in between.
-        let uevents = Uevents::open().map_err(|e| log::warn!("no uevent socket ({e}): polling sysfs instead")).ok();
-        Ok(Hardware { modules: KernelModules::open(config)?, walker: ModaliasWalker::default(), uevents, kernel_time: Duration::ZERO })
+        let uevents = Uevents::open()
+            .map_err(|e| log::warn!("no uevent socket ({e}): polling sysfs instead"))
+            .ok();
+        Ok(Hardware {
+            modules: KernelModules::open(config)?,
+            walker: ModaliasWalker::default(),
+            uevents,
+            kernel_time: Duration::ZERO,
+        })
     }
 
     fn timed<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
@@ -443,10 +577,17 @@ impl Hardware {
     /// Loads the modules matching devices not seen before (their modaliases): those of
     /// every device on a bus if `walk_sysfs`, and those that uevents brought.
     fn coldplug(&mut self, walk_sysfs: bool, from_uevents: Vec<String>) {
-        let mut aliases = if walk_sysfs { self.walker.scan(Path::new("/sys/bus")) } else { Vec::new() };
+        let mut aliases = if walk_sysfs {
+            self.walker.scan(Path::new("/sys/bus"))
+        } else {
+            Vec::new()
+        };
         aliases.extend(from_uevents.into_iter().filter_map(|a| self.walker.add_from_uevent(&a)));
         let names: BTreeSet<String> = aliases.iter().flat_map(|a| self.modules.index.resolve(a)).collect();
-        let names: Vec<String> = names.into_iter().filter(|n| !self.modules.attempted.contains(n)).collect();
+        let names: Vec<String> = names
+            .into_iter()
+            .filter(|n| !self.modules.attempted.contains(n))
+            .collect();
         if names.is_empty() {
             return;
         }
@@ -468,7 +609,10 @@ impl Hardware {
             return Ok(true);
         }
         self.ensure_filesystem("btrfs")?;
-        for member in all.iter().filter(|d| d.probe.fstype == Some("btrfs") && d.probe.uuid == dev.probe.uuid) {
+        for member in all
+            .iter()
+            .filter(|d| d.probe.fstype == Some("btrfs") && d.probe.uuid == dev.probe.uuid)
+        {
             crate::btrfs::scan_device(&member.node)?;
         }
         crate::btrfs::devices_ready(&dev.node)
@@ -482,7 +626,11 @@ impl Hardware {
         // sysfs is walked once; after that, uevents name what changed (the socket was open
         // before the first walk, so nothing is missed). Each walk costs hundreds of reads,
         // slow under emulation. With no uevent socket, every pass walks.
-        let mut wakeup = crate::coldplug::Wakeup { events: true, lost: true, modaliases: Vec::new() };
+        let mut wakeup = crate::coldplug::Wakeup {
+            events: true,
+            lost: true,
+            modaliases: Vec::new(),
+        };
         let mut devices = Vec::new();
         let mut probed = Instant::now();
         let result = loop {
@@ -516,7 +664,10 @@ impl Hardware {
             if timeout.is_some_and(|t| start.elapsed() >= t) {
                 let seen: Vec<String> = devices.iter().map(|d| format!("  {}", d.describe())).collect();
                 let partial = devices.iter().find(|d| d.matches(spec)).map_or(String::new(), |d| {
-                    format!(" (it is part of a {}-device btrfs filesystem whose other devices are missing)", d.probe.devices.unwrap_or(0))
+                    format!(
+                        " (it is part of a {}-device btrfs filesystem whose other devices are missing)",
+                        d.probe.devices.unwrap_or(0)
+                    )
                 });
                 break Err(Error::new(format!(
                     "{what} device {spec} did not appear within {} s{partial}.\nblock devices seen:\n{}\n(fix: correct {what}=, or add the disk's driver to the initramfs; layerboot.timeout=S waits longer)",
@@ -566,8 +717,17 @@ impl KernelModules {
         let running = running.release().to_string_lossy().into_owned();
         check_kernel(config.kernel.as_deref(), &running)?;
         let dir = PathBuf::from("/lib/modules").join(&running);
-        let index = if dir.join("modules.dep").exists() { ModuleIndex::load(&dir)? } else { ModuleIndex::default() };
-        Ok(KernelModules { dir, index, attempted: BTreeSet::new(), cpu_modalias: None })
+        let index = if dir.join("modules.dep").exists() {
+            ModuleIndex::load(&dir)?
+        } else {
+            ModuleIndex::default()
+        };
+        Ok(KernelModules {
+            dir,
+            index,
+            attempted: BTreeSet::new(),
+            cpu_modalias: None,
+        })
     }
 
     pub fn load(&mut self, names: &[String]) -> Result<()> {
@@ -576,7 +736,10 @@ impl KernelModules {
                 continue;
             }
             if step.optional && !self.fits_cpu(&step.name) {
-                log::debug!("optional module {} skipped: this CPU lacks the feature it needs", step.name);
+                log::debug!(
+                    "optional module {} skipped: this CPU lacks the feature it needs",
+                    step.name
+                );
                 continue;
             }
             let path = self.dir.join(&step.path);
@@ -587,7 +750,11 @@ impl KernelModules {
                 // A soft dependency may not fit this machine (crc32c-intel without SSE4.2).
                 Err(e) if step.optional => log::debug!("optional module {} not loaded: {e}", step.name),
                 Err(e) => {
-                    return Err(Error::new(format!("cannot load kernel module {} ({}): {e} (see dmesg for the kernel's reason)", step.name, path.display())))
+                    return Err(Error::new(format!(
+                        "cannot load kernel module {} ({}): {e} (see dmesg for the kernel's reason)",
+                        step.name,
+                        path.display()
+                    )))
                 }
             }
         }
@@ -597,7 +764,9 @@ impl KernelModules {
     /// Checked only for soft dependencies (a named or device-matched module is always tried).
     fn fits_cpu(&mut self, name: &str) -> bool {
         let cpu = self.cpu_modalias.get_or_insert_with(|| {
-            fs::read_to_string("/sys/devices/system/cpu/modalias").map(|s| s.trim().to_string()).unwrap_or_default()
+            fs::read_to_string("/sys/devices/system/cpu/modalias")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default()
         });
         cpu.is_empty() || self.index.fits_cpu(name, cpu)
     }
@@ -643,7 +812,9 @@ fn check_init(new_root: &Path, init: &str) -> Result<()> {
     };
     match found {
         Some(md) if md.is_file() && md.permissions().mode() & 0o111 != 0 => Ok(()),
-        Some(_) => Err(Error::new(format!("{init} in the image is not an executable file (fix: init= another program)"))),
+        Some(_) => Err(Error::new(format!(
+            "{init} in the image is not an executable file (fix: init= another program)"
+        ))),
         None => Err(Error::new(format!(
             "the image has no {init} (fix: install an init system in the image, e.g. systemd-sysv, or set init=)"
         ))),
@@ -656,7 +827,9 @@ fn resolve_in_root(root: &Path, path: &str) -> std::result::Result<Option<fs::Me
     use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let dir = fs::File::open(root).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
-    let how = OpenHow::new().flags(OFlag::O_PATH | OFlag::O_CLOEXEC).resolve(ResolveFlag::RESOLVE_IN_ROOT);
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT);
     match openat2(dir.as_raw_fd(), path, how) {
         // SAFETY: openat2 returned a new descriptor that nothing else owns.
         Ok(fd) => Ok(fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }).metadata().ok()),
@@ -706,14 +879,26 @@ mod tests {
     fn modules_for_another_kernel_are_refused_with_the_fix() {
         assert!(check_kernel(Some("6.1.0-50-amd64"), "6.1.0-50-amd64").is_ok());
         assert!(check_kernel(None, "6.1.0-50-amd64").is_ok());
-        let e = check_kernel(Some("6.1.0-50-amd64"), "6.12.0-1-amd64").unwrap_err().to_string();
-        assert!(e.contains("modules for kernel 6.1.0-50-amd64, but the running kernel is 6.12.0-1-amd64") && e.contains("rebuild"), "{e}");
+        let e = check_kernel(Some("6.1.0-50-amd64"), "6.12.0-1-amd64")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("modules for kernel 6.1.0-50-amd64, but the running kernel is 6.12.0-1-amd64")
+                && e.contains("rebuild"),
+            "{e}"
+        );
     }
 
     #[test]
     fn a_top_layer_that_holds_the_store_is_refused() {
-        for (top, store) in [("", "var/lib/docker"), ("var", "var/lib/docker"), ("var/lib/docker", "var/lib/docker")] {
-            let e = check_toplayer_clear_of_store(Path::new(top), store).unwrap_err().to_string();
+        for (top, store) in [
+            ("", "var/lib/docker"),
+            ("var", "var/lib/docker"),
+            ("var/lib/docker", "var/lib/docker"),
+        ] {
+            let e = check_toplayer_clear_of_store(Path::new(top), store)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("holds the image store") && e.contains("fix:"), "{top}: {e}");
         }
         assert!(check_toplayer_clear_of_store(Path::new("toplayer"), "var/lib/docker").is_ok());
@@ -722,7 +907,10 @@ mod tests {
 
     #[test]
     fn btrfs_store_is_mounted_at_its_top_level() {
-        assert_eq!(store_options("btrfs", &["compress=zstd".into()]), "compress=zstd,subvolid=5");
+        assert_eq!(
+            store_options("btrfs", &["compress=zstd".into()]),
+            "compress=zstd,subvolid=5"
+        );
         assert_eq!(store_options("btrfs", &["subvolid=256".into()]), "subvolid=256");
         assert_eq!(store_options("ext4", &[]), "");
     }

@@ -47,9 +47,15 @@ const CONTROL: &str = "/dev/btrfs-control";
 
 fn vol_args(name: &[u8]) -> Result<Box<BtrfsVolArgs>> {
     if name.len() > BTRFS_PATH_NAME_MAX {
-        return Err(Error::new(format!("{} is too long for btrfs", String::from_utf8_lossy(name))));
+        return Err(Error::new(format!(
+            "{} is too long for btrfs",
+            String::from_utf8_lossy(name)
+        )));
     }
-    let mut args = Box::new(BtrfsVolArgs { fd: 0, name: [0; BTRFS_PATH_NAME_MAX + 1] });
+    let mut args = Box::new(BtrfsVolArgs {
+        fd: 0,
+        name: [0; BTRFS_PATH_NAME_MAX + 1],
+    });
     args.name[..name.len()].copy_from_slice(name);
     Ok(args)
 }
@@ -75,13 +81,20 @@ pub fn devices_ready(device: &Path) -> Result<bool> {
     match unsafe { btrfs_devices_ready(control.as_raw_fd(), &mut *args) } {
         Ok(0) => Ok(true),
         Ok(_) => Ok(false),
-        Err(e) => Err(Error::new(format!("cannot ask btrfs whether {} is complete: {e}", device.display()))),
+        Err(e) => Err(Error::new(format!(
+            "cannot ask btrfs whether {} is complete: {e}",
+            device.display()
+        ))),
     }
 }
 
 fn open_dir(path: &Path) -> Result<OwnedFd> {
-    let fd = open(path, OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| Error::io("cannot open", path, e))?;
+    let fd = open(
+        path,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io("cannot open", path, e))?;
     // SAFETY: a fresh descriptor from open.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -101,7 +114,13 @@ pub fn snapshot(source: &Path, dest: &Path) -> Result<()> {
     }
     let src = open_dir(source)?;
     let dir = open_dir(&parent)?;
-    let mut args = BtrfsVolArgsV2 { fd: src.as_raw_fd() as i64, transid: 0, flags: 0, unused: [0; 4], name: [0; BTRFS_SUBVOL_NAME_MAX + 1] };
+    let mut args = BtrfsVolArgsV2 {
+        fd: src.as_raw_fd() as i64,
+        transid: 0,
+        flags: 0,
+        unused: [0; 4],
+        name: [0; BTRFS_SUBVOL_NAME_MAX + 1],
+    };
     args.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: args is a valid, initialised btrfs_ioctl_vol_args_v2 for the call's duration.
     crate::mounts::timed_fs(|| unsafe { btrfs_snap_create_v2(dir.as_raw_fd(), &args) }).map_err(|e| {
@@ -110,7 +129,11 @@ pub fn snapshot(source: &Path, dest: &Path) -> Result<()> {
         } else {
             ""
         };
-        Error::new(format!("cannot snapshot {} as {}: {e}{hint}", source.display(), dest.display()))
+        Error::new(format!(
+            "cannot snapshot {} as {}: {e}{hint}",
+            source.display(),
+            dest.display()
+        ))
     })?;
     Ok(())
 }
@@ -120,7 +143,10 @@ pub fn snapshot(source: &Path, dest: &Path) -> Result<()> {
 pub fn delete(path: &Path) -> Result<()> {
     let (parent, name) = split(path)?;
     let dir = open_dir(&parent)?;
-    let mut args = BtrfsVolArgs { fd: 0, name: [0; BTRFS_PATH_NAME_MAX + 1] };
+    let mut args = BtrfsVolArgs {
+        fd: 0,
+        name: [0; BTRFS_PATH_NAME_MAX + 1],
+    };
     args.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: args is a valid btrfs_ioctl_vol_args for the call's duration.
     match crate::mounts::timed_fs(|| unsafe { btrfs_snap_destroy(dir.as_raw_fd(), &args) }) {
@@ -177,9 +203,14 @@ pub fn subvolume_id(path: &Path) -> Result<u64> {
         return Err(Error::new(format!("{} is not a btrfs subvolume", path.display())));
     }
     let dir = open_dir(path)?;
-    let mut args = Box::new(InoLookupArgs { treeid: 0, objectid: BTRFS_FIRST_FREE_OBJECTID, name: [0; 4080] });
+    let mut args = Box::new(InoLookupArgs {
+        treeid: 0,
+        objectid: BTRFS_FIRST_FREE_OBJECTID,
+        name: [0; 4080],
+    });
     // SAFETY: args is a valid btrfs_ioctl_ino_lookup_args the kernel writes back into.
-    unsafe { btrfs_ino_lookup(dir.as_raw_fd(), &mut *args) }.map_err(|e| Error::io("cannot look up the subvolume of", path, e))?;
+    unsafe { btrfs_ino_lookup(dir.as_raw_fd(), &mut *args) }
+        .map_err(|e| Error::io("cannot look up the subvolume of", path, e))?;
     Ok(args.treeid)
 }
 
@@ -276,7 +307,10 @@ pub fn subvolume_uuids(path: &Path) -> Result<([u8; 16], [u8; 16])> {
         times: [Timespec; 4],
         reserved: [u64; 8],
     }
-    const _: () = assert!(std::mem::size_of::<SubvolInfo>() == 504, "struct btrfs_ioctl_get_subvol_info_args");
+    const _: () = assert!(
+        std::mem::size_of::<SubvolInfo>() == 504,
+        "struct btrfs_ioctl_get_subvol_info_args"
+    );
     nix::ioctl_read!(btrfs_get_subvol_info, BTRFS_IOCTL_MAGIC, 60, SubvolInfo);
     if !is_subvolume(path) {
         return Err(Error::new(format!("{} is not a btrfs subvolume", path.display())));
@@ -285,6 +319,7 @@ pub fn subvolume_uuids(path: &Path) -> Result<([u8; 16], [u8; 16])> {
     // SAFETY: all-zero is a valid SubvolInfo (plain integers); the kernel fills it in.
     let mut info: Box<SubvolInfo> = Box::new(unsafe { std::mem::zeroed() });
     // SAFETY: info is a valid btrfs_ioctl_get_subvol_info_args the kernel writes into.
-    unsafe { btrfs_get_subvol_info(dir.as_raw_fd(), &mut *info) }.map_err(|e| Error::io("cannot read the subvolume info of", path, e))?;
+    unsafe { btrfs_get_subvol_info(dir.as_raw_fd(), &mut *info) }
+        .map_err(|e| Error::io("cannot read the subvolume info of", path, e))?;
     Ok((info.uuid, info.parent_uuid))
 }

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use nix::fcntl::OFlag;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::stat::Mode;
 use nix::sys::socket::{bind, recv, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType};
+use nix::sys::stat::Mode;
 
 /// Modaliases seen so far, so each is matched once.
 #[derive(Default)]
@@ -65,7 +65,13 @@ impl ModaliasWalker {
 /// statx and a second read, and walk the whole path from `/` each time: for hundreds of
 /// attributes per boot that is measurable under emulation (TCG).
 pub fn read_attribute(dir: &fs::File, rel: &[u8]) -> Option<String> {
-    let fd = nix::fcntl::openat(Some(dir.as_raw_fd()), rel, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).ok()?;
+    let fd = nix::fcntl::openat(
+        Some(dir.as_raw_fd()),
+        rel,
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
     // SAFETY: openat returned a fresh descriptor that nothing else owns.
     let mut file = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     let mut page = [0u8; 4096];
@@ -111,7 +117,7 @@ impl Uevents {
     /// Waits up to `timeout` for uevents and tells what they brought.
     pub fn wait(&self, timeout: Duration) -> Wakeup {
         let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
-        let ms = PollTimeout::try_from(timeout.as_millis().min(u16::MAX as u128) as u16).unwrap_or(PollTimeout::NONE);
+        let ms = PollTimeout::from(timeout.as_millis().min(u16::MAX as u128) as u16);
         let mut w = Wakeup::default();
         if !matches!(poll(&mut fds, ms), Ok(n) if n > 0) {
             return w;
@@ -155,8 +161,14 @@ mod tests {
             fs::create_dir_all(&d).unwrap();
             std::os::unix::fs::symlink(devices.join(dev), d.join(dev.rsplit('/').next().unwrap())).unwrap();
         };
-        w("pci0000:00/0000:00:04.0/modalias", "pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00\n");
-        w("pci0000:00/0000:00:04.0/virtio1/modalias", "virtio:d00000002v00001AF4\n");
+        w(
+            "pci0000:00/0000:00:04.0/modalias",
+            "pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00\n",
+        );
+        w(
+            "pci0000:00/0000:00:04.0/virtio1/modalias",
+            "virtio:d00000002v00001AF4\n",
+        );
         w("platform/serial8250/modalias", "platform:serial8250\n");
         w("pci0000:00/0000:00:04.0/vendor", "0x1af4\n");
         link("pci", "pci0000:00/0000:00:04.0");
@@ -165,9 +177,19 @@ mod tests {
         let mut walker = ModaliasWalker::default();
         let mut found = walker.scan(&bus);
         found.sort();
-        assert_eq!(found, ["pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00", "platform:serial8250", "virtio:d00000002v00001AF4"]);
+        assert_eq!(
+            found,
+            [
+                "pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00",
+                "platform:serial8250",
+                "virtio:d00000002v00001AF4"
+            ]
+        );
         assert!(walker.scan(&bus).is_empty(), "nothing new the second time");
-        w("pci0000:00/0000:00:05.0/modalias", "pci:v00008086d00002922sv0sd0bc01sc06i01\n");
+        w(
+            "pci0000:00/0000:00:05.0/modalias",
+            "pci:v00008086d00002922sv0sd0bc01sc06i01\n",
+        );
         link("pci", "pci0000:00/0000:00:05.0");
         assert_eq!(walker.scan(&bus), ["pci:v00008086d00002922sv0sd0bc01sc06i01"]);
         assert_eq!(walker.add_from_uevent("platform:serial8250"), None);

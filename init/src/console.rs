@@ -20,7 +20,11 @@ pub fn init_logging(debug: bool) {
     if let Ok(logger) = kernlog::KernelLog::with_level(log::LevelFilter::Debug) {
         let _ = log::set_boxed_logger(Box::new(logger));
     }
-    log::set_max_level(if debug { log::LevelFilter::Debug } else { log::LevelFilter::Info });
+    log::set_max_level(if debug {
+        log::LevelFilter::Debug
+    } else {
+        log::LevelFilter::Info
+    });
 }
 
 /// The shell `layerboot initramfs --rescue-shell` packs.
@@ -46,7 +50,10 @@ pub fn fail(msg: &str, wait: Duration, rescue_shell: bool) -> ! {
             say("layerboot: layerboot.rescue=shell, but this initramfs has no shell (build it with `layerboot initramfs --rescue-shell PATH`).");
         }
     }
-    say(&format!("Press Enter to reboot now; the machine reboots in {} s (layerboot.rescue_timeout=S changes this).", wait.as_secs()));
+    say(&format!(
+        "Press Enter to reboot now; the machine reboots in {} s (layerboot.rescue_timeout=S changes this).",
+        wait.as_secs()
+    ));
     wait_for_enter(wait);
     nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
@@ -65,13 +72,15 @@ fn wait_for_enter(wait: Duration) {
         return;
     };
     // checked: no wait, however long, may overflow into a panic in PID 1.
-    let deadline = std::time::Instant::now().checked_add(wait).unwrap_or_else(|| std::time::Instant::now() + Duration::from_secs(86_400));
+    let deadline = std::time::Instant::now()
+        .checked_add(wait)
+        .unwrap_or_else(|| std::time::Instant::now() + Duration::from_secs(86_400));
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
             return;
         }
-        let ms = PollTimeout::try_from(left.as_millis().min(60_000) as u16).unwrap_or(PollTimeout::ZERO);
+        let ms = PollTimeout::from(left.as_millis().min(60_000) as u16);
         let mut fds = [PollFd::new(console.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, ms) {
             Ok(n) if n > 0 => {

@@ -22,11 +22,13 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
+use nix::fcntl::AtFlags;
 use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::{fchmodat, fstat, fstatat, mkdirat, mknodat, utimensat, FchmodatFlags, Mode, SFlag, UtimensatFlags};
+use nix::sys::stat::{
+    fchmodat, fstat, fstatat, mkdirat, mknodat, utimensat, FchmodatFlags, Mode, SFlag, UtimensatFlags,
+};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{fchownat, linkat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags};
-use nix::fcntl::AtFlags;
 
 use crate::error::{Error, Result};
 
@@ -49,7 +51,11 @@ pub struct CopyStats {
 /// another mount. Kernels before 5.6 (no openat2): the path, canonicalised and checked
 /// to stay under `base`.
 pub fn resolve_source(base: &Path, rel: &str) -> Result<PathBuf> {
-    let rel = if rel.trim_matches('/').is_empty() { "." } else { rel.trim_start_matches('/') };
+    let rel = if rel.trim_matches('/').is_empty() {
+        "."
+    } else {
+        rel.trim_start_matches('/')
+    };
     let dir = File::open(base).map_err(|e| Error::io("cannot open", base, e))?;
     let how = OpenHow::new()
         .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
@@ -58,16 +64,26 @@ pub fn resolve_source(base: &Path, rel: &str) -> Result<PathBuf> {
         Ok(fd) => {
             // SAFETY: a fresh descriptor from openat2.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|e| Error::io("cannot read the path of", &base.join(rel), e))?
+            fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .map_err(|e| Error::io("cannot read the path of", &base.join(rel), e))?
         }
-        Err(Errno::ENOSYS) => fs::canonicalize(base.join(rel)).map_err(|e| Error::io("cannot resolve", &base.join(rel), e))?,
-        Err(Errno::EXDEV) => return Err(Error::new("it lies on another filesystem mounted inside the top-layer device")),
+        Err(Errno::ENOSYS) => {
+            fs::canonicalize(base.join(rel)).map_err(|e| Error::io("cannot resolve", &base.join(rel), e))?
+        }
+        Err(Errno::EXDEV) => {
+            return Err(Error::new(
+                "it lies on another filesystem mounted inside the top-layer device",
+            ))
+        }
         Err(Errno::ENOTDIR) => return Err(Error::new("it is not a directory")),
         Err(Errno::ENOENT) => return Err(Error::new("it does not exist")),
         Err(e) => return Err(Error::os("cannot open it", e)),
     };
     if !resolved.starts_with(base) || !resolved.is_dir() {
-        return Err(Error::new(format!("it resolves to {}, outside the top-layer device", resolved.display())));
+        return Err(Error::new(format!(
+            "it resolves to {}, outside the top-layer device",
+            resolved.display()
+        )));
     }
     Ok(resolved)
 }
@@ -76,9 +92,18 @@ pub fn resolve_source(base: &Path, rel: &str) -> Result<PathBuf> {
 pub fn copy_tree(src: &Path, dest_root: &Path) -> Result<CopyStats> {
     let root = open_dir(None, dest_root)?;
     let md = fs::symlink_metadata(src).map_err(|e| Error::io("cannot read the top layer", src, e))?;
-    let mut c = Copier { root, src_root: src.to_path_buf(), src_dev: md.dev(), hardlinks: HashMap::new(), stats: CopyStats::default() };
+    let mut c = Copier {
+        root,
+        src_root: src.to_path_buf(),
+        src_dev: md.dev(),
+        hardlinks: HashMap::new(),
+        stats: CopyStats::default(),
+    };
     if !md.is_dir() {
-        return Err(Error::new(format!("top layer {} is not a directory (fix: toplayer_path= must name a directory)", src.display())));
+        return Err(Error::new(format!(
+            "top layer {} is not a directory (fix: toplayer_path= must name a directory)",
+            src.display()
+        )));
     }
     c.copy_dir(src, Path::new(""))?;
     Ok(c.stats)
@@ -95,8 +120,13 @@ struct Copier {
 }
 
 fn open_dir(dirfd: Option<RawFd>, path: &Path) -> Result<OwnedFd> {
-    let fd = openat(dirfd, path, OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| Error::io("cannot open directory", path, e))?;
+    let fd = openat(
+        dirfd,
+        path,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io("cannot open directory", path, e))?;
     // SAFETY: openat returned a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -104,11 +134,16 @@ fn open_dir(dirfd: Option<RawFd>, path: &Path) -> Result<OwnedFd> {
 impl Copier {
     /// The destination directory `rel`, resolved as if chrooted into the new root.
     fn dest_dir(&self, rel: &Path) -> Result<OwnedFd> {
-        let path = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+        let path = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
         let how = OpenHow::new()
             .flags(OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        let fd = openat2(self.root.as_raw_fd(), path, how).map_err(|e| Error::io("cannot open in the new root", &Path::new("/").join(rel), e))?;
+        let fd = openat2(self.root.as_raw_fd(), path, how)
+            .map_err(|e| Error::io("cannot open in the new root", &Path::new("/").join(rel), e))?;
         // SAFETY: a fresh descriptor from openat2.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
@@ -128,7 +163,14 @@ impl Copier {
                     self.src_root.join(OPAQUE).display()
                 ));
             } else {
-                let dev = fstat(dir.as_raw_fd()).map_err(|e| Error::os(format!("top layer: cannot stat {}", Path::new("/").join(rel).display()), e))?.st_dev;
+                let dev = fstat(dir.as_raw_fd())
+                    .map_err(|e| {
+                        Error::os(
+                            format!("top layer: cannot stat {}", Path::new("/").join(rel).display()),
+                            e,
+                        )
+                    })?
+                    .st_dev;
                 self.remove_children(dir.as_raw_fd(), dev, rel)?;
             }
         }
@@ -144,15 +186,30 @@ impl Copier {
                     ));
                     continue;
                 }
-                let dev = fstat(dir.as_raw_fd()).map_err(|e| Error::os(format!("top layer: cannot stat {}", Path::new("/").join(rel).display()), e))?.st_dev;
-                self.remove_at(dir.as_raw_fd(), dev, OsStr::from_bytes(victim), &rel.join(OsStr::from_bytes(victim)))?;
+                let dev = fstat(dir.as_raw_fd())
+                    .map_err(|e| {
+                        Error::os(
+                            format!("top layer: cannot stat {}", Path::new("/").join(rel).display()),
+                            e,
+                        )
+                    })?
+                    .st_dev;
+                self.remove_at(
+                    dir.as_raw_fd(),
+                    dev,
+                    OsStr::from_bytes(victim),
+                    &rel.join(OsStr::from_bytes(victim)),
+                )?;
                 continue;
             }
             let s = src.join(&name);
             let md = fs::symlink_metadata(&s).map_err(|e| Error::io("cannot stat", &s, e))?;
             // One filesystem: something mounted inside the top layer is not part of it.
             if md.is_dir() && md.dev() != self.src_dev {
-                self.warn(format!("top layer: did not copy {}: another filesystem is mounted there", s.display()));
+                self.warn(format!(
+                    "top layer: did not copy {}: another filesystem is mounted there",
+                    s.display()
+                ));
                 continue;
             }
             self.copy_entry(&s, &md, dir.as_raw_fd(), &name, &rel.join(&name))?;
@@ -178,12 +235,21 @@ impl Copier {
         if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
             return unlinkat(Some(dir), name, UnlinkatFlags::NoRemoveDir).map_err(fail);
         }
-        let fd = openat(Some(dir), name, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).map_err(fail)?;
+        let fd = openat(
+            Some(dir),
+            name,
+            OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(fail)?;
         // SAFETY: a fresh descriptor from openat.
         let sub = unsafe { OwnedFd::from_raw_fd(fd) };
         let sub_dev = fstat(sub.as_raw_fd()).map_err(fail)?.st_dev;
         if sub_dev != dev {
-            self.warn(format!("top layer: did not delete {}: it is another filesystem or btrfs subvolume", shown.display()));
+            self.warn(format!(
+                "top layer: did not delete {}: it is another filesystem or btrfs subvolume",
+                shown.display()
+            ));
             return Ok(());
         }
         self.remove_children(sub.as_raw_fd(), dev, rel)?;
@@ -197,8 +263,13 @@ impl Copier {
     fn remove_children(&mut self, dir: RawFd, dev: u64, rel: &Path) -> Result<()> {
         let shown = Path::new("/").join(rel);
         // Listed through a duplicate of the descriptor, never by path.
-        let listing = nix::dir::Dir::openat(Some(dir), ".", OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|e| Error::os(format!("top layer: cannot list {}", shown.display()), e))?;
+        let listing = nix::dir::Dir::openat(
+            Some(dir),
+            ".",
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::os(format!("top layer: cannot list {}", shown.display()), e))?;
         let names: Vec<std::ffi::OsString> = listing
             .into_iter()
             .filter_map(|e| e.ok())
@@ -215,11 +286,13 @@ impl Copier {
         let shown = Path::new("/").join(rel);
         let fail = |what: &str, e: Errno| Error::os(format!("top layer: cannot {what} {}", shown.display()), e);
         let existing = nix::sys::stat::fstatat(Some(dir), name, AtFlags::AT_SYMLINK_NOFOLLOW).ok();
-        let existing_is_dir = existing.is_some_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR);
+        let existing_is_dir =
+            existing.is_some_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR);
         let ft = md.file_type();
 
         if ft.is_dir() {
-            let existing_is_link = existing.is_some_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK);
+            let existing_is_link =
+                existing.is_some_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK);
             if existing.is_some() && !existing_is_dir && !existing_is_link {
                 unlinkat(Some(dir), name, UnlinkatFlags::NoRemoveDir).map_err(|e| fail("replace", e))?;
             }
@@ -247,9 +320,19 @@ impl Copier {
             if let Some(first) = self.hardlinks.get(&(md.dev(), md.ino())).cloned() {
                 // By descriptor: the first copy's directory resolved inside the new root,
                 // its name never followed.
-                let (parent, file) = (first.parent().unwrap_or(Path::new("")), first.file_name().unwrap_or_default());
+                let (parent, file) = (
+                    first.parent().unwrap_or(Path::new("")),
+                    first.file_name().unwrap_or_default(),
+                );
                 let from = self.dest_dir(parent)?;
-                linkat(Some(from.as_raw_fd()), Path::new(file), Some(dir), Path::new(name), AtFlags::empty()).map_err(|e| fail("hard-link", e))?;
+                linkat(
+                    Some(from.as_raw_fd()),
+                    Path::new(file),
+                    Some(dir),
+                    Path::new(name),
+                    AtFlags::empty(),
+                )
+                .map_err(|e| fail("hard-link", e))?;
                 self.stats.links += 1;
                 return Ok(());
             }
@@ -282,7 +365,8 @@ impl Copier {
             } else {
                 SFlag::S_IFSOCK
             };
-            mknodat(Some(dir), name, kind, Mode::from_bits_truncate(0o600), md.rdev()).map_err(|e| fail("create node", e))?;
+            mknodat(Some(dir), name, kind, Mode::from_bits_truncate(0o600), md.rdev())
+                .map_err(|e| fail("create node", e))?;
             self.stats.other += 1;
         }
         self.set_attrs(dir, name, src, md, &shown)
@@ -292,19 +376,32 @@ impl Copier {
     fn set_attrs(&mut self, dir: RawFd, name: &OsStr, src: &Path, md: &fs::Metadata, shown: &Path) -> Result<()> {
         let fail = |what: &str, e: Errno| Error::os(format!("top layer: cannot {what} {}", shown.display()), e);
         let is_link = md.file_type().is_symlink();
-        fchownat(Some(dir), name, Some(Uid::from_raw(md.uid())), Some(Gid::from_raw(md.gid())), AtFlags::AT_SYMLINK_NOFOLLOW)
-            .map_err(|e| fail("set the owner of", e))?;
+        fchownat(
+            Some(dir),
+            name,
+            Some(Uid::from_raw(md.uid())),
+            Some(Gid::from_raw(md.gid())),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| fail("set the owner of", e))?;
         if !is_link {
-            fchmodat(Some(dir), name, Mode::from_bits_truncate(md.mode() & 0o7777), FchmodatFlags::FollowSymlink)
-                .map_err(|e| fail("set the mode of", e))?;
+            fchmodat(
+                Some(dir),
+                name,
+                Mode::from_bits_truncate(md.mode() & 0o7777),
+                FchmodatFlags::FollowSymlink,
+            )
+            .map_err(|e| fail("set the mode of", e))?;
         }
-        let refused = copy_xattrs(src, &proc_path(dir, name), is_link).map_err(|e| e.context(format!("top layer: {}", shown.display())))?;
+        let refused = copy_xattrs(src, &proc_path(dir, name), is_link)
+            .map_err(|e| e.context(format!("top layer: {}", shown.display())))?;
         for w in refused {
             self.warn(format!("top layer: {}: {w}", shown.display()));
         }
         let atime = TimeSpec::new(md.atime(), md.atime_nsec());
         let mtime = TimeSpec::new(md.mtime(), md.mtime_nsec());
-        utimensat(Some(dir), name, &atime, &mtime, UtimensatFlags::NoFollowSymlink).map_err(|e| fail("set the times of", e))
+        utimensat(Some(dir), name, &atime, &mtime, UtimensatFlags::NoFollowSymlink)
+            .map_err(|e| fail("set the times of", e))
     }
 }
 
@@ -340,8 +437,12 @@ fn copy_xattrs(src: &Path, dest: &Path, is_link: bool) -> Result<Vec<String>> {
             match Errno::last() {
                 // Symlinks cannot carry user.* xattrs; the kernel refuses, as it would for cp -a.
                 Errno::EPERM if is_link => {}
-                e @ (Errno::ENOSPC | Errno::EDQUOT | Errno::EIO) => return Err(Error::os(format!("cannot set xattr {shown}"), e)),
-                e => warnings.push(format!("did not copy xattr {shown}: the new root's filesystem refused it ({e})")),
+                e @ (Errno::ENOSPC | Errno::EDQUOT | Errno::EIO) => {
+                    return Err(Error::os(format!("cannot set xattr {shown}"), e))
+                }
+                e => warnings.push(format!(
+                    "did not copy xattr {shown}: the new root's filesystem refused it ({e})"
+                )),
             }
         }
     }
@@ -396,15 +497,31 @@ mod tests {
         let stats = copy_tree(&src, &dest).unwrap();
         assert_eq!(fs::read_to_string(dest.join("etc/hostname")).unwrap(), "pc1\n");
         assert_eq!(fs::read_to_string(dest.join(".dotfile")).unwrap(), "dot");
-        assert_eq!(fs::read_to_string(dest.join("usr/bin/tool")).unwrap(), "#!/bin/sh", "followed /bin inside the root");
+        assert_eq!(
+            fs::read_to_string(dest.join("usr/bin/tool")).unwrap(),
+            "#!/bin/sh",
+            "followed /bin inside the root"
+        );
         assert!(fs::symlink_metadata(dest.join("bin")).unwrap().file_type().is_symlink());
         // etc/ssh → "/" resolves to the new root itself, never the host's /.
         assert_eq!(fs::read_to_string(dest.join("key")).unwrap(), "secret");
-        assert_eq!(fs::metadata(dest.join("key")).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(fs::read_link(dest.join("etc/link")).unwrap(), Path::new("/etc/hostname"));
+        assert_eq!(
+            fs::metadata(dest.join("key")).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            fs::read_link(dest.join("etc/link")).unwrap(),
+            Path::new("/etc/hostname")
+        );
         assert_eq!(fs::read_link(dest.join("escape")).unwrap(), Path::new("../../outside"));
-        assert_eq!(fs::metadata(dest.join("etc/hostname")).unwrap().ino(), fs::metadata(dest.join("etc/hostname2")).unwrap().ino());
-        let (s, d) = (fs::metadata(src.join("etc/hostname")).unwrap(), fs::metadata(dest.join("etc/hostname")).unwrap());
+        assert_eq!(
+            fs::metadata(dest.join("etc/hostname")).unwrap().ino(),
+            fs::metadata(dest.join("etc/hostname2")).unwrap().ino()
+        );
+        let (s, d) = (
+            fs::metadata(src.join("etc/hostname")).unwrap(),
+            fs::metadata(dest.join("etc/hostname")).unwrap(),
+        );
         assert_eq!((s.mtime(), s.mtime_nsec()), (d.mtime(), d.mtime_nsec()));
         assert_eq!(stats.files, 4);
     }
@@ -448,11 +565,22 @@ mod hostile_names {
                 fs::create_dir_all(src.join(dir)).unwrap();
                 fs::write(src.join(dir).join(bad), "").unwrap();
                 let stats = copy_tree(&src, &root).unwrap();
-                assert!(t.path().join("store/var/lib/docker/precious").exists(), "{dir}/{bad} deleted the store");
-                assert_eq!(fs::read_to_string(root.join("etc/issue")).unwrap(), "image", "{dir}/{bad}");
+                assert!(
+                    t.path().join("store/var/lib/docker/precious").exists(),
+                    "{dir}/{bad} deleted the store"
+                );
+                assert_eq!(
+                    fs::read_to_string(root.join("etc/issue")).unwrap(),
+                    "image",
+                    "{dir}/{bad}"
+                );
                 assert_eq!(fs::read_to_string(root.join("keep")).unwrap(), "image", "{dir}/{bad}");
                 assert_eq!(stats.warnings.len(), 1, "{dir}/{bad}: {:?}", stats.warnings);
-                assert!(stats.warnings[0].contains(bad) && stats.warnings[0].contains("names no file"), "{:?}", stats.warnings);
+                assert!(
+                    stats.warnings[0].contains(bad) && stats.warnings[0].contains("names no file"),
+                    "{:?}",
+                    stats.warnings
+                );
             }
         }
     }
@@ -467,9 +595,20 @@ mod hostile_names {
         std::os::unix::fs::symlink("../../..", dev.join("hosts/up")).unwrap();
         assert_eq!(resolve_source(&dev, "/hosts/pc1").unwrap(), dev.join("hosts/pc1"));
         assert_eq!(resolve_source(&dev, "/").unwrap(), dev);
-        assert_eq!(resolve_source(&dev, "/hosts/abs").unwrap(), dev.join("etc"), "an absolute link is the device's /etc, not the host's");
-        assert_eq!(resolve_source(&dev, "/hosts/up").unwrap(), dev, "'..' stops at the device's root");
-        assert!(resolve_source(&dev, "/hosts/none").unwrap_err().to_string().contains("does not exist"));
+        assert_eq!(
+            resolve_source(&dev, "/hosts/abs").unwrap(),
+            dev.join("etc"),
+            "an absolute link is the device's /etc, not the host's"
+        );
+        assert_eq!(
+            resolve_source(&dev, "/hosts/up").unwrap(),
+            dev,
+            "'..' stops at the device's root"
+        );
+        assert!(resolve_source(&dev, "/hosts/none")
+            .unwrap_err()
+            .to_string()
+            .contains("does not exist"));
     }
 
     #[test]
@@ -484,7 +623,11 @@ mod hostile_names {
         assert!(!root.join("etc/issue").exists(), "etc/ was emptied");
         assert_eq!(fs::read_to_string(root.join("etc/hostname")).unwrap(), "pc1");
         assert!(t.path().join("store/var/lib/docker/precious").exists());
-        assert!(stats.warnings.len() == 1 && stats.warnings[0].contains("opaque marker at the top layer's root"), "{:?}", stats.warnings);
+        assert!(
+            stats.warnings.len() == 1 && stats.warnings[0].contains("opaque marker at the top layer's root"),
+            "{:?}",
+            stats.warnings
+        );
     }
 
     #[test]
@@ -495,6 +638,9 @@ mod hostile_names {
         fs::create_dir_all(src.join("etc/alt/var/lib")).unwrap();
         fs::write(src.join("etc/alt/var/lib/.wh.docker"), "").unwrap();
         let _ = copy_tree(&src, &root); // refused or done: either way nothing outside is touched
-        assert!(t.path().join("store/var/lib/docker/precious").exists(), "the whiteout left the new root");
+        assert!(
+            t.path().join("store/var/lib/docker/precious").exists(),
+            "the whiteout left the new root"
+        );
     }
 }

@@ -12,7 +12,9 @@ static KERNEL_CPU_MICROS: AtomicU64 = AtomicU64::new(0);
 
 /// CPU time this process has used, user and system.
 pub fn process_cpu() -> Duration {
-    clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID).map(Duration::from).unwrap_or_default()
+    clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID)
+        .map(Duration::from)
+        .unwrap_or_default()
 }
 
 /// User-mode CPU time this process has used: its own code, none of the kernel's.
@@ -26,7 +28,10 @@ pub fn process_user_cpu() -> Duration {
 pub fn kernel_work<T>(f: impl FnOnce() -> T) -> T {
     let start = process_cpu();
     let r = f();
-    KERNEL_CPU_MICROS.fetch_add(process_cpu().saturating_sub(start).as_micros() as u64, Ordering::Relaxed);
+    KERNEL_CPU_MICROS.fetch_add(
+        process_cpu().saturating_sub(start).as_micros() as u64,
+        Ordering::Relaxed,
+    );
     r
 }
 
@@ -34,7 +39,9 @@ pub fn kernel_work<T>(f: impl FnOnce() -> T) -> T {
 /// kernel's work it asked for. PID 1 needs the start: its clock also holds the kernel's
 /// own boot, done in the same task before it ran /init.
 pub fn own_cpu(start: Duration) -> Duration {
-    process_cpu().saturating_sub(start).saturating_sub(Duration::from_micros(KERNEL_CPU_MICROS.load(Ordering::Relaxed)))
+    process_cpu()
+        .saturating_sub(start)
+        .saturating_sub(Duration::from_micros(KERNEL_CPU_MICROS.load(Ordering::Relaxed)))
 }
 
 #[cfg(test)]
@@ -62,8 +69,18 @@ mod tests {
             let _ = std::fs::metadata("/proc/self/stat");
         }
         let (user2, cpu2) = (process_user_cpu(), process_cpu());
-        assert!(user1 - user0 > (cpu1 - cpu0) / 2, "spinning is user time: {:?} of {:?}", user1 - user0, cpu1 - cpu0);
-        assert!(user2 - user1 < (cpu2 - cpu1) / 2, "system calls are not: {:?} of {:?}", user2 - user1, cpu2 - cpu1);
+        assert!(
+            user1 - user0 > (cpu1 - cpu0) / 2,
+            "spinning is user time: {:?} of {:?}",
+            user1 - user0,
+            cpu1 - cpu0
+        );
+        assert!(
+            user2 - user1 < (cpu2 - cpu1) / 2,
+            "system calls are not: {:?} of {:?}",
+            user2 - user1,
+            cpu2 - cpu1
+        );
     }
 
     #[test]
@@ -72,6 +89,9 @@ mod tests {
         spin(Duration::from_millis(20));
         kernel_work(|| spin(Duration::from_millis(60)));
         let own = own_cpu(start);
-        assert!(own >= Duration::from_millis(20) && own < Duration::from_millis(50), "own {own:?}");
+        assert!(
+            own >= Duration::from_millis(20) && own < Duration::from_millis(50),
+            "own {own:?}"
+        );
     }
 }

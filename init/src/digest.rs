@@ -50,7 +50,13 @@ mod tests {
         let c = chain_ids(&[a.clone(), b.clone()]);
         assert_eq!(c[0], a);
         // printf '%s %s' "$a" "$b" | sha256sum
-        assert_eq!(c[1], "sha256:ccd722928bd92476ba1745586fed6e45a102504185ad88cd89e01ff116fd146c");
-        assert_eq!(sha256_of(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            c[1],
+            "sha256:ccd722928bd92476ba1745586fed6e45a102504185ad88cd89e01ff116fd146c"
+        );
+        assert_eq!(
+            sha256_of(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

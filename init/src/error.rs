@@ -37,17 +37,26 @@ impl OsCause for std::io::Error {
 
 impl Error {
     pub fn new(msg: impl Into<String>) -> Self {
-        Error { message: msg.into(), errno: None }
+        Error {
+            message: msg.into(),
+            errno: None,
+        }
     }
 
     /// A failure the kernel reported while doing `what` (a sentence), its errno kept.
     pub fn os(what: impl fmt::Display, err: impl OsCause) -> Self {
-        Error { message: format!("{what}: {err}"), errno: err.errno() }
+        Error {
+            message: format!("{what}: {err}"),
+            errno: err.errno(),
+        }
     }
 
     /// An I/O failure on `path` while doing `what`.
     pub fn io(what: &str, path: &Path, err: impl OsCause) -> Self {
-        Error { message: format!("{what} {}: {err}", path.display()), errno: err.errno() }
+        Error {
+            message: format!("{what} {}: {err}", path.display()),
+            errno: err.errno(),
+        }
     }
 
     /// Records the kernel's reason behind a message composed by the caller.
@@ -66,7 +75,10 @@ impl Error {
 
     /// Prefix the message with the step that was being attempted.
     pub fn context(self, what: impl fmt::Display) -> Self {
-        Error { message: format!("{what}: {}", self.message), errno: self.errno }
+        Error {
+            message: format!("{what}: {}", self.message),
+            errno: self.errno,
+        }
     }
 }
 
@@ -95,7 +107,12 @@ mod tests {
 
     #[test]
     fn the_errno_survives_context() {
-        let e = Error::io("cannot write", Path::new("/x"), std::io::Error::from_raw_os_error(nix::libc::ENOSPC)).context("filling");
+        let e = Error::io(
+            "cannot write",
+            Path::new("/x"),
+            std::io::Error::from_raw_os_error(nix::libc::ENOSPC),
+        )
+        .context("filling");
         assert_eq!(e.errno(), Some(Errno::ENOSPC));
         assert!(e.message().starts_with("filling: cannot write /x: "), "{e}");
         assert_eq!(Error::new("plain").errno(), None);

@@ -47,7 +47,11 @@ pub struct Step {
 pub fn module_name(path_or_name: &str) -> String {
     let base = path_or_name.rsplit('/').next().unwrap_or(path_or_name);
     // One allocation, no substring searcher: this runs for every line of the index at boot.
-    let end = base.as_bytes().windows(3).position(|w| w == b".ko").unwrap_or(base.len());
+    let end = base
+        .as_bytes()
+        .windows(3)
+        .position(|w| w == b".ko")
+        .unwrap_or(base.len());
     let mut name = String::with_capacity(end);
     name.extend(base[..end].chars().map(|c| if c == '-' { '_' } else { c }));
     name
@@ -75,7 +79,9 @@ impl ModuleIndex {
     pub fn parse(dep: &str, softdep: &str, alias: &str, builtin: &str) -> ModuleIndex {
         let mut idx = ModuleIndex::default();
         for line in dep.lines() {
-            let Some((path, deps)) = line.split_once(':') else { continue };
+            let Some((path, deps)) = line.split_once(':') else {
+                continue;
+            };
             let deps = deps.split_ascii_whitespace().map(module_name).collect();
             idx.modules.insert(module_name(path), (path.trim().to_string(), deps));
         }
@@ -107,7 +113,11 @@ impl ModuleIndex {
                 idx.aliases.push((pattern.to_string(), module_name(module)));
             }
         }
-        idx.builtin = builtin.lines().filter(|l| !l.trim().is_empty()).map(module_name).collect();
+        idx.builtin = builtin
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(module_name)
+            .collect();
         idx
     }
 
@@ -123,7 +133,11 @@ impl ModuleIndex {
     /// is `cpu`: a module with `cpu:` aliases (crc32c-intel, sha256-ssse3) needs one of
     /// them to match, or its init fails with ENODEV after the whole (slow) load.
     pub fn fits_cpu(&self, name: &str, cpu: &str) -> bool {
-        let mut cpu_aliases = self.aliases.iter().filter(|(p, m)| m == name && p.starts_with("cpu:")).peekable();
+        let mut cpu_aliases = self
+            .aliases
+            .iter()
+            .filter(|(p, m)| m == name && p.starts_with("cpu:"))
+            .peekable();
         cpu_aliases.peek().is_none() || cpu_aliases.any(|(p, _)| glob_match(p, cpu))
     }
 
@@ -163,7 +177,9 @@ impl ModuleIndex {
                 if self.is_builtin(w) {
                     continue;
                 }
-                return Err(Error::new(format!("kernel module '{w}' is not in modules.dep (not packed, or not built for this kernel)")));
+                return Err(Error::new(format!(
+                    "kernel module '{w}' is not in modules.dep (not packed, or not built for this kernel)"
+                )));
             }
             for n in names {
                 self.visit(&n, false, &mut seen, &mut order, 0)?;
@@ -172,7 +188,14 @@ impl ModuleIndex {
         Ok(order)
     }
 
-    fn visit(&self, name: &str, optional: bool, seen: &mut BTreeSet<String>, order: &mut Vec<Step>, depth: usize) -> Result<()> {
+    fn visit(
+        &self,
+        name: &str,
+        optional: bool,
+        seen: &mut BTreeSet<String>,
+        order: &mut Vec<Step>,
+        depth: usize,
+    ) -> Result<()> {
         if depth > 64 {
             return Err(Error::new(format!("module dependencies of '{name}' loop")));
         }
@@ -180,7 +203,9 @@ impl ModuleIndex {
             return Ok(());
         }
         let Some((path, deps)) = self.modules.get(name) else {
-            return Err(Error::new(format!("kernel module '{name}' is missing from modules.dep")));
+            return Err(Error::new(format!(
+                "kernel module '{name}' is missing from modules.dep"
+            )));
         };
         let (pre, post) = self.softdeps.get(name).cloned().unwrap_or_default();
         for s in &pre {
@@ -191,7 +216,11 @@ impl ModuleIndex {
         for d in deps {
             self.visit(d, optional, seen, order, depth + 1)?;
         }
-        order.push(Step { name: name.to_string(), path: path.clone(), optional });
+        order.push(Step {
+            name: name.to_string(),
+            path: path.clone(),
+            optional,
+        });
         for s in &post {
             for m in self.resolve(s) {
                 self.visit(&m, true, seen, order, depth + 1)?;
@@ -205,7 +234,10 @@ impl ModuleIndex {
         let mut dep = String::new();
         for (name, (path, deps)) in &self.modules {
             if names.contains(name) {
-                let deps: Vec<&str> = deps.iter().filter_map(|d| self.modules.get(d).map(|(p, _)| p.as_str())).collect();
+                let deps: Vec<&str> = deps
+                    .iter()
+                    .filter_map(|d| self.modules.get(d).map(|(p, _)| p.as_str()))
+                    .collect();
                 dep.push_str(&format!("{path}: {}\n", deps.join(" ")).replace(": \n", ":\n"));
             }
         }
@@ -223,10 +255,19 @@ impl ModuleIndex {
                 soft.push('\n');
             }
         }
-        let alias: String =
-            self.aliases.iter().filter(|(_, m)| names.contains(m)).map(|(p, m)| format!("alias {p} {m}\n")).collect();
+        let alias: String = self
+            .aliases
+            .iter()
+            .filter(|(_, m)| names.contains(m))
+            .map(|(p, m)| format!("alias {p} {m}\n"))
+            .collect();
         let builtin: String = self.builtin.iter().map(|m| format!("{m}\n")).collect();
-        BTreeMap::from([("modules.dep", dep), ("modules.softdep", soft), ("modules.alias", alias), ("modules.builtin", builtin)])
+        BTreeMap::from([
+            ("modules.dep", dep),
+            ("modules.softdep", soft),
+            ("modules.alias", alias),
+            ("modules.builtin", builtin),
+        ])
     }
 }
 
@@ -236,7 +277,10 @@ impl ModuleIndex {
 /// whose literal start differs from the text is dismissed before any glob work.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
     let (p, t) = (pattern.as_bytes(), text.as_bytes());
-    let literal = p.iter().position(|b| matches!(b, b'*' | b'?' | b'[')).unwrap_or(p.len());
+    let literal = p
+        .iter()
+        .position(|b| matches!(b, b'*' | b'?' | b'['))
+        .unwrap_or(p.len());
     if literal == p.len() {
         return p == t;
     }
@@ -302,7 +346,8 @@ mod tests {
     use super::*;
 
     // Lines as in Debian 12's 6.1 kernel.
-    const DEP: &str = "kernel/fs/btrfs/btrfs.ko: kernel/crypto/xor.ko kernel/lib/raid6/raid6_pq.ko kernel/lib/libcrc32c.ko
+    const DEP: &str =
+        "kernel/fs/btrfs/btrfs.ko: kernel/crypto/xor.ko kernel/lib/raid6/raid6_pq.ko kernel/lib/libcrc32c.ko
 kernel/crypto/xor.ko:
 kernel/lib/raid6/raid6_pq.ko:
 kernel/lib/libcrc32c.ko:
@@ -374,11 +419,21 @@ kernel/drivers/virtio/virtio_ring.ko:
 
     #[test]
     fn rendered_index_round_trips() {
-        let keep: BTreeSet<String> = ["btrfs", "xor", "raid6_pq", "libcrc32c", "crc32c_generic"].map(String::from).into();
+        let keep: BTreeSet<String> = ["btrfs", "xor", "raid6_pq", "libcrc32c", "crc32c_generic"]
+            .map(String::from)
+            .into();
         let files = idx().render(&keep);
-        let again = ModuleIndex::parse(&files["modules.dep"], &files["modules.softdep"], &files["modules.alias"], &files["modules.builtin"]);
+        let again = ModuleIndex::parse(
+            &files["modules.dep"],
+            &files["modules.softdep"],
+            &files["modules.alias"],
+            &files["modules.builtin"],
+        );
         let order = again.load_order(&["btrfs".into()]).unwrap();
-        assert_eq!(names(&order).iter().map(|n| n.0).collect::<Vec<_>>(), ["crc32c_generic", "xor", "raid6_pq", "libcrc32c", "btrfs"]);
+        assert_eq!(
+            names(&order).iter().map(|n| n.0).collect::<Vec<_>>(),
+            ["crc32c_generic", "xor", "raid6_pq", "libcrc32c", "btrfs"]
+        );
         assert!(!files["modules.alias"].contains("crc32c_intel"));
     }
 

@@ -35,7 +35,11 @@ pub struct Entry {
 impl MergedView {
     pub fn new(image: &Image) -> MergedView {
         // A btrfs or vfs top layer is the whole tree; lower ones would only add stale files.
-        let n = if image.driver.top_is_whole_tree() { 1 } else { image.layers.len() };
+        let n = if image.driver.top_is_whole_tree() {
+            1
+        } else {
+            image.layers.len()
+        };
         let layers = image.layers.iter().take(n).map(|l| l.dir.clone()).collect();
         MergedView { layers }
     }
@@ -58,7 +62,9 @@ impl MergedView {
 
     /// Names in directory `path` of the merged view, sorted; `Ok(None)` if it is not a directory.
     pub fn read_dir(&self, path: &str) -> Result<Option<Vec<String>>> {
-        let Some((image_path, layers)) = self.resolve_dir(path)? else { return Ok(None) };
+        let Some((image_path, layers)) = self.resolve_dir(path)? else {
+            return Ok(None);
+        };
         let mut seen = std::collections::BTreeMap::<Vec<u8>, bool>::new(); // name → visible
         for layer in layers {
             let dir = self.host(layer, &image_path);
@@ -69,7 +75,9 @@ impl MergedView {
                 if seen.contains_key(&name) {
                     continue;
                 }
-                let md = entry.metadata().map_err(|e| Error::io("cannot stat", &entry.path(), e))?;
+                let md = entry
+                    .metadata()
+                    .map_err(|e| Error::io("cannot stat", &entry.path(), e))?;
                 seen.insert(name, !is_whiteout(&md));
             }
         }
@@ -98,11 +106,19 @@ impl MergedView {
             Some(Found::Dir(image_path, layers)) => {
                 let host_path = self.host(layers[0], &image_path);
                 let metadata = lstat(&host_path)?;
-                Some(Entry { image_path, host_path, metadata })
+                Some(Entry {
+                    image_path,
+                    host_path,
+                    metadata,
+                })
             }
             Some(Found::Other(image_path, layer, metadata)) => {
                 let host_path = self.host(layer, &image_path);
-                Some(Entry { image_path, host_path, metadata })
+                Some(Entry {
+                    image_path,
+                    host_path,
+                    metadata,
+                })
             }
         })
     }
@@ -125,7 +141,10 @@ impl MergedView {
                 continue;
             }
             let is_last = todo.is_empty();
-            let image_path = format!("/{}", resolved.iter().chain([&name]).cloned().collect::<Vec<_>>().join("/"));
+            let image_path = format!(
+                "/{}",
+                resolved.iter().chain([&name]).cloned().collect::<Vec<_>>().join("/")
+            );
             let mut found: Option<Found> = None;
             let mut lower_dirs: Vec<usize> = Vec::new();
             for &layer in &dir_layers {
@@ -168,11 +187,15 @@ impl MergedView {
                 }
                 continue;
             }
-            let Some(Found::Other(p, layer, md)) = found else { return Ok(None) };
+            let Some(Found::Other(p, layer, md)) = found else {
+                return Ok(None);
+            };
             if md.file_type().is_symlink() && (!is_last || follow_last) {
                 links += 1;
                 if links > MAX_SYMLINKS {
-                    return Err(Error::new(format!("too many levels of symbolic links resolving {path} in the image")));
+                    return Err(Error::new(format!(
+                        "too many levels of symbolic links resolving {path} in the image"
+                    )));
                 }
                 let host = self.host(layer, &p);
                 let target = fs::read_link(&host).map_err(|e| Error::io("cannot read link", &host, e))?;
@@ -209,7 +232,10 @@ enum Found {
 }
 
 fn components(path: &str) -> Vec<String> {
-    path.split('/').filter(|c| !c.is_empty() && *c != ".").map(str::to_string).collect()
+    path.split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .map(str::to_string)
+        .collect()
 }
 
 fn lstat(p: &Path) -> Result<fs::Metadata> {
@@ -224,7 +250,9 @@ pub fn is_whiteout(md: &fs::Metadata) -> bool {
 
 /// `trusted.overlay.opaque=y` (or the rootless `user.overlay.opaque=y`) on a directory.
 pub fn is_opaque(dir: &Path) -> bool {
-    ["trusted.overlay.opaque", "user.overlay.opaque"].iter().any(|name| getxattr(dir, name).as_deref() == Some(b"y"))
+    ["trusted.overlay.opaque", "user.overlay.opaque"]
+        .iter()
+        .any(|name| getxattr(dir, name).as_deref() == Some(b"y"))
 }
 
 /// `lgetxattr(2)`: nix has no xattr calls, and the value is all we need.
@@ -268,9 +296,18 @@ mod tests {
         assert_eq!(fs::read_to_string(e.host_path).unwrap(), "base");
         let e = view.lookup_follow("/escape").unwrap().unwrap();
         assert_eq!(fs::read_to_string(e.host_path).unwrap(), "top");
-        assert!(view.lookup("/escape").unwrap().unwrap().metadata.file_type().is_symlink());
+        assert!(view
+            .lookup("/escape")
+            .unwrap()
+            .unwrap()
+            .metadata
+            .file_type()
+            .is_symlink());
         assert_eq!(view.read_dir("/lib/modules").unwrap().unwrap(), vec!["6.1.0"]);
-        assert_eq!(view.read_dir("/").unwrap().unwrap(), vec!["escape", "etc", "lib", "usr"]);
+        assert_eq!(
+            view.read_dir("/").unwrap().unwrap(),
+            vec!["escape", "etc", "lib", "usr"]
+        );
         assert!(view.lookup("/nope").unwrap().is_none());
         assert!(view.lookup("/etc/os-release/x").unwrap().is_none());
         // `..` cannot climb out of the image root.
@@ -284,6 +321,10 @@ mod tests {
         symlink("b", t.path().join("a")).unwrap();
         symlink("a", t.path().join("b")).unwrap();
         let view = MergedView::from_dirs(vec![t.path().to_path_buf()]);
-        assert!(view.lookup_follow("/a").unwrap_err().to_string().contains("too many levels"));
+        assert!(view
+            .lookup_follow("/a")
+            .unwrap_err()
+            .to_string()
+            .contains("too many levels"));
     }
 }

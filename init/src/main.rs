@@ -60,7 +60,12 @@ fn main() {
     // Settings may be missing (a bad command line): fall back to reading it raw.
     let cmdline = layerboot_init::boot::cmdline();
     let raw_wait = raw_rescue_timeout(&cmdline);
-    let wait = boot.settings.as_ref().map(|s| s.rescue_timeout).or(raw_wait).unwrap_or(default_wait);
+    let wait = boot
+        .settings
+        .as_ref()
+        .map(|s| s.rescue_timeout)
+        .or(raw_wait)
+        .unwrap_or(default_wait);
     let shell = cmdline.get("layerboot.rescue").is_some_and(|v| v == "shell");
     console::fail(err.message(), wait, shell)
 }
@@ -68,5 +73,8 @@ fn main() {
 /// `layerboot.rescue_timeout=` read raw (the settings may have failed), bounded as the
 /// settings bound it: an unbounded value would overflow the deadline, a panic in PID 1.
 fn raw_rescue_timeout(cmdline: &std::collections::BTreeMap<String, String>) -> Option<Duration> {
-    cmdline.get("layerboot.rescue_timeout").and_then(|v| v.parse::<u64>().ok()).map(|s| Duration::from_secs(s.min(MAX_WAIT_S)))
+    cmdline
+        .get("layerboot.rescue_timeout")
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s.min(MAX_WAIT_S)))
 }

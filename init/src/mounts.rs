@@ -27,17 +27,27 @@ pub fn timed_fs<T>(f: impl FnOnce() -> T) -> T {
 /// `mount -t fstype -o data source target`.
 pub fn mount(source: &Path, target: &Path, fstype: &str, flags: MountFlags, data: &str) -> Result<()> {
     std::fs::create_dir_all(target).map_err(|e| Error::io("cannot create mount point", target, e))?;
-    timed_fs(|| Mount::builder().fstype(FilesystemType::Manual(fstype)).flags(flags).data(data).mount(source, target))
-        .map(drop)
-        .map_err(|e| {
-            let hint = match e.raw_os_error() {
-                Some(nix::libc::ENODEV) => format!(" (the kernel has no {fstype} driver: is its module in the initramfs?)"),
-                Some(nix::libc::EINVAL) => format!(" (check the mount options '{data}' and that it is really {fstype})"),
-                _ => String::new(),
-            };
-            Error::new(format!("cannot mount {} ({fstype}) on {}: {e}{hint}", source.display(), target.display()))
-                .with_errno(e.raw_os_error().map(nix::errno::Errno::from_raw))
-        })
+    timed_fs(|| {
+        Mount::builder()
+            .fstype(FilesystemType::Manual(fstype))
+            .flags(flags)
+            .data(data)
+            .mount(source, target)
+    })
+    .map(drop)
+    .map_err(|e| {
+        let hint = match e.raw_os_error() {
+            Some(nix::libc::ENODEV) => format!(" (the kernel has no {fstype} driver: is its module in the initramfs?)"),
+            Some(nix::libc::EINVAL) => format!(" (check the mount options '{data}' and that it is really {fstype})"),
+            _ => String::new(),
+        };
+        Error::new(format!(
+            "cannot mount {} ({fstype}) on {}: {e}{hint}",
+            source.display(),
+            target.display()
+        ))
+        .with_errno(e.raw_os_error().map(nix::errno::Errno::from_raw))
+    })
 }
 
 /// `mount --move source target`.
@@ -47,17 +57,30 @@ pub fn move_mount(source: &Path, target: &Path) -> Result<()> {
         .flags(MountFlags::MOVE)
         .mount(source, target)
         .map(drop)
-        .map_err(|e| Error::new(format!("cannot move mount {} to {}: {e}", source.display(), target.display())))
+        .map_err(|e| {
+            Error::new(format!(
+                "cannot move mount {} to {}: {e}",
+                source.display(),
+                target.display()
+            ))
+        })
 }
 
 /// Makes the mount at `target` and everything below it private (no propagation).
 /// sys-mount sets propagation only on mounts it made itself, so this is plain mount(2).
 pub fn make_private(target: &Path) -> Result<()> {
     use nix::mount::MsFlags;
-    nix::mount::mount(None::<&str>, target, None::<&str>, MsFlags::MS_PRIVATE | MsFlags::MS_REC, None::<&str>)
-        .map_err(|e| Error::new(format!("cannot make {} private: {e}", target.display())))
+    nix::mount::mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| Error::new(format!("cannot make {} private: {e}", target.display())))
 }
 
 pub fn unmount(target: &Path) -> Result<()> {
-    sys_mount::unmount(target, UnmountFlags::empty()).map_err(|e| Error::new(format!("cannot unmount {}: {e}", target.display())))
+    sys_mount::unmount(target, UnmountFlags::empty())
+        .map_err(|e| Error::new(format!("cannot unmount {}: {e}", target.display())))
 }

@@ -38,9 +38,7 @@ impl BlockDevice {
             DeviceSpec::Uuid(u) => eq(&self.probe.uuid, u),
             DeviceSpec::PartUuid(u) => eq(&self.part_uuid, u),
             DeviceSpec::PartLabel(l) => self.part_label.as_deref() == Some(l.as_str()),
-            DeviceSpec::Path(p) => {
-                Path::new(p) == self.node || fs::canonicalize(p).is_ok_and(|c| c == self.node)
-            }
+            DeviceSpec::Path(p) => Path::new(p) == self.node || fs::canonicalize(p).is_ok_and(|c| c == self.node),
         }
     }
 
@@ -64,7 +62,11 @@ pub fn distinct_filesystems<'a>(devices: &[&'a BlockDevice]) -> Vec<&'a BlockDev
     let mut out: Vec<&BlockDevice> = Vec::new();
     for d in devices {
         let one_btrfs = |o: &&BlockDevice| {
-            o.probe.fstype == Some("btrfs") && d.probe.fstype == Some("btrfs") && o.probe.uuid.is_some() && o.probe.uuid == d.probe.uuid && d.probe.devices.unwrap_or(1) > 1
+            o.probe.fstype == Some("btrfs")
+                && d.probe.fstype == Some("btrfs")
+                && o.probe.uuid.is_some()
+                && o.probe.uuid == d.probe.uuid
+                && d.probe.devices.unwrap_or(1) > 1
         };
         if !out.iter().any(one_btrfs) {
             out.push(d);
@@ -95,14 +97,29 @@ pub fn probe_bytes(b: &[u8]) -> Probe {
     // btrfs: primary superblock at 64 KiB, magic at +0x40.
     if at(0x10040, 8) == Some(b"_BHRfS_M") {
         let devices = at(0x10088, 8).map(|v| u64::from_le_bytes(v.try_into().unwrap()));
-        return Probe { fstype: Some("btrfs"), uuid: at(0x10020, 16).map(uuid), label: at(0x1012b, 256).and_then(cstr), devices };
+        return Probe {
+            fstype: Some("btrfs"),
+            uuid: at(0x10020, 16).map(uuid),
+            label: at(0x1012b, 256).and_then(cstr),
+            devices,
+        };
     }
     // ext2/3/4: superblock at 1 KiB, magic 0xEF53 at +0x38.
     if at(0x438, 2) == Some(&[0x53, 0xef]) {
-        return Probe { fstype: Some("ext4"), uuid: at(0x468, 16).map(uuid), label: at(0x478, 16).and_then(cstr), devices: None };
+        return Probe {
+            fstype: Some("ext4"),
+            uuid: at(0x468, 16).map(uuid),
+            label: at(0x478, 16).and_then(cstr),
+            devices: None,
+        };
     }
     if at(0, 4) == Some(b"XFSB") {
-        return Probe { fstype: Some("xfs"), uuid: at(32, 16).map(uuid), label: at(108, 12).and_then(cstr), devices: None };
+        return Probe {
+            fstype: Some("xfs"),
+            uuid: at(32, 16).map(uuid),
+            label: at(108, 12).and_then(cstr),
+            devices: None,
+        };
     }
     // vfat: boot sector signature, then the FAT32 or FAT12/16 extended BPB.
     if at(510, 2) == Some(&[0x55, 0xaa]) {
@@ -110,7 +127,12 @@ pub fn probe_bytes(b: &[u8]) -> Probe {
             if at(fs_type, 3) == Some(b"FAT") {
                 let id = at(id, 4).map(|v| format!("{:02X}{:02X}-{:02X}{:02X}", v[3], v[2], v[1], v[0]));
                 let label = at(label, 11).and_then(cstr).filter(|l| l != "NO NAME");
-                return Probe { fstype: Some("vfat"), uuid: id, label, devices: None };
+                return Probe {
+                    fstype: Some("vfat"),
+                    uuid: id,
+                    label,
+                    devices: None,
+                };
             }
         }
     }
@@ -126,7 +148,14 @@ fn cstr(b: &[u8]) -> Option<String> {
 /// 16 bytes as a big-endian UUID string (btrfs, ext4 and xfs store them so).
 fn uuid(b: &[u8]) -> String {
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// A GPT GUID: the first three fields little-endian, the rest as stored.
@@ -157,7 +186,10 @@ impl ReadAt for File {
 impl ReadAt for [u8] {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let start = usize::try_from(offset).map_err(|_| std::io::ErrorKind::UnexpectedEof)?;
-        let src = start.checked_add(buf.len()).and_then(|end| self.get(start..end)).ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        let src = start
+            .checked_add(buf.len())
+            .and_then(|end| self.get(start..end))
+            .ok_or(std::io::ErrorKind::UnexpectedEof)?;
         buf.copy_from_slice(src);
         Ok(())
     }
@@ -213,7 +245,12 @@ fn gpt_entry(disk: &(impl ReadAt + ?Sized), number: u32, sector: u64) -> Option<
     // Entries are 128·2ⁿ bytes; the whole array must be small and inside the disk.
     let array_bytes = count.checked_mul(size)?;
     let array_end = array_lba.checked_mul(sector)?.checked_add(array_bytes)?;
-    if size < 128 || !size.is_power_of_two() || array_bytes > GPT_MAX_ARRAY || array_lba < 2 || array_end > disk_sectors.checked_mul(sector)? {
+    if size < 128
+        || !size.is_power_of_two()
+        || array_bytes > GPT_MAX_ARRAY
+        || array_lba < 2
+        || array_end > disk_sectors.checked_mul(sector)?
+    {
         return None;
     }
     let mut array = vec![0u8; array_bytes as usize];
@@ -228,7 +265,11 @@ fn gpt_entry(disk: &(impl ReadAt + ?Sized), number: u32, sector: u64) -> Option<
     if entry[0..16].iter().all(|&b| b == 0) {
         return Some((None, None)); // an unused entry
     }
-    let name: Vec<u16> = entry[56..128].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|&c| c != 0).collect();
+    let name: Vec<u16> = entry[56..128]
+        .chunks(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .take_while(|&c| c != 0)
+        .collect();
     let name = String::from_utf16_lossy(&name);
     Some((Some(guid(&entry[16..32])), (!name.is_empty()).then_some(name)))
 }
@@ -237,7 +278,9 @@ fn gpt_entry(disk: &(impl ReadAt + ?Sized), number: u32, sector: u64) -> Option<
 /// (an empty CD drive) are listed with nothing probed.
 pub fn scan(sys_block: &Path, dev: &Path) -> Vec<BlockDevice> {
     let mut out = Vec::new();
-    let (Ok(entries), Ok(dir)) = (fs::read_dir(sys_block), File::open(sys_block)) else { return out };
+    let (Ok(entries), Ok(dir)) = (fs::read_dir(sys_block), File::open(sys_block)) else {
+        return out;
+    };
     let mut names: Vec<String> = entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
     names.sort();
     for name in names {
@@ -251,17 +294,29 @@ pub fn scan(sys_block: &Path, dev: &Path) -> Vec<BlockDevice> {
             // A partition's sysfs link ends in …/block/<disk>/<partition>: one readlink,
             // where canonicalize would readlink every component.
             let link = fs::read_link(sys_block.join(&name)).ok();
-            let parent = link.as_deref().and_then(|l| l.parent()).and_then(|p| p.file_name()).map(|n| n.to_os_string());
+            let parent = link
+                .as_deref()
+                .and_then(|l| l.parent())
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_os_string());
             if let (Ok(n), Some(parent)) = (n.trim().parse(), parent) {
                 // The disk's logical block size places its GPT (512 or 4096 bytes).
                 let queue = format!("{}/queue/logical_block_size", parent.to_string_lossy());
-                let sector = read_attribute(&dir, queue.as_bytes()).and_then(|s| s.trim().parse().ok()).unwrap_or(512);
+                let sector = read_attribute(&dir, queue.as_bytes())
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(512);
                 if let Ok(disk) = File::open(dev.join(parent)) {
                     (part_uuid, part_label) = partition_ids(&disk, n, sector);
                 }
             }
         }
-        out.push(BlockDevice { name, node, probe, part_uuid, part_label });
+        out.push(BlockDevice {
+            name,
+            node,
+            probe,
+            part_uuid,
+            part_label,
+        });
     }
     out
 }
@@ -273,19 +328,37 @@ mod tests {
     #[test]
     fn recognises_real_filesystems() {
         let t = tempfile::tempdir().unwrap();
-        for (fs, mkfs, label) in [("btrfs", "mkfs.btrfs", "lb-test"), ("ext4", "mkfs.ext4", "lb-ext"), ("vfat", "mkfs.vfat", "LBFAT")] {
+        for (fs, mkfs, label) in [
+            ("btrfs", "mkfs.btrfs", "lb-test"),
+            ("ext4", "mkfs.ext4", "lb-ext"),
+            ("vfat", "mkfs.vfat", "LBFAT"),
+        ] {
             let img = t.path().join(fs);
             File::create(&img).unwrap().set_len(128 << 20).unwrap();
             let label_flag = if fs == "vfat" { "-n" } else { "-L" };
-            let out = std::process::Command::new(mkfs).arg(label_flag).arg(label).arg(&img).output();
-            let Ok(out) = out else { panic!("{mkfs} is needed for this test (tests/setup-host.sh installs it)") };
+            let out = std::process::Command::new(mkfs)
+                .arg(label_flag)
+                .arg(label)
+                .arg(&img)
+                .output();
+            let Ok(out) = out else {
+                panic!("{mkfs} is needed for this test (tests/setup-host.sh installs it)")
+            };
             assert!(out.status.success(), "{mkfs}: {}", String::from_utf8_lossy(&out.stderr));
             let p = probe(&img).unwrap();
             assert_eq!(p.fstype, Some(if fs == "vfat" { "vfat" } else { fs }), "{fs}");
             assert_eq!(p.label.as_deref(), Some(label));
             assert_eq!(p.devices, (fs == "btrfs").then_some(1));
-            let blkid = std::process::Command::new("blkid").args(["-o", "value", "-s", "UUID"]).arg(&img).output().unwrap();
-            assert_eq!(p.uuid.unwrap(), String::from_utf8_lossy(&blkid.stdout).trim(), "{fs} UUID as blkid reads it");
+            let blkid = std::process::Command::new("blkid")
+                .args(["-o", "value", "-s", "UUID"])
+                .arg(&img)
+                .output()
+                .unwrap();
+            assert_eq!(
+                p.uuid.unwrap(),
+                String::from_utf8_lossy(&blkid.stdout).trim(),
+                "{fs} UUID as blkid reads it"
+            );
         }
     }
 
@@ -296,7 +369,12 @@ mod tests {
         for p in [&a, &b] {
             File::create(p).unwrap().set_len(256 << 20).unwrap();
         }
-        let out = std::process::Command::new("mkfs.btrfs").args(["-q", "-d", "raid1", "-m", "raid1", "-L", "two"]).arg(&a).arg(&b).output().unwrap();
+        let out = std::process::Command::new("mkfs.btrfs")
+            .args(["-q", "-d", "raid1", "-m", "raid1", "-L", "two"])
+            .arg(&a)
+            .arg(&b)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let (pa, pb) = (probe(&a).unwrap(), probe(&b).unwrap());
         assert_eq!((pa.devices, pb.devices), (Some(2), Some(2)));
@@ -313,12 +391,20 @@ mod tests {
             .spawn()
             .and_then(|mut c| {
                 use std::io::Write;
-                c.stdin.take().unwrap().write_all(b"label: gpt\nsize=16M, type=U, name=esp\ntype=L, name=store\n")?;
+                c.stdin
+                    .take()
+                    .unwrap()
+                    .write_all(b"label: gpt\nsize=16M, type=U, name=esp\ntype=L, name=store\n")?;
                 c.wait_with_output()
             })
             .unwrap();
         assert!(out.status.success());
-        let sfdisk = std::process::Command::new("sfdisk").args(["--part-uuid"]).arg(img).arg("2").output().unwrap();
+        let sfdisk = std::process::Command::new("sfdisk")
+            .args(["--part-uuid"])
+            .arg(img)
+            .arg("2")
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&sfdisk.stdout).trim().to_ascii_lowercase()
     }
 
@@ -330,7 +416,11 @@ mod tests {
         let disk = File::open(&img).unwrap();
         assert_eq!(partition_ids(&disk, 2, 512), (Some(want), Some("store".to_string())));
         assert_eq!(partition_ids(&disk, 9, 512), (None, None));
-        assert_eq!(partition_ids(&disk, 2, 4096), (None, None), "no GPT where 4 KiB sectors would put it");
+        assert_eq!(
+            partition_ids(&disk, 2, 4096),
+            (None, None),
+            "no GPT where 4 KiB sectors would put it"
+        );
     }
 
     /// A disk whose MBR has one Linux partition, with a stale GPT header behind it that
@@ -358,7 +448,11 @@ mod tests {
     fn a_stale_gpt_behind_an_mbr_is_not_read_and_its_sizes_are_never_trusted() {
         for (size, count) in [(0xffff_ff80, 1), (128, 0xffff_ffff), (128, 4)] {
             let disk = mbr_disk_with_stale_gpt(size, count);
-            assert_eq!(partition_ids(&disk[..], 1, 512), (Some("1234abcd-01".to_string()), None), "the MBR's ID, {size}×{count}");
+            assert_eq!(
+                partition_ids(&disk[..], 1, 512),
+                (Some("1234abcd-01".to_string()), None),
+                "the MBR's ID, {size}×{count}"
+            );
             // Even with the MBR made protective, the sizes are bounded: no ID, no huge read.
             let mut protective = disk.clone();
             protective[446 + 4] = 0xee;
@@ -385,21 +479,46 @@ mod tests {
         fs::write(disk_dir.join("vdz2/partition"), "2\n").unwrap();
         fs::create_dir_all(sys.join("class/block")).unwrap();
         fs::create_dir_all(&dev).unwrap();
-        std::os::unix::fs::symlink("../../devices/pci0000:00/0000:00:04.0/virtio1/block/vdz", sys.join("class/block/vdz")).unwrap();
-        std::os::unix::fs::symlink("../../devices/pci0000:00/0000:00:04.0/virtio1/block/vdz/vdz2", sys.join("class/block/vdz2")).unwrap();
+        std::os::unix::fs::symlink(
+            "../../devices/pci0000:00/0000:00:04.0/virtio1/block/vdz",
+            sys.join("class/block/vdz"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(
+            "../../devices/pci0000:00/0000:00:04.0/virtio1/block/vdz/vdz2",
+            sys.join("class/block/vdz2"),
+        )
+        .unwrap();
         let part_uuid = gpt_disk(&dev.join("vdz"));
         File::create(dev.join("vdz2")).unwrap().set_len(32 << 20).unwrap();
-        let out = std::process::Command::new("mkfs.ext4").args(["-q", "-L", "lb-part"]).arg(dev.join("vdz2")).output().unwrap();
+        let out = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-L", "lb-part"])
+            .arg(dev.join("vdz2"))
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
         let found = scan(&sys.join("class/block"), &dev);
         let names: Vec<&str> = found.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["vdz", "vdz2"]);
         let part = &found[1];
-        assert_eq!((part.part_uuid.as_deref(), part.part_label.as_deref()), (Some(part_uuid.as_str()), Some("store")));
-        assert_eq!((part.probe.fstype, part.probe.label.as_deref()), (Some("ext4"), Some("lb-part")));
-        assert_eq!((found[0].part_uuid.as_deref(), found[0].probe.fstype), (None, None), "the whole disk is no partition");
-        assert!(part.matches(&DeviceSpec::parse("root", "PARTLABEL=store").unwrap()) && part.matches(&DeviceSpec::parse("root", &format!("PARTUUID={part_uuid}")).unwrap()));
+        assert_eq!(
+            (part.part_uuid.as_deref(), part.part_label.as_deref()),
+            (Some(part_uuid.as_str()), Some("store"))
+        );
+        assert_eq!(
+            (part.probe.fstype, part.probe.label.as_deref()),
+            (Some("ext4"), Some("lb-part"))
+        );
+        assert_eq!(
+            (found[0].part_uuid.as_deref(), found[0].probe.fstype),
+            (None, None),
+            "the whole disk is no partition"
+        );
+        assert!(
+            part.matches(&DeviceSpec::parse("root", "PARTLABEL=store").unwrap())
+                && part.matches(&DeviceSpec::parse("root", &format!("PARTUUID={part_uuid}")).unwrap())
+        );
     }
 
     #[test]
@@ -407,14 +526,23 @@ mod tests {
         let dev = |node: &str, fstype: &'static str, uuid: &str, devices: u64| BlockDevice {
             name: node.into(),
             node: PathBuf::from(node),
-            probe: Probe { fstype: Some(fstype), uuid: Some(uuid.into()), label: Some("store".into()), devices: Some(devices) },
+            probe: Probe {
+                fstype: Some(fstype),
+                uuid: Some(uuid.into()),
+                label: Some("store".into()),
+                devices: Some(devices),
+            },
             part_uuid: None,
             part_label: None,
         };
         let (a, b) = (dev("/dev/vda", "btrfs", "u1", 2), dev("/dev/vdb", "btrfs", "u1", 2));
         assert_eq!(distinct_filesystems(&[&a, &b]).len(), 1, "two members of one btrfs");
         let (c, d) = (dev("/dev/vda", "ext4", "u1", 1), dev("/dev/sda1", "ext4", "u2", 1));
-        assert_eq!(distinct_filesystems(&[&c, &d]).len(), 2, "a USB stick with the same label");
+        assert_eq!(
+            distinct_filesystems(&[&c, &d]).len(),
+            2,
+            "a USB stick with the same label"
+        );
         let (e, f) = (dev("/dev/vda", "btrfs", "u1", 1), dev("/dev/sda", "btrfs", "u1", 1));
         assert_eq!(distinct_filesystems(&[&e, &f]).len(), 2, "a cloned single-device btrfs");
     }

@@ -30,7 +30,9 @@ impl Reference {
         }
         let (name_tag, digest) = match s.split_once('@') {
             Some((n, d)) => {
-                let hex = d.strip_prefix("sha256:").ok_or_else(|| bad("only sha256 digests are supported"))?;
+                let hex = d
+                    .strip_prefix("sha256:")
+                    .ok_or_else(|| bad("only sha256 digests are supported"))?;
                 if !crate::digest::is_hex64(hex) {
                     return Err(bad("the digest must be sha256: and 64 lowercase hex digits"));
                 }
@@ -68,8 +70,17 @@ impl Reference {
                 "a repository name is lowercase letters, digits and separators (. _ __ -) between slashes",
             ));
         }
-        let tag = if tag.is_none() && digest.is_none() { Some("latest".to_string()) } else { tag };
-        Ok(Reference { domain, path, tag, digest })
+        let tag = if tag.is_none() && digest.is_none() {
+            Some("latest".to_string())
+        } else {
+            tag
+        };
+        Ok(Reference {
+            domain,
+            path,
+            tag,
+            digest,
+        })
     }
 
     /// `docker.io/library/debian` → `debian`; `docker.io/acc/x` → `acc/x`; others unchanged.
@@ -111,15 +122,17 @@ impl Reference {
 fn split_domain(name: &str) -> (String, String) {
     let (domain, path) = match name.split_once('/') {
         Some((first, rest))
-            if first.contains(['.', ':'])
-                || first == "localhost"
-                || first.chars().any(|c| c.is_ascii_uppercase()) =>
+            if first.contains(['.', ':']) || first == "localhost" || first.chars().any(|c| c.is_ascii_uppercase()) =>
         {
             (first.to_string(), rest.to_string())
         }
         _ => (DEFAULT_DOMAIN.to_string(), name.to_string()),
     };
-    let domain = if domain == LEGACY_DOMAIN { DEFAULT_DOMAIN.to_string() } else { domain };
+    let domain = if domain == LEGACY_DOMAIN {
+        DEFAULT_DOMAIN.to_string()
+    } else {
+        domain
+    };
     let path = if domain == DEFAULT_DOMAIN && !path.contains('/') {
         format!("{OFFICIAL_PREFIX}{path}")
     } else {
@@ -181,10 +194,19 @@ mod tests {
 
     #[test]
     fn official_images_normalise_to_one_key() {
-        for s in ["debian", "debian:latest", "docker.io/library/debian:latest", "index.docker.io/library/debian", "docker.io/debian"] {
+        for s in [
+            "debian",
+            "debian:latest",
+            "docker.io/library/debian:latest",
+            "index.docker.io/library/debian",
+            "docker.io/debian",
+        ] {
             assert_eq!(key(s), "debian:latest", "{s}");
         }
-        assert_eq!(Reference::parse("debian").unwrap().full_string(), "docker.io/library/debian:latest");
+        assert_eq!(
+            Reference::parse("debian").unwrap().full_string(),
+            "docker.io/library/debian:latest"
+        );
     }
 
     #[test]
@@ -195,7 +217,10 @@ mod tests {
         assert_eq!(key("localhost/x"), "localhost/x:latest");
         assert_eq!(key("ghcr.io/o/r"), "ghcr.io/o/r:latest");
         let r = Reference::parse("localhost:5000/x/y").unwrap();
-        assert_eq!((r.domain.as_str(), r.path.as_str(), r.tag.as_deref()), ("localhost:5000", "x/y", Some("latest")));
+        assert_eq!(
+            (r.domain.as_str(), r.path.as_str(), r.tag.as_deref()),
+            ("localhost:5000", "x/y", Some("latest"))
+        );
     }
 
     #[test]

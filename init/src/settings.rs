@@ -38,7 +38,9 @@ pub struct Config {
 impl Config {
     pub fn parse(text: &str) -> Result<Config> {
         serde_json::from_str(text).map_err(|e| {
-            Error::new(format!("{CONFIG_PATH} in the initramfs is invalid: {e} (fix: rebuild it with `layerboot initramfs`)"))
+            Error::new(format!(
+                "{CONFIG_PATH} in the initramfs is invalid: {e} (fix: rebuild it with `layerboot initramfs`)"
+            ))
         })
     }
 }
@@ -68,8 +70,11 @@ impl DeviceSpec {
                 )))
             }
         };
-        if matches!(&spec, DeviceSpec::Label(s) | DeviceSpec::Uuid(s) | DeviceSpec::PartUuid(s) | DeviceSpec::PartLabel(s) if s.is_empty()) {
-            return Err(Error::new(format!("{arg}={value} names no device: the value after '=' is empty")));
+        if matches!(&spec, DeviceSpec::Label(s) | DeviceSpec::Uuid(s) | DeviceSpec::PartUuid(s) | DeviceSpec::PartLabel(s) if s.is_empty())
+        {
+            return Err(Error::new(format!(
+                "{arg}={value} names no device: the value after '=' is empty"
+            )));
         }
         Ok(spec)
     }
@@ -171,28 +176,47 @@ impl Settings {
             }
         }
         let rw_adopt = nonempty("layerboot.rw").is_none() && rw_subvol.is_some();
-        let rw_name = nonempty("layerboot.rw").map(str::to_string).or(rw_subvol).unwrap_or_else(|| DEFAULT_RW_NAME.to_string());
+        let rw_name = nonempty("layerboot.rw")
+            .map(str::to_string)
+            .or(rw_subvol)
+            .unwrap_or_else(|| DEFAULT_RW_NAME.to_string());
         // A plain name: it becomes a path at the partition's top level and part of the
         // overlay's mount options, where ',' or ':' would inject options of their own.
-        let plain = rw_name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._@+-".contains(&b));
+        let plain = rw_name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._@+-".contains(&b));
         if !plain || rw_name.starts_with('.') || rw_name.is_empty() || rw_name.len() > 200 {
             return Err(Error::new(format!(
                 "writable layer name '{rw_name}' (layerboot.rw= or rootflags=subvol=) must be a plain name at the partition's top level \
                  (letters, digits and . _ @ + -, not starting with '.'), e.g. layerboot-rw"
             )));
         }
-        let docker_path = get("docker_path").unwrap_or(DEFAULT_DOCKER_PATH).trim_matches('/').to_string();
+        let docker_path = get("docker_path")
+            .unwrap_or(DEFAULT_DOCKER_PATH)
+            .trim_matches('/')
+            .to_string();
         if docker_path.split('/').any(|c| c == "..") {
-            return Err(Error::new(format!("docker_path={docker_path} must stay inside the root partition (no '..')")));
+            return Err(Error::new(format!(
+                "docker_path={docker_path} must stay inside the root partition (no '..')"
+            )));
         }
         let image = nonempty("docker_image").map(str::to_string).ok_or_else(|| {
             Error::new("no image to boot: add docker_image=NAME:TAG to the kernel command line, or build the initramfs with `layerboot initramfs --image NAME:TAG`")
         })?;
-        let toplayer = nonempty("toplayer").map(|v| DeviceSpec::parse("toplayer", v)).transpose()?;
-        let toplayer_flags = get("toplayerflags").unwrap_or("").split(',').filter(|f| !f.is_empty()).map(str::to_string).collect();
+        let toplayer = nonempty("toplayer")
+            .map(|v| DeviceSpec::parse("toplayer", v))
+            .transpose()?;
+        let toplayer_flags = get("toplayerflags")
+            .unwrap_or("")
+            .split(',')
+            .filter(|f| !f.is_empty())
+            .map(str::to_string)
+            .collect();
         let toplayer_path = get("toplayer_path").unwrap_or("/").to_string();
         if toplayer_path.split('/').any(|c| c == "..") {
-            return Err(Error::new(format!("toplayer_path={toplayer_path} must stay inside the top-layer device (no '..')")));
+            return Err(Error::new(format!(
+                "toplayer_path={toplayer_path} must stay inside the top-layer device (no '..')"
+            )));
         }
         // Bounded: a huge value would wait for ever, or overflow a deadline into a panic.
         let number = |k: &str, default: u64, max: u64| -> Result<u64> {
@@ -206,13 +230,22 @@ impl Settings {
                 },
             }
         };
-        let timeout = match (cmdline.contains_key("rootwait"), cmdline.contains_key("layerboot.timeout")) {
+        let timeout = match (
+            cmdline.contains_key("rootwait"),
+            cmdline.contains_key("layerboot.timeout"),
+        ) {
             (true, false) => None,
-            _ => Some(Duration::from_secs(number("layerboot.timeout", DEFAULT_TIMEOUT_S, MAX_WAIT_S)?)),
+            _ => Some(Duration::from_secs(number(
+                "layerboot.timeout",
+                DEFAULT_TIMEOUT_S,
+                MAX_WAIT_S,
+            )?)),
         };
         let init = nonempty("init").unwrap_or(DEFAULT_INIT).to_string();
         if !init.starts_with('/') {
-            return Err(Error::new(format!("init={init} must be an absolute path inside the image, e.g. /sbin/init")));
+            return Err(Error::new(format!(
+                "init={init} must be an absolute path inside the image, e.g. /sbin/init"
+            )));
         }
         Ok(Settings {
             root,
@@ -229,20 +262,37 @@ impl Settings {
             rw_name,
             rw_adopt,
             timeout,
-            rescue_timeout: Duration::from_secs(number("layerboot.rescue_timeout", DEFAULT_RESCUE_TIMEOUT_S, MAX_WAIT_S)?),
+            rescue_timeout: Duration::from_secs(number(
+                "layerboot.rescue_timeout",
+                DEFAULT_RESCUE_TIMEOUT_S,
+                MAX_WAIT_S,
+            )?),
             debug: cmdline.contains_key("layerboot.debug") || cmdline.contains_key("rd.debug"),
             keep: number("layerboot.keep", 1, MAX_KEEP)? as usize,
             mode_keep: match nonempty("layerboot.mode") {
                 None | Some("fresh") => false,
                 Some("keep") => true,
-                Some(v) => return Err(Error::new(format!("layerboot.mode={v} is unknown: use layerboot.mode=fresh (the default) or keep"))),
+                Some(v) => {
+                    return Err(Error::new(format!(
+                        "layerboot.mode={v} is unknown: use layerboot.mode=fresh (the default) or keep"
+                    )))
+                }
             },
             upper_tmpfs: match nonempty("layerboot.upper") {
                 None | Some("disk") => false,
                 Some("tmpfs") => true,
-                Some(v) => return Err(Error::new(format!("layerboot.upper={v} is unknown: use layerboot.upper=disk (the default) or tmpfs"))),
+                Some(v) => {
+                    return Err(Error::new(format!(
+                        "layerboot.upper={v} is unknown: use layerboot.upper=disk (the default) or tmpfs"
+                    )))
+                }
             },
-            modules: get("layerboot.modules").unwrap_or("").split(',').filter(|m| !m.is_empty()).map(str::to_string).collect(),
+            modules: get("layerboot.modules")
+                .unwrap_or("")
+                .split(',')
+                .filter(|m| !m.is_empty())
+                .map(str::to_string)
+                .collect(),
             namespace: nonempty("layerboot.namespace").map(str::to_string),
         })
     }
@@ -286,15 +336,35 @@ mod tests {
         assert!(s.read_only && s.toplayer.is_none());
         assert_eq!(s.timeout, Some(Duration::from_secs(30)));
         assert_eq!((s.keep, s.mode_keep, s.upper_tmpfs), (1, false, false));
-        let s = settings("root=/dev/vda layerboot.keep=3 layerboot.mode=keep layerboot.upper=tmpfs layerboot.modules=nvme,xhci_pci", &config).unwrap();
+        let s = settings(
+            "root=/dev/vda layerboot.keep=3 layerboot.mode=keep layerboot.upper=tmpfs layerboot.modules=nvme,xhci_pci",
+            &config,
+        )
+        .unwrap();
         assert_eq!((s.keep, s.mode_keep, s.upper_tmpfs), (3, true, true));
         assert_eq!(s.modules, ["nvme", "xhci_pci"]);
         assert_eq!(s.namespace, None);
         config.defaults.insert("layerboot.namespace".into(), "moby".into());
-        assert_eq!(settings("root=/dev/vda", &config).unwrap().namespace.as_deref(), Some("moby"));
-        assert_eq!(settings("root=/dev/vda layerboot.namespace=k8s.io", &config).unwrap().namespace.as_deref(), Some("k8s.io"));
-        let s = settings("root=/dev/vda docker_image=x:2 init=/bin/sh rootwait \"layerboot.rw=a\" docker_image=x:3", &config).unwrap();
-        assert_eq!((s.image.as_str(), s.init.as_str(), s.rw_name.as_str()), ("x:3", "/bin/sh", "a"));
+        assert_eq!(
+            settings("root=/dev/vda", &config).unwrap().namespace.as_deref(),
+            Some("moby")
+        );
+        assert_eq!(
+            settings("root=/dev/vda layerboot.namespace=k8s.io", &config)
+                .unwrap()
+                .namespace
+                .as_deref(),
+            Some("k8s.io")
+        );
+        let s = settings(
+            "root=/dev/vda docker_image=x:2 init=/bin/sh rootwait \"layerboot.rw=a\" docker_image=x:3",
+            &config,
+        )
+        .unwrap();
+        assert_eq!(
+            (s.image.as_str(), s.init.as_str(), s.rw_name.as_str()),
+            ("x:3", "/bin/sh", "a")
+        );
         assert_eq!(s.timeout, None);
     }
 
@@ -306,24 +376,51 @@ mod tests {
             ("root=/dev/vda", "no image to boot"),
             ("root=sda1 docker_image=x", "root=sda1 is not a device"),
             ("root=LABEL= docker_image=x", "names no device"),
-            ("root=/dev/vda docker_image=x docker_path=../etc", "inside the root partition"),
+            (
+                "root=/dev/vda docker_image=x docker_path=../etc",
+                "inside the root partition",
+            ),
             ("root=/dev/vda docker_image=x layerboot.rw=a/b", "plain name"),
             ("root=/dev/vda docker_image=x layerboot.rw=a,lowerdir=/", "plain name"),
             ("root=/dev/vda docker_image=x rootflags=subvol=a:b", "plain name"),
             ("root=/dev/vda docker_image=x layerboot.rw=..", "plain name"),
             ("root=/dev/vda docker_image=x layerboot.timeout=soon", "not a number"),
             ("root=/dev/vda docker_image=x init=sbin/init", "absolute path"),
-            ("root=/dev/vda docker_image=x toplayer=top", "toplayer=top is not a device"),
-            ("root=/dev/vda docker_image=x layerboot.mode=sticky", "layerboot.mode=sticky is unknown"),
-            ("root=/dev/vda docker_image=x layerboot.upper=ram", "layerboot.upper=ram is unknown"),
-            ("root=/dev/vda docker_image=x layerboot.keep=-1", "layerboot.keep=-1 is not a number"),
-            ("root=/dev/vda docker_image=x layerboot.keep=18446744073709551615", "at most 100"),
-            ("root=/dev/vda docker_image=x layerboot.rescue_timeout=99999999999999999", "at most 86400 of seconds"),
-            ("root=/dev/vda docker_image=x layerboot.timeout=99999999999", "too large"),
+            (
+                "root=/dev/vda docker_image=x toplayer=top",
+                "toplayer=top is not a device",
+            ),
+            (
+                "root=/dev/vda docker_image=x layerboot.mode=sticky",
+                "layerboot.mode=sticky is unknown",
+            ),
+            (
+                "root=/dev/vda docker_image=x layerboot.upper=ram",
+                "layerboot.upper=ram is unknown",
+            ),
+            (
+                "root=/dev/vda docker_image=x layerboot.keep=-1",
+                "layerboot.keep=-1 is not a number",
+            ),
+            (
+                "root=/dev/vda docker_image=x layerboot.keep=18446744073709551615",
+                "at most 100",
+            ),
+            (
+                "root=/dev/vda docker_image=x layerboot.rescue_timeout=99999999999999999",
+                "at most 86400 of seconds",
+            ),
+            (
+                "root=/dev/vda docker_image=x layerboot.timeout=99999999999",
+                "too large",
+            ),
         ] {
             let e = settings(line, &c).unwrap_err().to_string();
             assert!(e.contains(want), "{line}: {e}");
         }
-        assert!(Config::parse("{\"modules\": 1}").unwrap_err().to_string().contains("rebuild"));
+        assert!(Config::parse("{\"modules\": 1}")
+            .unwrap_err()
+            .to_string()
+            .contains("rebuild"));
     }
 }

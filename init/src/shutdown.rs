@@ -30,7 +30,8 @@ pub fn prepare(program: &Path) -> Result<()> {
     }
     let (tmp, dest) = (dir.join(".shutdown.tmp"), dir.join("shutdown"));
     fs::copy(program, &tmp).map_err(|e| Error::io(&format!("cannot copy {} to", program.display()), &tmp, e))?;
-    fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755)).map_err(|e| Error::io("cannot chmod", &tmp, e))?;
+    fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(|e| Error::io("cannot chmod", &tmp, e))?;
     // Executable only once complete: systemd-shutdown checks for it at the last moment.
     fs::rename(&tmp, &dest).map_err(|e| Error::io("cannot rename", &dest, e))
 }
@@ -97,7 +98,13 @@ fn unmount_old_root() -> Vec<String> {
     }
     left.into_iter()
         .map(|(p, e)| {
-            let _ = nix::mount::mount(None::<&str>, &p, None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None::<&str>);
+            let _ = nix::mount::mount(
+                None::<&str>,
+                &p,
+                None::<&str>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None::<&str>,
+            );
             let _ = umount2(&p, MntFlags::MNT_DETACH);
             format!("{} ({e})", p.display())
         })
@@ -113,7 +120,10 @@ pub fn run(verb: &str) -> ! {
     if left.is_empty() {
         say("layerboot: shutdown: the image's root and the store are unmounted cleanly");
     } else {
-        say(&format!("layerboot: shutdown: still busy, made read-only and detached: {}", left.join(", ")));
+        say(&format!(
+            "layerboot: shutdown: still busy, made read-only and detached: {}",
+            left.join(", ")
+        ));
     }
     nix::unistd::sync();
     let mode = match verb {
@@ -149,8 +159,19 @@ mod tests {
 34 22 0:5 / /proc rw - proc proc rw
 35 22 0:41 / /oldroots rw - tmpfs tmpfs rw
 ";
-        let order: Vec<String> = unmount_order(info, "/oldroot").iter().map(|p| p.display().to_string()).collect();
-        assert_eq!(order, ["/oldroot/run/layerboot/store", "/oldroot/mnt/with space", "/oldroot/run", "/oldroot"]);
+        let order: Vec<String> = unmount_order(info, "/oldroot")
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "/oldroot/run/layerboot/store",
+                "/oldroot/mnt/with space",
+                "/oldroot/run",
+                "/oldroot"
+            ]
+        );
         assert!(is_shutdown("/shutdown") && is_shutdown("shutdown") && !is_shutdown("/init"));
     }
 }

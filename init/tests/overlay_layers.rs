@@ -21,9 +21,22 @@ fn image_with_layers(home: &Path, n: usize, links: bool) -> Image {
         fs::write(diff.join(format!("f{i}")), i.to_string()).unwrap();
         let link = format!("{:0>26}", format!("L{i}"));
         std::os::unix::fs::symlink(format!("../{cache_id}/diff"), home.join("l").join(&link)).unwrap();
-        layers.push(Layer { chain_id: String::new(), diff_id: String::new(), cache_id, dir: diff, link: links.then_some(link) });
+        layers.push(Layer {
+            chain_id: String::new(),
+            diff_id: String::new(),
+            cache_id,
+            dir: diff,
+            link: links.then_some(link),
+        });
     }
-    Image { id: format!("sha256:{}", "b".repeat(64)), config: serde_json::json!({}), driver: Driver::Overlay2, layers, refs: vec![], namespace: None }
+    Image {
+        id: format!("sha256:{}", "b".repeat(64)),
+        config: serde_json::json!({}),
+        driver: Driver::Overlay2,
+        layers,
+        refs: vec![],
+        namespace: None,
+    }
 }
 
 #[test]
@@ -35,7 +48,11 @@ fn a_130_layer_image_mounts_and_a_longer_one_is_refused_clearly() {
     fs::create_dir_all(rw.join("upper")).unwrap();
     fs::create_dir_all(rw.join("work")).unwrap();
     let data = overlay_data(&img, &home, &rw.join("upper"), &rw.join("work")).unwrap();
-    assert!(data.len() < 4096 && data.starts_with("lowerdir=l/"), "{} bytes", data.len());
+    assert!(
+        data.len() < 4096 && data.starts_with("lowerdir=l/"),
+        "{} bytes",
+        data.len()
+    );
 
     let target = t.path().join("root");
     let cwd = std::env::current_dir().unwrap();
@@ -50,6 +67,11 @@ fn a_130_layer_image_mounts_and_a_longer_one_is_refused_clearly() {
 
     // Without the short links (a damaged store) the names are too long for one page.
     let img = image_with_layers(&t.path().join("other"), 130, false);
-    let e = overlay_data(&img, &home, &rw.join("upper"), &rw.join("work")).unwrap_err().to_string();
-    assert!(e.contains("130 layers") && e.contains("exceed the kernel's limit of 4096") && e.contains("squash"), "{e}");
+    let e = overlay_data(&img, &home, &rw.join("upper"), &rw.join("work"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("130 layers") && e.contains("exceed the kernel's limit of 4096") && e.contains("squash"),
+        "{e}"
+    );
 }

@@ -11,12 +11,24 @@ use layerboot_init::copy::copy_tree;
 
 fn sh(cmd: &mut Command) {
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn xattrs(p: &Path) -> Vec<String> {
-    let out = Command::new("getfattr").args(["-h", "-d", "-m", "-", "--absolute-names"]).arg(p).output().expect("getfattr (package attr)");
-    String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.starts_with('#') && !l.is_empty()).map(str::to_string).collect()
+    let out = Command::new("getfattr")
+        .args(["-h", "-d", "-m", "-", "--absolute-names"])
+        .arg(p)
+        .output()
+        .expect("getfattr (package attr)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Everything `cp -a` preserves, per path; hard links as the first path of their inode.
@@ -39,12 +51,27 @@ fn describe(root: &Path) -> BTreeMap<String, String> {
         let md = fs::symlink_metadata(&p).unwrap();
         let rel = p.strip_prefix(root).unwrap().display().to_string();
         let link = fs::read_link(&p).map(|l| l.display().to_string()).unwrap_or_default();
-        let first = if md.nlink() > 1 && !md.is_dir() { inodes.entry(md.ino()).or_insert(rel.clone()).clone() } else { String::new() };
-        let mtime = if md.is_dir() { 0 } else { md.mtime() * 1_000_000_000 + md.mtime_nsec() };
+        let first = if md.nlink() > 1 && !md.is_dir() {
+            inodes.entry(md.ino()).or_insert(rel.clone()).clone()
+        } else {
+            String::new()
+        };
+        let mtime = if md.is_dir() {
+            0
+        } else {
+            md.mtime() * 1_000_000_000 + md.mtime_nsec()
+        };
         let size = if md.is_dir() { 0 } else { md.size() };
         out.insert(
             rel,
-            format!("mode {:o} owner {}:{} size {size} mtime {mtime} rdev {} link '{link}' hardlink '{first}' xattrs {:?}", md.mode(), md.uid(), md.gid(), md.rdev(), xattrs(&p)),
+            format!(
+                "mode {:o} owner {}:{} size {size} mtime {mtime} rdev {} link '{link}' hardlink '{first}' xattrs {:?}",
+                md.mode(),
+                md.uid(),
+                md.gid(),
+                md.rdev(),
+                xattrs(&p)
+            ),
         );
     }
     out
@@ -72,12 +99,24 @@ fn make_top_layer(src: &Path) {
     sh(Command::new("mknod").arg(src.join("null")).args(["c", "1", "3"]));
     sh(Command::new("mknod").arg(src.join("loop9")).args(["b", "7", "9"]));
     sh(Command::new("mkfifo").arg(src.join("fifo")));
-    for (name, value) in [("user.note", "u"), ("trusted.overlay.x", "t"), ("security.selinux", "system_u:object_r:etc_t:s0")] {
-        sh(Command::new("setfattr").args(["-n", name, "-v", value]).arg(src.join("etc/shadow")));
+    for (name, value) in [
+        ("user.note", "u"),
+        ("trusted.overlay.x", "t"),
+        ("security.selinux", "system_u:object_r:etc_t:s0"),
+    ] {
+        sh(Command::new("setfattr")
+            .args(["-n", name, "-v", value])
+            .arg(src.join("etc/shadow")));
     }
-    sh(Command::new("setfattr").args(["-n", "trusted.dir", "-v", "d"]).arg(src.join("etc/ssh")));
-    sh(Command::new("touch").args(["-h", "-d", "2001-02-03 04:05:06.123456789"]).arg(src.join("abs-link")));
-    sh(Command::new("touch").args(["-d", "2002-02-03 04:05:06.5"]).arg(src.join("etc/ssh/ssh_host_key")));
+    sh(Command::new("setfattr")
+        .args(["-n", "trusted.dir", "-v", "d"])
+        .arg(src.join("etc/ssh")));
+    sh(Command::new("touch")
+        .args(["-h", "-d", "2001-02-03 04:05:06.123456789"])
+        .arg(src.join("abs-link")));
+    sh(Command::new("touch")
+        .args(["-d", "2002-02-03 04:05:06.5"])
+        .arg(src.join("etc/ssh/ssh_host_key")));
 }
 
 #[test]
@@ -88,20 +127,33 @@ fn copy_matches_cp_a_file_by_file() {
     fs::create_dir(&ours).unwrap();
     fs::create_dir(&theirs).unwrap();
     copy_tree(&src, &ours).unwrap();
-    sh(Command::new("cp").arg("-a").arg(format!("{}/.", src.display())).arg(&theirs));
+    sh(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", src.display()))
+        .arg(&theirs));
     let (a, b) = (describe(&ours), describe(&theirs));
     assert_eq!(a.len(), b.len(), "{:?}", a.keys().collect::<Vec<_>>());
     for (path, want) in &b {
         assert_eq!(a.get(path), Some(want), "{path}");
     }
-    assert!(a["etc/shadow"].contains("security.selinux") && a["etc/shadow"].contains("trusted.overlay.x"), "{}", a["etc/shadow"]);
+    assert!(
+        a["etc/shadow"].contains("security.selinux") && a["etc/shadow"].contains("trusted.overlay.x"),
+        "{}",
+        a["etc/shadow"]
+    );
 }
 
 #[test]
 fn whiteouts_in_the_top_layer_delete_from_the_new_root() {
     let t = tempfile::tempdir().unwrap();
     let (src, root) = (t.path().join("top"), t.path().join("root"));
-    for f in ["etc/motd", "etc/cron.d/job", "etc/keep", "opt/vendor/a", "opt/vendor/sub/b"] {
+    for f in [
+        "etc/motd",
+        "etc/cron.d/job",
+        "etc/keep",
+        "opt/vendor/a",
+        "opt/vendor/sub/b",
+    ] {
         fs::create_dir_all(root.join(f).parent().unwrap()).unwrap();
         fs::write(root.join(f), "image").unwrap();
     }
@@ -115,9 +167,15 @@ fn whiteouts_in_the_top_layer_delete_from_the_new_root() {
     copy_tree(&src, &root).unwrap();
     assert!(!root.join("etc/motd").exists() && !root.join("etc/cron.d").exists());
     assert!(root.join("etc/keep").exists());
-    let vendor: Vec<_> = fs::read_dir(root.join("opt/vendor")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let vendor: Vec<_> = fs::read_dir(root.join("opt/vendor"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(vendor, vec!["mine"], "opaque: only the top layer's files remain");
-    assert!(!root.join("etc/.wh.motd").exists() && !root.join("opt/vendor/.wh..wh..opq").exists(), "markers are not copied");
+    assert!(
+        !root.join("etc/.wh.motd").exists() && !root.join("opt/vendor/.wh..wh..opq").exists(),
+        "markers are not copied"
+    );
 }
 
 /// One entry of a generated top layer: a path of 1–3 names, and what is there.
@@ -142,15 +200,28 @@ fn name() -> impl proptest::strategy::Strategy<Value = String> {
         Just(" ".to_string()),
         "[a-z]{255}",
     ]
-    .prop_filter("not . or .. or a whiteout", |n| n != "." && n != ".." && !n.starts_with(".wh.") && n.len() <= 255)
+    .prop_filter("not . or .. or a whiteout", |n| {
+        n != "." && n != ".." && !n.starts_with(".wh.") && n.len() <= 255
+    })
 }
 
 fn kind() -> impl proptest::strategy::Strategy<Value = Kind> {
     use proptest::prelude::*;
     prop_oneof![
-        (proptest::collection::vec(any::<u8>(), 0..64), prop_oneof![Just(0o644u32), Just(0o600), Just(0o4755), Just(0o000)]).prop_map(|(d, m)| Kind::File(d, m)),
+        (
+            proptest::collection::vec(any::<u8>(), 0..64),
+            prop_oneof![Just(0o644u32), Just(0o600), Just(0o4755), Just(0o000)]
+        )
+            .prop_map(|(d, m)| Kind::File(d, m)),
         prop_oneof![Just(0o755u32), Just(0o1777), Just(0o700)].prop_map(Kind::Dir),
-        prop_oneof![Just("..".to_string()), Just("/".to_string()), Just("../../../etc/shadow".to_string()), Just("/etc".to_string()), "[a-z./]{1,20}"].prop_map(Kind::Symlink),
+        prop_oneof![
+            Just("..".to_string()),
+            Just("/".to_string()),
+            Just("../../../etc/shadow".to_string()),
+            Just("/etc".to_string()),
+            "[a-z./]{1,20}"
+        ]
+        .prop_map(Kind::Symlink),
         (0usize..8).prop_map(Kind::HardLink),
     ]
 }

@@ -43,13 +43,32 @@ impl Drop for LoopFs {
 }
 
 fn sh(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (tests/setup-host.sh installs btrfs-progs)"));
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (tests/setup-host.sh installs btrfs-progs)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn image(top: &Path, driver: Driver) -> Image {
-    let layer = Layer { chain_id: String::new(), diff_id: String::new(), cache_id: "c".repeat(64), dir: top.to_path_buf(), link: None };
-    Image { id: format!("sha256:{}", "a".repeat(64)), config: serde_json::json!({}), driver, layers: vec![layer], refs: vec![], namespace: None }
+    let layer = Layer {
+        chain_id: String::new(),
+        diff_id: String::new(),
+        cache_id: "c".repeat(64),
+        dir: top.to_path_buf(),
+        link: None,
+    };
+    Image {
+        id: format!("sha256:{}", "a".repeat(64)),
+        config: serde_json::json!({}),
+        driver,
+        layers: vec![layer],
+        refs: vec![],
+        namespace: None,
+    }
 }
 
 /// A btrfs store with an image subvolume whose /id file says which boot a layer is from.
@@ -66,7 +85,11 @@ fn store_with_image() -> (LoopFs, PathBuf) {
 fn boot(root: &Path, img: &Image, id: &str, keep: usize) -> Vec<String> {
     let mut layers = Layers::open(root, "rw", keep, false, img.layers.first().map(|l| l.dir.as_path())).unwrap();
     layers.recover().unwrap();
-    layers.make_fresh_or_prune(img, &mut |l: &Path| -> Result<()> { fs::write(l.join("id"), id).map_err(|e| layerboot_init::Error::io("w", l, e)) }).unwrap();
+    layers
+        .make_fresh_or_prune(img, &mut |l: &Path| -> Result<()> {
+            fs::write(l.join("id"), id).map_err(|e| layerboot_init::Error::io("w", l, e))
+        })
+        .unwrap();
     layers.warnings
 }
 
@@ -75,7 +98,11 @@ fn id(p: &Path) -> String {
 }
 
 fn names(root: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(root).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).filter(|n| n.starts_with("rw")).collect();
+    let mut v: Vec<String> = fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("rw"))
+        .collect();
     v.sort();
     v
 }
@@ -87,10 +114,16 @@ fn btrfs_layers_rotate_and_the_image_is_never_written() {
     let img = image(&top, Driver::Btrfs);
     boot(m, &img, "b1", 1);
     assert!(is_subvolume(&m.join("rw")) && names(m) == ["rw"]);
-    assert_eq!(layer_image(&m.join("rw")).as_deref(), Some(img.id.as_str()), "mode=keep can tell which image a layer is from");
+    assert_eq!(
+        layer_image(&m.join("rw")).as_deref(),
+        Some(img.id.as_str()),
+        "mode=keep can tell which image a layer is from"
+    );
     // The booted system writes, and systemd makes a nested subvolume.
     fs::write(m.join("rw/written"), "x").unwrap();
-    sh(Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(m.join("rw/machines")));
+    sh(Command::new("btrfs")
+        .args(["-q", "subvolume", "create"])
+        .arg(m.join("rw/machines")));
     boot(m, &img, "b2", 1);
     assert_eq!((id(&m.join("rw")), id(&m.join("rw.prev"))), ("b2".into(), "b1".into()));
     assert!(!m.join("rw/written").exists(), "fresh layer every boot");
@@ -105,7 +138,11 @@ fn btrfs_layers_rotate_and_the_image_is_never_written() {
     assert_eq!(names(m), ["rw", "rw.prev", "rw.prev.2"]);
     boot(m, &img, "b0", 0);
     assert_eq!(names(m), ["rw"], "keep 0 drops every kept generation");
-    assert_eq!(fs::read_dir(&top).unwrap().count(), 1, "the image's subvolume is untouched");
+    assert_eq!(
+        fs::read_dir(&top).unwrap().count(),
+        1,
+        "the image's subvolume is untouched"
+    );
     assert_eq!(fs::read_to_string(top.join("id")).unwrap(), "image");
 }
 
@@ -129,13 +166,18 @@ fn snapshot_of_a_non_btrfs_store_says_why() {
     let top = dir.path().join("img");
     fs::create_dir(&top).unwrap();
     let mut layers = Layers::open(dir.path(), "rw", 1, false, None).unwrap();
-    let e = layers.make_fresh_or_prune(&image(&top, Driver::Btrfs), &mut |_: &Path| Ok(())).unwrap_err().to_string();
+    let e = layers
+        .make_fresh_or_prune(&image(&top, Driver::Btrfs), &mut |_: &Path| Ok(()))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("cannot snapshot") && e.contains("not on btrfs"), "{e}");
 }
 
 /// A marked layer made by hand, as a cut boot would have left it.
 fn layer(root: &Path, name: &str, mark: Mark, id: &str) {
-    sh(Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(root.join(name)));
+    sh(Command::new("btrfs")
+        .args(["-q", "subvolume", "create"])
+        .arg(root.join(name)));
     fs::write(root.join(name).join("id"), id).unwrap();
     write_mark(&root.join(name), mark).unwrap();
 }
@@ -149,14 +191,28 @@ fn a_cut_between_the_exchange_and_the_rename_loses_no_layer() {
     layer(m, "rw.new", Mark::Complete(4), "b4");
     layer(m, "rw.prev", Mark::Complete(3), "b3");
     let warnings = boot(m, &image(&top, Driver::Btrfs), "b6", 2);
-    assert_eq!((id(&m.join("rw")), id(&m.join("rw.prev")), id(&m.join("rw.prev.2"))), ("b6".into(), "b5".into(), "b4".into()));
+    assert_eq!(
+        (id(&m.join("rw")), id(&m.join("rw.prev")), id(&m.join("rw.prev.2"))),
+        ("b6".into(), "b5".into(), "b4".into())
+    );
     assert_eq!(names(m), ["rw", "rw.prev", "rw.prev.2"]);
-    assert!(warnings.iter().any(|w| w.contains("finished the rotation")), "{warnings:?}");
+    assert!(
+        warnings.iter().any(|w| w.contains("finished the rotation")),
+        "{warnings:?}"
+    );
     // A half-made layer is discarded, and said so.
     layer(m, "rw.new", Mark::Making, "half");
     let warnings = boot(m, &image(&top, Driver::Btrfs), "b7", 2);
-    assert_eq!((id(&m.join("rw")), id(&m.join("rw.prev")), id(&m.join("rw.prev.2"))), ("b7".into(), "b6".into(), "b5".into()));
-    assert!(warnings.iter().any(|w| w.contains("discarded an unfinished writable layer")), "{warnings:?}");
+    assert_eq!(
+        (id(&m.join("rw")), id(&m.join("rw.prev")), id(&m.join("rw.prev.2"))),
+        ("b7".into(), "b6".into(), "b5".into())
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("discarded an unfinished writable layer")),
+        "{warnings:?}"
+    );
 }
 
 #[test]
@@ -167,19 +223,34 @@ fn unmarked_directories_are_never_touched_and_the_old_hooks_layer_is_adopted() {
     fs::create_dir(m.join("rw.prev")).unwrap();
     fs::write(m.join("rw.prev/mine"), "user data").unwrap();
     let e = Layers::open(m, "rw", 1, true, None).err().unwrap().to_string();
-    assert!(e.contains("rw.prev exists but layerboot did not make it") && e.contains("fix:"), "{e}");
+    assert!(
+        e.contains("rw.prev exists but layerboot did not make it") && e.contains("fix:"),
+        "{e}"
+    );
     assert_eq!(fs::read_to_string(m.join("rw.prev/mine")).unwrap(), "user data");
     fs::remove_dir_all(m.join("rw.prev")).unwrap();
 
     // mkinitcpio-docker-hooks' rw subvolume, named by rootflags=subvol=: moved aside once.
     let fs2 = LoopFs::btrfs();
-    sh(Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(fs2.mnt.join("docker_rwlayer")));
+    sh(Command::new("btrfs")
+        .args(["-q", "subvolume", "create"])
+        .arg(fs2.mnt.join("docker_rwlayer")));
     fs::write(fs2.mnt.join("docker_rwlayer/home-data"), "keep me").unwrap();
-    let e = Layers::open(&fs2.mnt, "docker_rwlayer", 1, false, None).err().unwrap().to_string();
+    let e = Layers::open(&fs2.mnt, "docker_rwlayer", 1, false, None)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("did not make it"), "layerboot.rw= never adopts: {e}");
     let layers = Layers::open(&fs2.mnt, "docker_rwlayer", 1, true, None).unwrap();
-    assert!(layers.warnings[0].contains("moved aside to") && layers.warnings[0].contains("never deleted"), "{:?}", layers.warnings);
-    assert_eq!(fs::read_to_string(fs2.mnt.join("docker_rwlayer.pre-layerboot/home-data")).unwrap(), "keep me");
+    assert!(
+        layers.warnings[0].contains("moved aside to") && layers.warnings[0].contains("never deleted"),
+        "{:?}",
+        layers.warnings
+    );
+    assert_eq!(
+        fs::read_to_string(fs2.mnt.join("docker_rwlayer.pre-layerboot/home-data")).unwrap(),
+        "keep me"
+    );
     // A second unmarked one finds the place taken: the boot stops, nothing moves.
     fs::create_dir(fs2.mnt.join("docker_rwlayer")).unwrap();
     assert!(Layers::open(&fs2.mnt, "docker_rwlayer", 1, true, None).is_err());
@@ -189,9 +260,20 @@ fn unmarked_directories_are_never_touched_and_the_old_hooks_layer_is_adopted() {
 #[test]
 fn layer_names_that_are_or_hold_the_store_or_top_layer_are_refused() {
     assert!(check_clear_of("layerboot-rw", "the image store", "var/lib/docker").is_ok());
-    for (name, rel) in [("var", "var/lib/docker"), ("@", "@/var/lib/docker"), ("var", "var.new/x"), ("rw", ""), ("data", "data.prev.2/docker")] {
-        let e = check_clear_of(name, "the image store (docker_path=)", rel).unwrap_err().to_string();
-        assert!(e.contains("the image store (docker_path=)") && e.contains("Nothing was changed") && e.contains("fix:"), "{name} {rel}: {e}");
+    for (name, rel) in [
+        ("var", "var/lib/docker"),
+        ("@", "@/var/lib/docker"),
+        ("var", "var.new/x"),
+        ("rw", ""),
+        ("data", "data.prev.2/docker"),
+    ] {
+        let e = check_clear_of(name, "the image store (docker_path=)", rel)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("the image store (docker_path=)") && e.contains("Nothing was changed") && e.contains("fix:"),
+            "{name} {rel}: {e}"
+        );
     }
 }
 
@@ -207,7 +289,12 @@ fn a_failed_delete_is_a_warning_and_is_tried_again() {
     fs::write(m.join("rw.prev/upper/stuck"), "x").unwrap();
     sh(Command::new("chattr").arg("+i").arg(m.join("rw.prev/upper/stuck")));
     let warnings = boot(m, &img, "b3", 1);
-    assert!(warnings.iter().any(|w| w.contains("could not delete old writable layer") && w.contains("rw.trash.1")), "{warnings:?}");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("could not delete old writable layer") && w.contains("rw.trash.1")),
+        "{warnings:?}"
+    );
     assert_eq!((id(&m.join("rw")), id(&m.join("rw.prev"))), ("b3".into(), "b2".into()));
     sh(Command::new("chattr").arg("-i").arg(m.join("rw.trash.1/upper/stuck")));
     boot(m, &img, "b4", 1);
@@ -221,7 +308,12 @@ fn a_failed_delete_is_a_warning_and_is_tried_again() {
     sh(Command::new("chattr").arg("+i").arg(m.join("rw.prev")));
     for b in ["b3", "b4"] {
         let warnings = boot(m, &img, b, 1);
-        assert!(warnings.iter().any(|w| w.contains("could not delete old writable layer") && w.contains("rw.prev")), "{warnings:?}");
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("could not delete old writable layer") && w.contains("rw.prev")),
+            "{warnings:?}"
+        );
         assert_eq!(id(&m.join("rw")), b);
     }
     assert_eq!(id(&m.join("rw.prev")), "b1", "still there, for its owner to look at");
@@ -237,7 +329,12 @@ fn a_full_disk_prunes_old_generations_then_gives_up_with_enospc() {
     let m = &fs_.mnt;
     let img = image(&top, Driver::Btrfs);
     let big = vec![7u8; 60 << 20];
-    let fill = |size: usize| move |l: &Path| -> Result<()> { fs::write(l.join("big"), vec![1u8; size]).map_err(|e| layerboot_init::Error::io("cannot write", &l.join("big"), e)) };
+    let fill = |size: usize| {
+        move |l: &Path| -> Result<()> {
+            fs::write(l.join("big"), vec![1u8; size])
+                .map_err(|e| layerboot_init::Error::io("cannot write", &l.join("big"), e))
+        }
+    };
     for b in ["b1", "b2"] {
         let mut layers = Layers::open(m, "rw", 2, false, None).unwrap();
         layers.recover().unwrap();
@@ -247,7 +344,14 @@ fn a_full_disk_prunes_old_generations_then_gives_up_with_enospc() {
     // 120 MiB kept in NAME and NAME.prev of 256: a 100 MiB top layer fits only if .prev goes.
     let mut layers = Layers::open(m, "rw", 2, false, None).unwrap();
     layers.make_fresh_or_prune(&img, &mut fill(100 << 20)).unwrap();
-    assert!(layers.warnings.iter().any(|w| w.contains("partition is full") && w.contains("1 kept generation")), "{:?}", layers.warnings);
+    assert!(
+        layers
+            .warnings
+            .iter()
+            .any(|w| w.contains("partition is full") && w.contains("1 kept generation")),
+        "{:?}",
+        layers.warnings
+    );
     assert!(m.join("rw.prev/b2").exists(), "the layer that booted last is kept");
     // Too big whatever is deleted: ENOSPC for the caller (it boots on tmpfs); NAME intact.
     let mut layers = Layers::open(m, "rw", 2, false, None).unwrap();
@@ -270,8 +374,16 @@ fn a_cut_keep_mode_copy_is_done_again() {
     assert!(cut.is_err());
     let mut layers = Layers::open(m, "rw", 1, false, None).unwrap();
     assert!(layers.current_interrupted(), "the next boot knows the copy was cut");
-    layers.refresh_current(&mut |l: &Path| -> Result<()> { fs::write(l.join("half"), "whole").map_err(|e| layerboot_init::Error::io("w", l, e)) }).unwrap();
-    assert!(layers.warnings.iter().any(|w| w.contains("again")), "{:?}", layers.warnings);
+    layers
+        .refresh_current(&mut |l: &Path| -> Result<()> {
+            fs::write(l.join("half"), "whole").map_err(|e| layerboot_init::Error::io("w", l, e))
+        })
+        .unwrap();
+    assert!(
+        layers.warnings.iter().any(|w| w.contains("again")),
+        "{:?}",
+        layers.warnings
+    );
     assert!(!Layers::open(m, "rw", 1, false, None).unwrap().current_interrupted());
     assert_eq!(fs::read_to_string(m.join("rw/half")).unwrap(), "whole");
 }
@@ -283,7 +395,10 @@ fn what_a_cut_boot_made_before_marking_it_is_discarded_and_nothing_else() {
     let img = image(&top, Driver::Btrfs);
     boot(m, &img, "b1", 1);
     // Cut between the snapshot and its mark: an unmarked snapshot of the image.
-    sh(Command::new("btrfs").args(["-q", "subvolume", "snapshot"]).arg(&top).arg(m.join("rw.new")));
+    sh(Command::new("btrfs")
+        .args(["-q", "subvolume", "snapshot"])
+        .arg(&top)
+        .arg(m.join("rw.new")));
     boot(m, &img, "b2", 1);
     assert_eq!(names(m), ["rw", "rw.prev"]);
     // Overlay drivers: empty upper/ and work/, or an empty directory.
@@ -295,7 +410,9 @@ fn what_a_cut_boot_made_before_marking_it_is_discarded_and_nothing_else() {
     layers.recover().unwrap();
     assert!(!dir.path().join("rw.new").exists());
     // Anything else unmarked there is someone's: refused, kept.
-    sh(Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(m.join("rw.new")));
+    sh(Command::new("btrfs")
+        .args(["-q", "subvolume", "create"])
+        .arg(m.join("rw.new")));
     fs::write(m.join("rw.new/notes"), "mine").unwrap();
     assert!(Layers::open(m, "rw", 1, false, Some(&top)).is_err());
     fs::create_dir_all(dir.path().join("rw.new/upper")).unwrap();

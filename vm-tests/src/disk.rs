@@ -55,8 +55,14 @@ pub fn unpacked_loader(loader: Loader) -> PathBuf {
     let dl = dir.with_extension("download");
     let _ = fs::remove_dir_all(&dl);
     fs::create_dir_all(&dl).unwrap();
-    run(Command::new("apt-get").args(["download", "-q", loader.package()]).current_dir(&dl));
-    let deb = fs::read_dir(&dl).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "deb")).unwrap();
+    run(Command::new("apt-get")
+        .args(["download", "-q", loader.package()])
+        .current_dir(&dl));
+    let deb = fs::read_dir(&dl)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .unwrap();
     let tmp = dir.with_extension("tmp");
     let _ = fs::remove_dir_all(&tmp);
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp));
@@ -109,7 +115,12 @@ pub fn gpt_disk(disk: &Path, store_fs: &Path, esp: &EspFiles) {
 
 fn sfdisk(disk: &Path, table: &str) {
     use std::io::Write;
-    let mut child = Command::new("sfdisk").arg("-q").arg(disk).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new("sfdisk")
+        .arg("-q")
+        .arg(disk)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     child.stdin.take().unwrap().write_all(table.as_bytes()).unwrap();
     assert!(child.wait().unwrap().success(), "sfdisk {}", disk.display());
 }
@@ -128,7 +139,12 @@ fn make_esp(img: &Path, work: &Path, e: &EspFiles) {
     run(Command::new("mkfs.vfat").args(["-F", "32", "-n", "ESP"]).arg(img));
     let i = img.to_str().unwrap().to_string();
     let mmd = |d: &str| run(Command::new("mmd").args(["-i", &i, d]));
-    let mcopy = |src: &Path, dest: &str| run(Command::new("mcopy").args(["-o", "-i", &i]).arg(src).arg(format!("::{dest}")));
+    let mcopy = |src: &Path, dest: &str| {
+        run(Command::new("mcopy")
+            .args(["-o", "-i", &i])
+            .arg(src)
+            .arg(format!("::{dest}")))
+    };
     for d in ["/EFI", "/EFI/BOOT", "/layerboot"] {
         mmd(d);
     }
@@ -161,13 +177,21 @@ fn make_esp(img: &Path, work: &Path, e: &EspFiles) {
             args.extend(["-o".into(), entries.display().to_string()]);
             // It prints the files it wrote, one per image, in the order given.
             let written = run(layerboot().args(&args));
-            let default = Path::new(written.lines().next().unwrap()).file_name().unwrap().to_str().unwrap().to_string();
+            let default = Path::new(written.lines().next().unwrap())
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
             mmd("/loader");
             mmd("/loader/entries");
             let mut names: Vec<PathBuf> = fs::read_dir(&entries).unwrap().map(|d| d.unwrap().path()).collect();
             names.sort();
             for p in &names {
-                mcopy(p, &format!("/loader/entries/{}", p.file_name().unwrap().to_str().unwrap()));
+                mcopy(
+                    p,
+                    &format!("/loader/entries/{}", p.file_name().unwrap().to_str().unwrap()),
+                );
             }
             let conf = work.join("loader.conf");
             fs::write(&conf, format!("default {default}\ntimeout 0\nconsole-mode keep\n")).unwrap();
@@ -189,7 +213,11 @@ fn make_esp(img: &Path, work: &Path, e: &EspFiles) {
             run(layerboot().args(&args));
             let conf = work.join("refind.conf");
             let body = fs::read_to_string(&stanzas).unwrap();
-            fs::write(&conf, format!("timeout -1\ntextonly\nscanfor manual\ndefault_selection 1\n\n{body}")).unwrap();
+            fs::write(
+                &conf,
+                format!("timeout -1\ntextonly\nscanfor manual\ndefault_selection 1\n\n{body}"),
+            )
+            .unwrap();
             mcopy(&conf, "/EFI/BOOT/refind.conf");
         }
     }

@@ -20,7 +20,9 @@ pub fn repo() -> PathBuf {
 }
 
 pub fn fixtures() -> PathBuf {
-    std::env::var_os("LAYERBOOT_FIXTURES").map(PathBuf::from).unwrap_or_else(|| repo().join("target/fixtures"))
+    std::env::var_os("LAYERBOOT_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/fixtures"))
 }
 
 pub fn work_dir(name: &str) -> PathBuf {
@@ -34,21 +36,33 @@ pub fn work_dir(name: &str) -> PathBuf {
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     text
 }
 
 /// The release `layerboot` (tests/run builds it before the tests).
 pub fn layerboot() -> Command {
     let bin = repo().join("target/x86_64-unknown-linux-musl/release/layerboot");
-    assert!(bin.exists(), "{} is missing: run tests/run (it builds the release binaries first)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run tests/run (it builds the release binaries first)",
+        bin.display()
+    );
     Command::new(bin)
 }
 
 /// The mounted, read-only fixture store of `driver` (tests/run mounts them).
 pub fn fixture_store(driver: &str) -> PathBuf {
     let root = fixtures().join("mnt").join(driver).join("var/lib/docker");
-    assert!(root.is_dir(), "{} is missing: run tests/run, which builds and mounts the fixture stores", root.display());
+    assert!(
+        root.is_dir(),
+        "{} is missing: run tests/run, which builds and mounts the fixture stores",
+        root.display()
+    );
     root
 }
 
@@ -66,10 +80,27 @@ pub fn demo_boot_files() -> &'static Boot {
         let store = fixture_store("btrfs");
         let store = store.to_str().unwrap();
         let initramfs = dir.join("initramfs.img");
-        run(layerboot().args(["initramfs", "--store", store, "--image", "layerboot/demo", "-o"]).arg(&initramfs));
-        let kernel = PathBuf::from(run(layerboot().args(["kernel", "--store", store, "--image", "layerboot/demo", "-o"]).arg(&dir)).trim());
-        let kernel_version = kernel.file_name().unwrap().to_str().unwrap().trim_start_matches("vmlinuz-").to_string();
-        Boot { kernel, kernel_version, initramfs }
+        run(layerboot()
+            .args(["initramfs", "--store", store, "--image", "layerboot/demo", "-o"])
+            .arg(&initramfs));
+        let kernel = PathBuf::from(
+            run(layerboot()
+                .args(["kernel", "--store", store, "--image", "layerboot/demo", "-o"])
+                .arg(&dir))
+            .trim(),
+        );
+        let kernel_version = kernel
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim_start_matches("vmlinuz-")
+            .to_string();
+        Boot {
+            kernel,
+            kernel_version,
+            initramfs,
+        }
     })
 }
 
@@ -97,7 +128,10 @@ impl Drop for LoopMount {
 /// A sparse copy of a fixture store's disk image, to boot and write to.
 pub fn copy_store_disk(driver: &str, dir: &Path) -> PathBuf {
     let disk = dir.join(format!("{driver}.img"));
-    run(Command::new("cp").arg("--sparse=always").arg(fixtures().join(format!("{driver}.img"))).arg(&disk));
+    run(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(fixtures().join(format!("{driver}.img")))
+        .arg(&disk));
     disk
 }
 
@@ -123,7 +157,11 @@ pub fn write_toplayer(dir: &Path, hostname: &str) {
     std::os::unix::fs::chown(dir.join("etc/layerboot-secret"), Some(1000), Some(1000)).unwrap();
     w(".layerboot-dotfile", "dotfile\n", 0o644);
     // A per-host fstab the booted systemd must act on, and a whiteout deleting an image file.
-    w("etc/fstab", "tmpfs /mnt/layerboot-fstab tmpfs defaults,size=1m 0 0\n", 0o644);
+    w(
+        "etc/fstab",
+        "tmpfs /mnt/layerboot-fstab tmpfs defaults,size=1m 0 0\n",
+        0o644,
+    );
     fs::create_dir_all(dir.join("mnt/layerboot-fstab")).unwrap(); // systemd makes it; sysvinit's mountall needs it
     w("etc/.wh.issue", "", 0o644);
     std::os::unix::fs::symlink("/etc/hostname", dir.join("etc/layerboot-link")).unwrap();
@@ -187,18 +225,31 @@ pub fn accel() -> String {
             if let Ok(a) = std::env::var("LAYERBOOT_ACCEL") {
                 return a;
             }
-            let ok = std::path::Path::new("/dev/kvm").exists() && floor_boot("kvm", Duration::from_secs(20), &[]).is_some();
-            eprintln!("vm-tests: accelerator {}", if ok { "kvm" } else { "tcg (the KVM probe boot failed)" });
+            let ok =
+                std::path::Path::new("/dev/kvm").exists() && floor_boot("kvm", Duration::from_secs(20), &[]).is_some();
+            eprintln!(
+                "vm-tests: accelerator {}",
+                if ok { "kvm" } else { "tcg (the KVM probe boot failed)" }
+            );
             (if ok { "kvm" } else { "tcg" }).to_string()
         })
         .clone()
 }
 
-/// An uncompressed initramfs (cpio newc) of `(path, mode, (rdev major, minor), data)`.
-pub fn newc_archive(entries: Vec<(&str, u32, (u32, u32), Vec<u8>)>) -> Vec<u8> {
+/// One file of an archive: `(path, mode, (rdev major, minor), data)`.
+pub type ArchiveEntry<'a> = (&'a str, u32, (u32, u32), Vec<u8>);
+
+/// An uncompressed initramfs (cpio newc) of `entries`.
+pub fn newc_archive(entries: Vec<ArchiveEntry>) -> Vec<u8> {
     let mut out = Vec::new();
     for (i, (name, mode, (ma, mi), data)) in entries.into_iter().enumerate() {
-        let mut w = cpio::newc::Builder::new(name).ino(i as u32 + 1).mode(mode).rdev_major(ma).rdev_minor(mi).nlink(1).write(out, data.len() as u32);
+        let mut w = cpio::newc::Builder::new(name)
+            .ino(i as u32 + 1)
+            .mode(mode)
+            .rdev_major(ma)
+            .rdev_minor(mi)
+            .nlink(1)
+            .write(out, data.len() as u32);
         std::io::Write::write_all(&mut w, &data).unwrap();
         out = w.finish().unwrap();
     }
@@ -245,13 +296,25 @@ pub fn floor_initramfs() -> PathBuf {
 pub fn floor_boot(accel: &str, timeout: Duration, qemu_args: &[&str]) -> Option<f64> {
     let boot = demo_boot_files();
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", accel, "-m", "1024", "-display", "none", "-monitor", "none", "-no-reboot", "-serial", "stdio"])
-        .arg("-kernel")
-        .arg(&boot.kernel)
-        .arg("-initrd")
-        .arg(floor_initramfs())
-        .args(["-append", "console=ttyS0"])
-        .args(qemu_args);
+    cmd.args([
+        "-accel",
+        accel,
+        "-m",
+        "1024",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+    ])
+    .arg("-kernel")
+    .arg(&boot.kernel)
+    .arg("-initrd")
+    .arg(floor_initramfs())
+    .args(["-append", "console=ttyS0"])
+    .args(qemu_args);
     let marker = "floor-init: started";
     let o = drive(cmd, None, None, Some(marker), timeout);
     o.stopped_at.and_then(|_| kernel_timestamp(&o.console, marker))
@@ -276,7 +339,13 @@ struct Outcome {
 /// Runs QEMU, copying its console to `log` if given and typing `answer.1` once `answer.0`
 /// shows, until it exits, `stop_at` shows (then it is killed: a power cut) or `timeout`
 /// passes (then it is killed too).
-fn drive(mut cmd: Command, log: Option<&Path>, answer: Option<(&str, &str)>, stop_at: Option<&str>, timeout: Duration) -> Outcome {
+fn drive(
+    mut cmd: Command,
+    log: Option<&Path>,
+    answer: Option<(&str, &str)>,
+    stop_at: Option<&str>,
+    timeout: Duration,
+) -> Outcome {
     use std::io::{Read, Write};
     use std::sync::{Arc, Mutex};
     let start = Instant::now();
@@ -305,7 +374,11 @@ fn drive(mut cmd: Command, log: Option<&Path>, answer: Option<(&str, &str)>, sto
         })
     };
     let mut stdin = child.stdin.take();
-    let mut outcome = Outcome { console: String::new(), stopped_at: None, exited: None };
+    let mut outcome = Outcome {
+        console: String::new(),
+        stopped_at: None,
+        exited: None,
+    };
     while start.elapsed() < timeout {
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
@@ -327,10 +400,9 @@ fn drive(mut cmd: Command, log: Option<&Path>, answer: Option<(&str, &str)>, sto
         drop(text);
         std::thread::sleep(Duration::from_millis(10));
     }
-    if outcome.exited.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    // Still running: stop it. Exited: both are no-ops (try_wait reaped it already).
+    let _ = child.kill();
+    let _ = child.wait();
     let _ = reader.join();
     outcome.console = console.lock().unwrap().clone();
     outcome
@@ -344,7 +416,6 @@ pub fn kernel_time_until(q: &Qemu, marker: &str) -> Option<f64> {
     // The marker may show before its line is complete; the stamp comes first anyway.
     o.stopped_at.and_then(|_| kernel_timestamp(&o.console, marker))
 }
-
 
 pub struct Qemu<'a> {
     pub disks: Vec<PathBuf>,
@@ -384,20 +455,36 @@ impl Qemu<'_> {
 
     fn command(&self) -> Command {
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", &accel(), "-m", "1024", "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot"])
-            .args(["-serial", "stdio"])
-            .args(&self.qemu_args);
+        cmd.args([
+            "-accel",
+            &accel(),
+            "-m",
+            "1024",
+            "-smp",
+            "1",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-serial", "stdio"])
+        .args(&self.qemu_args);
         if self.uefi {
             cmd.args(["-bios", OVMF]);
         } else {
-            cmd.arg("-kernel").arg(&self.boot.kernel).arg("-initrd").arg(&self.boot.initramfs);
+            cmd.arg("-kernel")
+                .arg(&self.boot.kernel)
+                .arg("-initrd")
+                .arg(&self.boot.initramfs);
             cmd.args(["-append", &format!("console=ttyS0 {}", self.cmdline)]);
         }
         if self.snapshot {
             cmd.arg("-snapshot");
         }
         for d in &self.disks {
-            cmd.arg("-drive").arg(format!("file={},if=virtio,format=raw", d.display()));
+            cmd.arg("-drive")
+                .arg(format!("file={},if=virtio,format=raw", d.display()));
         }
         cmd
     }
@@ -405,11 +492,21 @@ impl Qemu<'_> {
     /// Boots until the guest powers off (or reboots: -no-reboot ends QEMU then too) and
     /// returns the serial console's text, which is also kept in `log`.
     pub fn run(&self) -> String {
-        let o = drive(self.command(), Some(&self.log), self.answer, self.cut_power_at, self.timeout);
+        let o = drive(
+            self.command(),
+            Some(&self.log),
+            self.answer,
+            self.cut_power_at,
+            self.timeout,
+        );
         match (o.stopped_at, o.exited) {
             (Some(_), _) => o.console,
             (None, Some((status, err))) => {
-                assert!(status.success(), "qemu failed ({status}): {err}\nconsole:\n{}", tail(&o.console, 40));
+                assert!(
+                    status.success(),
+                    "qemu failed ({status}): {err}\nconsole:\n{}",
+                    tail(&o.console, 40)
+                );
                 o.console
             }
             (None, None) => panic!(
@@ -433,8 +530,13 @@ const REPORT_TAG: &str = "|lb| ";
 /// The `key: value` lines the guest printed between the report markers (anything the
 /// console printed before a line's tag, such as a login prompt, is dropped).
 pub fn report(console: &str) -> BTreeMap<String, String> {
-    let begin = console.find("LAYERBOOT-REPORT-BEGIN").unwrap_or_else(|| panic!("no report on the console:\n{}", tail(console, 80)));
-    let end = console[begin..].find("LAYERBOOT-REPORT-END").map(|e| begin + e).expect("report not finished");
+    let begin = console
+        .find("LAYERBOOT-REPORT-BEGIN")
+        .unwrap_or_else(|| panic!("no report on the console:\n{}", tail(console, 80)));
+    let end = console[begin..]
+        .find("LAYERBOOT-REPORT-END")
+        .map(|e| begin + e)
+        .expect("report not finished");
     console[begin..end]
         .lines()
         .filter_map(|l| l.split_once(REPORT_TAG).map(|(_, rest)| rest))
@@ -448,7 +550,13 @@ mod tests {
     #[test]
     fn reads_the_kernels_timestamp_of_a_marked_line() {
         let console = "noise\r\n[    4.503379] Run /init as init process\r\n[   12.578544] systemd[1]: systemd 252 running in system mode (+PAM)\r\n";
-        assert_eq!(super::kernel_timestamp(console, "running in system mode"), Some(12.578544));
-        assert_eq!(super::kernel_timestamp("systemd 252 running in system mode", "running in system mode"), None);
+        assert_eq!(
+            super::kernel_timestamp(console, "running in system mode"),
+            Some(12.578544)
+        );
+        assert_eq!(
+            super::kernel_timestamp("systemd 252 running in system mode", "running in system mode"),
+            None
+        );
     }
 }

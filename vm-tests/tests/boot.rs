@@ -34,15 +34,31 @@ fn tree(dir: &Path) -> BTreeMap<String, (u32, u32, u64, i64, i64)> {
 /// The layer directories of `reference` in the store at `data_root`, with the image's
 /// driver, as `layerboot inspect` reports them.
 fn layer_dirs(data_root: &Path, args: &[&str], reference: &str) -> Vec<(String, String)> {
-    let out = run(layerboot().args(["inspect", "--json", "--store"]).arg(data_root).args(args).arg(reference));
+    let out = run(layerboot()
+        .args(["inspect", "--json", "--store"])
+        .arg(data_root)
+        .args(args)
+        .arg(reference));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let driver = v["driver"].as_str().unwrap().to_string();
-    v["layers"].as_array().unwrap().iter().map(|l| (l["dir"].as_str().unwrap().to_string(), driver.clone())).collect()
+    v["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["dir"].as_str().unwrap().to_string(), driver.clone()))
+        .collect()
 }
 
 /// The image layers in the booted copy are file-for-file those of the pristine fixture.
 fn assert_store_untouched(driver: &str, disk: &Path, dir: &Path) {
-    assert_layers_untouched(driver, "var/lib/docker", &[], disk, dir, &["layerboot/demo:latest", "layerboot/demo:v2"]);
+    assert_layers_untouched(
+        driver,
+        "var/lib/docker",
+        &[],
+        disk,
+        dir,
+        &["layerboot/demo:latest", "layerboot/demo:v2"],
+    );
 }
 
 /// Each of `refs` (in the store at `data_root` of fixture filesystem `fixture`, looked up
@@ -58,7 +74,10 @@ fn assert_layers_untouched(fixture: &str, data_root: &str, args: &[&str], disk: 
         // btrfs: the top subvolume is the whole tree; overlay: every layer's diff.
         let n = if a[0].1 == "btrfs" { 1 } else { a.len() };
         for ((x, _), (y, _)) in a.iter().zip(&b).take(n) {
-            assert!(tree(Path::new(x)) == tree(Path::new(y)), "{fixture}: layer {y} was modified by booting");
+            assert!(
+                tree(Path::new(x)) == tree(Path::new(y)),
+                "{fixture}: layer {y} was modified by booting"
+            );
         }
     }
 }
@@ -73,21 +92,42 @@ fn common_checks(r: &BTreeMap<String, String>, hostname: &str, tag: &str) {
     assert_eq!(r["dotfile"], "dotfile", "top-level dotfile copied");
     assert_eq!(r["symlink"], "/etc/hostname", "symlink copied as a symlink");
     assert_eq!(r["fstab-mount"], "tmpfs", "the top layer's /etc/fstab took effect");
-    assert_eq!(r["issue"], "deleted", "a .wh. file in the top layer deletes the image's file");
+    assert_eq!(
+        r["issue"], "deleted",
+        "a .wh. file in the top layer deletes the image's file"
+    );
     assert_eq!(r["marker"], "none", "a file written in the previous boot must be gone");
     if tag != "sysv" {
         assert_eq!(r["pid1"], "systemd", "the image's own init");
     }
     // Coldplug loaded what this machine's devices need, and nothing else.
     let modules: Vec<&str> = r["modules"].split_whitespace().collect();
-    assert!(modules.contains(&"virtio_blk") && modules.contains(&"virtio_pci"), "{modules:?}");
-    assert!(!modules.contains(&"nvme") && !modules.contains(&"ahci"), "no NVMe or AHCI here: {modules:?}");
-    assert!(r["init-timing"].contains("init's own work"), "stage timings in dmesg: {}", r["init-timing"]);
-    assert!(r["init-timing"].contains("ms of it in its own code"), "own work split into code and kernel: {}", r["init-timing"]);
+    assert!(
+        modules.contains(&"virtio_blk") && modules.contains(&"virtio_pci"),
+        "{modules:?}"
+    );
+    assert!(
+        !modules.contains(&"nvme") && !modules.contains(&"ahci"),
+        "no NVMe or AHCI here: {modules:?}"
+    );
+    assert!(
+        r["init-timing"].contains("init's own work"),
+        "stage timings in dmesg: {}",
+        r["init-timing"]
+    );
+    assert!(
+        r["init-timing"].contains("ms of it in its own code"),
+        "own work split into code and kernel: {}",
+        r["init-timing"]
+    );
 }
 
 fn no_panic(console: &str) {
-    assert!(!console.contains("Kernel panic"), "kernel panic:\n{}", tail(console, 40));
+    assert!(
+        !console.contains("Kernel panic"),
+        "kernel panic:\n{}",
+        tail(console, 40)
+    );
 }
 
 #[test]
@@ -103,7 +143,11 @@ fn btrfs_store_boots_the_image_with_a_fresh_snapshot_each_time() {
     no_panic(&console);
     let r = report(&console);
     common_checks(&r, "vm-btrfs", "latest");
-    assert!(r["root"].starts_with("btrfs ") && r["root"].contains("subvol=/lb-rw"), "root: {}", r["root"]);
+    assert!(
+        r["root"].starts_with("btrfs ") && r["root"].contains("subvol=/lb-rw"),
+        "root: {}",
+        r["root"]
+    );
     let demo_id = ids.lines().find_map(|l| l.strip_prefix("DEMO_ID=")).unwrap();
     assert!(r["booted"].contains(demo_id), "{}", r["booted"]);
 
@@ -118,8 +162,15 @@ fn btrfs_store_boots_the_image_with_a_fresh_snapshot_each_time() {
         let _m = LoopMount::new(&disk, &dir.join("mnt"), true);
         let m = dir.join("mnt");
         assert_eq!(fs::read_to_string(m.join("lb-rw/etc/layerboot-tag")).unwrap(), "v2\n");
-        assert!(m.join("lb-rw/var/tmp/layerboot-marker").exists(), "boot 2 wrote into its layer");
-        assert_eq!(fs::read_to_string(m.join("lb-rw.prev/etc/layerboot-tag")).unwrap(), "latest\n", "boot 1's layer kept as .prev");
+        assert!(
+            m.join("lb-rw/var/tmp/layerboot-marker").exists(),
+            "boot 2 wrote into its layer"
+        );
+        assert_eq!(
+            fs::read_to_string(m.join("lb-rw.prev/etc/layerboot-tag")).unwrap(),
+            "latest\n",
+            "boot 1's layer kept as .prev"
+        );
         assert!(!m.join("lb-rw.new").exists());
     }
     assert_store_untouched("btrfs", &disk, &dir);
@@ -129,7 +180,10 @@ fn btrfs_store_boots_the_image_with_a_fresh_snapshot_each_time() {
 fn toplayer_disk(top_dir: &Path, dir: &Path) -> std::path::PathBuf {
     let top = dir.join("toplayer.img");
     fs::File::create(&top).unwrap().set_len(32 << 20).unwrap();
-    run(Command::new("mkfs.ext4").args(["-q", "-L", "lb-top", "-d"]).arg(top_dir).arg(&top));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-L", "lb-top", "-d"])
+        .arg(top_dir)
+        .arg(&top));
     top
 }
 
@@ -148,7 +202,12 @@ fn overlay2_store_boots_the_image_as_an_overlay_with_a_fresh_upper_each_time() {
         no_panic(&console);
         let r = report(&console);
         common_checks(&r, "vm-overlay", "latest");
-        assert!(r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"), "boot {}: root: {}", i + 1, r["root"]);
+        assert!(
+            r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"),
+            "boot {}: root: {}",
+            i + 1,
+            r["root"]
+        );
     }
     {
         let _m = LoopMount::new(&disk, &dir.join("mnt"), true);
@@ -165,9 +224,19 @@ fn unknown_image_is_named_on_the_console_and_the_machine_reboots() {
     let dir = work_dir("unknown-image");
     let disk = fixtures().join("btrfs.img"); // booted with -snapshot: nothing is written to it
     let cmdline = "root=LABEL=lb-btrfs docker_image=layerboot/nope:1 layerboot.rescue_timeout=0";
-    let console = Qemu { snapshot: true, ..Qemu::new(vec![disk], cmdline, dir.join("boot.log")) }.run();
+    let console = Qemu {
+        snapshot: true,
+        ..Qemu::new(vec![disk], cmdline, dir.join("boot.log"))
+    }
+    .run();
     no_panic(&console);
-    for want in ["layerboot: BOOT FAILED", "image 'layerboot/nope:1' is not in the btrfs store", "closest match: layerboot/demo:", "layerboot/demo:v2", "fix:"] {
+    for want in [
+        "layerboot: BOOT FAILED",
+        "image 'layerboot/nope:1' is not in the btrfs store",
+        "closest match: layerboot/demo:",
+        "layerboot/demo:v2",
+        "fix:",
+    ] {
         assert!(console.contains(want), "missing {want:?} in:\n{}", tail(&console, 30));
     }
 }
@@ -177,9 +246,18 @@ fn missing_root_device_lists_the_devices_seen() {
     let dir = work_dir("no-root");
     let disk = fixtures().join("overlay2.img");
     let cmdline = "root=LABEL=nope layerboot.timeout=3 layerboot.rescue_timeout=0";
-    let console = Qemu { snapshot: true, ..Qemu::new(vec![disk], cmdline, dir.join("boot.log")) }.run();
+    let console = Qemu {
+        snapshot: true,
+        ..Qemu::new(vec![disk], cmdline, dir.join("boot.log"))
+    }
+    .run();
     no_panic(&console);
-    for want in ["layerboot: BOOT FAILED", "root device LABEL=nope did not appear within 3 s", "/dev/vda type=ext4 label=lb-overlay uuid=", "fix: correct root="] {
+    for want in [
+        "layerboot: BOOT FAILED",
+        "root device LABEL=nope did not appear within 3 s",
+        "/dev/vda type=ext4 label=lb-overlay uuid=",
+        "fix: correct root=",
+    ] {
         assert!(console.contains(want), "missing {want:?} in:\n{}", tail(&console, 30));
     }
 }
@@ -190,8 +268,7 @@ fn keep_mode_keeps_files_across_boots_and_tmpfs_upper_writes_nothing() {
     let disk = store_disk_with_toplayer("btrfs", &dir, "vm-keep");
     let base = "root=LABEL=lb-btrfs toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.rescue_timeout=0";
     let qemu = |extra: &str, log: &str| {
-        let console = Qemu::new(vec![disk.clone()], format!("{base} {extra}"), dir.join(log))
-        .run();
+        let console = Qemu::new(vec![disk.clone()], format!("{base} {extra}"), dir.join(log)).run();
         no_panic(&console);
         report(&console)
     };
@@ -201,24 +278,46 @@ fn keep_mode_keeps_files_across_boots_and_tmpfs_upper_writes_nothing() {
     assert_eq!(r["marker"], "written in an earlier boot", "mode=keep reuses the layer");
     assert_eq!(r["hostname"], "vm-keep");
     let r = qemu("layerboot.upper=tmpfs", "boot3.log");
-    assert!(r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/upper/upper"), "{}", r["root"]);
-    assert_eq!(r["marker"], "none", "tmpfs upper over the image, not over the kept layer");
+    assert!(
+        r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/upper/upper"),
+        "{}",
+        r["root"]
+    );
+    assert_eq!(
+        r["marker"], "none",
+        "tmpfs upper over the image, not over the kept layer"
+    );
     assert_eq!(r["hostname"], "vm-keep", "top layer copied onto the tmpfs root");
 
     let _m = LoopMount::new(&disk, &dir.join("mnt"), true);
     let m = dir.join("mnt");
-    assert_eq!(fs::read_to_string(m.join("layerboot-rw/var/tmp/layerboot-marker")).unwrap(), "written in an earlier boot\n");
-    assert!(!m.join("layerboot-rw.prev").exists() && !m.join("layerboot-rw.new").exists(), "keep mode and tmpfs made no new layer");
+    assert_eq!(
+        fs::read_to_string(m.join("layerboot-rw/var/tmp/layerboot-marker")).unwrap(),
+        "written in an earlier boot\n"
+    );
+    assert!(
+        !m.join("layerboot-rw.prev").exists() && !m.join("layerboot-rw.new").exists(),
+        "keep mode and tmpfs made no new layer"
+    );
 }
 
 #[test]
 fn enter_on_the_console_reboots_a_failed_boot_at_once() {
     let dir = work_dir("enter-reboots");
     let cmdline = "root=LABEL=lb-btrfs docker_image=layerboot/nope:1 layerboot.rescue_timeout=3000";
-    let console = Qemu { timeout: Duration::from_secs(240), snapshot: true, answer: Some(("Press Enter to reboot now", "\r")), ..Qemu::new(vec![fixtures().join("btrfs.img")], cmdline, dir.join("boot.log")) }
+    let console = Qemu {
+        timeout: Duration::from_secs(240),
+        snapshot: true,
+        answer: Some(("Press Enter to reboot now", "\r")),
+        ..Qemu::new(vec![fixtures().join("btrfs.img")], cmdline, dir.join("boot.log"))
+    }
     .run();
     no_panic(&console);
-    assert!(console.contains("the machine reboots in 3000 s") && console.contains("reboot: Restarting system"), "{}", tail(&console, 20));
+    assert!(
+        console.contains("the machine reboots in 3000 s") && console.contains("reboot: Restarting system"),
+        "{}",
+        tail(&console, 20)
+    );
 }
 
 #[test]
@@ -233,15 +332,24 @@ fn a_store_on_a_two_device_btrfs_waits_for_both_and_boots() {
     {
         let m = LoopMount::new(&disk, &dir.join("mnt"), false);
         write_toplayer(&m.0.join("toplayer"), "vm-two-devices");
-        let lo = run(Command::new("losetup").args(["--find", "--show"]).arg(&second)).trim().to_string();
-        let added = Command::new("btrfs").args(["-q", "device", "add", "-f", &lo]).arg(&m.0).output().unwrap();
+        let lo = run(Command::new("losetup").args(["--find", "--show"]).arg(&second))
+            .trim()
+            .to_string();
+        let added = Command::new("btrfs")
+            .args(["-q", "device", "add", "-f", &lo])
+            .arg(&m.0)
+            .output()
+            .unwrap();
         drop(m); // unmounted before the second device is let go
         let _ = Command::new("losetup").args(["-d", &lo]).status();
-        assert!(added.status.success(), "btrfs device add: {}", String::from_utf8_lossy(&added.stderr));
+        assert!(
+            added.status.success(),
+            "btrfs device add: {}",
+            String::from_utf8_lossy(&added.stderr)
+        );
     }
     let cmdline = "root=LABEL=lb-btrfs toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.rescue_timeout=0";
-    let console = Qemu::new(vec![disk, second], cmdline, dir.join("boot.log"))
-    .run();
+    let console = Qemu::new(vec![disk, second], cmdline, dir.join("boot.log")).run();
     no_panic(&console);
     let r = report(&console);
     assert_eq!(r["hostname"], "vm-two-devices");
@@ -271,22 +379,42 @@ fn boots_through_uefi(loader: vm_tests::disk::Loader, driver: &str, root: &str) 
         },
     );
     fs::remove_file(&store).unwrap();
-    let console = Qemu { timeout: Duration::from_secs(600), uefi: true, ..Qemu::new(vec![disk], String::new(), dir.join("boot.log")) }
+    let console = Qemu {
+        timeout: Duration::from_secs(600),
+        uefi: true,
+        ..Qemu::new(vec![disk], String::new(), dir.join("boot.log"))
+    }
     .run();
     no_panic(&console);
     let r = report(&console);
     common_checks(&r, &format!("vm-{}", loader.name()), "v2");
-    assert!(r["cmdline"].contains(&format!("root={root}")) && r["cmdline"].contains("docker_image=layerboot/demo:v2"), "{}", r["cmdline"]);
+    assert!(
+        r["cmdline"].contains(&format!("root={root}")) && r["cmdline"].contains("docker_image=layerboot/demo:v2"),
+        "{}",
+        r["cmdline"]
+    );
     if driver == "btrfs" {
-        assert!(r["root"].starts_with("btrfs ") && r["root"].contains("subvol=/layerboot-rw"), "{}", r["root"]);
+        assert!(
+            r["root"].starts_with("btrfs ") && r["root"].contains("subvol=/layerboot-rw"),
+            "{}",
+            r["root"]
+        );
     } else {
-        assert!(r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"), "{}", r["root"]);
+        assert!(
+            r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"),
+            "{}",
+            r["root"]
+        );
     }
 }
 
 #[test]
 fn systemd_boot_boots_the_btrfs_store_from_a_gpt_disk() {
-    boots_through_uefi(vm_tests::disk::Loader::SystemdBoot, "btrfs", &format!("PARTUUID={}", vm_tests::disk::STORE_PARTUUID));
+    boots_through_uefi(
+        vm_tests::disk::Loader::SystemdBoot,
+        "btrfs",
+        &format!("PARTUUID={}", vm_tests::disk::STORE_PARTUUID),
+    );
 }
 
 #[test]
@@ -328,13 +456,31 @@ fn a_power_cut_during_boot_never_breaks_the_next_boot_or_the_store() {
     }
     let cmdline = "root=LABEL=lb-btrfs toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.debug layerboot.keep=2 layerboot.rescue_timeout=0";
     let qemu = |log: &str, cut: Option<&'static str>| {
-        Qemu { cut_power_at: cut, ..Qemu::new(vec![disk.clone()], cmdline, dir.join(log)) }.run()
+        Qemu {
+            cut_power_at: cut,
+            ..Qemu::new(vec![disk.clone()], cmdline, dir.join(log))
+        }
+        .run()
     };
-    for (i, marker) in ["image: layerboot/demo is sha256:", "fresh layer made:", "copying the top layer from"].iter().enumerate() {
+    for (i, marker) in [
+        "image: layerboot/demo is sha256:",
+        "fresh layer made:",
+        "copying the top layer from",
+    ]
+    .iter()
+    .enumerate()
+    {
         let cut = qemu(&format!("cut{i}.log"), Some(marker));
-        assert!(cut.contains(marker) && !cut.contains("LAYERBOOT-REPORT-BEGIN"), "cut {i} happened mid-boot");
+        assert!(
+            cut.contains(marker) && !cut.contains("LAYERBOOT-REPORT-BEGIN"),
+            "cut {i} happened mid-boot"
+        );
         if i == 2 {
-            assert!(!cut.contains("top layer: copied"), "the cut landed during the copy:\n{}", tail(&cut, 10));
+            assert!(
+                !cut.contains("top layer: copied"),
+                "the cut landed during the copy:\n{}",
+                tail(&cut, 10)
+            );
         }
         let console = qemu(&format!("after-cut{i}.log"), None);
         no_panic(&console);
@@ -346,10 +492,18 @@ fn a_power_cut_during_boot_never_breaks_the_next_boot_or_the_store() {
         let _m = LoopMount::new(&disk, &dir.join("mnt"), true);
         assert!(!dir.join("mnt/layerboot-rw.new").exists(), "no half-made layer left");
         for kept in ["layerboot-rw.prev", "layerboot-rw.prev.2"] {
-            assert!(dir.join("mnt").join(kept).join("var/tmp/layerboot-marker").exists(), "layerboot.keep=2 kept {kept}");
+            assert!(
+                dir.join("mnt").join(kept).join("var/tmp/layerboot-marker").exists(),
+                "layerboot.keep=2 kept {kept}"
+            );
         }
         assert!(!dir.join("mnt/layerboot-rw.prev.3").exists());
-        assert_eq!(fs::read_dir(dir.join("mnt/layerboot-rw/usr/share/layerboot-bulk")).unwrap().count(), 4000);
+        assert_eq!(
+            fs::read_dir(dir.join("mnt/layerboot-rw/usr/share/layerboot-bulk"))
+                .unwrap()
+                .count(),
+            4000
+        );
     }
     assert_store_untouched("btrfs", &disk, &dir);
 }
@@ -362,10 +516,23 @@ fn rescue_shell_runs_on_the_console_after_a_failure() {
     let initramfs = dir.join("initramfs.img");
     let store = fixture_store("btrfs");
     run(layerboot()
-        .args(["initramfs", "--store", store.to_str().unwrap(), "--image", "layerboot/demo", "--rescue-shell", "/bin/busybox", "-o"])
+        .args([
+            "initramfs",
+            "--store",
+            store.to_str().unwrap(),
+            "--image",
+            "layerboot/demo",
+            "--rescue-shell",
+            "/bin/busybox",
+            "-o",
+        ])
         .arg(&initramfs));
     let demo = demo_boot_files();
-    let boot = Boot { kernel: demo.kernel.clone(), kernel_version: demo.kernel_version.clone(), initramfs };
+    let boot = Boot {
+        kernel: demo.kernel.clone(),
+        kernel_version: demo.kernel_version.clone(),
+        initramfs,
+    };
     let cmdline = "root=LABEL=lb-btrfs docker_image=layerboot/nope:1 layerboot.rescue=shell layerboot.rescue_timeout=0";
     let console = Qemu {
         boot: &boot,
@@ -375,7 +542,11 @@ fn rescue_shell_runs_on_the_console_after_a_failure() {
     }
     .run();
     no_panic(&console);
-    assert!(console.contains("RESCUE-42"), "the shell ran the command:\n{}", tail(&console, 20));
+    assert!(
+        console.contains("RESCUE-42"),
+        "the shell ran the command:\n{}",
+        tail(&console, 20)
+    );
     assert!(console.contains("rescue shell ended"), "{}", tail(&console, 20));
 }
 
@@ -386,15 +557,31 @@ fn podman_store_boots_by_its_local_name() {
     let disk = store_disk_with_toplayer("overlay2", &dir, "vm-podman");
     // The initramfs is built from the podman store itself.
     let initramfs = dir.join("initramfs.img");
-    run(layerboot().args(["initramfs", "--store"]).arg(fixtures().join("mnt/overlay2/var/lib/containers/storage")).args(["--image", "lb/podman:1", "-o"]).arg(&initramfs));
+    run(layerboot()
+        .args(["initramfs", "--store"])
+        .arg(fixtures().join("mnt/overlay2/var/lib/containers/storage"))
+        .args(["--image", "lb/podman:1", "-o"])
+        .arg(&initramfs));
     let demo = demo_boot_files();
-    let own = Boot { kernel: demo.kernel.clone(), kernel_version: demo.kernel_version.clone(), initramfs };
+    let own = Boot {
+        kernel: demo.kernel.clone(),
+        kernel_version: demo.kernel_version.clone(),
+        initramfs,
+    };
     let cmdline = "root=LABEL=lb-overlay docker_path=var/lib/containers/storage docker_image=lb/podman:1 toplayer=LABEL=lb-overlay toplayer_path=/toplayer layerboot.rescue_timeout=0";
-    let console = Qemu { boot: &own, ..Qemu::new(vec![disk], cmdline, dir.join("boot.log")) }.run();
+    let console = Qemu {
+        boot: &own,
+        ..Qemu::new(vec![disk], cmdline, dir.join("boot.log"))
+    }
+    .run();
     no_panic(&console);
     let r = report(&console);
     common_checks(&r, "vm-podman", "v2");
-    assert!(r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"), "{}", r["root"]);
+    assert!(
+        r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"),
+        "{}",
+        r["root"]
+    );
     assert!(r["booted"].contains("var/lib/containers/storage"), "{}", r["booted"]);
 }
 
@@ -413,30 +600,84 @@ fn containerd_store_boots_from_both_snapshotters() {
     run(layerboot()
         .args(["initramfs", "--store"])
         .arg(&store)
-        .args(["--image", "layerboot/demo:v2", "--docker-path", "var/lib/containerd", "-o"])
+        .args([
+            "--image",
+            "layerboot/demo:v2",
+            "--docker-path",
+            "var/lib/containerd",
+            "-o",
+        ])
         .arg(&initramfs));
     let demo = demo_boot_files();
-    let own = Boot { kernel: demo.kernel.clone(), kernel_version: demo.kernel_version.clone(), initramfs };
-    let base = "root=LABEL=lb-containerd toplayer=LABEL=lb-containerd toplayer_path=/toplayer layerboot.rescue_timeout=0";
+    let own = Boot {
+        kernel: demo.kernel.clone(),
+        kernel_version: demo.kernel_version.clone(),
+        initramfs,
+    };
+    let base =
+        "root=LABEL=lb-containerd toplayer=LABEL=lb-containerd toplayer_path=/toplayer layerboot.rescue_timeout=0";
 
-    let console = Qemu { boot: &own, ..Qemu::new(vec![disk.clone()], base, dir.join("boot1.log")) }.run();
+    let console = Qemu {
+        boot: &own,
+        ..Qemu::new(vec![disk.clone()], base, dir.join("boot1.log"))
+    }
+    .run();
     no_panic(&console);
     let r = report(&console);
     common_checks(&r, "vm-containerd", "v2");
-    assert!(r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"), "{}", r["root"]);
-    assert!(r["booted"].contains(r#""engine":"containerd""#) && r["booted"].contains(r#""namespace":"moby""#), "{}", r["booted"]);
-    assert!(!r["cmdline"].contains("docker_") && r["booted"].contains(r#""image":"layerboot/demo:v2""#), "the baked defaults booted: {}", r["booted"]);
+    assert!(
+        r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"),
+        "{}",
+        r["root"]
+    );
+    assert!(
+        r["booted"].contains(r#""engine":"containerd""#) && r["booted"].contains(r#""namespace":"moby""#),
+        "{}",
+        r["booted"]
+    );
+    assert!(
+        !r["cmdline"].contains("docker_") && r["booted"].contains(r#""image":"layerboot/demo:v2""#),
+        "the baked defaults booted: {}",
+        r["booted"]
+    );
 
     let base = format!("{base} docker_path=var/lib/containerd");
-    let console = Qemu::new(vec![disk.clone()], format!("{base} docker_image=lb/ctr:btrfs"), dir.join("boot2.log")).run();
+    let console = Qemu::new(
+        vec![disk.clone()],
+        format!("{base} docker_image=lb/ctr:btrfs"),
+        dir.join("boot2.log"),
+    )
+    .run();
     no_panic(&console);
     let r = report(&console);
     common_checks(&r, "vm-containerd", "v2");
-    assert!(r["root"].starts_with("btrfs ") && r["root"].contains("subvol=/layerboot-rw"), "{}", r["root"]);
-    assert!(r["booted"].contains(r#""namespace":"default""#) && r["booted"].contains(r#""driver":"btrfs""#), "{}", r["booted"]);
+    assert!(
+        r["root"].starts_with("btrfs ") && r["root"].contains("subvol=/layerboot-rw"),
+        "{}",
+        r["root"]
+    );
+    assert!(
+        r["booted"].contains(r#""namespace":"default""#) && r["booted"].contains(r#""driver":"btrfs""#),
+        "{}",
+        r["booted"]
+    );
 
-    assert_layers_untouched("containerd", "var/lib/containerd", &[], &disk, &dir, &["layerboot/demo:v2"]);
-    assert_layers_untouched("containerd", "var/lib/containerd", &["--namespace", "default"], &disk, &dir, &["layerboot/demo:v2"]);
+    assert_layers_untouched(
+        "containerd",
+        "var/lib/containerd",
+        &[],
+        &disk,
+        &dir,
+        &["layerboot/demo:v2"],
+    );
+    assert_layers_untouched(
+        "containerd",
+        "var/lib/containerd",
+        &["--namespace", "default"],
+        &disk,
+        &dir,
+        &["layerboot/demo:v2"],
+    );
 }
 
 /// An image whose init is sysvinit, not systemd: layerboot assumes nothing of the init.
@@ -451,7 +692,11 @@ fn a_sysvinit_image_boots_and_reports_from_its_init_scripts() {
         let top = m.0.join("toplayer");
         write_toplayer(&top, "vm-sysv");
         let rc_local = top.join("etc/rc.local");
-        fs::write(&rc_local, "#!/bin/sh\n/usr/local/sbin/layerboot-report\nexec poweroff -f\n").unwrap();
+        fs::write(
+            &rc_local,
+            "#!/bin/sh\n/usr/local/sbin/layerboot-report\nexec poweroff -f\n",
+        )
+        .unwrap();
         fs::set_permissions(&rc_local, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     }
     let cmdline = "root=LABEL=lb-overlay docker_image=layerboot/demo:sysv toplayer=LABEL=lb-overlay toplayer_path=/toplayer layerboot.rescue_timeout=0";
@@ -460,7 +705,11 @@ fn a_sysvinit_image_boots_and_reports_from_its_init_scripts() {
     let r = report(&console);
     common_checks(&r, "vm-sysv", "sysv");
     assert_eq!(r["pid1"], "init", "sysvinit's init is PID 1");
-    assert!(console.contains("INIT: version"), "sysvinit's banner:\n{}", tail(&console, 30));
+    assert!(
+        console.contains("INIT: version"),
+        "sysvinit's banner:\n{}",
+        tail(&console, 30)
+    );
     assert!(r["root"].starts_with("overlay "), "{}", r["root"]);
 }
 
@@ -474,7 +723,10 @@ impl ChrootMounts {
         for d in ["proc", "sys", "dev"] {
             let at = tree.join(d);
             fs::create_dir_all(&at).unwrap();
-            run(Command::new("mount").args(["--rbind", &format!("/{d}")]).arg(&at).args(["--make-rslave"]));
+            run(Command::new("mount")
+                .args(["--rbind", &format!("/{d}")])
+                .arg(&at)
+                .args(["--make-rslave"]));
             done.0.push(at);
         }
         done
@@ -498,8 +750,16 @@ impl Drop for ChrootMounts {
 fn image_tree(dir: &Path, files: &[(&str, &str, u32)]) -> std::path::PathBuf {
     let tree = dir.join("rootfs");
     fs::create_dir_all(&tree).unwrap();
-    run(Command::new("tar").arg("-xf").arg(fixtures().join("export-latest.tar")).arg("-C").arg(&tree));
-    let init = ("target/x86_64-unknown-linux-musl/release/layerboot-init", "usr/lib/layerboot/layerboot-init", 0o755);
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(fixtures().join("export-latest.tar"))
+        .arg("-C")
+        .arg(&tree));
+    let init = (
+        "target/x86_64-unknown-linux-musl/release/layerboot-init",
+        "usr/lib/layerboot/layerboot-init",
+        0o755,
+    );
     for (from, to, mode) in files.iter().chain([&init]) {
         let dest = tree.join(to);
         fs::create_dir_all(dest.parent().unwrap()).unwrap();
@@ -513,16 +773,39 @@ fn image_tree(dir: &Path, files: &[(&str, &str, u32)]) -> std::path::PathBuf {
 /// `cmdline`, and checks the image booted as from layerboot's own initramfs.
 fn boots_with_hooked_initramfs(dir: &Path, initramfs: std::path::PathBuf, cmdline: &str, tool_said: &str) {
     let demo = demo_boot_files();
-    let boot = Boot { kernel: demo.kernel.clone(), kernel_version: demo.kernel_version.clone(), initramfs };
+    let boot = Boot {
+        kernel: demo.kernel.clone(),
+        kernel_version: demo.kernel_version.clone(),
+        initramfs,
+    };
     let disk = store_disk_with_toplayer("overlay2", dir, "vm-hooked");
-    let console = Qemu { boot: &boot, ..Qemu::new(vec![disk], cmdline, dir.join("boot.log")) }.run();
+    let console = Qemu {
+        boot: &boot,
+        ..Qemu::new(vec![disk], cmdline, dir.join("boot.log"))
+    }
+    .run();
     no_panic(&console);
-    assert!(console.contains(tool_said), "the tool ran layerboot's hook ({tool_said:?} missing):\n{}", tail(&console, 40));
-    assert!(console.contains("layerboot_init::boot[") && !console.contains("layerboot_init::boot[1]:"), "layerboot-init ran as the tool's helper, not as PID 1");
+    assert!(
+        console.contains(tool_said),
+        "the tool ran layerboot's hook ({tool_said:?} missing):\n{}",
+        tail(&console, 40)
+    );
+    assert!(
+        console.contains("layerboot_init::boot[") && !console.contains("layerboot_init::boot[1]:"),
+        "layerboot-init ran as the tool's helper, not as PID 1"
+    );
     let r = report(&console);
     common_checks(&r, "vm-hooked", "v2");
-    assert!(r["init-timing"].starts_with("root ready for /sbin/init"), "the tool switches, not layerboot: {}", r["init-timing"]);
-    assert!(r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"), "{}", r["root"]);
+    assert!(
+        r["init-timing"].starts_with("root ready for /sbin/init"),
+        "the tool switches, not layerboot: {}",
+        r["init-timing"]
+    );
+    assert!(
+        r["root"].starts_with("overlay ") && r["root"].contains("upperdir=/run/layerboot/store/layerboot-rw/upper"),
+        "{}",
+        r["root"]
+    );
 }
 
 /// Debian's own initramfs-tools, with layerboot's hook and boot script (hooks/), builds
@@ -534,19 +817,42 @@ fn initramfs_tools_with_the_layerboot_hook_boots_the_image() {
     let tree = image_tree(
         &dir,
         &[
-            ("hooks/initramfs-tools/hooks/layerboot", "etc/initramfs-tools/hooks/layerboot", 0o755),
-            ("hooks/initramfs-tools/scripts/layerboot", "etc/initramfs-tools/scripts/layerboot", 0o644),
+            (
+                "hooks/initramfs-tools/hooks/layerboot",
+                "etc/initramfs-tools/hooks/layerboot",
+                0o755,
+            ),
+            (
+                "hooks/initramfs-tools/scripts/layerboot",
+                "etc/initramfs-tools/scripts/layerboot",
+                0o644,
+            ),
         ],
     );
     let demo = demo_boot_files();
     {
         let _mounts = ChrootMounts::new(&tree);
-        run(Command::new("chroot").arg(&tree).args(["mkinitramfs", "-o", "/boot/initrd-layerboot.img", &demo.kernel_version]));
+        run(Command::new("chroot").arg(&tree).args([
+            "mkinitramfs",
+            "-o",
+            "/boot/initrd-layerboot.img",
+            &demo.kernel_version,
+        ]));
     }
-    let listing = run(Command::new("chroot").arg(&tree).args(["lsinitramfs", "/boot/initrd-layerboot.img"]));
-    assert!(listing.contains("usr/lib/layerboot/layerboot-init") && listing.contains("scripts/layerboot"), "{listing}");
+    let listing = run(Command::new("chroot")
+        .arg(&tree)
+        .args(["lsinitramfs", "/boot/initrd-layerboot.img"]));
+    assert!(
+        listing.contains("usr/lib/layerboot/layerboot-init") && listing.contains("scripts/layerboot"),
+        "{listing}"
+    );
     let cmdline = "boot=layerboot rw root=LABEL=lb-overlay docker_image=layerboot/demo:v2 toplayer=LABEL=lb-overlay toplayer_path=/toplayer layerboot.rescue_timeout=0";
-    boots_with_hooked_initramfs(&dir, tree.join("boot/initrd-layerboot.img"), cmdline, "Making the root from the container image (layerboot)");
+    boots_with_hooked_initramfs(
+        &dir,
+        tree.join("boot/initrd-layerboot.img"),
+        cmdline,
+        "Making the root from the container image (layerboot)",
+    );
 }
 
 /// dracut (Debian's dracut-core, run inside the image's root) with layerboot's module:
@@ -557,23 +863,49 @@ fn dracut_with_the_layerboot_module_boots_the_image() {
     let tree = image_tree(
         &dir,
         &[
-            ("hooks/dracut/90layerboot/module-setup.sh", "usr/lib/dracut/modules.d/90layerboot/module-setup.sh", 0o755),
-            ("hooks/dracut/90layerboot/mount-layerboot.sh", "usr/lib/dracut/modules.d/90layerboot/mount-layerboot.sh", 0o755),
+            (
+                "hooks/dracut/90layerboot/module-setup.sh",
+                "usr/lib/dracut/modules.d/90layerboot/module-setup.sh",
+                0o755,
+            ),
+            (
+                "hooks/dracut/90layerboot/mount-layerboot.sh",
+                "usr/lib/dracut/modules.d/90layerboot/mount-layerboot.sh",
+                0o755,
+            ),
         ],
     );
     // dracut itself, from the host's dracut-core (tests/setup-host.sh installs it).
-    run(Command::new("cp").args(["-a", "--no-clobber", "/usr/lib/dracut"]).arg(tree.join("usr/lib/")));
-    run(Command::new("cp").args(["-a", "/usr/bin/dracut"]).arg(tree.join("usr/bin/dracut")));
+    run(Command::new("cp")
+        .args(["-a", "--no-clobber", "/usr/lib/dracut"])
+        .arg(tree.join("usr/lib/")));
+    run(Command::new("cp")
+        .args(["-a", "/usr/bin/dracut"])
+        .arg(tree.join("usr/bin/dracut")));
     let demo = demo_boot_files();
     {
         let _mounts = ChrootMounts::new(&tree);
         run(Command::new("chroot").arg(&tree).args([
-            "dracut", "--quiet", "--force", "--no-hostonly", "--omit", "systemd systemd-initrd dracut-systemd", "-a", "layerboot",
-            "--kver", &demo.kernel_version, "/boot/initrd-dracut.img",
+            "dracut",
+            "--quiet",
+            "--force",
+            "--no-hostonly",
+            "--omit",
+            "systemd systemd-initrd dracut-systemd",
+            "-a",
+            "layerboot",
+            "--kver",
+            &demo.kernel_version,
+            "/boot/initrd-dracut.img",
         ]));
     }
     let cmdline = "rw root=LABEL=lb-overlay docker_image=layerboot/demo:v2 toplayer=LABEL=lb-overlay toplayer_path=/toplayer layerboot.rescue_timeout=0 rd.shell=0";
-    boots_with_hooked_initramfs(&dir, tree.join("boot/initrd-dracut.img"), cmdline, "dracut: layerboot: making the root from the container image");
+    boots_with_hooked_initramfs(
+        &dir,
+        tree.join("boot/initrd-dracut.img"),
+        cmdline,
+        "dracut: layerboot: making the root from the container image",
+    );
 }
 
 /// The loop users live in (README, "Updating from inside"): a machine booted from an
@@ -592,7 +924,10 @@ fn a_machine_loads_an_update_into_its_own_store_and_boots_it_next() {
         old.push_str(text);
         fs::write(&p, old).unwrap();
     };
-    w("etc/fstab", "/run/layerboot/store/var/lib/docker /var/lib/docker none bind 0 0\n");
+    w(
+        "etc/fstab",
+        "/run/layerboot/store/var/lib/docker /var/lib/docker none bind 0 0\n",
+    );
     // Loads the archive on the third disk, if there is one, before the report.
     w(
         "etc/systemd/system/layerboot-update.service",
@@ -601,8 +936,11 @@ fn a_machine_loads_an_update_into_its_own_store_and_boots_it_next() {
          [Service]\nType=oneshot\nExecStart=/bin/sh -c 'docker load -i /dev/vdc >/run/layerboot-update.log 2>&1'\n\
          [Install]\nWantedBy=multi-user.target\n",
     );
-    std::os::unix::fs::symlink("../layerboot-update.service", top_dir.join("etc/systemd/system/multi-user.target.wants/layerboot-update.service"))
-        .unwrap();
+    std::os::unix::fs::symlink(
+        "../layerboot-update.service",
+        top_dir.join("etc/systemd/system/multi-user.target.wants/layerboot-update.service"),
+    )
+    .unwrap();
     let top = toplayer_disk(&top_dir, &dir);
     let update = dir.join("update.tar");
     fs::copy(fixtures().join("update.tar"), &update).unwrap();
@@ -613,12 +951,22 @@ fn a_machine_loads_an_update_into_its_own_store_and_boots_it_next() {
     no_panic(&console);
     let r = report(&console);
     common_checks(&r, "vm-update", "docker");
-    assert!(r["docker-root"].starts_with("/dev/vda[/var/lib/docker]"), "the store bound onto /var/lib/docker: {}", r["docker-root"]);
-    assert_eq!(r["docker-load"], "Loaded image: layerboot/demo:update", "docker load inside the machine");
+    assert!(
+        r["docker-root"].starts_with("/dev/vda[/var/lib/docker]"),
+        "the store bound onto /var/lib/docker: {}",
+        r["docker-root"]
+    );
+    assert_eq!(
+        r["docker-load"], "Loaded image: layerboot/demo:update",
+        "docker load inside the machine"
+    );
     {
         // The store on the disk now holds the update, readable offline as any image.
         let _m = LoopMount::new(&disk, &dir.join("check"), true);
-        let out = run(layerboot().args(["inspect", "--store"]).arg(dir.join("check/var/lib/docker")).arg("layerboot/demo:update"));
+        let out = run(layerboot()
+            .args(["inspect", "--store"])
+            .arg(dir.join("check/var/lib/docker"))
+            .arg("layerboot/demo:update"));
         assert!(out.contains("layers"), "{out}");
     }
 
@@ -629,9 +977,19 @@ fn a_machine_loads_an_update_into_its_own_store_and_boots_it_next() {
     common_checks(&r, "vm-update", "update");
     assert_eq!(r["docker-load"], "none", "no update disk this time");
     let images: Vec<&str> = r["docker-images"].split_whitespace().collect();
-    assert!(images.contains(&"layerboot/demo:update") && images.contains(&"layerboot/demo:docker"), "{images:?}");
+    assert!(
+        images.contains(&"layerboot/demo:update") && images.contains(&"layerboot/demo:docker"),
+        "{images:?}"
+    );
     // What the machine ran before is all there: its layers are as the engine left them.
-    assert_layers_untouched("overlay2", "var/lib/docker", &[], &disk, &dir, &["layerboot/demo:docker", "layerboot/demo:latest"]);
+    assert_layers_untouched(
+        "overlay2",
+        "var/lib/docker",
+        &[],
+        &disk,
+        &dir,
+        &["layerboot/demo:docker", "layerboot/demo:latest"],
+    );
 }
 
 /// Hostile and careless inputs on a btrfs store (issue: data safety): a writable-layer
@@ -658,15 +1016,36 @@ fn hostile_whiteouts_and_layer_names_never_touch_the_store() {
     let namesake = dir.join("namesake.img");
     fs::File::create(&namesake).unwrap().set_len(16 << 20).unwrap();
     run(Command::new("mkfs.ext4").args(["-q", "-L", "lb-btrfs"]).arg(&namesake));
-    let console = Qemu { snapshot: true, ..Qemu::new(vec![disk.clone(), namesake], base, dir.join("boot0.log")) }.run();
+    let console = Qemu {
+        snapshot: true,
+        ..Qemu::new(vec![disk.clone(), namesake], base, dir.join("boot0.log"))
+    }
+    .run();
     no_panic(&console);
-    for want in ["layerboot: BOOT FAILED", "root=LABEL=lb-btrfs names 2 different filesystems", "/dev/vda type=btrfs", "/dev/vdb type=ext4", "fix: name the one meant by UUID="] {
+    for want in [
+        "layerboot: BOOT FAILED",
+        "root=LABEL=lb-btrfs names 2 different filesystems",
+        "/dev/vda type=btrfs",
+        "/dev/vdb type=ext4",
+        "fix: name the one meant by UUID=",
+    ] {
         assert!(console.contains(want), "missing {want:?} in:\n{}", tail(&console, 30));
     }
 
-    let console = Qemu::new(vec![disk.clone()], format!("{base} rootflags=subvol=var"), dir.join("boot1.log")).run();
+    let console = Qemu::new(
+        vec![disk.clone()],
+        format!("{base} rootflags=subvol=var"),
+        dir.join("boot1.log"),
+    )
+    .run();
     no_panic(&console);
-    for want in ["layerboot: BOOT FAILED", "writable layer var", "the image store (docker_path=) at /var/lib/docker", "Nothing was changed", "fix:"] {
+    for want in [
+        "layerboot: BOOT FAILED",
+        "writable layer var",
+        "the image store (docker_path=) at /var/lib/docker",
+        "Nothing was changed",
+        "fix:",
+    ] {
         assert!(console.contains(want), "missing {want:?} in:\n{}", tail(&console, 30));
     }
 
@@ -677,14 +1056,33 @@ fn hostile_whiteouts_and_layer_names_never_touch_the_store() {
     no_panic(&console);
     let r = report(&console);
     common_checks(&r, "vm-hostile", "latest");
-    assert!(console.contains("layerboot: warning: top layer: ignored whiteout"), "{}", tail(&console, 60));
-    assert_eq!(r["booted"].matches("names no file").count(), 6, "every bad whiteout named in booted.json: {}", r["booted"]);
-    assert!(r["booted"].contains("opaque marker at the top layer's root"), "{}", r["booted"]);
+    assert!(
+        console.contains("layerboot: warning: top layer: ignored whiteout"),
+        "{}",
+        tail(&console, 60)
+    );
+    assert_eq!(
+        r["booted"].matches("names no file").count(),
+        6,
+        "every bad whiteout named in booted.json: {}",
+        r["booted"]
+    );
+    assert!(
+        r["booted"].contains("opaque marker at the top layer's root"),
+        "{}",
+        r["booted"]
+    );
     {
         let _m = LoopMount::new(&disk, &dir.join("check"), true);
         let m = dir.join("check");
-        let top: Vec<String> = fs::read_dir(&m).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-        assert!(m.join("var/lib/docker/image").is_dir() && !top.iter().any(|n| n.starts_with("var.")), "the store stayed where it was: {top:?}");
+        let top: Vec<String> = fs::read_dir(&m)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(
+            m.join("var/lib/docker/image").is_dir() && !top.iter().any(|n| n.starts_with("var.")),
+            "the store stayed where it was: {top:?}"
+        );
     }
     assert_store_untouched("btrfs", &disk, &dir);
 }
@@ -694,7 +1092,12 @@ fn hostile_whiteouts_and_layer_names_never_touch_the_store() {
 fn stale_gpt_disk(dir: &Path) -> std::path::PathBuf {
     let img = dir.join("stale-gpt.img");
     fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
-    let mut sfdisk = Command::new("sfdisk").arg("-q").arg(&img).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    let mut sfdisk = Command::new("sfdisk")
+        .arg("-q")
+        .arg(&img)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     std::io::Write::write_all(&mut sfdisk.stdin.take().unwrap(), b"label: dos\ntype=83\n").unwrap();
     assert!(sfdisk.wait().unwrap().success());
     let mut d = fs::read(&img).unwrap();
@@ -719,7 +1122,11 @@ fn layer_marks(top: &Path) -> Vec<(String, String)> {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter(|n| n.starts_with("layerboot-rw"))
         .map(|n| {
-            let v = Command::new("getfattr").args(["--only-values", "-n", "trusted.layerboot.state"]).arg(top.join(&n)).output().unwrap();
+            let v = Command::new("getfattr")
+                .args(["--only-values", "-n", "trusted.layerboot.state"])
+                .arg(top.join(&n))
+                .output()
+                .unwrap();
             (n, String::from_utf8_lossy(&v.stdout).into_owned())
         })
         .collect();
@@ -743,7 +1150,11 @@ fn overlay2_power_cuts_after_the_swap_and_during_a_keep_copy_lose_nothing() {
     }
     let base = "root=LABEL=lb-overlay toplayer=LABEL=lb-overlay toplayer_path=/toplayer layerboot.debug layerboot.keep=2 layerboot.rescue_timeout=0";
     let qemu = |extra: &str, log: &str, cut: Option<&'static str>| {
-        let console = Qemu { cut_power_at: cut, ..Qemu::new(vec![disk.clone()], format!("{base} {extra}"), dir.join(log)) }.run();
+        let console = Qemu {
+            cut_power_at: cut,
+            ..Qemu::new(vec![disk.clone()], format!("{base} {extra}"), dir.join(log))
+        }
+        .run();
         no_panic(&console);
         console
     };
@@ -754,32 +1165,81 @@ fn overlay2_power_cuts_after_the_swap_and_during_a_keep_copy_lose_nothing() {
     let console = qemu("", "boot3.log", None);
     let r = report(&console);
     common_checks(&r, "vm-cut", "latest");
-    assert!(r["booted"].contains("finished the rotation of writable layers that a power cut interrupted"), "{}", r["booted"]);
+    assert!(
+        r["booted"].contains("finished the rotation of writable layers that a power cut interrupted"),
+        "{}",
+        r["booted"]
+    );
 
-    let cut = qemu("layerboot.mode=keep", "cut-keep-copy.log", Some("copying the top layer from"));
-    assert!(!cut.contains("top layer: copied") && !cut.contains("LAYERBOOT-REPORT-BEGIN"), "the cut landed during the copy:\n{}", tail(&cut, 10));
+    let cut = qemu(
+        "layerboot.mode=keep",
+        "cut-keep-copy.log",
+        Some("copying the top layer from"),
+    );
+    assert!(
+        !cut.contains("top layer: copied") && !cut.contains("LAYERBOOT-REPORT-BEGIN"),
+        "the cut landed during the copy:\n{}",
+        tail(&cut, 10)
+    );
     let console = qemu("layerboot.mode=keep", "boot5.log", None);
     let r = report(&console);
     assert_eq!(r["hostname"], "vm-cut");
-    assert_eq!(r["marker"], "written in an earlier boot", "mode=keep kept boot 3's layer");
-    assert!(r["booted"].contains("copying the top layer into") && r["booted"].contains("again"), "{}", r["booted"]);
-    assert!(console.contains("layerboot: shutdown: the image's root and the store are unmounted cleanly"), "{}", tail(&console, 20));
+    assert_eq!(
+        r["marker"], "written in an earlier boot",
+        "mode=keep kept boot 3's layer"
+    );
+    assert!(
+        r["booted"].contains("copying the top layer into") && r["booted"].contains("again"),
+        "{}",
+        r["booted"]
+    );
+    assert!(
+        console.contains("layerboot: shutdown: the image's root and the store are unmounted cleanly"),
+        "{}",
+        tail(&console, 20)
+    );
 
     let dumpe2fs = run(Command::new("dumpe2fs").arg("-h").arg(&disk));
-    let features = dumpe2fs.lines().find(|l| l.starts_with("Filesystem features:")).unwrap_or_default();
-    assert!(!features.contains("needs_recovery"), "the store's ext4 was left dirty: {features}");
-    assert!(dumpe2fs.lines().any(|l| l.starts_with("Filesystem state:") && l.contains("clean")), "{dumpe2fs}");
+    let features = dumpe2fs
+        .lines()
+        .find(|l| l.starts_with("Filesystem features:"))
+        .unwrap_or_default();
+    assert!(
+        !features.contains("needs_recovery"),
+        "the store's ext4 was left dirty: {features}"
+    );
+    assert!(
+        dumpe2fs
+            .lines()
+            .any(|l| l.starts_with("Filesystem state:") && l.contains("clean")),
+        "{dumpe2fs}"
+    );
     {
         let _m = LoopMount::new(&disk, &dir.join("check"), true);
         let m = dir.join("check");
         let marks = layer_marks(&m);
-        let want = [("layerboot-rw", "complete 3"), ("layerboot-rw.prev", "complete 2"), ("layerboot-rw.prev.2", "complete 1")];
-        assert_eq!(marks, want.map(|(a, b)| (a.to_string(), b.to_string())), "generations after the cuts");
-        assert!(m.join("layerboot-rw.prev.2/upper/var/tmp/layerboot-marker").exists(), "boot 1's layer, the last that booted before the cut, is kept");
+        let want = [
+            ("layerboot-rw", "complete 3"),
+            ("layerboot-rw.prev", "complete 2"),
+            ("layerboot-rw.prev.2", "complete 1"),
+        ];
+        assert_eq!(
+            marks,
+            want.map(|(a, b)| (a.to_string(), b.to_string())),
+            "generations after the cuts"
+        );
+        assert!(
+            m.join("layerboot-rw.prev.2/upper/var/tmp/layerboot-marker").exists(),
+            "boot 1's layer, the last that booted before the cut, is kept"
+        );
         let bulk = m.join("layerboot-rw/upper/usr/share/layerboot-bulk");
         assert_eq!(fs::read_dir(&bulk).unwrap().count(), 4000);
         for i in 0..4000 {
-            assert_eq!(fs::read_to_string(bulk.join(format!("f{i}"))).unwrap(), format!("{i}\n"), "the cut copy was done again");
+            assert_eq!(
+                fs::read_to_string(bulk.join(format!("f{i}"))).unwrap(),
+                format!("{i}\n"),
+                "the cut copy was done again"
+            );
         }
     }
     assert_store_untouched("overlay2", &disk, &dir);

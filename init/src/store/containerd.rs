@@ -25,7 +25,11 @@ pub const META_DB: &str = "io.containerd.metadata.v1.bolt/meta.db";
 pub const DOCKERD_MANAGED: &str = "containerd/daemon";
 const BLOBS: &str = "io.containerd.content.v1.content/blobs/sha256";
 /// The snapshotters whose layers layerboot mounts, in the order they are tried.
-const SNAPSHOTTERS: [(&str, Driver); 3] = [("overlayfs", Driver::Overlay2), ("btrfs", Driver::Btrfs), ("native", Driver::Vfs)];
+const SNAPSHOTTERS: [(&str, Driver); 3] = [
+    ("overlayfs", Driver::Overlay2),
+    ("btrfs", Driver::Btrfs),
+    ("native", Driver::Vfs),
+];
 /// Namespaces searched first when none is given: Docker's, then ctr's and nerdctl's.
 const PREFERRED_NAMESPACES: [&str; 2] = ["moby", "default"];
 
@@ -91,22 +95,37 @@ impl Store {
     /// Every image record, in every namespace (or only `--namespace`/`layerboot.namespace=`).
     fn records(&self, db: &Db) -> Result<Vec<Record>> {
         let meta = self.root.join(META_DB);
-        let v1 = db.root().bucket("v1")?.ok_or_else(|| Error::new(format!("{} has no v1 bucket: not a containerd metadata database", meta.display())))?;
+        let v1 = db.root().bucket("v1")?.ok_or_else(|| {
+            Error::new(format!(
+                "{} has no v1 bucket: not a containerd metadata database",
+                meta.display()
+            ))
+        })?;
         let mut out = Vec::new();
         for (ns, entry) in v1.entries()? {
-            let crate::bolt::Entry::Bucket(ns_bucket) = entry else { continue };
+            let crate::bolt::Entry::Bucket(ns_bucket) = entry else {
+                continue;
+            };
             let ns = utf8(ns);
             if self.namespace.as_ref().is_some_and(|want| *want != ns) {
                 continue;
             }
-            let Some(images) = ns_bucket.bucket("images")? else { continue };
+            let Some(images) = ns_bucket.bucket("images")? else {
+                continue;
+            };
             for (name, entry) in images.entries()? {
-                let crate::bolt::Entry::Bucket(img) = entry else { continue };
+                let crate::bolt::Entry::Bucket(img) = entry else {
+                    continue;
+                };
                 let digest = match img.bucket("target")? {
                     Some(t) => t.value("digest")?.map(utf8).unwrap_or_default(),
                     None => String::new(),
                 };
-                out.push(Record { namespace: ns.clone(), name: utf8(name), digest });
+                out.push(Record {
+                    namespace: ns.clone(),
+                    name: utf8(name),
+                    digest,
+                });
             }
         }
         Ok(out)
@@ -116,9 +135,16 @@ impl Store {
         let db = self.meta_db()?;
         let mut out: Vec<ImageEntry> = Vec::new();
         for r in self.records(&db)? {
-            match out.iter_mut().find(|e| e.id == r.digest && e.namespace.as_deref() == Some(&r.namespace)) {
+            match out
+                .iter_mut()
+                .find(|e| e.id == r.digest && e.namespace.as_deref() == Some(&r.namespace))
+            {
                 Some(e) => e.refs.push(r.name),
-                None => out.push(ImageEntry { id: r.digest, refs: vec![r.name], namespace: Some(r.namespace) }),
+                None => out.push(ImageEntry {
+                    id: r.digest,
+                    refs: vec![r.name],
+                    namespace: Some(r.namespace),
+                }),
             }
         }
         out.sort_by(|a, b| (&a.namespace, &a.refs).cmp(&(&b.namespace, &b.refs)));
@@ -131,11 +157,14 @@ impl Store {
     pub(super) fn containerd_resolve(&self, reference: &str) -> Result<Image> {
         let db = self.meta_db()?;
         let records = self.records(&db)?;
-        let matches = |ns: &str| -> Result<Vec<&Record>> { matching(reference, records.iter().filter(|r| r.namespace == ns).collect()) };
+        let matches = |ns: &str| -> Result<Vec<&Record>> {
+            matching(reference, records.iter().filter(|r| r.namespace == ns).collect())
+        };
         let mut namespaces: Vec<&str> = records.iter().map(|r| r.namespace.as_str()).collect();
         namespaces.sort();
         namespaces.dedup();
-        let (mut preferred, rest): (Vec<&str>, Vec<&str>) = namespaces.into_iter().partition(|n| PREFERRED_NAMESPACES.contains(n));
+        let (mut preferred, rest): (Vec<&str>, Vec<&str>) =
+            namespaces.into_iter().partition(|n| PREFERRED_NAMESPACES.contains(n));
         preferred.sort_by_key(|n| PREFERRED_NAMESPACES.iter().position(|p| p == n));
         for ns in &preferred {
             if let Some(r) = matches(ns)?.first() {
@@ -153,7 +182,10 @@ impl Store {
                 "image '{reference}' is in several containerd namespaces of {}: {} \
                  (fix: pick one with layerboot.namespace= at boot, --namespace for layerboot)",
                 self.root.display(),
-                many.iter().map(|r| format!("{} ({})", r.namespace, r.name)).collect::<Vec<_>>().join(", ")
+                many.iter()
+                    .map(|r| format!("{} ({})", r.namespace, r.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
         }
     }
@@ -170,14 +202,21 @@ impl Store {
     }
 
     fn containerd_not_found(&self, reference: &str, records: &[Record]) -> Error {
-        let wanted = Reference::parse(reference).map(|r| r.full_string()).unwrap_or_else(|_| reference.to_string());
+        let wanted = Reference::parse(reference)
+            .map(|r| r.full_string())
+            .unwrap_or_else(|_| reference.to_string());
         let scope = match &self.namespace {
             Some(ns) => format!("namespace {ns} of "),
             None => String::new(),
         };
-        let mut msg = format!("image '{reference}' is not in the containerd store ({scope}{})", self.root.display());
+        let mut msg = format!(
+            "image '{reference}' is not in the containerd store ({scope}{})",
+            self.root.display()
+        );
         if records.is_empty() {
-            msg.push_str(": it holds no images (fix: docker pull / ctr images pull the image, or check layerboot.namespace=)");
+            msg.push_str(
+                ": it holds no images (fix: docker pull / ctr images pull the image, or check layerboot.namespace=)",
+            );
             return Error::new(msg);
         }
         if let Some(closest) = records.iter().min_by_key(|r| edit_distance(&wanted, &r.name)) {
@@ -185,7 +224,12 @@ impl Store {
         }
         msg.push_str("\nimages in this store:");
         for r in records {
-            msg.push_str(&format!("\n  {}  {}  (namespace {})", r.name, sha256_hex(&r.digest).map_or("?", |h| &h[..12]), r.namespace));
+            msg.push_str(&format!(
+                "\n  {}  {}  (namespace {})",
+                r.name,
+                sha256_hex(&r.digest).map_or("?", |h| &h[..12]),
+                r.namespace
+            ));
         }
         msg.push_str("\n(fix: set docker_image= / --image to one of these, or pull the image into the store)");
         Error::new(msg)
@@ -193,7 +237,11 @@ impl Store {
 
     /// A blob of the content store, verified against its digest.
     fn blob(&self, digest: &str, what: &str) -> Result<Vec<u8>> {
-        let hex = sha256_hex(digest).ok_or_else(|| Error::new(format!("{what} digest '{digest}' is malformed: expected sha256:<64 lowercase hex>")))?;
+        let hex = sha256_hex(digest).ok_or_else(|| {
+            Error::new(format!(
+                "{what} digest '{digest}' is malformed: expected sha256:<64 lowercase hex>"
+            ))
+        })?;
         let path = self.root.join(BLOBS).join(hex);
         if !path.is_file() {
             return Err(Error::new(format!(
@@ -204,7 +252,10 @@ impl Store {
         }
         let data = read(&path)?;
         if sha256_of(&data) != hex {
-            return Err(Error::new(format!("blob {} is corrupt: its sha256 is not its name (fix: pull the image again)", path.display())));
+            return Err(Error::new(format!(
+                "blob {} is corrupt: its sha256 is not its name (fix: pull the image again)",
+                path.display()
+            )));
         }
         Ok(data)
     }
@@ -215,24 +266,38 @@ impl Store {
         let mut digest = record.digest.clone();
         for _ in 0..4 {
             let data = self.blob(&digest, "manifest")?;
-            let doc: IndexOrManifest =
-                serde_json::from_slice(&data).map_err(|e| Error::new(format!("manifest {digest} of {} is not valid JSON: {e}", record.name)))?;
+            let doc: IndexOrManifest = serde_json::from_slice(&data)
+                .map_err(|e| Error::new(format!("manifest {digest} of {} is not valid JSON: {e}", record.name)))?;
             if let Some(config) = doc.config {
                 let data = self.blob(&config.digest, "image config")?;
-                let value = serde_json::from_slice(&data)
-                    .map_err(|e| Error::new(format!("image config {} of {} is not valid JSON: {e}", config.digest, record.name)))?;
+                let value = serde_json::from_slice(&data).map_err(|e| {
+                    Error::new(format!(
+                        "image config {} of {} is not valid JSON: {e}",
+                        config.digest, record.name
+                    ))
+                })?;
                 return Ok((config.digest, value));
             }
             let manifests = doc.manifests.unwrap_or_default();
             let arch = goarch();
             let pick = manifests.iter().find(|m| {
-                let attestation = m.annotations.get("vnd.docker.reference.type").is_some_and(|t| t == "attestation-manifest");
+                let attestation = m
+                    .annotations
+                    .get("vnd.docker.reference.type")
+                    .is_some_and(|t| t == "attestation-manifest");
                 let present = sha256_hex(&m.digest).is_some_and(|h| self.root.join(BLOBS).join(h).is_file());
-                !attestation && present && m.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == arch)
+                !attestation
+                    && present
+                    && m.platform
+                        .as_ref()
+                        .is_some_and(|p| p.os == "linux" && p.architecture == arch)
             });
             let Some(pick) = pick else {
-                let platforms: Vec<String> =
-                    manifests.iter().filter_map(|m| m.platform.as_ref()).map(|p| format!("{}/{}", p.os, p.architecture)).collect();
+                let platforms: Vec<String> = manifests
+                    .iter()
+                    .filter_map(|m| m.platform.as_ref())
+                    .map(|p| format!("{}/{}", p.os, p.architecture))
+                    .collect();
                 return Err(Error::new(format!(
                     "image {} has no linux/{arch} manifest present in the store (it lists {}; fix: pull it for this platform, e.g. --platform linux/{arch})",
                     record.name,
@@ -242,7 +307,10 @@ impl Store {
             log::debug!("{}: {} {} for linux/{arch}", record.name, pick.media_type, pick.digest);
             digest = pick.digest.clone();
         }
-        Err(Error::new(format!("image {}: indexes nest deeper than any real image", record.name)))
+        Err(Error::new(format!(
+            "image {}: indexes nest deeper than any real image",
+            record.name
+        )))
     }
 
     fn containerd_image(&self, db: &Db, record: &Record, records: &[Record]) -> Result<Image> {
@@ -250,16 +318,24 @@ impl Store {
         let diff_ids = super::diff_ids(&config, Path::new(&config_digest))?;
         let chains = chain_ids(&diff_ids);
         let Some(top) = chains.last() else {
-            return Err(Error::new(format!("image {} has no layers: there is nothing to boot", record.name)));
+            return Err(Error::new(format!(
+                "image {} has no layers: there is nothing to boot",
+                record.name
+            )));
         };
-        let ns = db.root().bucket("v1")?.and_then(|v1| v1.bucket(&record.namespace).ok().flatten());
+        let ns = db
+            .root()
+            .bucket("v1")?
+            .and_then(|v1| v1.bucket(&record.namespace).ok().flatten());
         let snapshots = match &ns {
             Some(ns) => ns.bucket("snapshots")?,
             None => None,
         };
         let mut unpacked = None;
         for (snapshotter, driver) in SNAPSHOTTERS {
-            let Some(sn) = snapshots.as_ref().map(|s| s.bucket(snapshotter)).transpose()?.flatten() else { continue };
+            let Some(sn) = snapshots.as_ref().map(|s| s.bucket(snapshotter)).transpose()?.flatten() else {
+                continue;
+            };
             if let Some(key) = sn.bucket(top)? {
                 let name = key.value("name")?.map(utf8).unwrap_or_default();
                 unpacked = Some((snapshotter, driver, name));
@@ -280,7 +356,12 @@ impl Store {
             .root()
             .bucket("v1")?
             .and_then(|v| v.bucket("snapshots").ok().flatten())
-            .ok_or_else(|| Error::new(format!("{} has no v1/snapshots bucket: not a snapshotter database", sdb_path.display())))?;
+            .ok_or_else(|| {
+                Error::new(format!(
+                    "{} has no v1/snapshots bucket: not a snapshotter database",
+                    sdb_path.display()
+                ))
+            })?;
         let mut layers = Vec::with_capacity(chains.len());
         let mut key = backend_key;
         while !key.is_empty() {
@@ -305,7 +386,12 @@ impl Store {
                 link: None,
             });
             if layers.len() > chains.len() {
-                return Err(Error::new(format!("{}: the snapshot chain of {} is longer than its {} layers", sdb_path.display(), record.name, chains.len())));
+                return Err(Error::new(format!(
+                    "{}: the snapshot chain of {} is longer than its {} layers",
+                    sdb_path.display(),
+                    record.name,
+                    chains.len()
+                )));
             }
             key = snap.parent;
         }
@@ -318,8 +404,19 @@ impl Store {
                 layers.len()
             )));
         }
-        let refs = records.iter().filter(|r| r.namespace == record.namespace && r.digest == record.digest).map(|r| r.name.clone()).collect();
-        Ok(Image { id: record.digest.clone(), config, driver, layers, refs, namespace: Some(record.namespace.clone()) })
+        let refs = records
+            .iter()
+            .filter(|r| r.namespace == record.namespace && r.digest == record.digest)
+            .map(|r| r.name.clone())
+            .collect();
+        Ok(Image {
+            id: record.digest.clone(),
+            config,
+            driver,
+            layers,
+            refs,
+            namespace: Some(record.namespace.clone()),
+        })
     }
 }
 
@@ -330,11 +427,22 @@ struct Snapshot {
 
 /// A committed snapshot of the snapshotter's database.
 fn snapshot(all: &Bucket<'_>, key: &str, db: &Path) -> Result<Snapshot> {
-    let b = all.bucket(key)?.ok_or_else(|| Error::new(format!("{} has no snapshot {key} (fix: unpack or pull the image again)", db.display())))?;
-    let id = b.value("id")?.and_then(uvarint).ok_or_else(|| Error::new(format!("{}: snapshot {key} has no valid id", db.display())))?;
+    let b = all.bucket(key)?.ok_or_else(|| {
+        Error::new(format!(
+            "{} has no snapshot {key} (fix: unpack or pull the image again)",
+            db.display()
+        ))
+    })?;
+    let id = b
+        .value("id")?
+        .and_then(uvarint)
+        .ok_or_else(|| Error::new(format!("{}: snapshot {key} has no valid id", db.display())))?;
     // 3 = committed; an image's layers never are views or active snapshots.
     if b.value("kind")? != Some(&[3][..]) {
-        return Err(Error::new(format!("{}: snapshot {key} is not committed: it is still being written (fix: pull the image again)", db.display())));
+        return Err(Error::new(format!(
+            "{}: snapshot {key} is not committed: it is still being written (fix: pull the image again)",
+            db.display()
+        )));
     }
     let parent = b.value("parent")?.map(utf8).unwrap_or_default();
     Ok(Snapshot { id, parent })
@@ -360,11 +468,18 @@ fn matching<'a>(reference: &str, records: Vec<&'a Record>) -> Result<Vec<&'a Rec
             }
         }
     }
-    let hex = reference.strip_prefix("sha256:").unwrap_or(reference).to_ascii_lowercase();
+    let hex = reference
+        .strip_prefix("sha256:")
+        .unwrap_or(reference)
+        .to_ascii_lowercase();
     if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Ok(Vec::new());
     }
-    let hits: Vec<&Record> = records.iter().copied().filter(|rec| sha256_hex(&rec.digest).is_some_and(|h| h.starts_with(&hex))).collect();
+    let hits: Vec<&Record> = records
+        .iter()
+        .copied()
+        .filter(|rec| sha256_hex(&rec.digest).is_some_and(|h| h.starts_with(&hex)))
+        .collect();
     let mut ids: Vec<&str> = hits.iter().map(|r| r.digest.as_str()).collect();
     ids.sort();
     ids.dedup();

@@ -137,7 +137,12 @@ impl Store {
             )));
         }
         if let Some(driver) = podman::driver(&root) {
-            return Ok(Store { root, driver, engine: Engine::Podman, namespace: None });
+            return Ok(Store {
+                root,
+                driver,
+                engine: Engine::Podman,
+                namespace: None,
+            });
         }
         if root.join(containerd::META_DB).is_file() {
             return Ok(Store::containerd(root));
@@ -155,18 +160,23 @@ impl Store {
         let driver = match (found.as_slice(), in_use.as_slice()) {
             ([d], _) | (_, [d]) => *d,
             // Docker 29 in containerd mode with the containerd it runs itself.
-            ([], _) if root.join(containerd::DOCKERD_MANAGED).join(containerd::META_DB).is_file() => {
+            ([], _)
+                if root
+                    .join(containerd::DOCKERD_MANAGED)
+                    .join(containerd::META_DB)
+                    .is_file() =>
+            {
                 return Ok(Store::containerd(root.join(containerd::DOCKERD_MANAGED)))
             }
             ([], _) => {
                 return Err(Error::new(format!(
-                    "{} is not an image store layerboot reads: no image/<btrfs|overlay2|vfs>/repositories.json (Docker), \
+                "{} is not an image store layerboot reads: no image/<btrfs|overlay2|vfs>/repositories.json (Docker), \
                      <overlay|btrfs|vfs>-images/images.json (podman) or {} (containerd) exists \
                      (fix: point docker_path= / --store at the engine's data root: var/lib/docker, \
                      var/lib/containers/storage or var/lib/containerd)",
-                    root.display(),
-                    containerd::META_DB
-                )))
+                root.display(),
+                containerd::META_DB
+            )))
             }
             _ => {
                 return Err(Error::new(format!(
@@ -177,15 +187,32 @@ impl Store {
                 )))
             }
         };
-        Ok(Store { root, driver, engine: Engine::Docker, namespace: None })
+        Ok(Store {
+            root,
+            driver,
+            engine: Engine::Docker,
+            namespace: None,
+        })
     }
 
     /// containerd's store; its driver is the first snapshotter holding snapshots
     /// (each image says which one its own layers are in).
     fn containerd(root: PathBuf) -> Store {
-        let has = |sn: &str| fs::read_dir(root.join(format!("io.containerd.snapshotter.v1.{sn}/snapshots"))).is_ok_and(|mut d| d.next().is_some());
-        let driver = if !has("overlayfs") && has("btrfs") { Driver::Btrfs } else { Driver::Overlay2 };
-        Store { root, driver, engine: Engine::Containerd, namespace: None }
+        let has = |sn: &str| {
+            fs::read_dir(root.join(format!("io.containerd.snapshotter.v1.{sn}/snapshots")))
+                .is_ok_and(|mut d| d.next().is_some())
+        };
+        let driver = if !has("overlayfs") && has("btrfs") {
+            Driver::Btrfs
+        } else {
+            Driver::Overlay2
+        };
+        Store {
+            root,
+            driver,
+            engine: Engine::Containerd,
+            namespace: None,
+        }
     }
 
     /// Limits a containerd store to one namespace; other stores have none.
@@ -249,7 +276,14 @@ impl Store {
         for hex in self.image_ids()? {
             by_id.entry(format!("sha256:{hex}")).or_default();
         }
-        let mut out: Vec<ImageEntry> = by_id.into_iter().map(|(id, refs)| ImageEntry { id, refs, namespace: None }).collect();
+        let mut out: Vec<ImageEntry> = by_id
+            .into_iter()
+            .map(|(id, refs)| ImageEntry {
+                id,
+                refs,
+                namespace: None,
+            })
+            .collect();
         out.sort_by(|a, b| (a.refs.is_empty(), &a.refs).cmp(&(b.refs.is_empty(), &b.refs)));
         Ok(out)
     }
@@ -290,7 +324,11 @@ impl Store {
         let hex = reference.strip_prefix("sha256:").unwrap_or(reference);
         if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             let hex = hex.to_ascii_lowercase();
-            let matches: Vec<String> = self.image_ids()?.into_iter().filter(|id| id.starts_with(&hex)).collect();
+            let matches: Vec<String> = self
+                .image_ids()?
+                .into_iter()
+                .filter(|id| id.starts_with(&hex))
+                .collect();
             match matches.as_slice() {
                 [one] => return Ok(format!("sha256:{one}")),
                 [] => {}
@@ -304,17 +342,21 @@ impl Store {
                 }
             }
         }
-        if let Err(e) = parsed {
-            return Err(e);
-        }
+        parsed?;
         Err(self.not_found(reference, repos))
     }
 
     /// "No such image", with what the store does hold and the closest name.
     fn not_found(&self, reference: &str, repos: &Repos) -> Error {
-        let wanted = Reference::parse(reference).map(|r| r.familiar_string()).unwrap_or_else(|_| reference.to_string());
+        let wanted = Reference::parse(reference)
+            .map(|r| r.familiar_string())
+            .unwrap_or_else(|_| reference.to_string());
         let all: Vec<(&String, &String)> = repos.values().flat_map(|m| m.iter()).collect();
-        let mut msg = format!("image '{reference}' is not in the {} store at {}", self.driver.name(), self.root.display());
+        let mut msg = format!(
+            "image '{reference}' is not in the {} store at {}",
+            self.driver.name(),
+            self.root.display()
+        );
         if all.is_empty() {
             msg.push_str(": the store holds no tagged images (fix: docker pull / docker load the image into it)");
             return Error::new(msg);
@@ -342,7 +384,10 @@ impl Store {
 
     fn load_with(&self, id: &str, repos: &Repos) -> Result<Image> {
         let hex = sha256_hex(id).ok_or_else(|| {
-            Error::new(format!("image ID '{id}' in {} is malformed: expected sha256:<64 lowercase hex>", self.repositories_path().display()))
+            Error::new(format!(
+                "image ID '{id}' in {} is malformed: expected sha256:<64 lowercase hex>",
+                self.repositories_path().display()
+            ))
         })?;
         let path = self.image_dir().join("imagedb/content/sha256").join(hex);
         let data = read(&path)?;
@@ -361,8 +406,20 @@ impl Store {
         for (chain, diff) in chains.iter().zip(&diff_ids).rev() {
             layers.push(self.layer(chain, diff)?);
         }
-        let refs = repos.values().flat_map(|m| m.iter()).filter(|(_, v)| *v == id).map(|(k, _)| k.clone()).collect();
-        Ok(Image { id: id.to_string(), config, driver: self.driver, layers, refs, namespace: None })
+        let refs = repos
+            .values()
+            .flat_map(|m| m.iter())
+            .filter(|(_, v)| *v == id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        Ok(Image {
+            id: id.to_string(),
+            config,
+            driver: self.driver,
+            layers,
+            refs,
+            namespace: None,
+        })
     }
 
     fn repositories_path(&self) -> PathBuf {
@@ -411,14 +468,21 @@ impl Store {
                 dir.display()
             )));
         }
-        Ok(Layer { chain_id: chain_id.to_string(), diff_id: diff_id.to_string(), cache_id, dir, link })
+        Ok(Layer {
+            chain_id: chain_id.to_string(),
+            diff_id: diff_id.to_string(),
+            cache_id,
+            dir,
+            link,
+        })
     }
 }
 
 pub(super) fn diff_ids(config: &serde_json::Value, path: &Path) -> Result<Vec<String>> {
-    let ids = config.pointer("/rootfs/diff_ids").and_then(|v| v.as_array()).ok_or_else(|| {
-        Error::new(format!("image config {} has no rootfs.diff_ids list", path.display()))
-    })?;
+    let ids = config
+        .pointer("/rootfs/diff_ids")
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| Error::new(format!("image config {} has no rootfs.diff_ids list", path.display())))?;
     ids.iter()
         .map(|v| match v.as_str() {
             Some(s) if sha256_hex(s).is_some() => Ok(s.to_string()),
@@ -443,7 +507,9 @@ pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
     use std::io::Read;
     let file = fs::File::open(path).map_err(|e| Error::io("cannot read", path, e))?;
     let mut data = Vec::new();
-    file.take(max + 1).read_to_end(&mut data).map_err(|e| Error::io("cannot read", path, e))?;
+    file.take(max + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| Error::io("cannot read", path, e))?;
     if data.len() as u64 > max {
         return Err(Error::new(format!(
             "{} is larger than {} MiB, more than any store file of its kind: the store is corrupt (fix: repair or re-pull the image)",

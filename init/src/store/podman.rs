@@ -16,7 +16,11 @@ use crate::error::{Error, Result};
 use crate::reference::Reference;
 
 /// containers-storage's driver names, with the layer drivers layerboot boots them as.
-const DRIVERS: [(&str, Driver); 3] = [("overlay", Driver::Overlay2), ("btrfs", Driver::Btrfs), ("vfs", Driver::Vfs)];
+const DRIVERS: [(&str, Driver); 3] = [
+    ("overlay", Driver::Overlay2),
+    ("btrfs", Driver::Btrfs),
+    ("vfs", Driver::Vfs),
+];
 
 fn name(driver: Driver) -> &'static str {
     DRIVERS.iter().find(|(_, d)| *d == driver).map_or("overlay", |(n, _)| n)
@@ -24,7 +28,10 @@ fn name(driver: Driver) -> &'static str {
 
 /// The driver of the containers-storage store at `root`, if it is one.
 pub fn driver(root: &Path) -> Option<Driver> {
-    DRIVERS.iter().find(|(n, _)| root.join(format!("{n}-images/images.json")).is_file()).map(|(_, d)| *d)
+    DRIVERS
+        .iter()
+        .find(|(n, _)| root.join(format!("{n}-images/images.json")).is_file())
+        .map(|(_, d)| *d)
 }
 
 /// The directory the driver keeps its layers in, relative to the store's root.
@@ -61,14 +68,23 @@ impl Store {
     /// `<driver>-images/images.json` or `<driver>-layers/layers.json`.
     fn podman_json<T: for<'de> Deserialize<'de>>(&self, what: &str) -> Result<Vec<T>> {
         let path = self.podman_json_path(what);
-        serde_json::from_slice(&read(&path)?).map_err(|e| Error::new(format!("{} is corrupt: {e} (expected a JSON array of {what})", path.display())))
+        serde_json::from_slice(&read(&path)?).map_err(|e| {
+            Error::new(format!(
+                "{} is corrupt: {e} (expected a JSON array of {what})",
+                path.display()
+            ))
+        })
     }
 
     pub(super) fn podman_images(&self) -> Result<Vec<ImageEntry>> {
         let mut out: Vec<ImageEntry> = self
             .podman_json::<PodImage>("images")?
             .into_iter()
-            .map(|i| ImageEntry { id: format!("sha256:{}", i.id), refs: i.names, namespace: None })
+            .map(|i| ImageEntry {
+                id: format!("sha256:{}", i.id),
+                refs: i.names,
+                namespace: None,
+            })
             .collect();
         out.sort_by(|a, b| (a.refs.is_empty(), &a.refs).cmp(&(b.refs.is_empty(), &b.refs)));
         Ok(out)
@@ -82,8 +98,16 @@ impl Store {
         let by_name = |name: &str| images.iter().find(|i| i.names.iter().any(|n| n == name));
         let mut found = None;
         if let Ok(r) = Reference::parse(reference) {
-            let explicit_domain = reference.split('/').next().is_some_and(|d| d.contains(['.', ':']) || d == "localhost") && reference.contains('/');
-            let tail = format!("{}{}", r.tag.as_ref().map(|t| format!(":{t}")).unwrap_or_default(), r.digest.as_ref().map(|d| format!("@{d}")).unwrap_or_default());
+            let explicit_domain = reference
+                .split('/')
+                .next()
+                .is_some_and(|d| d.contains(['.', ':']) || d == "localhost")
+                && reference.contains('/');
+            let tail = format!(
+                "{}{}",
+                r.tag.as_ref().map(|t| format!(":{t}")).unwrap_or_default(),
+                r.digest.as_ref().map(|d| format!("@{d}")).unwrap_or_default()
+            );
             found = by_name(&r.full_string());
             if found.is_none() && !explicit_domain {
                 let short = r.familiar_name();
@@ -91,7 +115,13 @@ impl Store {
                 if found.is_none() {
                     let matches: Vec<&PodImage> = images
                         .iter()
-                        .filter(|i| i.names.iter().any(|n| n.split_once('/').is_some_and(|(_, p)| p == format!("{short}{tail}") || p == format!("{}{tail}", r.path))))
+                        .filter(|i| {
+                            i.names.iter().any(|n| {
+                                n.split_once('/').is_some_and(|(_, p)| {
+                                    p == format!("{short}{tail}") || p == format!("{}{tail}", r.path)
+                                })
+                            })
+                        })
                         .collect();
                     match matches.as_slice() {
                         [one] => found = Some(one),
@@ -109,19 +139,30 @@ impl Store {
             }
         }
         if found.is_none() {
-            let hex = reference.strip_prefix("sha256:").unwrap_or(reference).to_ascii_lowercase();
+            let hex = reference
+                .strip_prefix("sha256:")
+                .unwrap_or(reference)
+                .to_ascii_lowercase();
             if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
                 let matches: Vec<&PodImage> = images.iter().filter(|i| i.id.starts_with(&hex)).collect();
                 match matches.as_slice() {
                     [one] => found = Some(one),
                     [] => {}
-                    _ => return Err(Error::new(format!("image ID prefix '{reference}' is ambiguous in {} (fix: give more digits)", self.root.display()))),
+                    _ => {
+                        return Err(Error::new(format!(
+                            "image ID prefix '{reference}' is ambiguous in {} (fix: give more digits)",
+                            self.root.display()
+                        )))
+                    }
                 }
             }
         }
         let Some(image) = found else {
             let all: Vec<&String> = images.iter().flat_map(|i| i.names.iter()).collect();
-            let mut msg = format!("image '{reference}' is not in the podman store at {}", self.root.display());
+            let mut msg = format!(
+                "image '{reference}' is not in the podman store at {}",
+                self.root.display()
+            );
             if let Some(closest) = all.iter().min_by_key(|n| edit_distance(reference, n)) {
                 msg.push_str(&format!("; closest match: {closest}"));
             }
@@ -129,7 +170,9 @@ impl Store {
             for n in &all {
                 msg.push_str(&format!("\n  {n}"));
             }
-            msg.push_str("\n(fix: set docker_image= / --image to one of these, or podman load the image into the store)");
+            msg.push_str(
+                "\n(fix: set docker_image= / --image to one of these, or podman load the image into the store)",
+            );
             return Err(Error::new(msg));
         };
         self.podman_image(image)
@@ -142,10 +185,17 @@ impl Store {
         let mut next = image.layer.clone();
         while let Some(id) = next {
             if !is_hex64(&id) || layers.len() > 500 {
-                return Err(Error::new(format!("{} names a malformed layer '{id}' (or a loop): expected 64 lowercase hex", layers_path.display())));
+                return Err(Error::new(format!(
+                    "{} names a malformed layer '{id}' (or a loop): expected 64 lowercase hex",
+                    layers_path.display()
+                )));
             }
             let layer = all.iter().find(|l| l.id == id).ok_or_else(|| {
-                Error::new(format!("layer {id} of image {} is missing from {} (fix: podman pull / load the image again)", image.id, layers_path.display()))
+                Error::new(format!(
+                    "layer {id} of image {} is missing from {} (fix: podman pull / load the image again)",
+                    image.id,
+                    layers_path.display()
+                ))
             })?;
             if layer.flags.get("incomplete").and_then(|v| v.as_bool()) == Some(true) {
                 return Err(Error::new(format!("layer {id} of image {} is incomplete: podman was interrupted while writing or removing it (fix: podman pull / load the image again)", image.id)));
@@ -153,17 +203,32 @@ impl Store {
             let home = self.driver_home().join(&id);
             let dir = self.driver_home().join(layer_dir(self.driver, &id));
             if !dir.is_dir() {
-                return Err(Error::new(format!("layer {id} has no data: {} does not exist (fix: podman pull / load the image again)", dir.display())));
+                return Err(Error::new(format!(
+                    "layer {id} has no data: {} does not exist (fix: podman pull / load the image again)",
+                    dir.display()
+                )));
             }
             let link = short_link(&home);
-            layers.push(Layer { chain_id: String::new(), diff_id: String::new(), cache_id: id.clone(), dir, link });
+            layers.push(Layer {
+                chain_id: String::new(),
+                diff_id: String::new(),
+                cache_id: id.clone(),
+                dir,
+                link,
+            });
             next = layer.parent.clone();
         }
-        Ok(Image { id: format!("sha256:{}", image.id), config: serde_json::Value::Null, driver: self.driver, layers, refs: image.names.clone(), namespace: None })
+        Ok(Image {
+            id: format!("sha256:{}", image.id),
+            config: serde_json::Value::Null,
+            driver: self.driver,
+            layers,
+            refs: image.names.clone(),
+            namespace: None,
+        })
     }
 
     fn podman_json_path(&self, what: &str) -> PathBuf {
         self.root.join(format!("{}-{what}/{what}.json", name(self.driver)))
     }
 }
-

@@ -15,7 +15,9 @@ fn hex(n: u8) -> String {
 impl Fixture {
     /// A btrfs-driver store with one image of two layers, tagged `acc/x:1` and `debian:latest`.
     fn new() -> (Fixture, String) {
-        let f = Fixture { dir: tempfile::tempdir().unwrap() };
+        let f = Fixture {
+            dir: tempfile::tempdir().unwrap(),
+        };
         let diffs = [format!("sha256:{}", hex(1)), format!("sha256:{}", hex(2))];
         let config = serde_json::json!({"rootfs": {"type": "layers", "diff_ids": diffs}}).to_string();
         let id = sha256_of(config.as_bytes());
@@ -55,7 +57,11 @@ impl Fixture {
         let dir = self.path().join("image/btrfs/layerdb/sha256");
         let mut all: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
         all.sort_by_key(|p| fs::read_to_string(p.join("cache-id")).unwrap());
-        if top { all.pop().unwrap() } else { all.remove(0) }
+        if top {
+            all.pop().unwrap()
+        } else {
+            all.remove(0)
+        }
     }
 }
 
@@ -68,7 +74,16 @@ fn resolves_every_spelling_and_orders_layers_top_first() {
     let (f, id) = Fixture::new();
     let s = f.store();
     assert_eq!(s.driver(), Driver::Btrfs);
-    for r in ["acc/x:1", "docker.io/acc/x:1", "debian", "debian:latest", "docker.io/library/debian:latest", &id, &id[7..19], &id[7..]] {
+    for r in [
+        "acc/x:1",
+        "docker.io/acc/x:1",
+        "debian",
+        "debian:latest",
+        "docker.io/library/debian:latest",
+        &id,
+        &id[7..19],
+        &id[7..],
+    ] {
         let img = s.resolve(r).unwrap_or_else(|e| panic!("{r}: {e}"));
         assert_eq!(img.id, id);
         assert_eq!(img.layers.len(), 2);
@@ -77,7 +92,12 @@ fn resolves_every_spelling_and_orders_layers_top_first() {
     }
     let digest_ref = format!("acc/x@sha256:{}", hex(0xdd));
     assert_eq!(s.resolve(&digest_ref).unwrap().id, id);
-    assert_eq!(s.resolve(&format!("docker.io/acc/x:9@sha256:{}", hex(0xdd))).unwrap().id, id);
+    assert_eq!(
+        s.resolve(&format!("docker.io/acc/x:9@sha256:{}", hex(0xdd)))
+            .unwrap()
+            .id,
+        id
+    );
 }
 
 #[test]
@@ -110,7 +130,12 @@ fn ambiguous_id_prefix_is_refused() {
     let e = err(f.store().resolve(&first));
     assert!(e.contains("is ambiguous") && e.contains(&id2[..16]), "{e}");
     // The untagged image is listed and resolvable by its full ID; it has no layers.
-    assert!(f.store().images().unwrap().iter().any(|i| i.id.ends_with(&id2) && i.refs.is_empty()));
+    assert!(f
+        .store()
+        .images()
+        .unwrap()
+        .iter()
+        .any(|i| i.id.ends_with(&id2) && i.refs.is_empty()));
     assert!(f.store().resolve(&id2).unwrap().layers.is_empty());
 }
 
@@ -125,10 +150,15 @@ fn corrupt_tag_store_is_named() {
 #[test]
 fn modified_config_fails_its_digest_check() {
     let (f, id) = Fixture::new();
-    let p = f.path().join(format!("image/btrfs/imagedb/content/sha256/{}", &id[7..]));
+    let p = f
+        .path()
+        .join(format!("image/btrfs/imagedb/content/sha256/{}", &id[7..]));
     fs::write(&p, "{}").unwrap();
     let e = err(f.store().resolve("debian"));
-    assert!(e.contains("is corrupt: its sha256 is not the image ID") && e.contains(&id[7..]), "{e}");
+    assert!(
+        e.contains("is corrupt: its sha256 is not the image ID") && e.contains(&id[7..]),
+        "{e}"
+    );
     fs::remove_file(&p).unwrap();
     let e = err(f.store().resolve("debian"));
     assert!(e.contains("cannot read") && e.contains(&id[7..]), "{e}");
@@ -201,7 +231,14 @@ fn podman_fixture(layers_json: &str) -> tempfile::TempDir {
         fs::create_dir_all(p.parent().unwrap()).unwrap();
         fs::write(p, data).unwrap();
     };
-    w("overlay-images/images.json", &format!(r#"[{{"id":"{}","names":["localhost/app:1","docker.io/acc/x:2"],"layer":"{}"}}]"#, hex(0xaa), hex(2)));
+    w(
+        "overlay-images/images.json",
+        &format!(
+            r#"[{{"id":"{}","names":["localhost/app:1","docker.io/acc/x:2"],"layer":"{}"}}]"#,
+            hex(0xaa),
+            hex(2)
+        ),
+    );
     w("overlay-layers/layers.json", layers_json);
     for l in [1u8, 2] {
         fs::create_dir_all(t.path().join(format!("overlay/{}/diff", hex(l)))).unwrap();
@@ -211,20 +248,43 @@ fn podman_fixture(layers_json: &str) -> tempfile::TempDir {
 
 #[test]
 fn podman_stores_resolve_short_names_and_walk_parents() {
-    let t = podman_fixture(&format!(r#"[{{"id":"{}"}},{{"id":"{}","parent":"{}"}}]"#, hex(1), hex(2), hex(1)));
+    let t = podman_fixture(&format!(
+        r#"[{{"id":"{}"}},{{"id":"{}","parent":"{}"}}]"#,
+        hex(1),
+        hex(2),
+        hex(1)
+    ));
     let s = Store::open(t.path()).unwrap();
-    for r in ["app:1", "localhost/app:1", "acc/x:2", "docker.io/acc/x:2", &hex(0xaa)[..8]] {
+    for r in [
+        "app:1",
+        "localhost/app:1",
+        "acc/x:2",
+        "docker.io/acc/x:2",
+        &hex(0xaa)[..8],
+    ] {
         let img = s.resolve(r).unwrap_or_else(|e| panic!("{r}: {e}"));
         assert_eq!(img.id, format!("sha256:{}", hex(0xaa)));
-        assert_eq!(img.layers.iter().map(|l| l.cache_id.clone()).collect::<Vec<_>>(), [hex(2), hex(1)], "topmost first");
+        assert_eq!(
+            img.layers.iter().map(|l| l.cache_id.clone()).collect::<Vec<_>>(),
+            [hex(2), hex(1)],
+            "topmost first"
+        );
     }
     let e = err(s.resolve("app:2"));
-    assert!(e.contains("not in the podman store") && e.contains("closest match: localhost/app:1"), "{e}");
+    assert!(
+        e.contains("not in the podman store") && e.contains("closest match: localhost/app:1"),
+        "{e}"
+    );
 }
 
 #[test]
 fn podman_incomplete_or_malformed_layers_are_refused() {
-    let t = podman_fixture(&format!(r#"[{{"id":"{}"}},{{"id":"{}","parent":"{}","flags":{{"incomplete":true}}}}]"#, hex(1), hex(2), hex(1)));
+    let t = podman_fixture(&format!(
+        r#"[{{"id":"{}"}},{{"id":"{}","parent":"{}","flags":{{"incomplete":true}}}}]"#,
+        hex(1),
+        hex(2),
+        hex(1)
+    ));
     let e = err(Store::open(t.path()).unwrap().resolve("app:1"));
     assert!(e.contains("is incomplete"), "{e}");
     let t = podman_fixture(&format!(r#"[{{"id":"{}","parent":"../../etc"}}]"#, hex(2)));
@@ -241,7 +301,10 @@ fn a_store_file_larger_than_any_real_one_is_a_named_error() {
     let big = t.path().join("repositories.json");
     fs::File::create(&big).unwrap().set_len(65 << 20).unwrap(); // sparse: no disk used
     let e = super::read(&big).unwrap_err().to_string();
-    assert!(e.contains("repositories.json is larger than 64 MiB") && e.contains("fix:"), "{e}");
+    assert!(
+        e.contains("repositories.json is larger than 64 MiB") && e.contains("fix:"),
+        "{e}"
+    );
     fs::write(&big, "{}").unwrap();
     assert_eq!(super::read(&big).unwrap(), b"{}");
 }

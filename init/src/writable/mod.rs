@@ -55,7 +55,9 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) -> Result<()> {
     let n = CString::new(name).map_err(|_| Error::new("NUL in xattr name"))?;
     // SAFETY: NUL-terminated strings; the value is valid for its length.
     let r = unsafe { nix::libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    Errno::result(r).map(drop).map_err(|e| Error::io(&format!("cannot set {name} on"), path, e))
+    Errno::result(r)
+        .map(drop)
+        .map_err(|e| Error::io(&format!("cannot set {name} on"), path, e))
 }
 
 /// The mark on the directory at `path`: `Ok(None)` if it is unmarked (or not a
@@ -68,7 +70,11 @@ fn read_mark(path: &Path, slot: Slot) -> Option<Mark> {
     }
     match crate::lookup::getxattr(path, STATE_XATTR) {
         Some(raw) => Mark::decode(&raw),
-        None if layer_image(path).is_some() => Some(if slot == Slot::New { Mark::Making } else { Mark::Complete(0) }),
+        None if layer_image(path).is_some() => Some(if slot == Slot::New {
+            Mark::Making
+        } else {
+            Mark::Complete(0)
+        }),
         None => None,
     }
 }
@@ -78,7 +84,10 @@ fn read_mark(path: &Path, slot: Slot) -> Option<Mark> {
 /// or a btrfs snapshot of the image's top subvolume `origin`. Nothing of anyone's.
 fn unmarked_leftover(path: &Path, origin: Option<&Path>) -> bool {
     let names = |p: &Path| -> Option<Vec<String>> {
-        let mut v: Vec<String> = fs::read_dir(p).ok()?.map(|e| e.ok().and_then(|e| e.file_name().into_string().ok())).collect::<Option<_>>()?;
+        let mut v: Vec<String> = fs::read_dir(p)
+            .ok()?
+            .map(|e| e.ok().and_then(|e| e.file_name().into_string().ok()))
+            .collect::<Option<_>>()?;
         v.sort();
         Some(v)
     };
@@ -90,14 +99,19 @@ fn unmarked_leftover(path: &Path, origin: Option<&Path>) -> bool {
         Some([a, b])
             if a == "upper"
                 && b == "work"
-                && [a, b].iter().all(|d| fs::symlink_metadata(path.join(d)).is_ok_and(|m| m.is_dir()) && names(&path.join(d)).is_some_and(|n| n.is_empty())) =>
+                && [a, b].iter().all(|d| {
+                    fs::symlink_metadata(path.join(d)).is_ok_and(|m| m.is_dir())
+                        && names(&path.join(d)).is_some_and(|n| n.is_empty())
+                }) =>
         {
             return true
         }
         _ => {}
     }
     match (origin, btrfs::subvolume_uuids(path)) {
-        (Some(origin), Ok((_, parent))) => btrfs::subvolume_uuids(origin).is_ok_and(|(uuid, _)| uuid == parent && parent != [0; 16]),
+        (Some(origin), Ok((_, parent))) => {
+            btrfs::subvolume_uuids(origin).is_ok_and(|(uuid, _)| uuid == parent && parent != [0; 16])
+        }
         _ => false,
     }
 }
@@ -109,7 +123,11 @@ pub fn check_clear_of(name: &str, what: &str, rel: &str) -> Result<()> {
     let first = rel.trim_matches('/').split('/').next().unwrap_or("");
     let clash = first.is_empty() || first == name || first.starts_with(&format!("{name}."));
     if clash {
-        let shown = if first.is_empty() { "the partition's top level".to_string() } else { format!("/{}", rel.trim_matches('/')) };
+        let shown = if first.is_empty() {
+            "the partition's top level".to_string()
+        } else {
+            format!("/{}", rel.trim_matches('/'))
+        };
         return Err(Error::new(format!(
             "the writable layer {name} (layerboot.rw= or rootflags=subvol=) and its generations {name}.new, {name}.prev… would \
              be or hold {what} at {shown}: rotating them would move or delete it. Nothing was changed \
@@ -140,11 +158,20 @@ impl Layers {
     /// from it by a boot cut before it was marked is recognised by that and discarded.
     pub fn open(root: &Path, name: &str, keep: usize, adopt: bool, origin: Option<&Path>) -> Result<Layers> {
         let root_fd = OwnedFd::from(fs::File::open(root).map_err(|e| Error::io("cannot open", root, e))?);
-        let mut layers = Layers { root: root.to_path_buf(), root_fd, name: name.to_string(), keep, state: State::new(), warnings: Vec::new() };
+        let mut layers = Layers {
+            root: root.to_path_buf(),
+            root_fd,
+            name: name.to_string(),
+            keep,
+            state: State::new(),
+            warnings: Vec::new(),
+        };
         let entries = fs::read_dir(root).map_err(|e| Error::io("cannot list", root, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| Error::io("cannot list", root, e))?;
-            let Some(slot) = entry.file_name().to_str().and_then(|f| Slot::parse(name, f)) else { continue };
+            let Some(slot) = entry.file_name().to_str().and_then(|f| Slot::parse(name, f)) else {
+                continue;
+            };
             let path = layers.path(slot);
             match read_mark(&path, slot) {
                 Some(mark) => {
@@ -172,10 +199,17 @@ impl Layers {
 
     /// mkinitcpio-docker-hooks' writable subvolume: kept, renamed out of the rotation.
     fn adopt(&mut self) -> Result<()> {
-        let (from, to) = (self.path(Slot::Current), self.root.join(format!("{}{ADOPTED_SUFFIX}", self.name)));
+        let (from, to) = (
+            self.path(Slot::Current),
+            self.root.join(format!("{}{ADOPTED_SUFFIX}", self.name)),
+        );
         rename_noreplace(&from, &to).map_err(|e| {
-            Error::io(&format!("{} has no layerboot mark and cannot be moved aside to", from.display()), &to, e)
-                .context("(fix: move one of them elsewhere)")
+            Error::io(
+                &format!("{} has no layerboot mark and cannot be moved aside to", from.display()),
+                &to,
+                e,
+            )
+            .context("(fix: move one of them elsewhere)")
         })?;
         self.warn(format!(
             "{} was not made by layerboot (mkinitcpio-docker-hooks' writable layer?): moved aside to {}, kept, never deleted; \
@@ -205,7 +239,8 @@ impl Layers {
 
     /// Flushes the store's filesystem: what is written before is on the disk after.
     pub fn sync(&self) -> Result<()> {
-        crate::mounts::timed_fs(|| nix::unistd::syncfs(self.root_fd.as_raw_fd())).map_err(|e| Error::io("cannot flush", &self.root, e))
+        crate::mounts::timed_fs(|| nix::unistd::syncfs(self.root_fd.as_raw_fd()))
+            .map_err(|e| Error::io("cannot flush", &self.root, e))
     }
 
     /// First thing each boot: finishes or discards what a cut boot left.
@@ -231,7 +266,10 @@ impl Layers {
         let generation = plan::next_generation(&self.state);
         match image.driver {
             Driver::Btrfs => {
-                let top = image.layers.first().ok_or_else(|| Error::new(format!("image {} has no layers to boot", image.id)))?;
+                let top = image
+                    .layers
+                    .first()
+                    .ok_or_else(|| Error::new(format!("image {} has no layers to boot", image.id)))?;
                 btrfs::snapshot(&top.dir, &new)?;
             }
             Driver::Overlay2 | Driver::Vfs => {
@@ -253,7 +291,10 @@ impl Layers {
         if let Some(swap) = steps.next() {
             self.run(swap)?;
             self.sync()?;
-            log::debug!("writable layer swapped in: {} (generation {generation})", self.current().display());
+            log::debug!(
+                "writable layer swapped in: {} (generation {generation})",
+                self.current().display()
+            );
         }
         // Settling the old generations is clean-up: the new layer is in and durable.
         for step in steps {
@@ -276,7 +317,12 @@ impl Layers {
         if e.errno() != Some(Errno::ENOSPC) {
             return Err(e);
         }
-        let old: Vec<Slot> = self.state.keys().copied().filter(|s| matches!(s, Slot::Prev(_) | Slot::Trash(_))).collect();
+        let old: Vec<Slot> = self
+            .state
+            .keys()
+            .copied()
+            .filter(|s| matches!(s, Slot::Prev(_) | Slot::Trash(_)))
+            .collect();
         self.warn(format!(
             "the store's partition is full ({e}): deleted the new layer and {} kept generation(s) of {} to make room, and tried again",
             old.len(),
@@ -323,10 +369,16 @@ impl Layers {
     pub fn refresh_current(&mut self, fill: &mut dyn FnMut(&Path) -> Result<()>) -> Result<()> {
         let current = self.current();
         let Some(generation) = self.state.get(&Slot::Current).and_then(|m| m.generation()) else {
-            return Err(Error::new(format!("{} is not a complete writable layer", current.display())));
+            return Err(Error::new(format!(
+                "{} is not a complete writable layer",
+                current.display()
+            )));
         };
         if self.current_interrupted() {
-            self.warn(format!("copying the top layer into {} again: a power cut interrupted the last copy", current.display()));
+            self.warn(format!(
+                "copying the top layer into {} again: a power cut interrupted the last copy",
+                current.display()
+            ));
         }
         set_xattr(&current, STATE_XATTR, Mark::Refreshing(generation).encode().as_bytes())?;
         self.state.insert(Slot::Current, Mark::Refreshing(generation));
@@ -345,7 +397,10 @@ impl Layers {
             Step::Exchange(a, b) => vec![a, b],
         } {
             if read_mark(&self.path(slot), slot).is_none() {
-                return Err(Error::new(format!("{} lost its layerboot mark: not touching it", self.path(slot).display())));
+                return Err(Error::new(format!(
+                    "{} lost its layerboot mark: not touching it",
+                    self.path(slot).display()
+                )));
             }
         }
         match step {
@@ -360,19 +415,26 @@ impl Layers {
                 // A kept generation that could not be deleted may still hold a `.prev`
                 // slot: then the next free one. Generations, not names, give the order.
                 let b = match b {
-                    Slot::Prev(_) if self.state.contains_key(&b) => {
-                        Slot::Prev(self.state.keys().filter_map(|s| if let Slot::Prev(k) = s { Some(*k) } else { None }).max().unwrap_or(0) + 1)
-                    }
+                    Slot::Prev(_) if self.state.contains_key(&b) => Slot::Prev(
+                        self.state
+                            .keys()
+                            .filter_map(|s| if let Slot::Prev(k) = s { Some(*k) } else { None })
+                            .max()
+                            .unwrap_or(0)
+                            + 1,
+                    ),
                     b => b,
                 };
                 let (pa, pb) = (self.path(a), self.path(b));
-                rename_noreplace(&pa, &pb).map_err(|e| Error::os(format!("cannot rename {} to {}", pa.display(), pb.display()), e))?;
+                rename_noreplace(&pa, &pb)
+                    .map_err(|e| Error::os(format!("cannot rename {} to {}", pa.display(), pb.display()), e))?;
                 plan::apply(&mut self.state, Step::Rename(a, b));
                 Ok(())
             }
             Step::Exchange(a, b) => {
                 let (pa, pb) = (self.path(a), self.path(b));
-                exchange(&pa, &pb).map_err(|e| Error::os(format!("cannot swap in the new writable layer {}", pb.display()), e))?;
+                exchange(&pa, &pb)
+                    .map_err(|e| Error::os(format!("cannot swap in the new writable layer {}", pb.display()), e))?;
                 plan::apply(&mut self.state, step);
                 Ok(())
             }
@@ -390,7 +452,13 @@ impl Layers {
         if matches!(slot, Slot::Trash(_)) {
             return Err(e.context("an old writable layer could not be deleted again; it stays until you delete it"));
         }
-        let k = self.state.keys().filter_map(|s| if let Slot::Trash(k) = s { Some(*k) } else { None }).max().unwrap_or(0) + 1;
+        let k = self
+            .state
+            .keys()
+            .filter_map(|s| if let Slot::Trash(k) = s { Some(*k) } else { None })
+            .max()
+            .unwrap_or(0)
+            + 1;
         let trash = self.path(Slot::Trash(k));
         let moved = rename_noreplace(&path, &trash);
         if moved.is_ok() {
@@ -400,7 +468,11 @@ impl Layers {
         Err(e.context(format!(
             "could not delete old writable layer {}{}",
             path.display(),
-            if moved.is_ok() { format!(" (moved to {}; each boot tries again)", trash.display()) } else { String::new() }
+            if moved.is_ok() {
+                format!(" (moved to {}; each boot tries again)", trash.display())
+            } else {
+                String::new()
+            }
         )))
     }
 }
@@ -412,7 +484,11 @@ fn remove_layer(path: &Path) -> Result<()> {
         Err(e) => Err(Error::io("cannot stat", path, e)),
         Ok(_) if is_subvolume(path) => btrfs::delete(path),
         Ok(md) if md.is_dir() => fs::remove_dir_all(path).map_err(|e| Error::io("cannot remove", path, e)),
-        Ok(md) => Err(Error::new(format!("{} is not a directory (mode {:o}): not removing it", path.display(), md.mode()))),
+        Ok(md) => Err(Error::new(format!(
+            "{} is not a directory (mode {:o}): not removing it",
+            path.display(),
+            md.mode()
+        ))),
     }
 }
 

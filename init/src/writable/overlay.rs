@@ -11,7 +11,11 @@ use crate::store::Image;
 /// that mount(2) accepts.
 pub fn overlay_data(image: &Image, driver_home: &Path, upper: &Path, work: &Path) -> Result<String> {
     // btrfs, vfs: the top layer is the whole tree, the only lower.
-    let layers = if image.driver.top_is_whole_tree() { &image.layers[..image.layers.len().min(1)] } else { &image.layers[..] };
+    let layers = if image.driver.top_is_whole_tree() {
+        &image.layers[..image.layers.len().min(1)]
+    } else {
+        &image.layers[..]
+    };
     let lowers: Vec<String> = layers
         .iter()
         .map(|l| match &l.link {
@@ -24,7 +28,12 @@ pub fn overlay_data(image: &Image, driver_home: &Path, upper: &Path, work: &Path
     if lowers.is_empty() {
         return Err(Error::new(format!("image {} has no layers to boot", image.id)));
     }
-    let data = format!("lowerdir={},upperdir={},workdir={},index=off", lowers.join(":"), upper.display(), work.display());
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={},index=off",
+        lowers.join(":"),
+        upper.display(),
+        work.display()
+    );
     let page = 4096;
     if data.len() >= page {
         return Err(Error::new(format!(

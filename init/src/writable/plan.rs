@@ -140,7 +140,11 @@ pub fn displaced(state: &State) -> bool {
 /// booted (half-made, or complete but cut before its swap), and puts one that an exchange
 /// displaced where the interrupted rotation would have put it.
 pub fn recover(state: &State, keep: usize) -> Vec<Step> {
-    let mut steps: Vec<Step> = state.keys().filter(|s| matches!(s, Slot::Trash(_))).map(|&s| Step::Remove(s)).collect();
+    let mut steps: Vec<Step> = state
+        .keys()
+        .filter(|s| matches!(s, Slot::Trash(_)))
+        .map(|&s| Step::Remove(s))
+        .collect();
     if state.contains_key(&Slot::New) {
         if displaced(state) {
             let mut after = state.clone();
@@ -156,7 +160,11 @@ pub fn recover(state: &State, keep: usize) -> Vec<Step> {
 /// After the complete `NAME.new` is synced: it becomes `NAME` (one atomic exchange when
 /// there is an old one), then [`settle`].
 pub fn install(state: &State, keep: usize) -> Vec<Step> {
-    let first = if state.contains_key(&Slot::Current) { Step::Exchange(Slot::New, Slot::Current) } else { Step::Rename(Slot::New, Slot::Current) };
+    let first = if state.contains_key(&Slot::Current) {
+        Step::Exchange(Slot::New, Slot::Current)
+    } else {
+        Step::Rename(Slot::New, Slot::Current)
+    };
     let mut after = state.clone();
     apply(&mut after, first);
     let mut steps = vec![first];
@@ -175,16 +183,24 @@ pub fn settle(state: &State, keep: usize) -> Vec<Step> {
     };
     let has_new = s.contains_key(&Slot::New);
     // Newest first; a generation-less (half-made) one counts as oldest.
-    let mut prevs: Vec<(Slot, Option<u64>)> =
-        s.iter().filter(|(k, _)| matches!(k, Slot::Prev(_))).map(|(&k, m)| (k, m.generation())).collect();
+    let mut prevs: Vec<(Slot, Option<u64>)> = s
+        .iter()
+        .filter(|(k, _)| matches!(k, Slot::Prev(_)))
+        .map(|(&k, m)| (k, m.generation()))
+        .collect();
     prevs.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let room = if has_new { keep.saturating_sub(1) } else { keep };
     for &(slot, _) in prevs.iter().skip(room).rev() {
         push(&mut s, Step::Remove(slot));
     }
     let first = if has_new { 2 } else { 1 };
-    let mut moves: Vec<(Slot, Slot)> =
-        prevs.iter().take(room).enumerate().map(|(i, &(slot, _))| (slot, Slot::Prev(first + i))).filter(|(a, b)| a != b).collect();
+    let mut moves: Vec<(Slot, Slot)> = prevs
+        .iter()
+        .take(room)
+        .enumerate()
+        .map(|(i, &(slot, _))| (slot, Slot::Prev(first + i)))
+        .filter(|(a, b)| a != b)
+        .collect();
     while !moves.is_empty() {
         match moves.iter().position(|(_, to)| !s.contains_key(to)) {
             Some(i) => {
@@ -193,7 +209,12 @@ pub fn settle(state: &State, keep: usize) -> Vec<Step> {
             }
             None => {
                 // Every target is taken by another that must move: park one past the end.
-                let free = s.keys().filter_map(|k| if let Slot::Prev(k) = k { Some(*k) } else { None }).max().unwrap_or(0) + 1;
+                let free = s
+                    .keys()
+                    .filter_map(|k| if let Slot::Prev(k) = k { Some(*k) } else { None })
+                    .max()
+                    .unwrap_or(0)
+                    + 1;
                 let from = moves[0].0;
                 push(&mut s, Step::Rename(from, Slot::Prev(free)));
                 moves[0].0 = Slot::Prev(free);
@@ -201,7 +222,14 @@ pub fn settle(state: &State, keep: usize) -> Vec<Step> {
         }
     }
     if has_new {
-        push(&mut s, if keep == 0 { Step::Remove(Slot::New) } else { Step::Rename(Slot::New, Slot::Prev(1)) });
+        push(
+            &mut s,
+            if keep == 0 {
+                Step::Remove(Slot::New)
+            } else {
+                Step::Rename(Slot::New, Slot::Prev(1))
+            },
+        );
     }
     steps
 }
@@ -213,10 +241,27 @@ mod tests {
 
     #[test]
     fn slot_names_round_trip_and_nothing_else_matches() {
-        for slot in [Slot::Current, Slot::New, Slot::Prev(1), Slot::Prev(2), Slot::Prev(12), Slot::Trash(3)] {
+        for slot in [
+            Slot::Current,
+            Slot::New,
+            Slot::Prev(1),
+            Slot::Prev(2),
+            Slot::Prev(12),
+            Slot::Trash(3),
+        ] {
             assert_eq!(Slot::parse("rw", &slot.file_name("rw")), Some(slot));
         }
-        for other in ["rw.prev.1", "rw.prev.0", "rw.prev.02", "rw.new.x", "rw.pre-layerboot", "rwx", "rw.", "rw.trash.0", "x.rw"] {
+        for other in [
+            "rw.prev.1",
+            "rw.prev.0",
+            "rw.prev.02",
+            "rw.new.x",
+            "rw.pre-layerboot",
+            "rwx",
+            "rw.",
+            "rw.trash.0",
+            "x.rw",
+        ] {
             assert_eq!(Slot::parse("rw", other), None, "{other}");
         }
         for m in [Mark::Making, Mark::Complete(7), Mark::Refreshing(9)] {
@@ -271,7 +316,11 @@ mod tests {
     }
 
     fn gens(state: &State, f: impl Fn(&Slot) -> bool) -> Vec<u64> {
-        let mut v: Vec<u64> = state.iter().filter(|(k, _)| f(k)).filter_map(|(_, m)| m.generation()).collect();
+        let mut v: Vec<u64> = state
+            .iter()
+            .filter(|(k, _)| f(k))
+            .filter_map(|(_, m)| m.generation())
+            .collect();
         v.sort_unstable_by(|a, b| b.cmp(a));
         v
     }
@@ -320,11 +369,28 @@ mod tests {
 
     #[test]
     fn a_cut_between_the_exchange_and_the_rename_is_finished_not_discarded() {
-        let mut state = State::from([(Slot::Current, Mark::Complete(5)), (Slot::New, Mark::Complete(4)), (Slot::Prev(1), Mark::Complete(3))]);
+        let mut state = State::from([
+            (Slot::Current, Mark::Complete(5)),
+            (Slot::New, Mark::Complete(4)),
+            (Slot::Prev(1), Mark::Complete(3)),
+        ]);
         let steps = recover(&state, 2);
-        assert_eq!(steps, vec![Step::Rename(Slot::Prev(1), Slot::Prev(2)), Step::Rename(Slot::New, Slot::Prev(1))]);
+        assert_eq!(
+            steps,
+            vec![
+                Step::Rename(Slot::Prev(1), Slot::Prev(2)),
+                Step::Rename(Slot::New, Slot::Prev(1))
+            ]
+        );
         steps.into_iter().for_each(|s| apply(&mut state, s));
-        assert_eq!(state, State::from([(Slot::Current, Mark::Complete(5)), (Slot::Prev(1), Mark::Complete(4)), (Slot::Prev(2), Mark::Complete(3))]));
+        assert_eq!(
+            state,
+            State::from([
+                (Slot::Current, Mark::Complete(5)),
+                (Slot::Prev(1), Mark::Complete(4)),
+                (Slot::Prev(2), Mark::Complete(3))
+            ])
+        );
         // A half-made one, or a complete one that was never swapped in, is discarded.
         for m in [Mark::Making, Mark::Complete(6)] {
             let state = State::from([(Slot::Current, Mark::Complete(5)), (Slot::New, m)]);

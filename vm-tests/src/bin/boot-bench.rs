@@ -32,7 +32,11 @@ fn exported_tree(dir: &Path) -> PathBuf {
     let tree = dir.join("rootfs");
     if !tree.join("etc/os-release").exists() {
         fs::create_dir_all(&tree).unwrap();
-        run(Command::new("tar").arg("-xf").arg(fixtures().join("export-latest.tar")).arg("-C").arg(&tree));
+        run(Command::new("tar")
+            .arg("-xf")
+            .arg(fixtures().join("export-latest.tar"))
+            .arg("-C")
+            .arg(&tree));
     }
     // `docker export` adds the container's /.dockerenv, not the image's: with it, systemd
     // would believe it runs in a container (and log to the console, not through the kernel).
@@ -47,8 +51,14 @@ fn exported_root(fs_type: &str, dir: &Path) -> PathBuf {
     let _ = fs::remove_file(&img);
     fs::File::create(&img).unwrap().set_len(3 << 30).unwrap();
     match fs_type {
-        "ext4" => run(Command::new("mkfs.ext4").args(["-q", "-L", "bench-root", "-d"]).arg(&tree).arg(&img)),
-        _ => run(Command::new("mkfs.btrfs").args(["-q", "-L", "bench-root", "--rootdir"]).arg(&tree).arg(&img)),
+        "ext4" => run(Command::new("mkfs.ext4")
+            .args(["-q", "-L", "bench-root", "-d"])
+            .arg(&tree)
+            .arg(&img)),
+        _ => run(Command::new("mkfs.btrfs")
+            .args(["-q", "-L", "bench-root", "--rootdir"])
+            .arg(&tree)
+            .arg(&img)),
     };
     img
 }
@@ -61,11 +71,23 @@ fn exported_root(fs_type: &str, dir: &Path) -> PathBuf {
 fn minimal_initramfs(fs_type: &str, modules_dir: &Path, dir: &Path) -> PathBuf {
     let roots: &[&str] = match fs_type {
         "ext4" => &["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"],
-        _ => &["virtio_pci", "virtio_blk", "crc32c_generic", "xxhash_generic", "blake2b_generic", "btrfs"],
+        _ => &[
+            "virtio_pci",
+            "virtio_blk",
+            "crc32c_generic",
+            "xxhash_generic",
+            "blake2b_generic",
+            "btrfs",
+        ],
     };
     let index = ModuleIndex::load(modules_dir).unwrap();
     let wanted: Vec<String> = roots.iter().map(|r| r.to_string()).collect();
-    let order: Vec<Step> = index.load_order(&wanted).unwrap().into_iter().filter(|s| !s.optional).collect();
+    let order: Vec<Step> = index
+        .load_order(&wanted)
+        .unwrap()
+        .into_iter()
+        .filter(|s| !s.optional)
+        .collect();
     let names: Vec<String> = order.iter().map(|s| format!("lib/modules/{}.ko", s.name)).collect();
     let mut entries = vec![
         ("dev", 0o040755, (0, 0), Vec::new()),
@@ -73,23 +95,55 @@ fn minimal_initramfs(fs_type: &str, modules_dir: &Path, dir: &Path) -> PathBuf {
         ("dev/kmsg", 0o020600, (1, 11), Vec::new()),
         ("init", 0o100755, (0, 0), helper_binary("minimal-init")),
         ("fstype", 0o100644, (0, 0), fs_type.as_bytes().to_vec()),
-        ("modules", 0o100644, (0, 0), order.iter().map(|s| format!("{}\n", s.name)).collect::<String>().into_bytes()),
+        (
+            "modules",
+            0o100644,
+            (0, 0),
+            order
+                .iter()
+                .map(|s| format!("{}\n", s.name))
+                .collect::<String>()
+                .into_bytes(),
+        ),
         ("lib", 0o040755, (0, 0), Vec::new()),
         ("lib/modules", 0o040755, (0, 0), Vec::new()),
     ];
     for (name, step) in names.iter().zip(&order) {
-        entries.push((name.as_str(), 0o100644, (0, 0), fs::read(modules_dir.join(&step.path)).unwrap()));
+        entries.push((
+            name.as_str(),
+            0o100644,
+            (0, 0),
+            fs::read(modules_dir.join(&step.path)).unwrap(),
+        ));
     }
     let img = dir.join(format!("minimal-{fs_type}.img"));
     fs::write(&img, newc_archive(entries)).unwrap();
     img
 }
 
-fn boot_until(disk: &Path, kernel: &Path, initrd: &Path, cmdline: &str, log: PathBuf, marker: &str, qemu_args: &[&str]) -> f64 {
-    let boot = Boot { kernel: kernel.to_path_buf(), kernel_version: String::new(), initramfs: initrd.to_path_buf() };
+fn boot_until(
+    disk: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    cmdline: &str,
+    log: PathBuf,
+    marker: &str,
+    qemu_args: &[&str],
+) -> f64 {
+    let boot = Boot {
+        kernel: kernel.to_path_buf(),
+        kernel_version: String::new(),
+        initramfs: initrd.to_path_buf(),
+    };
     // systemd logs through the kernel, so its first line carries the kernel's timestamp.
     let cmdline = format!("{cmdline} systemd.log_target=kmsg");
-    let q = Qemu { boot: &boot, timeout: Duration::from_secs(600), snapshot: true, qemu_args: qemu_args.to_vec(), ..Qemu::new(vec![disk.to_path_buf()], cmdline, log.clone()) };
+    let q = Qemu {
+        boot: &boot,
+        timeout: Duration::from_secs(600),
+        snapshot: true,
+        qemu_args: qemu_args.to_vec(),
+        ..Qemu::new(vec![disk.to_path_buf()], cmdline, log.clone())
+    };
     kernel_time_until(&q, marker).unwrap_or_else(|| panic!("no {marker:?} on the console ({})", log.display()))
 }
 
@@ -97,9 +151,18 @@ fn boot_until(disk: &Path, kernel: &Path, initrd: &Path, cmdline: &str, log: Pat
 /// code" (the rest is the kernel serving its system calls), as (N, M).
 fn own_work_ms(log: &Path) -> (f64, f64) {
     let text = fs::read_to_string(log).unwrap();
-    let (_, rest) = text.split_once("init's own work ").unwrap_or_else(|| panic!("no timing line in {}", log.display()));
-    let number = |s: &str| s.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no number in {s:?}"));
-    let (_, user) = rest.split_once(" ms CPU, ").unwrap_or_else(|| panic!("no user time in {}", log.display()));
+    let (_, rest) = text
+        .split_once("init's own work ")
+        .unwrap_or_else(|| panic!("no timing line in {}", log.display()));
+    let number = |s: &str| {
+        s.split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no number in {s:?}"))
+    };
+    let (_, user) = rest
+        .split_once(" ms CPU, ")
+        .unwrap_or_else(|| panic!("no user time in {}", log.display()));
     (number(rest), number(user))
 }
 
@@ -117,10 +180,19 @@ fn main() {
     // The image's own initramfs-tools initramfs, as Debian built it inside the image.
     let itools_initrd = exported_tree(&dir).join(format!("boot/initrd.img-{}", demo.kernel_version));
     assert!(itools_initrd.exists(), "the image has no {}", itools_initrd.display());
-    let stores = [("overlay2", "ext4", "lb-overlay", 8.0), ("btrfs", "btrfs", "lb-btrfs", 4.0)];
-    let roots: Vec<PathBuf> = stores.iter().map(|(_, fs_type, _, _)| exported_root(fs_type, &dir)).collect();
+    let stores = [
+        ("overlay2", "ext4", "lb-overlay", 8.0),
+        ("btrfs", "btrfs", "lb-btrfs", 4.0),
+    ];
+    let roots: Vec<PathBuf> = stores
+        .iter()
+        .map(|(_, fs_type, _, _)| exported_root(fs_type, &dir))
+        .collect();
     let modules_dir = exported_tree(&dir).join("lib/modules").join(&demo.kernel_version);
-    let minimal: Vec<PathBuf> = stores.iter().map(|(_, fs_type, _, _)| minimal_initramfs(fs_type, &modules_dir, &dir)).collect();
+    let minimal: Vec<PathBuf> = stores
+        .iter()
+        .map(|(_, fs_type, _, _)| minimal_initramfs(fs_type, &modules_dir, &dir))
+        .collect();
 
     // A round: one boot of each kind, the kernel's clock when the image's init started:
     // the floor, then per store [initramfs-tools, minimal, layerboot].
@@ -133,9 +205,33 @@ fn main() {
                 let log = |kind: &str| dir.join(format!("{kind}-{driver}-{tag}.log"));
                 let store = fixtures().join(format!("{driver}.img"));
                 [
-                    boot_until(&roots[i], &demo.kernel, &itools_initrd, "root=LABEL=bench-root ro", log("itools"), INIT_STARTED, qemu_args),
-                    boot_until(&roots[i], &demo.kernel, &minimal[i], "ro", log("minimal"), INIT_STARTED, qemu_args),
-                    boot_until(&store, &demo.kernel, &demo.initramfs, &format!("root=LABEL={label}"), log("layerboot"), INIT_STARTED, qemu_args),
+                    boot_until(
+                        &roots[i],
+                        &demo.kernel,
+                        &itools_initrd,
+                        "root=LABEL=bench-root ro",
+                        log("itools"),
+                        INIT_STARTED,
+                        qemu_args,
+                    ),
+                    boot_until(
+                        &roots[i],
+                        &demo.kernel,
+                        &minimal[i],
+                        "ro",
+                        log("minimal"),
+                        INIT_STARTED,
+                        qemu_args,
+                    ),
+                    boot_until(
+                        &store,
+                        &demo.kernel,
+                        &demo.initramfs,
+                        &format!("root=LABEL={label}"),
+                        log("layerboot"),
+                        INIT_STARTED,
+                        qemu_args,
+                    ),
                 ]
             })
             .collect();
@@ -159,13 +255,23 @@ fn main() {
         demo.kernel_version,
         accel()
     );
-    print_table(&format!("{boots} boots each, medians, spread = max - min"), &stores, &rounds);
+    print_table(
+        &format!("{boots} boots each, medians, spread = max - min"),
+        &stores,
+        &rounds,
+    );
     if let Some(icount) = icount {
-        print_table("-icount shift=0 (guest instructions as time; one boot each)", &stores, &[icount]);
+        print_table(
+            "-icount shift=0 (guest instructions as time; one boot each)",
+            &stores,
+            &[icount],
+        );
     }
     // /init's own CPU time, from its timing line: under TCG (noisy: it includes
     // translating code that runs once), and in instructions under -icount.
-    let (own, user): (Vec<f64>, Vec<f64>) = (0..boots).map(|r| own_work_ms(&dir.join(format!("layerboot-overlay2-{r}.log")))).unzip();
+    let (own, user): (Vec<f64>, Vec<f64>) = (0..boots)
+        .map(|r| own_work_ms(&dir.join(format!("layerboot-overlay2-{r}.log"))))
+        .unzip();
     let kernel: Vec<f64> = own.iter().zip(&user).map(|(o, u)| o - u).collect();
     let ((own, own_spread), (user, _), (kernel, _)) = (summary(&own), summary(&user), summary(&kernel));
     let instructions = (accel() == "tcg").then(|| own_work_ms(&dir.join("layerboot-overlay2-icount.log")).0);
@@ -182,15 +288,38 @@ fn main() {
 fn print_table(title: &str, stores: &[(&str, &str, &str, f64)], rounds: &[(f64, Vec<[f64; 3]>)]) {
     let (floor, floor_spread) = summary(&rounds.iter().map(|r| r.0).collect::<Vec<_>>());
     println!("{title}:");
-    println!("{:<10} {:<24} {:>9} {:>8} {:>15}", "store", "boot", "init at", "spread", "over the floor");
-    println!("{:<10} {:<24} {:>8.2}s {:>7.2}s {:>15}", "-", "floor", floor, floor_spread, "-");
+    println!(
+        "{:<10} {:<24} {:>9} {:>8} {:>15}",
+        "store", "boot", "init at", "spread", "over the floor"
+    );
+    println!(
+        "{:<10} {:<24} {:>8.2}s {:>7.2}s {:>15}",
+        "-", "floor", floor, floor_spread, "-"
+    );
     for (i, (driver, fs_type, _, goal)) in stores.iter().enumerate() {
         let kind = |k: usize| summary(&rounds.iter().map(|r| r.1[i][k]).collect::<Vec<_>>());
         let ((it, it_spread), (min, min_spread), (lb, lb_spread)) = (kind(0), kind(1), kind(2));
         let (it_over, min_over, lb_over) = (it - floor, min - floor, lb - floor);
-        println!("{:<10} {:<24} {:>8.2}s {:>7.2}s {:>14.2}s", driver, format!("initramfs-tools ({fs_type})"), it, it_spread, it_over);
-        println!("{:<10} {:<24} {:>8.2}s {:>7.2}s {:>14.2}s", driver, format!("minimal ({fs_type})"), min, min_spread, min_over);
-        println!("{:<10} {:<24} {:>8.2}s {:>7.2}s {:>14.2}s", driver, "layerboot", lb, lb_spread, lb_over);
+        println!(
+            "{:<10} {:<24} {:>8.2}s {:>7.2}s {:>14.2}s",
+            driver,
+            format!("initramfs-tools ({fs_type})"),
+            it,
+            it_spread,
+            it_over
+        );
+        println!(
+            "{:<10} {:<24} {:>8.2}s {:>7.2}s {:>14.2}s",
+            driver,
+            format!("minimal ({fs_type})"),
+            min,
+            min_spread,
+            min_over
+        );
+        println!(
+            "{:<10} {:<24} {:>8.2}s {:>7.2}s {:>14.2}s",
+            driver, "layerboot", lb, lb_spread, lb_over
+        );
         let ratio = lb_over / it_over;
         let least = min_over / it_over;
         println!(

@@ -27,7 +27,13 @@ fn fail(what: &str) -> ! {
 }
 
 fn main() {
-    if let Err(e) = mount(Some("devtmpfs"), "/dev", Some("devtmpfs"), MsFlags::empty(), None::<&str>) {
+    if let Err(e) = mount(
+        Some("devtmpfs"),
+        "/dev",
+        Some("devtmpfs"),
+        MsFlags::empty(),
+        None::<&str>,
+    ) {
         fail(&format!("cannot mount /dev: {e}"));
     }
     let modules = fs::read_to_string("/modules").unwrap_or_else(|e| fail(&format!("cannot read /modules: {e}")));
@@ -48,7 +54,13 @@ fn main() {
     }
     let fstype = fs::read_to_string("/fstype").unwrap_or_else(|e| fail(&format!("cannot read /fstype: {e}")));
     let _ = fs::create_dir("/root");
-    if let Err(e) = mount(Some("/dev/vda"), "/root", Some(fstype.trim()), MsFlags::MS_RDONLY, None::<&str>) {
+    if let Err(e) = mount(
+        Some("/dev/vda"),
+        "/root",
+        Some(fstype.trim()),
+        MsFlags::MS_RDONLY,
+        None::<&str>,
+    ) {
         fail(&format!("cannot mount /dev/vda ({}): {e}", fstype.trim()));
     }
     // switch_root without deleting the initramfs (that would only add time).
