@@ -7,7 +7,7 @@
 //! checksum, so after a crash it could follow a torn meta page. This reader never
 //! looks at the freelist, picks the newest meta page whose FNV-1a checksum holds, and
 //! checks every offset against the file before it reads. Format: bbolt's
-//! `internal/common/{page,meta,bucket}.go`; notes in shared/docs/image-stores.md, B.5.
+//! `internal/common/{page,meta,bucket}.go`; notes in docs/image-stores.md, section "The bbolt reader".
 //!
 //! The file is read whole into memory (containerd's databases are a few MiB) and never
 //! locked or written, so a store mounted read-only, or one an engine has open, reads fine.

@@ -4,7 +4,7 @@
 //! Nothing here writes: the store belongs to the engine. Every ID read from disk is
 //! checked to be 64 lowercase hex before it becomes a path, and every missing or corrupt
 //! file is reported by name with what was expected. Format notes with sources:
-//! shared/docs/image-stores.md, section A.
+//! docs/image-stores.md, section "Docker's graphdriver store".
 
 use std::collections::BTreeMap;
 use std::fs;

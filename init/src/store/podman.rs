@@ -4,7 +4,7 @@
 //! layer's changes in `overlay/<id>/diff` in overlay whiteout format, as Docker's overlay2
 //! does; btrfs keeps each layer as a snapshot holding the whole tree in
 //! `btrfs/subvolumes/<id>`, vfs as a full copy in `vfs/dir/<id>`.
-//! Format notes: shared/docs/image-stores.md, section C.
+//! Format notes: docs/image-stores.md, section "podman's containers-storage".
 
 use std::path::{Path, PathBuf};
 
