@@ -8,7 +8,7 @@
 //! numeric `id` and `parent` chain → `snapshots/<id>/fs` (overlayfs, one diff each, whiteouts
 //! as 0:0 devices as overlay2 has them) or `snapshots/<id>` (btrfs, the whole tree).
 //! Every blob is checked against its digest before it is parsed. Format notes with
-//! sources: shared/docs/image-stores.md, section B.
+//! sources: docs/image-stores.md, sections "containerd's store" and "The bbolt reader".
 
 use std::path::{Path, PathBuf};
 
@@ -450,6 +450,19 @@ fn snapshot(all: &Bucket<'_>, key: &str, db: &Path) -> Result<Snapshot> {
 
 /// The records of one namespace that `reference` names: a name (normalised as Docker
 /// does), a digest reference, or an ID / unique ID prefix.
+/// Whether the image record `name` (`domain/path:tag` or `…@digest`) is in repository
+/// `repo` (`domain/path`). The tag is what follows the last `/`'s `:`, so a registry's
+/// port (`localhost:5000/x`) is part of the repository.
+fn same_repository(name: &str, repo: &str) -> bool {
+    let without_digest = name.split('@').next().unwrap_or(name);
+    let last_slash = without_digest.rfind('/').map_or(0, |i| i + 1);
+    let without_tag = match without_digest[last_slash..].find(':') {
+        Some(colon) => &without_digest[..last_slash + colon],
+        None => without_digest,
+    };
+    without_tag == repo
+}
+
 fn matching<'a>(reference: &str, records: Vec<&'a Record>) -> Result<Vec<&'a Record>> {
     if let Ok(r) = Reference::parse(reference) {
         let full = r.full_string();
@@ -461,7 +474,7 @@ fn matching<'a>(reference: &str, records: Vec<&'a Record>) -> Result<Vec<&'a Rec
             let hits: Vec<&Record> = records
                 .iter()
                 .copied()
-                .filter(|rec| &rec.digest == d && rec.name.split([':', '@']).next() == Some(repo.as_str()))
+                .filter(|rec| &rec.digest == d && same_repository(&rec.name, &repo))
                 .collect();
             if !hits.is_empty() {
                 return Ok(hits);
@@ -490,4 +503,25 @@ fn matching<'a>(reference: &str, records: Vec<&'a Record>) -> Result<Vec<&'a Rec
         )));
     }
     Ok(hits)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_registry_port_is_part_of_the_repository() {
+        assert!(super::same_repository("localhost:5000/x/y:1", "localhost:5000/x/y"));
+        assert!(super::same_repository(
+            "docker.io/library/demo:latest",
+            "docker.io/library/demo"
+        ));
+        assert!(super::same_repository(
+            "docker.io/library/demo@sha256:ab",
+            "docker.io/library/demo"
+        ));
+        assert!(!super::same_repository("localhost:5000/x/y:1", "localhost"));
+        assert!(!super::same_repository(
+            "docker.io/library/demo2:1",
+            "docker.io/library/demo"
+        ));
+    }
 }
