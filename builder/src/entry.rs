@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use argh::FromArgs;
 
 use crate::image::write_atomically;
+use layerboot_init::settings::arg;
 
 #[derive(FromArgs)]
 #[argh(subcommand, name = "entry")]
@@ -74,7 +75,7 @@ impl std::str::FromStr for Loader {
 
 /// The kernel command line for one image.
 fn options(a: &Args, image: &str) -> Result<String, String> {
-    let mut o = vec![format!("root={}", a.root), "rw".to_string()];
+    let mut o = vec![format!("{}={}", arg::ROOT, a.root), "rw".to_string()];
     let mut push = |k: &str, v: &Option<String>| -> Result<(), String> {
         if let Some(v) = v {
             if v.contains(char::is_whitespace) || v.contains('"') {
@@ -87,12 +88,12 @@ fn options(a: &Args, image: &str) -> Result<String, String> {
         }
         Ok(())
     };
-    push("rootflags", &a.rootflags)?;
-    push("docker_path", &a.docker_path)?;
-    push("docker_image", &Some(image.to_string()))?;
-    push("toplayer", &a.toplayer)?;
-    push("toplayer_path", &a.toplayer_path)?;
-    push("toplayerflags", &a.toplayerflags)?;
+    push(arg::ROOT_FLAGS, &a.rootflags)?;
+    push(arg::DOCKER_PATH, &a.docker_path)?;
+    push(arg::DOCKER_IMAGE, &Some(image.to_string()))?;
+    push(arg::TOPLAYER, &a.toplayer)?;
+    push(arg::TOPLAYER_PATH, &a.toplayer_path)?;
+    push(arg::TOPLAYER_FLAGS, &a.toplayerflags)?;
     if let Some(extra) = &a.options {
         o.push(extra.clone());
     }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use argh::FromArgs;
-use layerboot_init::settings::{Config, DEFAULT_DOCKER_PATH};
+use layerboot_init::settings::{arg, Config, DEFAULT_DOCKER_PATH, DEFAULT_INIT};
 
 use crate::archive::{compress, Compression, Tree};
 use crate::image::{write_atomically, SourceImage};
@@ -84,7 +84,7 @@ pub fn run(args: Args) -> Result<(), String> {
     };
     let kernel = src.kernel(args.kver.as_deref(), |k| k.modules)?;
     let kver = kernel.version.clone();
-    let image_init = args.image_init.clone().unwrap_or_else(|| "/sbin/init".to_string());
+    let image_init = args.image_init.clone().unwrap_or_else(|| DEFAULT_INIT.to_string());
     if args.store.is_some()
         && src
             .view
@@ -191,9 +191,9 @@ fn config_json(args: &Args, kver: &str, image_init: &str) -> String {
             defaults.insert(k.to_string(), v.clone());
         }
     };
-    set("docker_image", &args.image);
+    set(arg::DOCKER_IMAGE, &args.image);
     set(
-        "docker_path",
+        arg::DOCKER_PATH,
         &Some(
             args.docker_path
                 .clone()
@@ -202,13 +202,13 @@ fn config_json(args: &Args, kver: &str, image_init: &str) -> String {
                 .to_string(),
         ),
     );
-    set("layerboot.rw", &args.rw_name);
-    set("layerboot.namespace", &args.namespace);
-    set("root", &args.root);
-    set("toplayer", &args.toplayer);
-    set("toplayer_path", &args.toplayer_path);
-    if image_init != "/sbin/init" {
-        defaults.insert("init".into(), image_init.to_string());
+    set(arg::RW, &args.rw_name);
+    set(arg::NAMESPACE, &args.namespace);
+    set(arg::ROOT, &args.root);
+    set(arg::TOPLAYER, &args.toplayer);
+    set(arg::TOPLAYER_PATH, &args.toplayer_path);
+    if image_init != DEFAULT_INIT {
+        defaults.insert(arg::INIT.into(), image_init.to_string());
     }
     let config = Config {
         kernel: Some(kver.to_string()),

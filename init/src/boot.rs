@@ -18,7 +18,7 @@ use crate::error::{Context, Error, Result};
 use crate::kmod::ModuleIndex;
 use crate::mounts::{mount, unmount};
 use crate::probe::{scan, BlockDevice};
-use crate::settings::{parse_cmdline, Config, DeviceSpec, Settings, CONFIG_PATH};
+use crate::settings::{arg, parse_cmdline, Config, DeviceSpec, Settings, CONFIG_PATH};
 use crate::store::{Driver, Image, Store};
 use crate::writable::{check_clear_of, overlay_data, Layers};
 
@@ -139,7 +139,7 @@ impl Boot {
         hw.load(&forced)
             .context("loading the modules named by layerboot.modules=")?;
 
-        let root = hw.wait_for("root", &settings.root, settings.timeout)?;
+        let root = hw.wait_for(arg::ROOT, &settings.root, settings.timeout)?;
         self.stage("root device", &root.describe());
         self.mark("root device found");
         let fstype = settings
@@ -332,7 +332,7 @@ impl Boot {
         let base = if root.matches(spec) {
             PathBuf::from(STORE_MOUNT)
         } else {
-            let dev = hw.wait_for("toplayer", spec, s.timeout)?;
+            let dev = hw.wait_for(arg::TOPLAYER, spec, s.timeout)?;
             let fstype = s
                 .toplayer_fstype
                 .clone()

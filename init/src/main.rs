@@ -8,7 +8,7 @@
 
 use layerboot_init::boot::Boot;
 use layerboot_init::console;
-use layerboot_init::settings::{DEFAULT_RESCUE_TIMEOUT_S, MAX_WAIT_S};
+use layerboot_init::settings::{arg, DEFAULT_RESCUE_TIMEOUT_S, MAX_WAIT_S};
 use std::time::Duration;
 
 #[global_allocator]
@@ -49,7 +49,7 @@ fn main() {
     std::panic::set_hook(Box::new(move |info| {
         let cmdline = layerboot_init::boot::cmdline();
         let wait = raw_rescue_timeout(&cmdline).unwrap_or(default_wait);
-        let shell = cmdline.get("layerboot.rescue").is_some_and(|v| v == "shell");
+        let shell = cmdline.get(arg::RESCUE).is_some_and(|v| v == "shell");
         console::fail(&format!("internal error: {info}"), wait, shell)
     }));
     let mut boot = Boot::new();
@@ -66,7 +66,7 @@ fn main() {
         .map(|s| s.rescue_timeout)
         .or(raw_wait)
         .unwrap_or(default_wait);
-    let shell = cmdline.get("layerboot.rescue").is_some_and(|v| v == "shell");
+    let shell = cmdline.get(arg::RESCUE).is_some_and(|v| v == "shell");
     console::fail(err.message(), wait, shell)
 }
 
@@ -74,7 +74,7 @@ fn main() {
 /// settings bound it: an unbounded value would overflow the deadline, a panic in PID 1.
 fn raw_rescue_timeout(cmdline: &std::collections::BTreeMap<String, String>) -> Option<Duration> {
     cmdline
-        .get("layerboot.rescue_timeout")
+        .get(arg::RESCUE_TIMEOUT)
         .and_then(|v| v.parse::<u64>().ok())
         .map(|s| Duration::from_secs(s.min(MAX_WAIT_S)))
 }

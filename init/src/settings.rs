@@ -10,6 +10,31 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 pub const CONFIG_PATH: &str = "/etc/layerboot.json";
+
+/// The kernel arguments layerboot reads, by name: the one spelling that `/init`, the
+/// builder's baked-in defaults and its boot entries all use.
+pub mod arg {
+    pub const ROOT: &str = "root";
+    pub const ROOT_FSTYPE: &str = "rootfstype";
+    pub const ROOT_FLAGS: &str = "rootflags";
+    pub const DOCKER_PATH: &str = "docker_path";
+    pub const DOCKER_IMAGE: &str = "docker_image";
+    pub const TOPLAYER: &str = "toplayer";
+    pub const TOPLAYER_FSTYPE: &str = "toplayerfstype";
+    pub const TOPLAYER_FLAGS: &str = "toplayerflags";
+    pub const TOPLAYER_PATH: &str = "toplayer_path";
+    pub const INIT: &str = "init";
+    pub const RW: &str = "layerboot.rw";
+    pub const KEEP: &str = "layerboot.keep";
+    pub const MODE: &str = "layerboot.mode";
+    pub const UPPER: &str = "layerboot.upper";
+    pub const NAMESPACE: &str = "layerboot.namespace";
+    pub const MODULES: &str = "layerboot.modules";
+    pub const TIMEOUT: &str = "layerboot.timeout";
+    pub const RESCUE_TIMEOUT: &str = "layerboot.rescue_timeout";
+    pub const RESCUE: &str = "layerboot.rescue";
+    pub const DEBUG: &str = "layerboot.debug";
+}
 pub const DEFAULT_DOCKER_PATH: &str = "var/lib/docker";
 pub const DEFAULT_RW_NAME: &str = "layerboot-rw";
 pub const DEFAULT_INIT: &str = "/sbin/init";
@@ -162,21 +187,21 @@ impl Settings {
         let nonempty = |k: &str| get(k).filter(|v| !v.is_empty());
 
         let root = DeviceSpec::parse(
-            "root",
-            nonempty("root").ok_or_else(|| {
+            arg::ROOT,
+            nonempty(arg::ROOT).ok_or_else(|| {
                 Error::new("no root= on the kernel command line: add root=LABEL=… (or UUID=, PARTUUID=, /dev/…) naming the partition that holds the image store")
             })?,
         )?;
         let mut root_flags = Vec::new();
         let mut rw_subvol = None;
-        for flag in get("rootflags").unwrap_or("").split(',').filter(|f| !f.is_empty()) {
+        for flag in get(arg::ROOT_FLAGS).unwrap_or("").split(',').filter(|f| !f.is_empty()) {
             match flag.strip_prefix("subvol=") {
                 Some(name) => rw_subvol = Some(name.trim_start_matches('/').to_string()),
                 None => root_flags.push(flag.to_string()),
             }
         }
-        let rw_adopt = nonempty("layerboot.rw").is_none() && rw_subvol.is_some();
-        let rw_name = nonempty("layerboot.rw")
+        let rw_adopt = nonempty(arg::RW).is_none() && rw_subvol.is_some();
+        let rw_name = nonempty(arg::RW)
             .map(str::to_string)
             .or(rw_subvol)
             .unwrap_or_else(|| DEFAULT_RW_NAME.to_string());
@@ -191,7 +216,7 @@ impl Settings {
                  (letters, digits and . _ @ + -, not starting with '.'), e.g. layerboot-rw"
             )));
         }
-        let docker_path = get("docker_path")
+        let docker_path = get(arg::DOCKER_PATH)
             .unwrap_or(DEFAULT_DOCKER_PATH)
             .trim_matches('/')
             .to_string();
@@ -200,19 +225,19 @@ impl Settings {
                 "docker_path={docker_path} must stay inside the root partition (no '..')"
             )));
         }
-        let image = nonempty("docker_image").map(str::to_string).ok_or_else(|| {
+        let image = nonempty(arg::DOCKER_IMAGE).map(str::to_string).ok_or_else(|| {
             Error::new("no image to boot: add docker_image=NAME:TAG to the kernel command line, or build the initramfs with `layerboot initramfs --image NAME:TAG`")
         })?;
-        let toplayer = nonempty("toplayer")
-            .map(|v| DeviceSpec::parse("toplayer", v))
+        let toplayer = nonempty(arg::TOPLAYER)
+            .map(|v| DeviceSpec::parse(arg::TOPLAYER, v))
             .transpose()?;
-        let toplayer_flags = get("toplayerflags")
+        let toplayer_flags = get(arg::TOPLAYER_FLAGS)
             .unwrap_or("")
             .split(',')
             .filter(|f| !f.is_empty())
             .map(str::to_string)
             .collect();
-        let toplayer_path = get("toplayer_path").unwrap_or("/").to_string();
+        let toplayer_path = get(arg::TOPLAYER_PATH).unwrap_or("/").to_string();
         if toplayer_path.split('/').any(|c| c == "..") {
             return Err(Error::new(format!(
                 "toplayer_path={toplayer_path} must stay inside the top-layer device (no '..')"
@@ -230,18 +255,15 @@ impl Settings {
                 },
             }
         };
-        let timeout = match (
-            cmdline.contains_key("rootwait"),
-            cmdline.contains_key("layerboot.timeout"),
-        ) {
+        let timeout = match (cmdline.contains_key("rootwait"), cmdline.contains_key(arg::TIMEOUT)) {
             (true, false) => None,
             _ => Some(Duration::from_secs(number(
-                "layerboot.timeout",
+                arg::TIMEOUT,
                 DEFAULT_TIMEOUT_S,
                 MAX_WAIT_S,
             )?)),
         };
-        let init = nonempty("init").unwrap_or(DEFAULT_INIT).to_string();
+        let init = nonempty(arg::INIT).unwrap_or(DEFAULT_INIT).to_string();
         if !init.starts_with('/') {
             return Err(Error::new(format!(
                 "init={init} must be an absolute path inside the image, e.g. /sbin/init"
@@ -249,27 +271,23 @@ impl Settings {
         }
         Ok(Settings {
             root,
-            root_fstype: nonempty("rootfstype").map(str::to_string),
+            root_fstype: nonempty(arg::ROOT_FSTYPE).map(str::to_string),
             root_flags,
             read_only: cmdline.contains_key("ro") && !cmdline.contains_key("rw"),
             docker_path,
             image,
             toplayer,
-            toplayer_fstype: nonempty("toplayerfstype").map(str::to_string),
+            toplayer_fstype: nonempty(arg::TOPLAYER_FSTYPE).map(str::to_string),
             toplayer_flags,
             toplayer_path,
             init,
             rw_name,
             rw_adopt,
             timeout,
-            rescue_timeout: Duration::from_secs(number(
-                "layerboot.rescue_timeout",
-                DEFAULT_RESCUE_TIMEOUT_S,
-                MAX_WAIT_S,
-            )?),
-            debug: cmdline.contains_key("layerboot.debug") || cmdline.contains_key("rd.debug"),
-            keep: number("layerboot.keep", 1, MAX_KEEP)? as usize,
-            mode_keep: match nonempty("layerboot.mode") {
+            rescue_timeout: Duration::from_secs(number(arg::RESCUE_TIMEOUT, DEFAULT_RESCUE_TIMEOUT_S, MAX_WAIT_S)?),
+            debug: cmdline.contains_key(arg::DEBUG) || cmdline.contains_key("rd.debug"),
+            keep: number(arg::KEEP, 1, MAX_KEEP)? as usize,
+            mode_keep: match nonempty(arg::MODE) {
                 None | Some("fresh") => false,
                 Some("keep") => true,
                 Some(v) => {
@@ -278,7 +296,7 @@ impl Settings {
                     )))
                 }
             },
-            upper_tmpfs: match nonempty("layerboot.upper") {
+            upper_tmpfs: match nonempty(arg::UPPER) {
                 None | Some("disk") => false,
                 Some("tmpfs") => true,
                 Some(v) => {
@@ -287,13 +305,13 @@ impl Settings {
                     )))
                 }
             },
-            modules: get("layerboot.modules")
+            modules: get(arg::MODULES)
                 .unwrap_or("")
                 .split(',')
                 .filter(|m| !m.is_empty())
                 .map(str::to_string)
                 .collect(),
-            namespace: nonempty("layerboot.namespace").map(str::to_string),
+            namespace: nonempty(arg::NAMESPACE).map(str::to_string),
         })
     }
 }
