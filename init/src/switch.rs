@@ -1,4 +1,5 @@
-//! switch_root, following systemd's src/shared/switch-root.c: move the API filesystems
+//! The hand-over to the image: its init checked first (a missing one would panic the
+//! kernel after the switch), then switch_root, following systemd's src/shared/switch-root.c: move the API filesystems
 //! into the new root, empty the initramfs (never crossing a mount), move the new root
 //! onto `/`, chroot, and exec the image's init.
 
@@ -8,6 +9,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use nix::errno::Errno;
 use nix::sys::statfs::{statfs, FsType, TMPFS_MAGIC};
 use nix::unistd::{chdir, chroot, execve};
 
@@ -74,5 +76,80 @@ fn remove_children(dir: &Path, dev: u64, keep: &Path) {
         } else {
             let _ = fs::remove_file(&p);
         }
+    }
+}
+
+/// The image's init must exist and be executable, or the switch would panic the kernel.
+pub fn check_init(new_root: &Path, init: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let found = match resolve_in_root(new_root, init) {
+        Ok(found) => found,
+        // Kernels before 5.6 (only in --mount-root under an old distro kernel): resolve
+        // the links ourselves.
+        Err(Errno::ENOSYS) => crate::lookup::MergedView::from_dirs(vec![new_root.to_path_buf()]).lookup_follow(init)?.map(|e| e.metadata),
+        Err(e) => {
+            return Err(Error::new(format!(
+                "cannot look up {init} in the image: {e} (fix: check the image's links on the way to {init}, or set init= to its real path)"
+            )))
+        }
+    };
+    match found {
+        Some(md) if md.is_file() && md.permissions().mode() & 0o111 != 0 => Ok(()),
+        Some(_) => Err(Error::new(format!(
+            "{init} in the image is not an executable file (fix: init= another program)"
+        ))),
+        None => Err(Error::new(format!(
+            "the image has no {init} (fix: install an init system in the image, e.g. systemd-sysv, or set init=)"
+        ))),
+    }
+}
+
+/// What `path` is inside `root`, its symlinks followed as if `root` were `/`: one
+/// openat2(RESOLVE_IN_ROOT), the kernel's own resolution, as the exec after the switch sees it.
+fn resolve_in_root(root: &Path, path: &str) -> std::result::Result<Option<fs::Metadata>, Errno> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let dir = fs::File::open(root).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT);
+    match openat2(dir.as_raw_fd(), path, how) {
+        // SAFETY: openat2 returned a new descriptor that nothing else owns.
+        Ok(fd) => Ok(fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }).metadata().ok()),
+        Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_images_init_is_found_through_its_links_inside_the_new_root_only() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        // Debian's merged /usr: /sbin -> usr/sbin, /sbin/init -> /lib/systemd/systemd, /lib -> usr/lib.
+        fs::create_dir_all(root.join("usr/sbin")).unwrap();
+        fs::create_dir_all(root.join("usr/lib/systemd")).unwrap();
+        symlink("usr/sbin", root.join("sbin")).unwrap();
+        symlink("usr/lib", root.join("lib")).unwrap();
+        symlink("/lib/systemd/systemd", root.join("usr/sbin/init")).unwrap();
+        fs::write(root.join("usr/lib/systemd/systemd"), "").unwrap();
+        fs::set_permissions(root.join("usr/lib/systemd/systemd"), fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(check_init(&root, "/sbin/init").is_ok());
+        // An absolute link is the image's path, never the host's (/bin/sh exists here).
+        symlink("/bin/sh", root.join("usr/sbin/sh-link")).unwrap();
+        let e = check_init(&root, "/sbin/sh-link").unwrap_err().to_string();
+        assert!(e.contains("the image has no /sbin/sh-link"), "{e}");
+        // A link loop: the kernel gives up (ELOOP), and the message says what to fix.
+        symlink("loop-b", root.join("usr/sbin/loop-a")).unwrap();
+        symlink("loop-a", root.join("usr/sbin/loop-b")).unwrap();
+        let e = check_init(&root, "/sbin/loop-a").unwrap_err().to_string();
+        assert!(e.contains("cannot look up /sbin/loop-a") && e.contains("fix: "), "{e}");
+        fs::write(root.join("usr/sbin/plain"), "").unwrap();
+        let e = check_init(&root, "/usr/sbin/plain").unwrap_err().to_string();
+        assert!(e.contains("not an executable file"), "{e}");
     }
 }

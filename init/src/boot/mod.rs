@@ -1,0 +1,293 @@
+//! The boot sequence of `/init`, start to switch_root, as the README tells it:
+//!
+//! 1. [`Boot::read_settings`]: the API filesystems, the command line over
+//!    `/etc/layerboot.json`;
+//! 2. [`Boot::find_store_device`]: drivers for what is on the buses, the root device;
+//! 3. [`Boot::open_store`]: the store's partition mounted, the image found in it;
+//! 4. [`Boot::make_writable_root`] (`root.rs`): a fresh writable root with the top layer;
+//! 5. [`Boot::hand_over`]: the way back for shutdown, booted.json, the image's init
+//!    checked; then [`crate::switch`].
+//!
+//! Each step is a method named for what it does; any failure comes back as an [`Error`]
+//! that `main` shows on the console.
+
+mod devices;
+mod modules;
+mod root;
+mod timeline;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use sys_mount::MountFlags;
+
+use crate::error::{Context, Error, Result};
+use crate::mounts::mount;
+use crate::probe::BlockDevice;
+use crate::settings::{arg, parse_cmdline, Config, Settings, CONFIG_PATH};
+use crate::store::{Driver, Image, Store};
+pub use devices::Hardware;
+pub use modules::{check_kernel, KernelModules};
+use root::Source;
+use timeline::Timeline;
+
+pub const STORE_MOUNT: &str = "/run/layerboot/store";
+pub const NEW_ROOT: &str = "/sysroot";
+
+/// One boot; `settings` is kept for `main` to report failures.
+pub struct Boot {
+    timeline: Timeline,
+    pub settings: Option<Settings>,
+    /// Where the new root is mounted.
+    new_root: PathBuf,
+    /// Run by another initramfs (initramfs-tools, dracut, mkinitcpio), which mounted
+    /// /dev, /proc, /sys and /run and will switch root itself.
+    hosted: bool,
+    /// What went wrong without stopping the boot, for the console and booted.json.
+    warnings: std::cell::RefCell<Vec<String>>,
+}
+
+/// The partition that holds the store, and what filesystem it is.
+struct StoreDevice {
+    device: BlockDevice,
+    fstype: String,
+}
+
+impl Boot {
+    /// As the initramfs's `/init`: makes the root at /sysroot and switches to it.
+    pub fn new() -> Boot {
+        Boot {
+            timeline: Timeline::start(),
+            settings: None,
+            new_root: PathBuf::from(NEW_ROOT),
+            hosted: false,
+            warnings: Default::default(),
+        }
+    }
+
+    /// Inside another initramfs: makes the root at `target` and returns (`--mount-root`).
+    pub fn hosted(target: &Path) -> Boot {
+        Boot {
+            new_root: target.to_path_buf(),
+            hosted: true,
+            ..Boot::new()
+        }
+    }
+
+    /// A problem that does not stop the boot: on the console now, in booted.json later.
+    fn warn(&self, msg: &str) {
+        crate::console::say(&format!("layerboot: warning: {msg}"));
+        self.warnings.borrow_mut().push(msg.to_string());
+    }
+
+    /// Runs the whole sequence; returns only on failure (success execs the image's init).
+    pub fn run(&mut self) -> Result<std::convert::Infallible> {
+        let settings = self.mount_root()?;
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let env: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
+        crate::switch::switch_root(&self.new_root, &settings.init, &args, &env)
+    }
+
+    /// Everything up to the switch: the image's fresh writable root, with the top layer,
+    /// mounted at the new root and its init checked.
+    pub fn mount_root(&mut self) -> Result<Settings> {
+        let (settings, config) = self.read_settings()?;
+        self.settings = Some(settings.clone());
+        let mut hw = Hardware::new(&config)?;
+        self.timeline.mark("module index read");
+        let forced: Vec<String> = config.modules.iter().chain(&settings.modules).cloned().collect();
+        hw.load(&forced)
+            .context("loading the modules named by layerboot.modules=")?;
+        let store_device = self.find_store_device(&settings, &mut hw)?;
+        let (store, image) = self.open_store(&settings, &store_device, &mut hw)?;
+        let src = Source {
+            settings: &settings,
+            device: &store_device.device,
+            store: &store,
+            image: &image,
+        };
+        let toplayer = self.find_toplayer(&src, &mut hw)?;
+        self.timeline.mark("top layer found");
+        self.make_writable_root(&src, toplayer.as_deref(), &mut hw)?;
+        self.timeline.mark("new root mounted");
+        self.hand_over(&src)?;
+        let booted = format!("{} from {}", settings.image, image.id.get(7..19).unwrap_or(&image.id));
+        // Under another initramfs (--mount-root), that one switches.
+        let next = if self.hosted { "root ready for" } else { "switching to" };
+        self.timeline.report(&booted, next, &settings.init, hw.kernel_time);
+        Ok(settings)
+    }
+
+    /// Step 1: the API filesystems (unless hosted), logging, the settings.
+    fn read_settings(&self) -> Result<(Settings, Config)> {
+        if !self.hosted {
+            mount_api_filesystems()?;
+        }
+        crate::console::init_logging(false);
+        let text =
+            fs::read_to_string("/proc/cmdline").map_err(|e| Error::io("cannot read", Path::new("/proc/cmdline"), e))?;
+        let config = read_config()?;
+        let settings = Settings::resolve(&parse_cmdline(&text), &config)?;
+        if settings.debug {
+            crate::console::init_logging(true);
+        }
+        self.timeline.stage("started", "command line and config read");
+        self.timeline.mark("settings read");
+        let _ = fs::write("/proc/sys/kernel/printk_devkmsg", "on\n"); // our stage timings must not be dropped
+        Ok((settings, config))
+    }
+
+    /// Step 2: waits for `root=` and tells its filesystem.
+    fn find_store_device(&self, settings: &Settings, hw: &mut Hardware) -> Result<StoreDevice> {
+        let device = hw.wait_for(arg::ROOT, &settings.root, settings.timeout)?;
+        self.timeline.stage("root device", &device.describe());
+        self.timeline.mark("root device found");
+        let fstype = settings
+            .root_fstype
+            .clone()
+            .or(device.probe.fstype.map(str::to_string))
+            .ok_or_else(|| {
+                Error::new(format!(
+                    "cannot tell which filesystem {} holds (fix: add rootfstype=btrfs, ext4, …)",
+                    device.node.display()
+                ))
+            })?;
+        hw.ensure_filesystem(&fstype)?;
+        Ok(StoreDevice { device, fstype })
+    }
+
+    /// Step 3: mounts the store's partition at its top level and finds the image in it.
+    fn open_store(&self, settings: &Settings, dev: &StoreDevice, hw: &mut Hardware) -> Result<(Store, Image)> {
+        // With the upper on tmpfs the store partition is only read.
+        let flags = if settings.upper_tmpfs {
+            MountFlags::RDONLY
+        } else {
+            MountFlags::empty()
+        };
+        let options = store_options(&dev.fstype, &settings.root_flags);
+        mount(&dev.device.node, Path::new(STORE_MOUNT), &dev.fstype, flags, &options)
+            .context("mounting the image store partition (root=)")?;
+        self.timeline.mark("store partition mounted");
+        let store = Store::open(Path::new(STORE_MOUNT).join(&settings.docker_path))
+            .context("reading the image store (docker_path=)")?
+            .with_namespace(settings.namespace.clone());
+        let image = store
+            .resolve(&settings.image)
+            .context("finding the image to boot (docker_image=)")?;
+        let found = format!(
+            "{} is {} ({} layers, {})",
+            settings.image,
+            image.id,
+            image.layers.len(),
+            image.driver.name()
+        );
+        self.timeline.stage("image", &found);
+        self.timeline.mark("image resolved");
+        match image.driver {
+            Driver::Btrfs if dev.fstype != "btrfs" => {
+                return Err(Error::new(format!(
+                    "the store uses the btrfs driver but {} is {}",
+                    dev.device.node.display(),
+                    dev.fstype
+                )))
+            }
+            Driver::Btrfs => {}
+            Driver::Overlay2 | Driver::Vfs => hw.ensure_filesystem("overlay")?,
+        }
+        Ok((store, image))
+    }
+
+    /// Step 5: what the booted system and its shutdown get from us, and the image's init
+    /// checked (a missing one would panic the kernel after the switch).
+    fn hand_over(&self, src: &Source) -> Result<()> {
+        // Our own switch: leave the way back for a clean unmount at shutdown.
+        if !self.hosted {
+            if let Err(e) = crate::shutdown::prepare(Path::new("/init")) {
+                self.warn(&format!(
+                    "{e}: the store's filesystem will not be unmounted cleanly at shutdown"
+                ));
+            }
+        }
+        write_boot_record(src, &self.warnings.borrow());
+        self.timeline.mark("boot record written");
+        crate::switch::check_init(&self.new_root, &src.settings.init)?;
+        self.timeline.mark("init checked");
+        Ok(())
+    }
+}
+
+impl Default for Boot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn mount_api_filesystems() -> Result<()> {
+    let nosuid_nodev = MountFlags::NOSUID | MountFlags::NODEV;
+    for (src, target, fstype, flags, data) in [
+        ("devtmpfs", "/dev", "devtmpfs", MountFlags::NOSUID, "mode=0755"),
+        ("proc", "/proc", "proc", nosuid_nodev | MountFlags::NOEXEC, ""),
+        ("sysfs", "/sys", "sysfs", nosuid_nodev | MountFlags::NOEXEC, ""),
+        ("tmpfs", "/run", "tmpfs", nosuid_nodev, "mode=0755"),
+    ] {
+        // Already mounted (the kernel may mount devtmpfs itself): fine.
+        if let Err(e) = mount(Path::new(src), Path::new(target), fstype, flags, data) {
+            if e.errno() != Some(Errno::EBUSY) {
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_config() -> Result<Config> {
+    match fs::read_to_string(CONFIG_PATH) {
+        Ok(text) => Config::parse(&text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+        Err(e) => Err(Error::io("cannot read", Path::new(CONFIG_PATH), e)),
+    }
+}
+
+/// btrfs: mount the top level (subvolid=5), where `docker_path` and the writable layers
+/// live, unless the user named a subvolume id.
+fn store_options(fstype: &str, flags: &[String]) -> String {
+    let mut opts: Vec<String> = flags.to_vec();
+    if fstype == "btrfs" && !opts.iter().any(|o| o.starts_with("subvolid=")) {
+        opts.push("subvolid=5".to_string());
+    }
+    opts.join(",")
+}
+
+/// `/run/layerboot/booted.json`: which image and layer this boot came from, for the booted
+/// system, with every warning of the boot.
+fn write_boot_record(src: &Source, warnings: &[String]) {
+    let (s, store, image) = (src.settings, src.store, src.image);
+    let record = serde_json::json!({
+        "image": s.image, "id": image.id, "driver": image.driver, "layer": s.rw_name,
+        "store": store.root(), "engine": store.engine(), "namespace": image.namespace,
+        "warnings": warnings,
+    });
+    let _ = fs::write("/run/layerboot/booted.json", format!("{record}\n"));
+}
+
+/// For `main`'s failure message: the kernel command line as a map.
+pub fn cmdline() -> BTreeMap<String, String> {
+    parse_cmdline(&fs::read_to_string("/proc/cmdline").unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn btrfs_store_is_mounted_at_its_top_level() {
+        assert_eq!(
+            store_options("btrfs", &["compress=zstd".into()]),
+            "compress=zstd,subvolid=5"
+        );
+        assert_eq!(store_options("btrfs", &["subvolid=256".into()]), "subvolid=256");
+        assert_eq!(store_options("ext4", &[]), "");
+    }
+}
