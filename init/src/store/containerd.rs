@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{edit_distance, read, Driver, Image, ImageEntry, Layer, Store};
+use super::{edit_distance, read, Backend, Driver, Image, ImageEntry, Layer};
 use crate::bolt::{uvarint, Bucket, Db};
 use crate::digest::{chain_ids, sha256_hex, sha256_of};
 use crate::error::{Error, Result};
@@ -87,7 +87,85 @@ fn utf8(v: &[u8]) -> String {
     String::from_utf8_lossy(v).into_owned()
 }
 
-impl Store {
+reader!(Containerd);
+
+impl Backend for Containerd<'_> {
+    fn driver_home(&self) -> PathBuf {
+        overlayfs_home(&self.root)
+    }
+
+    fn images(&self) -> Result<Vec<ImageEntry>> {
+        let db = self.meta_db()?;
+        let mut out: Vec<ImageEntry> = Vec::new();
+        for r in self.records(&db)? {
+            match out
+                .iter_mut()
+                .find(|e| e.id == r.digest && e.namespace.as_deref() == Some(&r.namespace))
+            {
+                Some(e) => e.refs.push(r.name),
+                None => out.push(ImageEntry {
+                    id: r.digest,
+                    refs: vec![r.name],
+                    namespace: Some(r.namespace),
+                }),
+            }
+        }
+        out.sort_by(|a, b| (&a.namespace, &a.refs).cmp(&(&b.namespace, &b.refs)));
+        Ok(out)
+    }
+
+    /// Resolves `reference` as Docker does in containerd mode (a normalised name, a
+    /// digest ref, an ID or unique ID prefix), searching the namespaces in order: the one
+    /// given, else `moby`, then `default`, then any other, where a match in two is an error.
+    fn resolve(&self, reference: &str) -> Result<Image> {
+        let db = self.meta_db()?;
+        let records = self.records(&db)?;
+        let matches = |ns: &str| -> Result<Vec<&Record>> {
+            matching(reference, records.iter().filter(|r| r.namespace == ns).collect())
+        };
+        let mut namespaces: Vec<&str> = records.iter().map(|r| r.namespace.as_str()).collect();
+        namespaces.sort();
+        namespaces.dedup();
+        let (mut preferred, rest): (Vec<&str>, Vec<&str>) =
+            namespaces.into_iter().partition(|n| PREFERRED_NAMESPACES.contains(n));
+        preferred.sort_by_key(|n| PREFERRED_NAMESPACES.iter().position(|p| p == n));
+        for ns in &preferred {
+            if let Some(r) = matches(ns)?.first() {
+                return self.image(&db, r, &records);
+            }
+        }
+        let mut found: Vec<&Record> = Vec::new();
+        for ns in rest {
+            found.extend(matches(ns)?.first());
+        }
+        match found.as_slice() {
+            [one] => self.image(&db, one, &records),
+            [] => Err(self.not_found(reference, &records)),
+            many => Err(Error::new(format!(
+                "image '{reference}' is in several containerd namespaces of {}: {} \
+                 (fix: pick one with layerboot.namespace= at boot, --namespace for layerboot)",
+                self.root.display(),
+                many.iter()
+                    .map(|r| format!("{} ({})", r.namespace, r.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    /// Loads an entry of [`Store::images`] by its ID in its namespace.
+    fn load(&self, entry: &ImageEntry) -> Result<Image> {
+        let db = self.meta_db()?;
+        let records = self.records(&db)?;
+        let r = records
+            .iter()
+            .find(|r| r.digest == entry.id && r.namespace.as_str() == entry.namespace.as_deref().unwrap_or_default())
+            .ok_or_else(|| Error::new(format!("image {} is no longer in {}", entry.id, self.root.display())))?;
+        self.image(&db, r, &records)
+    }
+}
+
+impl Containerd<'_> {
     fn meta_db(&self) -> Result<Db> {
         Db::open(&self.root.join(META_DB))
     }
@@ -131,77 +209,7 @@ impl Store {
         Ok(out)
     }
 
-    pub(super) fn containerd_images(&self) -> Result<Vec<ImageEntry>> {
-        let db = self.meta_db()?;
-        let mut out: Vec<ImageEntry> = Vec::new();
-        for r in self.records(&db)? {
-            match out
-                .iter_mut()
-                .find(|e| e.id == r.digest && e.namespace.as_deref() == Some(&r.namespace))
-            {
-                Some(e) => e.refs.push(r.name),
-                None => out.push(ImageEntry {
-                    id: r.digest,
-                    refs: vec![r.name],
-                    namespace: Some(r.namespace),
-                }),
-            }
-        }
-        out.sort_by(|a, b| (&a.namespace, &a.refs).cmp(&(&b.namespace, &b.refs)));
-        Ok(out)
-    }
-
-    /// Resolves `reference` as Docker does in containerd mode (a normalised name, a
-    /// digest ref, an ID or unique ID prefix), searching the namespaces in order: the one
-    /// given, else `moby`, then `default`, then any other, where a match in two is an error.
-    pub(super) fn containerd_resolve(&self, reference: &str) -> Result<Image> {
-        let db = self.meta_db()?;
-        let records = self.records(&db)?;
-        let matches = |ns: &str| -> Result<Vec<&Record>> {
-            matching(reference, records.iter().filter(|r| r.namespace == ns).collect())
-        };
-        let mut namespaces: Vec<&str> = records.iter().map(|r| r.namespace.as_str()).collect();
-        namespaces.sort();
-        namespaces.dedup();
-        let (mut preferred, rest): (Vec<&str>, Vec<&str>) =
-            namespaces.into_iter().partition(|n| PREFERRED_NAMESPACES.contains(n));
-        preferred.sort_by_key(|n| PREFERRED_NAMESPACES.iter().position(|p| p == n));
-        for ns in &preferred {
-            if let Some(r) = matches(ns)?.first() {
-                return self.containerd_image(&db, r, &records);
-            }
-        }
-        let mut found: Vec<&Record> = Vec::new();
-        for ns in rest {
-            found.extend(matches(ns)?.first());
-        }
-        match found.as_slice() {
-            [one] => self.containerd_image(&db, one, &records),
-            [] => Err(self.containerd_not_found(reference, &records)),
-            many => Err(Error::new(format!(
-                "image '{reference}' is in several containerd namespaces of {}: {} \
-                 (fix: pick one with layerboot.namespace= at boot, --namespace for layerboot)",
-                self.root.display(),
-                many.iter()
-                    .map(|r| format!("{} ({})", r.namespace, r.name))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))),
-        }
-    }
-
-    /// Loads an entry of [`Store::images`] by its ID in its namespace.
-    pub(super) fn containerd_load(&self, entry: &ImageEntry) -> Result<Image> {
-        let db = self.meta_db()?;
-        let records = self.records(&db)?;
-        let r = records
-            .iter()
-            .find(|r| r.digest == entry.id && r.namespace.as_str() == entry.namespace.as_deref().unwrap_or_default())
-            .ok_or_else(|| Error::new(format!("image {} is no longer in {}", entry.id, self.root.display())))?;
-        self.containerd_image(&db, r, &records)
-    }
-
-    fn containerd_not_found(&self, reference: &str, records: &[Record]) -> Error {
+    fn not_found(&self, reference: &str, records: &[Record]) -> Error {
         let wanted = Reference::parse(reference)
             .map(|r| r.full_string())
             .unwrap_or_else(|_| reference.to_string());
@@ -313,7 +321,7 @@ impl Store {
         )))
     }
 
-    fn containerd_image(&self, db: &Db, record: &Record, records: &[Record]) -> Result<Image> {
+    fn image(&self, db: &Db, record: &Record, records: &[Record]) -> Result<Image> {
         let (config_digest, config) = self.config_of(record)?;
         let diff_ids = super::diff_ids(&config, Path::new(&config_digest))?;
         let chains = chain_ids(&diff_ids);

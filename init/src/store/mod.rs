@@ -1,20 +1,18 @@
-//! Offline reader for Docker's graphdriver image store (`/var/lib/docker`, btrfs and
-//! overlay2 drivers): image reference → image ID → config → layer stack on disk.
+//! Offline readers of container engines' image stores: image reference → image ID →
+//! config → layer stack on disk. This file detects which engine wrote a data root and
+//! holds what they share ([`Image`], [`Layer`], bounded reads); each engine is a peer
+//! behind [`Backend`]: `docker.rs` (Docker's graphdriver store), `podman.rs`
+//! (containers-storage), `containerd.rs`. Format notes: docs/image-stores.md.
 //!
 //! Nothing here writes: the store belongs to the engine. Every ID read from disk is
 //! checked to be 64 lowercase hex before it becomes a path, and every missing or corrupt
-//! file is reported by name with what was expected. Format notes with sources:
-//! docs/image-stores.md, section "Docker's graphdriver store".
+//! file is reported by name with what was expected.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-
-use crate::digest::{chain_ids, is_hex64, sha256_hex, sha256_of};
+use crate::digest::sha256_hex;
 use crate::error::{Error, Result};
-use crate::reference::Reference;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -83,14 +81,6 @@ pub struct ImageEntry {
 }
 
 /// The tag store's content: familiar name → familiar ref string → image ID.
-type Repos = BTreeMap<String, BTreeMap<String, String>>;
-
-#[derive(Deserialize)]
-struct Repositories {
-    #[serde(rename = "Repositories", default)]
-    repositories: BTreeMap<String, BTreeMap<String, String>>,
-}
-
 /// Which engine wrote the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -232,250 +222,63 @@ impl Store {
     /// The directory the driver keeps its layers in: overlay lower dirs are named
     /// relative to it (`l/<link>`).
     pub fn driver_home(&self) -> PathBuf {
-        match self.engine {
-            Engine::Docker => self.root.join(self.driver.name()),
-            Engine::Podman => self.root.join(podman::data_dir(self.driver)),
-            Engine::Containerd => containerd::overlayfs_home(&self.root),
-        }
+        self.backend().driver_home()
     }
 
     pub fn driver(&self) -> Driver {
         self.driver
     }
 
-    fn image_dir(&self) -> PathBuf {
-        self.root.join("image").join(self.driver.name())
-    }
-
-    /// The tag store: familiar name → familiar ref string → image ID.
-    fn repositories(&self) -> Result<Repos> {
-        let path = self.image_dir().join("repositories.json");
-        let data = read(&path)?;
-        let repos: Repositories = serde_json::from_slice(&data).map_err(|e| {
-            Error::new(format!(
-                "{} is corrupt: {e} (expected {{\"Repositories\": {{name: {{ref: image ID}}}}}})",
-                path.display()
-            ))
-        })?;
-        Ok(repos.repositories)
-    }
-
     /// Every image in the store, tagged ones and untagged ones, sorted by first ref.
     pub fn images(&self) -> Result<Vec<ImageEntry>> {
-        match self.engine {
-            Engine::Podman => return self.podman_images(),
-            Engine::Containerd => return self.containerd_images(),
-            Engine::Docker => {}
-        }
-        let mut by_id: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (_, refs) in self.repositories()? {
-            for (r, id) in refs {
-                by_id.entry(id).or_default().push(r);
-            }
-        }
-        for hex in self.image_ids()? {
-            by_id.entry(format!("sha256:{hex}")).or_default();
-        }
-        let mut out: Vec<ImageEntry> = by_id
-            .into_iter()
-            .map(|(id, refs)| ImageEntry {
-                id,
-                refs,
-                namespace: None,
-            })
-            .collect();
-        out.sort_by(|a, b| (a.refs.is_empty(), &a.refs).cmp(&(b.refs.is_empty(), &b.refs)));
-        Ok(out)
+        self.backend().images()
     }
 
-    /// IDs (hex) of every config in the image DB; names that are not IDs are skipped.
-    fn image_ids(&self) -> Result<Vec<String>> {
-        let dir = self.image_dir().join("imagedb/content/sha256");
-        let entries = fs::read_dir(&dir).map_err(|e| Error::io("cannot list image configs in", &dir, e))?;
-        let mut ids: Vec<String> = entries
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| is_hex64(n))
-            .collect();
-        ids.sort();
-        Ok(ids)
-    }
-
-    /// Resolves a reference as `docker run` would: a tag or digest ref first, then an
-    /// image ID or unique ID prefix.
+    /// Resolves a reference as the engine's own CLI would: a tag or digest ref first,
+    /// then an image ID or unique ID prefix.
     pub fn resolve(&self, reference: &str) -> Result<Image> {
-        match self.engine {
-            Engine::Podman => return self.podman_resolve(reference),
-            Engine::Containerd => return self.containerd_resolve(reference),
-            Engine::Docker => {}
-        }
-        let repos = self.repositories()?;
-        let id = self.resolve_id(reference, &repos)?;
-        self.load_with(&id, &repos)
-    }
-
-    fn resolve_id(&self, reference: &str, repos: &Repos) -> Result<String> {
-        let parsed = Reference::parse(reference);
-        if let Ok(r) = &parsed {
-            if let Some(id) = repos.get(&r.familiar_name()).and_then(|m| m.get(&r.familiar_string())) {
-                return Ok(id.clone());
-            }
-        }
-        // An ID or ID prefix: `sha256:abc…` or bare hex.
-        let hex = reference.strip_prefix("sha256:").unwrap_or(reference);
-        if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let hex = hex.to_ascii_lowercase();
-            let matches: Vec<String> = self
-                .image_ids()?
-                .into_iter()
-                .filter(|id| id.starts_with(&hex))
-                .collect();
-            match matches.as_slice() {
-                [one] => return Ok(format!("sha256:{one}")),
-                [] => {}
-                many => {
-                    return Err(Error::new(format!(
-                        "image ID prefix '{reference}' is ambiguous in {}: it matches {} \
-                         (fix: give more digits of the ID)",
-                        self.root.display(),
-                        many.iter().map(|m| &m[..16]).collect::<Vec<_>>().join(", ")
-                    )))
-                }
-            }
-        }
-        parsed?;
-        Err(self.not_found(reference, repos))
-    }
-
-    /// "No such image", with what the store does hold and the closest name.
-    fn not_found(&self, reference: &str, repos: &Repos) -> Error {
-        let wanted = Reference::parse(reference)
-            .map(|r| r.familiar_string())
-            .unwrap_or_else(|_| reference.to_string());
-        let all: Vec<(&String, &String)> = repos.values().flat_map(|m| m.iter()).collect();
-        let mut msg = format!(
-            "image '{reference}' is not in the {} store at {}",
-            self.driver.name(),
-            self.root.display()
-        );
-        if all.is_empty() {
-            msg.push_str(": the store holds no tagged images (fix: docker pull / docker load the image into it)");
-            return Error::new(msg);
-        }
-        if let Some((closest, _)) = all.iter().min_by_key(|(r, _)| edit_distance(&wanted, r)) {
-            msg.push_str(&format!("; closest match: {closest}"));
-        }
-        msg.push_str("\nimages in this store:");
-        for (r, id) in &all {
-            let short = sha256_hex(id).map_or(id.as_str(), |h| &h[..12]);
-            msg.push_str(&format!("\n  {r}  {short}"));
-        }
-        msg.push_str("\n(fix: set docker_image= / --image to one of these, or load the image into the store)");
-        Error::new(msg)
+        self.backend().resolve(reference)
     }
 
     /// Loads an image [`Store::images`] listed.
     pub fn load(&self, entry: &ImageEntry) -> Result<Image> {
+        self.backend().load(entry)
+    }
+
+    /// The reader of the engine that wrote this store: the one place engines are listed.
+    fn backend(&self) -> Box<dyn Backend + '_> {
         match self.engine {
-            Engine::Podman => self.podman_resolve(&entry.id),
-            Engine::Containerd => self.containerd_load(entry),
-            Engine::Docker => self.load_with(&entry.id, &self.repositories()?),
+            Engine::Docker => Box::new(docker::Docker(self)),
+            Engine::Podman => Box::new(podman::Podman(self)),
+            Engine::Containerd => Box::new(containerd::Containerd(self)),
         }
     }
+}
 
-    fn load_with(&self, id: &str, repos: &Repos) -> Result<Image> {
-        let hex = sha256_hex(id).ok_or_else(|| {
-            Error::new(format!(
-                "image ID '{id}' in {} is malformed: expected sha256:<64 lowercase hex>",
-                self.repositories_path().display()
-            ))
-        })?;
-        let path = self.image_dir().join("imagedb/content/sha256").join(hex);
-        let data = read(&path)?;
-        if sha256_of(&data) != hex {
-            return Err(Error::new(format!(
-                "image config {} is corrupt: its sha256 is not the image ID (the file was modified or truncated; \
-                 fix: docker pull / load the image again)",
-                path.display()
-            )));
-        }
-        let config: serde_json::Value = serde_json::from_slice(&data)
-            .map_err(|e| Error::new(format!("image config {} is not valid JSON: {e}", path.display())))?;
-        let diff_ids = diff_ids(&config, &path)?;
-        let chains = chain_ids(&diff_ids);
-        let mut layers = Vec::with_capacity(chains.len());
-        for (chain, diff) in chains.iter().zip(&diff_ids).rev() {
-            layers.push(self.layer(chain, diff)?);
-        }
-        let refs = repos
-            .values()
-            .flat_map(|m| m.iter())
-            .filter(|(_, v)| *v == id)
-            .map(|(k, _)| k.clone())
-            .collect();
-        Ok(Image {
-            id: id.to_string(),
-            config,
-            driver: self.driver,
-            layers,
-            refs,
-            namespace: None,
-        })
-    }
+/// One engine's store format: what a [`Store`] asks of the engine that wrote it. A new
+/// engine is one file implementing this, its line in [`Store::backend`] and its
+/// detection in [`Store::open`].
+trait Backend {
+    /// The directory the driver keeps its layers in: overlay lower dirs are named
+    /// relative to it.
+    fn driver_home(&self) -> PathBuf;
+    fn images(&self) -> Result<Vec<ImageEntry>>;
+    fn resolve(&self, reference: &str) -> Result<Image>;
+    fn load(&self, entry: &ImageEntry) -> Result<Image>;
+}
 
-    fn repositories_path(&self) -> PathBuf {
-        self.image_dir().join("repositories.json")
-    }
+/// An engine's reader: a view of the store it reads (it derefs to the [`Store`]).
+macro_rules! reader {
+    ($name:ident) => {
+        pub(super) struct $name<'a>(pub(super) &'a super::Store);
 
-    fn layer(&self, chain_id: &str, diff_id: &str) -> Result<Layer> {
-        let chain_hex = sha256_hex(chain_id).expect("chain IDs are computed from validated diff IDs");
-        let meta = self.image_dir().join("layerdb/sha256").join(chain_hex);
-        if !meta.is_dir() {
-            return Err(Error::new(format!(
-                "layer {chain_id} is missing: {} does not exist (the store is incomplete; \
-                 fix: docker pull / load the image again)",
-                meta.display()
-            )));
-        }
-        let recorded_diff = read_trimmed(&meta.join("diff"))?;
-        if recorded_diff != diff_id {
-            return Err(Error::new(format!(
-                "{} says {recorded_diff}, but the image config expects {diff_id}",
-                meta.join("diff").display()
-            )));
-        }
-        let cache_path = meta.join("cache-id");
-        let cache_id = read_trimmed(&cache_path)?;
-        if !is_hex64(&cache_id) {
-            return Err(Error::new(format!(
-                "{} is corrupt: expected 64 lowercase hex digits, found {:?}",
-                cache_path.display(),
-                cache_id.chars().take(80).collect::<String>()
-            )));
-        }
-        let (dir, link) = match self.driver {
-            Driver::Btrfs => (self.root.join("btrfs/subvolumes").join(&cache_id), None),
-            Driver::Vfs => (self.root.join("vfs/dir").join(&cache_id), None),
-            Driver::Overlay2 => {
-                let home = self.root.join("overlay2").join(&cache_id);
-                let link = short_link(&home);
-                (home.join("diff"), link)
+        impl std::ops::Deref for $name<'_> {
+            type Target = super::Store;
+            fn deref(&self) -> &super::Store {
+                self.0
             }
-        };
-        if !dir.is_dir() {
-            return Err(Error::new(format!(
-                "layer {chain_id} (cache-id {cache_id}) has no data: {} does not exist \
-                 (the store is incomplete; fix: docker pull / load the image again)",
-                dir.display()
-            )));
         }
-        Ok(Layer {
-            chain_id: chain_id.to_string(),
-            diff_id: diff_id.to_string(),
-            cache_id,
-            dir,
-            link,
-        })
-    }
+    };
 }
 
 pub(super) fn diff_ids(config: &serde_json::Value, path: &Path) -> Result<Vec<String>> {
@@ -528,11 +331,6 @@ pub(super) fn short_link(layer_home: &Path) -> Option<String> {
     (!link.is_empty() && link.bytes().all(|b| b.is_ascii_alphanumeric())).then_some(link)
 }
 
-fn read_trimmed(path: &Path) -> Result<String> {
-    let data = read(path)?;
-    Ok(String::from_utf8_lossy(&data).trim().to_string())
-}
-
 /// Levenshtein distance, to suggest the closest image name.
 pub(super) fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
@@ -550,6 +348,7 @@ pub(super) fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 mod containerd;
+mod docker;
 mod podman;
 #[cfg(test)]
 mod tests;

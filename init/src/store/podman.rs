@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{edit_distance, read, short_link, Driver, Image, ImageEntry, Layer, Store};
+use super::{edit_distance, read, short_link, Backend, Driver, Image, ImageEntry, Layer};
 use crate::digest::is_hex64;
 use crate::error::{Error, Result};
 use crate::reference::Reference;
@@ -64,21 +64,16 @@ struct PodLayer {
     flags: serde_json::Map<String, serde_json::Value>,
 }
 
-impl Store {
-    /// `<driver>-images/images.json` or `<driver>-layers/layers.json`.
-    fn podman_json<T: for<'de> Deserialize<'de>>(&self, what: &str) -> Result<Vec<T>> {
-        let path = self.podman_json_path(what);
-        serde_json::from_slice(&read(&path)?).map_err(|e| {
-            Error::new(format!(
-                "{} is corrupt: {e} (expected a JSON array of {what})",
-                path.display()
-            ))
-        })
+reader!(Podman);
+
+impl Backend for Podman<'_> {
+    fn driver_home(&self) -> PathBuf {
+        self.root.join(data_dir(self.driver))
     }
 
-    pub(super) fn podman_images(&self) -> Result<Vec<ImageEntry>> {
+    fn images(&self) -> Result<Vec<ImageEntry>> {
         let mut out: Vec<ImageEntry> = self
-            .podman_json::<PodImage>("images")?
+            .json::<PodImage>("images")?
             .into_iter()
             .map(|i| ImageEntry {
                 id: format!("sha256:{}", i.id),
@@ -93,8 +88,8 @@ impl Store {
     /// Podman's rule: a name with a registry matches exactly; a short one matches
     /// `localhost/NAME` first, else the one registry-qualified name with that path; then
     /// image IDs and unique ID prefixes.
-    pub(super) fn podman_resolve(&self, reference: &str) -> Result<Image> {
-        let images = self.podman_json::<PodImage>("images")?;
+    fn resolve(&self, reference: &str) -> Result<Image> {
+        let images = self.json::<PodImage>("images")?;
         let by_name = |name: &str| images.iter().find(|i| i.names.iter().any(|n| n == name));
         let mut found = None;
         if let Ok(r) = Reference::parse(reference) {
@@ -175,12 +170,29 @@ impl Store {
             );
             return Err(Error::new(msg));
         };
-        self.podman_image(image)
+        self.image(image)
     }
 
-    fn podman_image(&self, image: &PodImage) -> Result<Image> {
-        let layers_path = self.podman_json_path("layers");
-        let all = self.podman_json::<PodLayer>("layers")?;
+    fn load(&self, entry: &ImageEntry) -> Result<Image> {
+        self.resolve(&entry.id)
+    }
+}
+
+impl Podman<'_> {
+    /// `<driver>-images/images.json` or `<driver>-layers/layers.json`.
+    fn json<T: for<'de> Deserialize<'de>>(&self, what: &str) -> Result<Vec<T>> {
+        let path = self.json_path(what);
+        serde_json::from_slice(&read(&path)?).map_err(|e| {
+            Error::new(format!(
+                "{} is corrupt: {e} (expected a JSON array of {what})",
+                path.display()
+            ))
+        })
+    }
+
+    fn image(&self, image: &PodImage) -> Result<Image> {
+        let layers_path = self.json_path("layers");
+        let all = self.json::<PodLayer>("layers")?;
         let mut layers = Vec::new();
         let mut next = image.layer.clone();
         while let Some(id) = next {
@@ -228,7 +240,7 @@ impl Store {
         })
     }
 
-    fn podman_json_path(&self, what: &str) -> PathBuf {
+    fn json_path(&self, what: &str) -> PathBuf {
         self.root.join(format!("{}-{what}/{what}.json", name(self.driver)))
     }
 }

@@ -2,6 +2,8 @@
 //! (The real dockerd-made stores are tested in builder/tests/stores.rs.)
 
 use super::*;
+use crate::digest::{chain_ids, sha256_of};
+use std::fs;
 use std::path::Path;
 
 struct Fixture {
