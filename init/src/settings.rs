@@ -144,12 +144,30 @@ pub struct Settings {
     pub modules: Vec<String>,
     /// `layerboot.namespace=NS`: the containerd namespace to boot from (default: search).
     pub namespace: Option<String>,
-    /// `layerboot.keep=N`: previous writable layers kept (`NAME.prev`, `NAME.prev.2`, …).
+    /// `layerboot.keep=N`: how many previous writable layers are kept (`NAME.prev`, …).
     pub keep: usize,
-    /// `layerboot.mode=keep`: reuse the layer if it was made from the same image.
-    pub mode_keep: bool,
-    /// `layerboot.upper=tmpfs`: the writable layer lives in memory.
-    pub upper_tmpfs: bool,
+    /// `layerboot.mode=`: a fresh layer each boot, or the last one kept.
+    pub mode: LayerMode,
+    /// `layerboot.upper=`: where the writable layer lives.
+    pub upper: Upper,
+}
+
+/// `layerboot.mode=`: what each boot does with the writable layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerMode {
+    /// A fresh layer from the image at every boot (the default).
+    Fresh,
+    /// The last layer again, if it was made from the same image.
+    Keep,
+}
+
+/// `layerboot.upper=`: where the writable layer lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upper {
+    /// On the store's partition (the default).
+    Disk,
+    /// In memory: nothing is written to the disk.
+    Tmpfs,
 }
 
 /// Splits `/proc/cmdline` into `key → value` (last one wins; a bare flag maps to "").
@@ -287,18 +305,18 @@ impl Settings {
             rescue_timeout: Duration::from_secs(number(arg::RESCUE_TIMEOUT, DEFAULT_RESCUE_TIMEOUT_S, MAX_WAIT_S)?),
             debug: cmdline.contains_key(arg::DEBUG) || cmdline.contains_key("rd.debug"),
             keep: number(arg::KEEP, 1, MAX_KEEP)? as usize,
-            mode_keep: match nonempty(arg::MODE) {
-                None | Some("fresh") => false,
-                Some("keep") => true,
+            mode: match nonempty(arg::MODE) {
+                None | Some("fresh") => LayerMode::Fresh,
+                Some("keep") => LayerMode::Keep,
                 Some(v) => {
                     return Err(Error::new(format!(
                         "layerboot.mode={v} is unknown: use layerboot.mode=fresh (the default) or keep"
                     )))
                 }
             },
-            upper_tmpfs: match nonempty(arg::UPPER) {
-                None | Some("disk") => false,
-                Some("tmpfs") => true,
+            upper: match nonempty(arg::UPPER) {
+                None | Some("disk") => Upper::Disk,
+                Some("tmpfs") => Upper::Tmpfs,
                 Some(v) => {
                     return Err(Error::new(format!(
                         "layerboot.upper={v} is unknown: use layerboot.upper=disk (the default) or tmpfs"
@@ -353,13 +371,13 @@ mod tests {
         assert_eq!((s.rw_name.as_str(), s.init.as_str()), (DEFAULT_RW_NAME, DEFAULT_INIT));
         assert!(s.read_only && s.toplayer.is_none());
         assert_eq!(s.timeout, Some(Duration::from_secs(30)));
-        assert_eq!((s.keep, s.mode_keep, s.upper_tmpfs), (1, false, false));
+        assert_eq!((s.keep, s.mode, s.upper), (1, LayerMode::Fresh, Upper::Disk));
         let s = settings(
             "root=/dev/vda layerboot.keep=3 layerboot.mode=keep layerboot.upper=tmpfs layerboot.modules=nvme,xhci_pci",
             &config,
         )
         .unwrap();
-        assert_eq!((s.keep, s.mode_keep, s.upper_tmpfs), (3, true, true));
+        assert_eq!((s.keep, s.mode, s.upper), (3, LayerMode::Keep, Upper::Tmpfs));
         assert_eq!(s.modules, ["nvme", "xhci_pci"]);
         assert_eq!(s.namespace, None);
         config.defaults.insert("layerboot.namespace".into(), "moby".into());

@@ -26,7 +26,7 @@ use sys_mount::MountFlags;
 use crate::error::{Context, Error, Result};
 use crate::mounts::mount;
 use crate::probe::BlockDevice;
-use crate::settings::{arg, parse_cmdline, Config, Settings, CONFIG_PATH};
+use crate::settings::{arg, parse_cmdline, Config, Settings, Upper, CONFIG_PATH};
 use crate::store::{Driver, Image, Store};
 pub use devices::Hardware;
 pub use modules::{check_kernel, KernelModules};
@@ -161,7 +161,7 @@ impl Boot {
     /// Step 3: mounts the store's partition at its top level and finds the image in it.
     fn open_store(&self, settings: &Settings, dev: &StoreDevice, hw: &mut Hardware) -> Result<(Store, Image)> {
         // With the upper on tmpfs the store partition is only read.
-        let flags = if settings.upper_tmpfs {
+        let flags = if settings.upper == Upper::Tmpfs {
             MountFlags::RDONLY
         } else {
             MountFlags::empty()

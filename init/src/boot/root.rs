@@ -15,7 +15,7 @@ use crate::copy::copy_tree;
 use crate::error::{Context, Error, Result};
 use crate::mounts::{mount, unmount};
 use crate::probe::BlockDevice;
-use crate::settings::{arg, Settings};
+use crate::settings::{arg, LayerMode, Settings, Upper};
 use crate::store::{Driver, Image, Store};
 use crate::writable::{check_clear_of, overlay_data, Layers};
 
@@ -84,7 +84,7 @@ impl Boot {
         } else {
             MountFlags::empty()
         };
-        if s.upper_tmpfs {
+        if s.upper == Upper::Tmpfs {
             hw.ensure_filesystem("overlay")?;
             self.mount_tmpfs_root(src, toplayer, ro)?;
         } else if let Err(e) = self.mount_layer_on_disk(src, toplayer, ro) {
@@ -128,7 +128,7 @@ impl Boot {
         let recovered = layers.recover();
         self.take_warnings(&mut layers);
         recovered.context("cleaning up after an interrupted boot")?;
-        let kept = s.mode_keep && reusable(&layers.current(), image, &s.rw_name);
+        let kept = s.mode == LayerMode::Keep && reusable(&layers.current(), image, &s.rw_name);
         let mut fill = |layer: &Path| self.copy_toplayer(src, layer, toplayer);
         let made = if kept {
             layers.refresh_current(&mut fill)
