@@ -66,15 +66,15 @@ pub fn fixture_store(driver: &str) -> PathBuf {
     root
 }
 
-pub struct Boot {
+pub struct BootFiles {
     pub kernel: PathBuf,
     pub kernel_version: String,
     pub initramfs: PathBuf,
 }
 
 /// The kernel and initramfs `layerboot` builds from the demo image, once per test run.
-pub fn demo_boot_files() -> &'static Boot {
-    static BOOT: OnceLock<Boot> = OnceLock::new();
+pub fn demo_boot_files() -> &'static BootFiles {
+    static BOOT: OnceLock<BootFiles> = OnceLock::new();
     BOOT.get_or_init(|| {
         let dir = work_dir("boot-files");
         let store = fixture_store("btrfs");
@@ -96,7 +96,7 @@ pub fn demo_boot_files() -> &'static Boot {
             .unwrap()
             .trim_start_matches("vmlinuz-")
             .to_string();
-        Boot {
+        BootFiles {
             kernel,
             kernel_version,
             initramfs,
@@ -420,7 +420,7 @@ pub fn kernel_time_until(q: &Qemu, marker: &str) -> Option<f64> {
 pub struct Qemu<'a> {
     pub disks: Vec<PathBuf>,
     pub cmdline: String,
-    pub boot: &'a Boot,
+    pub boot: &'a BootFiles,
     pub log: PathBuf,
     pub timeout: Duration,
     /// Writes go to a temporary file, not the disk images.

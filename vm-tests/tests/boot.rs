@@ -528,7 +528,7 @@ fn rescue_shell_runs_on_the_console_after_a_failure() {
         ])
         .arg(&initramfs));
     let demo = demo_boot_files();
-    let boot = Boot {
+    let boot = BootFiles {
         kernel: demo.kernel.clone(),
         kernel_version: demo.kernel_version.clone(),
         initramfs,
@@ -563,7 +563,7 @@ fn podman_store_boots_by_its_local_name() {
         .args(["--image", "lb/podman:1", "-o"])
         .arg(&initramfs));
     let demo = demo_boot_files();
-    let own = Boot {
+    let own = BootFiles {
         kernel: demo.kernel.clone(),
         kernel_version: demo.kernel_version.clone(),
         initramfs,
@@ -609,7 +609,7 @@ fn containerd_store_boots_from_both_snapshotters() {
         ])
         .arg(&initramfs));
     let demo = demo_boot_files();
-    let own = Boot {
+    let own = BootFiles {
         kernel: demo.kernel.clone(),
         kernel_version: demo.kernel_version.clone(),
         initramfs,
@@ -773,7 +773,7 @@ fn image_tree(dir: &Path, files: &[(&str, &str, u32)]) -> std::path::PathBuf {
 /// `cmdline`, and checks the image booted as from layerboot's own initramfs.
 fn boots_with_hooked_initramfs(dir: &Path, initramfs: std::path::PathBuf, cmdline: &str, tool_said: &str) {
     let demo = demo_boot_files();
-    let boot = Boot {
+    let boot = BootFiles {
         kernel: demo.kernel.clone(),
         kernel_version: demo.kernel_version.clone(),
         initramfs,

@@ -130,7 +130,7 @@ fn boot_until(
     marker: &str,
     qemu_args: &[&str],
 ) -> f64 {
-    let boot = Boot {
+    let boot = BootFiles {
         kernel: kernel.to_path_buf(),
         kernel_version: String::new(),
         initramfs: initrd.to_path_buf(),
