@@ -25,6 +25,47 @@ pub fn fixtures() -> PathBuf {
         .unwrap_or_else(|| repo().join("target/fixtures"))
 }
 
+/// A test's directory under target/vm-tests/: its serial logs stay for reading; its
+/// disk images and image trees (gigabytes each, ~20 tests) are deleted when the test
+/// passes, so a full run fits the disk. A failed test keeps everything.
+pub struct TestDir(PathBuf);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let Ok(entries) = fs::read_dir(&self.0) else { return };
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".img") || name.ends_with(".tar") {
+                let _ = fs::remove_file(&p);
+            } else if name == "rootfs" || name == "toplayer" {
+                let _ = fs::remove_dir_all(&p);
+            }
+        }
+    }
+}
+
+/// A fresh [`TestDir`] for test `name`.
+pub fn test_dir(name: &str) -> TestDir {
+    TestDir(work_dir(name))
+}
+
 pub fn work_dir(name: &str) -> PathBuf {
     let d = repo().join("target/vm-tests").join(name);
     let _ = fs::remove_dir_all(&d);

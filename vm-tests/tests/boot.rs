@@ -132,7 +132,7 @@ fn no_panic(console: &str) {
 
 #[test]
 fn btrfs_store_boots_the_image_with_a_fresh_snapshot_each_time() {
-    let dir = work_dir("btrfs");
+    let dir = test_dir("btrfs");
     // The top layer on the store partition itself, as mkinitcpio-docker-hooks users have it.
     let disk = store_disk_with_toplayer("btrfs", &dir, "vm-btrfs");
     // The hook's spelling: rootflags=subvol= names the writable layer.
@@ -189,7 +189,7 @@ fn toplayer_disk(top_dir: &Path, dir: &Path) -> std::path::PathBuf {
 
 #[test]
 fn overlay2_store_boots_the_image_as_an_overlay_with_a_fresh_upper_each_time() {
-    let dir = work_dir("overlay2");
+    let dir = test_dir("overlay2");
     let disk = copy_store_disk("overlay2", &dir);
     // The top layer on a disk of its own.
     let top_dir = dir.join("toplayer");
@@ -221,7 +221,7 @@ fn overlay2_store_boots_the_image_as_an_overlay_with_a_fresh_upper_each_time() {
 
 #[test]
 fn unknown_image_is_named_on_the_console_and_the_machine_reboots() {
-    let dir = work_dir("unknown-image");
+    let dir = test_dir("unknown-image");
     let disk = fixtures().join("btrfs.img"); // booted with -snapshot: nothing is written to it
     let cmdline = "root=LABEL=lb-btrfs docker_image=layerboot/nope:1 layerboot.rescue_timeout=0";
     let console = Qemu {
@@ -243,7 +243,7 @@ fn unknown_image_is_named_on_the_console_and_the_machine_reboots() {
 
 #[test]
 fn missing_root_device_lists_the_devices_seen() {
-    let dir = work_dir("no-root");
+    let dir = test_dir("no-root");
     let disk = fixtures().join("overlay2.img");
     let cmdline = "root=LABEL=nope layerboot.timeout=3 layerboot.rescue_timeout=0";
     let console = Qemu {
@@ -264,7 +264,7 @@ fn missing_root_device_lists_the_devices_seen() {
 
 #[test]
 fn keep_mode_keeps_files_across_boots_and_tmpfs_upper_writes_nothing() {
-    let dir = work_dir("keep-and-tmpfs");
+    let dir = test_dir("keep-and-tmpfs");
     let disk = store_disk_with_toplayer("btrfs", &dir, "vm-keep");
     let base = "root=LABEL=lb-btrfs toplayer=LABEL=lb-btrfs toplayer_path=/toplayer layerboot.rescue_timeout=0";
     let qemu = |extra: &str, log: &str| {
@@ -303,7 +303,7 @@ fn keep_mode_keeps_files_across_boots_and_tmpfs_upper_writes_nothing() {
 
 #[test]
 fn enter_on_the_console_reboots_a_failed_boot_at_once() {
-    let dir = work_dir("enter-reboots");
+    let dir = test_dir("enter-reboots");
     let cmdline = "root=LABEL=lb-btrfs docker_image=layerboot/nope:1 layerboot.rescue_timeout=3000";
     let console = Qemu {
         timeout: Duration::from_secs(240),
@@ -322,7 +322,7 @@ fn enter_on_the_console_reboots_a_failed_boot_at_once() {
 
 #[test]
 fn a_store_on_a_two_device_btrfs_waits_for_both_and_boots() {
-    let dir = work_dir("two-device-btrfs");
+    let dir = test_dir("two-device-btrfs");
     let disk = copy_store_disk("btrfs", &dir);
     let second = dir.join("second.img");
     fs::File::create(&second).unwrap().set_len(2 << 30).unwrap();
@@ -361,7 +361,7 @@ fn a_store_on_a_two_device_btrfs_waits_for_both_and_boots() {
 /// shows that its kernel arguments, not the initramfs's defaults, were used.
 fn boots_through_uefi(loader: vm_tests::disk::Loader, driver: &str, root: &str) {
     use vm_tests::disk::{gpt_disk, EspFiles};
-    let dir = work_dir(&format!("uefi-{}-{driver}", loader.name()));
+    let dir = test_dir(&format!("uefi-{}-{driver}", loader.name()));
     let store = store_disk_with_toplayer(driver, &dir, &format!("vm-{}", loader.name()));
     let boot = demo_boot_files();
     let disk = dir.join("disk.img");
@@ -446,7 +446,7 @@ fn write_bulk(top: &Path) {
 /// half-made layer is left, and the image's layers are exactly as the engine left them.
 #[test]
 fn a_power_cut_during_boot_never_breaks_the_next_boot_or_the_store() {
-    let dir = work_dir("power-cut");
+    let dir = test_dir("power-cut");
     let disk = copy_store_disk("btrfs", &dir);
     {
         let _m = LoopMount::new(&disk, &dir.join("mnt"), false);
@@ -512,7 +512,7 @@ fn a_power_cut_during_boot_never_breaks_the_next_boot_or_the_store() {
 /// the failed boot drops into the shell on the console.
 #[test]
 fn rescue_shell_runs_on_the_console_after_a_failure() {
-    let dir = work_dir("rescue-shell");
+    let dir = test_dir("rescue-shell");
     let initramfs = dir.join("initramfs.img");
     let store = fixture_store("btrfs");
     run(layerboot()
@@ -553,7 +553,7 @@ fn rescue_shell_runs_on_the_console_after_a_failure() {
 /// A podman store (containers-storage, overlay) boots like Docker's overlay2 one.
 #[test]
 fn podman_store_boots_by_its_local_name() {
-    let dir = work_dir("podman");
+    let dir = test_dir("podman");
     let disk = store_disk_with_toplayer("overlay2", &dir, "vm-podman");
     // The initramfs is built from the podman store itself.
     let initramfs = dir.join("initramfs.img");
@@ -591,7 +591,7 @@ fn podman_store_boots_by_its_local_name() {
 /// btrfs snapshot. The store's snapshots are untouched afterwards.
 #[test]
 fn containerd_store_boots_from_both_snapshotters() {
-    let dir = work_dir("containerd");
+    let dir = test_dir("containerd");
     let disk = store_disk_with_toplayer("containerd", &dir, "vm-containerd");
     // The initramfs is built from the containerd store itself, with its path and image
     // baked in as defaults: boot 1 names neither on the command line.
@@ -685,7 +685,7 @@ fn containerd_store_boots_from_both_snapshotters() {
 /// initscripts' rc.local service), which then power the machine off.
 #[test]
 fn a_sysvinit_image_boots_and_reports_from_its_init_scripts() {
-    let dir = work_dir("sysvinit");
+    let dir = test_dir("sysvinit");
     let disk = copy_store_disk("overlay2", &dir);
     {
         let m = LoopMount::new(&disk, &dir.join("mnt"), false);
@@ -813,7 +813,7 @@ fn boots_with_hooked_initramfs(dir: &Path, initramfs: std::path::PathBuf, cmdlin
 /// making the root to layerboot-init and switches to the image's systemd itself.
 #[test]
 fn initramfs_tools_with_the_layerboot_hook_boots_the_image() {
-    let dir = work_dir("initramfs-tools");
+    let dir = test_dir("initramfs-tools");
     let tree = image_tree(
         &dir,
         &[
@@ -859,7 +859,7 @@ fn initramfs_tools_with_the_layerboot_hook_boots_the_image() {
 /// its mount hook hands making the root to layerboot-init, and dracut switches to it.
 #[test]
 fn dracut_with_the_layerboot_module_boots_the_image() {
-    let dir = work_dir("dracut");
+    let dir = test_dir("dracut");
     let tree = image_tree(
         &dir,
         &[
@@ -914,7 +914,7 @@ fn dracut_with_the_layerboot_module_boots_the_image() {
 /// ran stays in the store, untouched.
 #[test]
 fn a_machine_loads_an_update_into_its_own_store_and_boots_it_next() {
-    let dir = work_dir("update");
+    let dir = test_dir("update");
     let disk = copy_store_disk("overlay2", &dir);
     let top_dir = dir.join("toplayer");
     write_toplayer(&top_dir, "vm-update");
@@ -998,7 +998,7 @@ fn a_machine_loads_an_update_into_its_own_store_and_boots_it_next() {
 /// with warnings on the console and in booted.json. The store is as the engine left it.
 #[test]
 fn hostile_whiteouts_and_layer_names_never_touch_the_store() {
-    let dir = work_dir("hostile");
+    let dir = test_dir("hostile");
     let disk = copy_store_disk("btrfs", &dir);
     {
         let m = LoopMount::new(&disk, &dir.join("mnt"), false);
@@ -1140,7 +1140,7 @@ fn layer_marks(top: &Path) -> Vec<(String, String)> {
 /// asks for, and a clean poweroff leaves the store's ext4 with nothing to recover.
 #[test]
 fn overlay2_power_cuts_after_the_swap_and_during_a_keep_copy_lose_nothing() {
-    let dir = work_dir("overlay2-power-cut");
+    let dir = test_dir("overlay2-power-cut");
     let disk = copy_store_disk("overlay2", &dir);
     {
         let m = LoopMount::new(&disk, &dir.join("mnt"), false);

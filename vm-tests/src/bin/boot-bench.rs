@@ -9,7 +9,7 @@
 //!   what any initramfs must spend here, so the least overhead a goal can ask for;
 //! - layerboot: from the store, with layerboot's initramfs.
 //!
-//! Run by `vm-tests/bench` (tests/run mounts nothing for it; it mounts the fixtures itself).
+//! Run by `bench/boot.sh` (tests/run mounts nothing for it; it mounts the fixtures itself).
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The boot benchmark (vm-tests/src/bin/boot-bench.rs): when the image's own init starts,
+# The boot benchmark (its driver is vm-tests/src/bin/boot-bench.rs): when the image's own init starts,
 # booted with initramfs-tools from an exported root, with a do-nothing floor initramfs,
 # and with layerboot from the store; BOOTS=3 boots each, medians, overheads and ratios.
 set -euo pipefail
