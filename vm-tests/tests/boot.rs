@@ -122,6 +122,12 @@ fn common_checks(r: &BTreeMap<String, String>, hostname: &str, tag: &str) {
     );
 }
 
+#[test]
+fn log_pids_reads_the_pid_of_each_kernel_log_line() {
+    let console = "[ 1.0] layerboot_init::boot::timeline[285]: layerboot: x\n[ 2.0] layerboot_init::writable[1]: fresh\nlayerboot_init::x";
+    assert_eq!(log_pids(console, "layerboot_init::"), [285, 1]);
+}
+
 fn no_panic(console: &str) {
     assert!(
         !console.contains("Kernel panic"),
@@ -769,6 +775,17 @@ fn image_tree(dir: &Path, files: &[(&str, &str, u32)]) -> std::path::PathBuf {
     tree
 }
 
+/// The PIDs of the kernel-log lines of `prefix` (`prefix<module path>[PID]: …`).
+fn log_pids(console: &str, prefix: &str) -> Vec<u32> {
+    console
+        .match_indices(prefix)
+        .filter_map(|(at, _)| {
+            let word = console[at..].split_whitespace().next()?;
+            word.strip_suffix("]:")?.rsplit_once('[')?.1.parse().ok()
+        })
+        .collect()
+}
+
 /// Boots `initramfs` (another tool's, with layerboot's hook) on the overlay2 store with
 /// `cmdline`, and checks the image booted as from layerboot's own initramfs.
 fn boots_with_hooked_initramfs(dir: &Path, initramfs: std::path::PathBuf, cmdline: &str, tool_said: &str) {
@@ -790,9 +807,10 @@ fn boots_with_hooked_initramfs(dir: &Path, initramfs: std::path::PathBuf, cmdlin
         "the tool ran layerboot's hook ({tool_said:?} missing):\n{}",
         tail(&console, 40)
     );
+    let pids = log_pids(&console, "layerboot_init::");
     assert!(
-        console.contains("layerboot_init::boot[") && !console.contains("layerboot_init::boot[1]:"),
-        "layerboot-init ran as the tool's helper, not as PID 1"
+        !pids.is_empty() && !pids.contains(&1),
+        "layerboot-init ran as the tool's helper, not as PID 1: it logged as PIDs {pids:?}"
     );
     let r = report(&console);
     common_checks(&r, "vm-hooked", "v2");
