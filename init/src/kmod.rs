@@ -271,7 +271,9 @@ impl ModuleIndex {
     }
 }
 
-/// fnmatch(3) without flags: `*`, `?` and `[...]` classes, as modules.alias uses, on
+/// fnmatch(3) without flags, as POSIX and musl define it: `*`, `?` and `[...]` classes,
+/// an unterminated `[` a literal (glibc differs when such a bracket ends in `-`), as
+/// modules.alias uses them, on
 /// bytes (aliases are ASCII). Coldplug matches every device against every alias, so
 /// this runs ~10⁵ times per boot under emulation: it must not allocate, and a pattern
 /// whose literal start differs from the text is dismissed before any glob work.
@@ -457,5 +459,15 @@ kernel/drivers/virtio/virtio_ring.ko:
         ] {
             assert_eq!(glob_match(p, t), want, "{p} {t}");
         }
+    }
+
+    /// Found by the `glob` fuzz target against glibc's fnmatch: an unterminated bracket
+    /// ending in a range with no end. POSIX and musl (the libc of /init) read the `[` as
+    /// a literal; glibc says no match. glob_match follows POSIX.
+    #[test]
+    fn an_unterminated_bracket_is_a_literal_as_posix_says() {
+        assert!(glob_match("*[]-", "*[]-"));
+        assert!(glob_match("a[b-", "a[b-"));
+        assert!(!glob_match("a[b-", "ab"));
     }
 }
