@@ -273,8 +273,7 @@ impl ModuleIndex {
 
 /// fnmatch(3) without flags, as POSIX and musl define it: `*`, `?` and `[...]` classes,
 /// an unterminated `[` a literal (glibc differs when such a bracket ends in `-`), as
-/// modules.alias uses them, on
-/// bytes (aliases are ASCII). Coldplug matches every device against every alias, so
+/// modules.alias uses them, on bytes (aliases are ASCII). Coldplug matches every device against every alias, so
 /// this runs ~10⁵ times per boot under emulation: it must not allocate, and a pattern
 /// whose literal start differs from the text is dismissed before any glob work.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
