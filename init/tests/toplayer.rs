@@ -271,3 +271,35 @@ proptest::proptest! {
         proptest::prop_assert_eq!(left, vec!["canary"]);
     }
 }
+
+/// More than 4 KiB of xattr names on one file (btrfs keeps them; ext4 could not): the
+/// list is read whole and every attribute is copied.
+#[test]
+fn a_file_with_over_4_kib_of_xattr_names_is_copied_whole() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("fs.img");
+    fs::File::create(&img).unwrap().set_len(128 << 20).unwrap();
+    sh(Command::new("mkfs.btrfs").arg("-q").arg(&img));
+    let mnt = t.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    sh(Command::new("mount").arg("-o").arg("loop").arg(&img).arg(&mnt));
+    let result = std::panic::catch_unwind(|| {
+        let (src, dest) = (mnt.join("top"), mnt.join("root"));
+        fs::create_dir_all(&src).unwrap();
+        fs::create_dir_all(&dest).unwrap();
+        fs::write(src.join("tagged"), "x").unwrap();
+        let names: Vec<String> = (0..60).map(|i| format!("user.{i:03}-{}", "n".repeat(96))).collect();
+        for n in &names {
+            sh(Command::new("setfattr")
+                .args(["-n", n, "-v", "v"])
+                .arg(src.join("tagged")));
+        }
+        assert!(names.iter().map(|n| n.len() + 1).sum::<usize>() > 4096);
+        let stats = copy_tree(&src, &dest).unwrap();
+        assert!(stats.warnings.is_empty(), "{:?}", stats.warnings);
+        let copied = xattrs(&dest.join("tagged"));
+        assert_eq!(copied.len(), 60, "{copied:?}");
+    });
+    let _ = Command::new("umount").arg(&mnt).status();
+    result.unwrap();
+}
