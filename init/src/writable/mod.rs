@@ -382,6 +382,8 @@ impl Layers {
         }
         set_xattr(&current, STATE_XATTR, Mark::Refreshing(generation).encode().as_bytes())?;
         self.state.insert(Slot::Current, Mark::Refreshing(generation));
+        // On the disk before the first file changes: a cut copy is then always seen.
+        self.sync()?;
         fill(&current)?;
         self.sync()?;
         set_xattr(&current, STATE_XATTR, Mark::Complete(generation).encode().as_bytes())?;
