@@ -156,6 +156,15 @@ impl Copier {
             .collect::<std::io::Result<_>>()
             .map_err(|e| Error::io("cannot list", src, e))?;
         entries.sort();
+        // Deletes below stay on this directory's filesystem (or btrfs subvolume).
+        let dev = fstat(dir.as_raw_fd())
+            .map_err(|e| {
+                Error::os(
+                    format!("top layer: cannot stat {}", Path::new("/").join(rel).display()),
+                    e,
+                )
+            })?
+            .st_dev;
         if entries.iter().any(|n| n == OPAQUE) {
             if rel.as_os_str().is_empty() {
                 self.warn(format!(
@@ -163,14 +172,6 @@ impl Copier {
                     self.src_root.join(OPAQUE).display()
                 ));
             } else {
-                let dev = fstat(dir.as_raw_fd())
-                    .map_err(|e| {
-                        Error::os(
-                            format!("top layer: cannot stat {}", Path::new("/").join(rel).display()),
-                            e,
-                        )
-                    })?
-                    .st_dev;
                 self.remove_children(dir.as_raw_fd(), dev, rel)?;
             }
         }
@@ -186,14 +187,6 @@ impl Copier {
                     ));
                     continue;
                 }
-                let dev = fstat(dir.as_raw_fd())
-                    .map_err(|e| {
-                        Error::os(
-                            format!("top layer: cannot stat {}", Path::new("/").join(rel).display()),
-                            e,
-                        )
-                    })?
-                    .st_dev;
                 self.remove_at(
                     dir.as_raw_fd(),
                     dev,
