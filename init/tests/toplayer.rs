@@ -303,3 +303,34 @@ fn a_file_with_over_4_kib_of_xattr_names_is_copied_whole() {
     let _ = Command::new("umount").arg(&mnt).status();
     result.unwrap();
 }
+
+/// The top layer is copied on one filesystem: something mounted inside it (here a
+/// tmpfs) is skipped with a warning, never copied into the new root.
+#[test]
+fn a_mount_inside_the_top_layer_is_not_copied() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest) = (t.path().join("top"), t.path().join("root"));
+    fs::create_dir_all(src.join("etc")).unwrap();
+    fs::create_dir_all(src.join("media/stick")).unwrap();
+    fs::create_dir_all(&dest).unwrap();
+    fs::write(src.join("etc/hostname"), "pc1").unwrap();
+    sh(Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs"])
+        .arg(src.join("media/stick")));
+    let result = std::panic::catch_unwind(|| {
+        fs::write(src.join("media/stick/elsewhere"), "not the top layer's").unwrap();
+        let stats = copy_tree(&src, &dest).unwrap();
+        assert_eq!(fs::read_to_string(dest.join("etc/hostname")).unwrap(), "pc1");
+        assert!(!dest.join("media/stick").exists(), "the mount's contents were copied");
+        assert!(
+            stats
+                .warnings
+                .iter()
+                .any(|w| w.contains("media/stick") && w.contains("another filesystem")),
+            "{:?}",
+            stats.warnings
+        );
+    });
+    let _ = Command::new("umount").arg(src.join("media/stick")).status();
+    result.unwrap();
+}
