@@ -144,16 +144,7 @@ impl Boot {
         let device = hw.wait_for(arg::ROOT, &settings.root, settings.timeout)?;
         self.timeline.stage("root device", &device.describe());
         self.timeline.mark("root device found");
-        let fstype = settings
-            .root_fstype
-            .clone()
-            .or(device.probe.fstype.map(str::to_string))
-            .ok_or_else(|| {
-                Error::new(format!(
-                    "cannot tell which filesystem {} holds (fix: add rootfstype=btrfs, ext4, …)",
-                    device.node.display()
-                ))
-            })?;
+        let fstype = filesystem_of(&device, &settings.root_fstype, "rootfstype=btrfs, ext4, …")?;
         hw.ensure_filesystem(&fstype)?;
         Ok(StoreDevice { device, fstype })
     }
@@ -222,6 +213,17 @@ impl Default for Boot {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The filesystem type of `dev`: as given (`rootfstype=`, `toplayerfstype=`), else as its
+/// superblock says; `fix` names the argument that would tell.
+fn filesystem_of(dev: &BlockDevice, given: &Option<String>, fix: &str) -> Result<String> {
+    given.clone().or(dev.probe.fstype.map(str::to_string)).ok_or_else(|| {
+        Error::new(format!(
+            "cannot tell which filesystem {} holds (fix: add {fix})",
+            dev.node.display()
+        ))
+    })
 }
 
 fn mount_api_filesystems() -> Result<()> {

@@ -41,16 +41,7 @@ impl Boot {
             PathBuf::from(STORE_MOUNT)
         } else {
             let dev = hw.wait_for(arg::TOPLAYER, spec, s.timeout)?;
-            let fstype = s
-                .toplayer_fstype
-                .clone()
-                .or(dev.probe.fstype.map(str::to_string))
-                .ok_or_else(|| {
-                    Error::new(format!(
-                        "cannot tell which filesystem {} holds (fix: add toplayerfstype=)",
-                        dev.node.display()
-                    ))
-                })?;
+            let fstype = super::filesystem_of(&dev, &s.toplayer_fstype, "toplayerfstype=")?;
             hw.ensure_filesystem(&fstype)?;
             mount(
                 &dev.node,
