@@ -24,7 +24,7 @@ pub enum Compression {
 
 impl std::str::FromStr for Compression {
     type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "zstd" => Ok(Compression::Zstd),
             "gzip" => Ok(Compression::Gzip),

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use argh::FromArgs;
 
 use crate::image::write_atomically;
+use layerboot_init::error::{Error, Result};
 use layerboot_init::settings::arg;
 
 #[derive(FromArgs)]
@@ -63,7 +64,7 @@ pub enum Loader {
 
 impl std::str::FromStr for Loader {
     type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "systemd-boot" => Ok(Loader::SystemdBoot),
             "grub" => Ok(Loader::Grub),
@@ -74,15 +75,16 @@ impl std::str::FromStr for Loader {
 }
 
 /// The kernel command line for one image.
-fn options(a: &Args, image: &str) -> Result<String, String> {
+fn options(a: &Args, image: &str) -> Result<String> {
     let mut o = vec![format!("{}={}", arg::ROOT, a.root), "rw".to_string()];
-    let mut push = |k: &str, v: &Option<String>| -> Result<(), String> {
+    let mut push = |k: &str, v: &Option<String>| -> Result<()> {
         if let Some(v) = v {
             if v.contains(char::is_whitespace) || v.contains('"') {
                 return Err(format!(
                     "--{} '{v}' contains spaces or quotes, which a kernel argument cannot",
                     k.replace('_', "-")
-                ));
+                )
+                .into());
             }
             o.push(format!("{k}={v}"));
         }
@@ -109,7 +111,7 @@ fn slug(image: &str) -> String {
 }
 
 /// (file name for systemd-boot, text) per image.
-pub fn render(a: &Args) -> Result<Vec<(String, String)>, String> {
+pub fn render(a: &Args) -> Result<Vec<(String, String)>> {
     if a.image.is_empty() {
         return Err("no --image given: name at least one image to make an entry for".into());
     }
@@ -143,7 +145,7 @@ pub fn render(a: &Args) -> Result<Vec<(String, String)>, String> {
     Ok(out)
 }
 
-pub fn run(a: Args) -> Result<(), String> {
+pub fn run(a: Args) -> Result<()> {
     let entries = render(&a)?;
     match (&a.output, a.loader) {
         (None, _) => {
@@ -152,7 +154,7 @@ pub fn run(a: Args) -> Result<(), String> {
             }
         }
         (Some(dir), Loader::SystemdBoot) => {
-            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
             for (name, text) in &entries {
                 write_atomically(&dir.join(name), text.as_bytes(), 0o644)?;
                 println!("{}", dir.join(name).display());

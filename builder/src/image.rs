@@ -7,6 +7,7 @@ use layerboot_init::lookup::MergedView;
 use layerboot_init::store::Store;
 
 use crate::inspect::{kernels, Kernel};
+use layerboot_init::error::{Error, OsCause, Result};
 
 pub struct SourceImage {
     pub view: MergedView,
@@ -15,11 +16,9 @@ pub struct SourceImage {
 }
 
 impl SourceImage {
-    pub fn open(store: &Path, reference: &str, namespace: Option<&str>) -> Result<SourceImage, String> {
-        let store = Store::open(store)
-            .map_err(|e| e.to_string())?
-            .with_namespace(namespace.map(str::to_string));
-        let image = store.resolve(reference).map_err(|e| e.to_string())?;
+    pub fn open(store: &Path, reference: &str, namespace: Option<&str>) -> Result<SourceImage> {
+        let store = Store::open(store)?.with_namespace(namespace.map(str::to_string));
+        let image = store.resolve(reference)?;
         let view = MergedView::new(&image);
         Ok(SourceImage {
             view,
@@ -27,9 +26,9 @@ impl SourceImage {
         })
     }
 
-    pub fn rootfs(dir: &Path) -> Result<SourceImage, String> {
+    pub fn rootfs(dir: &Path) -> Result<SourceImage> {
         if !dir.is_dir() {
-            return Err(format!("--rootfs {}: no such directory", dir.display()));
+            return Err(format!("--rootfs {}: no such directory", dir.display()).into());
         }
         Ok(SourceImage {
             view: MergedView::from_dirs(vec![dir.to_path_buf()]),
@@ -38,24 +37,24 @@ impl SourceImage {
     }
 
     /// The bytes of a file of the image (symlinks followed inside it), if it has one.
-    pub fn read(&self, path: &str) -> Result<Option<Vec<u8>>, String> {
-        match self.view.lookup_follow(path).map_err(|e| e.to_string())? {
+    pub fn read(&self, path: &str) -> Result<Option<Vec<u8>>> {
+        match self.view.lookup_follow(path)? {
             Some(e) if e.metadata.is_file() => std::fs::read(&e.host_path)
                 .map(Some)
-                .map_err(|err| format!("cannot read {}: {err}", e.host_path.display())),
+                .map_err(|err| Error::io("cannot read", &e.host_path, err)),
             _ => Ok(None),
         }
     }
 
     /// The kernel to build for: `wanted`, or the only one, or the newest (with a note).
-    pub fn kernel(&self, wanted: Option<&str>, need: impl Fn(&Kernel) -> bool) -> Result<Kernel, String> {
+    pub fn kernel(&self, wanted: Option<&str>, need: impl Fn(&Kernel) -> bool) -> Result<Kernel> {
         let mut all: Vec<Kernel> = kernels(&self.view)?.into_iter().filter(|k| need(k)).collect();
         let reference = &self.name;
         if all.is_empty() {
             return Err(format!(
                 "{reference} has no kernel (no /boot/vmlinuz-* with /lib/modules/*): \
                  install one in the image, e.g. RUN apt-get install linux-image-amd64 (Debian) or apk add linux-virt (Alpine)"
-            ));
+            ).into());
         }
         all.sort_by_key(|a| version_key(&a.version));
         if let Some(w) = wanted {
@@ -63,7 +62,7 @@ impl SourceImage {
             return all
                 .into_iter()
                 .find(|k| k.version == w)
-                .ok_or_else(|| format!("{reference} has no kernel {w}; it has {}", names.join(", ")));
+                .ok_or_else(|| format!("{reference} has no kernel {w}; it has {}", names.join(", ")).into());
         }
         if all.len() > 1 {
             eprintln!(
@@ -75,10 +74,10 @@ impl SourceImage {
     }
 
     /// Where a file of the image really is on the host.
-    pub fn host_path(&self, path: &str) -> Result<PathBuf, String> {
-        match self.view.lookup_follow(path).map_err(|e| e.to_string())? {
+    pub fn host_path(&self, path: &str) -> Result<PathBuf> {
+        match self.view.lookup_follow(path)? {
             Some(e) => Ok(e.host_path),
-            None => Err(format!("the image has no {path}")),
+            None => Err(format!("the image has no {path}").into()),
         }
     }
 }
@@ -99,7 +98,7 @@ fn version_key(v: &str) -> Vec<(u64, String)> {
 }
 
 /// Writes `data` to `path` atomically: a temporary file beside it, fsync, rename.
-pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
+pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path
@@ -122,11 +121,11 @@ pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<(), Strin
     })();
     result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        format!(
-            "cannot write {}: {e} (fix: check that {} exists and is writable)",
-            path.display(),
-            dir.display()
-        )
+        let errno = OsCause::errno(&e);
+        let fix = format!("fix: check that {} exists and is writable", dir.display());
+        Error::new(format!("cannot write {}: {e} ({fix})", path.display()))
+            .with_errno(errno)
+            .with_path(path)
     })
 }
 

@@ -11,6 +11,7 @@ use layerboot_init::settings::{arg, Config, DEFAULT_DOCKER_PATH, DEFAULT_INIT};
 use crate::archive::{compress, Compression, Tree};
 use crate::image::{write_atomically, SourceImage};
 use crate::modules::{self, read_index};
+use layerboot_init::error::{Error, Result};
 
 #[derive(FromArgs)]
 #[argh(subcommand, name = "initramfs")]
@@ -72,7 +73,7 @@ pub struct Args {
     output: PathBuf,
 }
 
-pub fn run(args: Args) -> Result<(), String> {
+pub fn run(args: Args) -> Result<()> {
     let src = match (&args.store, &args.rootfs, &args.image) {
         (Some(store), None, Some(image)) => SourceImage::open(store, image, args.namespace.as_deref())?,
         (None, Some(dir), _) => SourceImage::rootfs(dir)?,
@@ -85,22 +86,16 @@ pub fn run(args: Args) -> Result<(), String> {
     let kernel = src.kernel(args.kver.as_deref(), |k| k.modules)?;
     let kver = kernel.version.clone();
     let image_init = args.image_init.clone().unwrap_or_else(|| DEFAULT_INIT.to_string());
-    if args.store.is_some()
-        && src
-            .view
-            .lookup_follow(&image_init)
-            .map_err(|e| e.to_string())?
-            .is_none()
-    {
+    if args.store.is_some() && src.view.lookup_follow(&image_init)?.is_none() {
         return Err(format!(
             "{} has no {image_init}, so it cannot boot: install an init system in it (systemd-sysv on Debian and Ubuntu, openrc on Alpine), or name its init with --image-init",
             src.name
-        ));
+        ).into());
     }
     let init_path = match &args.init {
         Some(p) => p.clone(),
         None => std::env::current_exe()
-            .map_err(|e| e.to_string())?
+            .map_err(|e| Error::os("cannot find this program's own path", e))?
             .with_file_name("layerboot-init"),
     };
     let init = read_static(
@@ -219,7 +214,7 @@ fn config_json(args: &Args, kver: &str, image_init: &str) -> String {
 }
 
 /// Reads a program that must run without a dynamic loader (there is none in the initramfs).
-fn read_static(path: &Path, what: &str, fix: &str) -> Result<Vec<u8>, String> {
+fn read_static(path: &Path, what: &str, fix: &str) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e} (fix: {fix})", path.display()))?;
     let elf =
         goblin::elf::Elf::parse(&bytes).map_err(|e| format!("{what} {} is not an ELF program: {e}", path.display()))?;
@@ -227,7 +222,8 @@ fn read_static(path: &Path, what: &str, fix: &str) -> Result<Vec<u8>, String> {
         return Err(format!(
             "{what} {} is dynamically linked (it asks for {interp}); it must be static (fix: {fix})",
             path.display()
-        ));
+        )
+        .into());
     }
     Ok(bytes)
 }

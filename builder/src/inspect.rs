@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use argh::FromArgs;
+use layerboot_init::error::Result;
 use layerboot_init::lookup::MergedView;
 use layerboot_init::store::{Image, Store};
 use serde_json::json;
@@ -35,12 +36,12 @@ pub struct Kernel {
     pub modules: bool,
 }
 
-pub fn kernels(view: &MergedView) -> Result<Vec<Kernel>, String> {
+pub fn kernels(view: &MergedView) -> Result<Vec<Kernel>> {
     let mut versions = std::collections::BTreeSet::new();
     for dir in ["/lib/modules", "/usr/lib/modules"] {
-        versions.extend(view.read_dir(dir).map_err(|e| e.to_string())?.unwrap_or_default());
+        versions.extend(view.read_dir(dir)?.unwrap_or_default());
     }
-    for name in view.read_dir("/boot").map_err(|e| e.to_string())?.unwrap_or_default() {
+    for name in view.read_dir("/boot")?.unwrap_or_default() {
         if let Some(v) = name.strip_prefix("vmlinuz-") {
             versions.insert(v.to_string());
         }
@@ -69,10 +70,8 @@ pub fn kernels(view: &MergedView) -> Result<Vec<Kernel>, String> {
     Ok(out)
 }
 
-pub fn run(args: Args) -> Result<(), String> {
-    let store = Store::open(&args.store)
-        .map_err(|e| e.to_string())?
-        .with_namespace(args.namespace.clone());
+pub fn run(args: Args) -> Result<()> {
+    let store = Store::open(&args.store)?.with_namespace(args.namespace.clone());
     match &args.reference {
         Some(r) => show(&store, r, args.json),
         None => list(&store, args.json),
@@ -84,9 +83,9 @@ fn short(id: &str) -> &str {
     &hex[..hex.len().min(12)]
 }
 
-fn list(store: &Store, as_json: bool) -> Result<(), String> {
+fn list(store: &Store, as_json: bool) -> Result<()> {
     let mut rows = Vec::new();
-    for entry in store.images().map_err(|e| e.to_string())? {
+    for entry in store.images()? {
         // A damaged image is listed with its error rather than hiding the rest.
         let (layers, kernels, error) = match store.load(&entry) {
             Ok(img) => (Some(img.layers.len()), kernels(&MergedView::new(&img))?, None),
@@ -141,8 +140,8 @@ fn list(store: &Store, as_json: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn show(store: &Store, reference: &str, as_json: bool) -> Result<(), String> {
-    let img: Image = store.resolve(reference).map_err(|e| e.to_string())?;
+fn show(store: &Store, reference: &str, as_json: bool) -> Result<()> {
+    let img: Image = store.resolve(reference)?;
     let kernels = kernels(&MergedView::new(&img))?;
     if as_json {
         let v = json!({

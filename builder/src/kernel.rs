@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use argh::FromArgs;
 
 use crate::image::{write_atomically, SourceImage};
+use layerboot_init::error::{Error, Result};
 
 #[derive(FromArgs)]
 #[argh(subcommand, name = "kernel")]
@@ -27,12 +28,12 @@ pub struct Args {
     output: PathBuf,
 }
 
-pub fn run(args: Args) -> Result<(), String> {
+pub fn run(args: Args) -> Result<()> {
     let src = SourceImage::open(&args.store, &args.image, args.namespace.as_deref())?;
     let kernel = src.kernel(args.kver.as_deref(), |k| k.vmlinuz.is_some())?;
     let from = src.host_path(kernel.vmlinuz.as_deref().unwrap())?;
-    let data = std::fs::read(&from).map_err(|e| format!("cannot read {}: {e}", from.display()))?;
-    std::fs::create_dir_all(&args.output).map_err(|e| format!("cannot create {}: {e}", args.output.display()))?;
+    let data = std::fs::read(&from).map_err(|e| Error::io("cannot read", &from, e))?;
+    std::fs::create_dir_all(&args.output).map_err(|e| Error::io("cannot create", &args.output, e))?;
     let dest = args.output.join(format!("vmlinuz-{}", kernel.version));
     write_atomically(&dest, &data, 0o644)?;
     println!("{}", dest.display());

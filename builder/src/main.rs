@@ -1,15 +1,8 @@
 //! `layerboot`: the build-time half of layerboot (booster's generator, in spirit).
-//! The boot-time half is `layerboot-init`; both share its library.
-
-mod archive;
-mod entry;
-mod image;
-mod initramfs;
-mod inspect;
-mod kernel;
-mod modules;
+//! This file only parses the command line; the work is in the library (`lib.rs`).
 
 use argh::FromArgs;
+use layerboot::{entry, initramfs, inspect, kernel};
 
 #[derive(FromArgs)]
 /// Boot machines straight from container images: inspect stores, build the initramfs.
@@ -41,7 +34,7 @@ fn main() {
         Some(Command::Initramfs(args)) => initramfs::run(args),
         Some(Command::Kernel(args)) => kernel::run(args),
         Some(Command::Entry(args)) => entry::run(args),
-        None => Err("no command given (try: layerboot --help)".to_string()),
+        None => Err("no command given (try: layerboot --help)".into()),
     };
     if let Err(e) = result {
         eprintln!("layerboot: {e}");

@@ -10,6 +10,7 @@ use layerboot_init::coldplug::ModaliasWalker;
 use layerboot_init::kmod::{ModuleIndex, Step, INDEX_FILES};
 
 use crate::image::SourceImage;
+use layerboot_init::error::{Error, Result};
 
 /// Drivers that find the disk on common PCs and VMs; /init loads those its devices'
 /// modaliases ask for.
@@ -49,7 +50,7 @@ pub struct Selection {
     pub notes: Vec<String>,
 }
 
-pub fn read_index(src: &SourceImage, modules_dir: &str) -> Result<ModuleIndex, String> {
+pub fn read_index(src: &SourceImage, modules_dir: &str) -> Result<ModuleIndex> {
     let mut text = BTreeMap::new();
     for f in INDEX_FILES {
         let t = match src.read(&format!("{modules_dir}/{f}"))? {
@@ -58,7 +59,8 @@ pub fn read_index(src: &SourceImage, modules_dir: &str) -> Result<ModuleIndex, S
                 return Err(format!(
                     "{} has no {modules_dir}/modules.dep (fix: run depmod for that kernel)",
                     src.name
-                ))
+                )
+                .into())
             }
             None => String::new(),
         };
@@ -75,12 +77,7 @@ pub fn read_index(src: &SourceImage, modules_dir: &str) -> Result<ModuleIndex, S
 /// The modules to pack: `extra` must exist; defaults that this kernel lacks are skipped
 /// with a note; with `host_only`, only drivers this machine's devices match and the
 /// filesystems it has mounted.
-pub fn select(
-    index: &ModuleIndex,
-    kver: &str,
-    extra: &[String],
-    host_only: bool,
-) -> Result<(Vec<Step>, Vec<String>), String> {
+pub fn select(index: &ModuleIndex, kver: &str, extra: &[String], host_only: bool) -> Result<(Vec<Step>, Vec<String>)> {
     let mut notes = Vec::new();
     let mut wanted: Vec<String> = Vec::new();
     // This machine's devices resolved to module names once, not once per candidate.
@@ -108,11 +105,11 @@ pub fn select(
     }
     for m in extra {
         if index.resolve(m).is_empty() && !index.is_builtin(m) {
-            return Err(format!("module {m} (--module) is not in modules.dep of kernel {kver} (fix: check its name with `modinfo -k {kver} {m}`)"));
+            return Err(format!("module {m} (--module) is not in modules.dep of kernel {kver} (fix: check its name with `modinfo -k {kver} {m}`)").into());
         }
         wanted.push(m.clone());
     }
-    let steps = index.load_order(&wanted).map_err(|e| e.to_string())?;
+    let steps = index.load_order(&wanted)?;
     Ok((steps, notes))
 }
 
@@ -137,7 +134,7 @@ pub fn pack(
     modules_dir: &str,
     kver: &str,
     steps: &[Step],
-) -> Result<Selection, String> {
+) -> Result<Selection> {
     let mut modules = Vec::new();
     let mut firmware = BTreeMap::new();
     let mut notes = Vec::new();
@@ -147,7 +144,7 @@ pub fn pack(
             return Err(format!(
                 "modules.dep of kernel {kver} names module {} at '{}', a path leaving {modules_dir} (fix: regenerate it with `depmod {kver}` in the image)",
                 step.name, step.path
-            ));
+            ).into());
         }
         let raw = src.read(&format!("{modules_dir}/{}", step.path))?.ok_or_else(|| {
             format!(
@@ -166,14 +163,15 @@ pub fn pack(
                 "module {} was built for kernel '{}', not {kver}: the image's modules and kernel do not match (fix: reinstall the kernel package in the image)",
                 step.path,
                 vermagic.split_whitespace().next().unwrap_or("?")
-            ));
+            ).into());
         }
         for (_, fw) in info.iter().filter(|(k, _)| *k == "firmware") {
             if !plain_relative(fw) {
                 return Err(format!(
                     "module {} names firmware '{fw}', a path leaving /lib/firmware: refused",
                     step.path
-                ));
+                )
+                .into());
             }
             match find_firmware(src, fw)? {
                 Some((path, bytes)) => {
@@ -217,10 +215,10 @@ fn strip_compression(path: &str) -> String {
 
 /// Compressed modules are stored decompressed: /init loads them with finit_module, and
 /// not every kernel can decompress modules itself.
-fn decompress(path: &str, raw: Vec<u8>) -> Result<Vec<u8>, String> {
+fn decompress(path: &str, raw: Vec<u8>) -> Result<Vec<u8>> {
     use std::io::Read;
     if path.ends_with(".zst") {
-        zstd::decode_all(&raw[..]).map_err(|e| e.to_string())
+        zstd::decode_all(&raw[..]).map_err(|e| Error::os(format!("cannot decompress {path}"), e))
     } else if path.ends_with(".xz") {
         let mut out = Vec::new();
         lzma_rs::xz_decompress(&mut &raw[..], &mut out).map_err(|e| format!("{e:?}"))?;
@@ -229,7 +227,7 @@ fn decompress(path: &str, raw: Vec<u8>) -> Result<Vec<u8>, String> {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
             .read_to_end(&mut out)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Error::os(format!("cannot decompress {path}"), e))?;
         Ok(out)
     } else {
         Ok(raw)
@@ -237,7 +235,7 @@ fn decompress(path: &str, raw: Vec<u8>) -> Result<Vec<u8>, String> {
 }
 
 /// The `key=value` strings of a module's `.modinfo` section.
-pub fn modinfo(elf_bytes: &[u8]) -> Result<Vec<(&str, &str)>, String> {
+pub fn modinfo(elf_bytes: &[u8]) -> Result<Vec<(&str, &str)>> {
     let elf = goblin::elf::Elf::parse(elf_bytes).map_err(|e| e.to_string())?;
     let section = elf
         .section_headers
@@ -255,7 +253,7 @@ pub fn modinfo(elf_bytes: &[u8]) -> Result<Vec<(&str, &str)>, String> {
         .collect())
 }
 
-fn find_firmware(src: &SourceImage, name: &str) -> Result<Option<(String, Vec<u8>)>, String> {
+fn find_firmware(src: &SourceImage, name: &str) -> Result<Option<(String, Vec<u8>)>> {
     for dir in ["/lib/firmware", "/usr/lib/firmware"] {
         for suffix in ["", ".xz", ".zst"] {
             if let Some(bytes) = src.read(&format!("{dir}/{name}{suffix}"))? {

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use layerboot_init::bolt::{Bucket, Db, Entry};
+use layerboot_init::bolt::{Bucket, Db, Item};
 use libfuzzer_sys::fuzz_target;
 
 const PAGE_HEADER: usize = 16;
@@ -41,7 +41,7 @@ fn walk(b: &Bucket<'_>, depth: usize, budget: &mut usize) {
             let _ = b.value(k);
             let _ = b.bucket(k);
         }
-        if let Entry::Bucket(nested) = entry {
+        if let Item::Bucket(nested) = entry {
             walk(nested, depth + 1, budget);
         }
     }

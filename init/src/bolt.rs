@@ -53,7 +53,7 @@ enum Node<'a> {
 }
 
 /// What a key holds.
-pub enum Entry<'a> {
+pub enum Item<'a> {
     Value(&'a [u8]),
     Bucket(Bucket<'a>),
 }
@@ -168,7 +168,7 @@ struct Element<'a> {
 
 impl<'a> Bucket<'a> {
     /// The value or nested bucket at `key`, if any.
-    pub fn get(&self, key: &[u8]) -> Result<Option<Entry<'a>>> {
+    pub fn get(&self, key: &[u8]) -> Result<Option<Item<'a>>> {
         let mut node = self.root;
         for _ in 0..MAX_DEPTH {
             let (flags, elements) = self.elements(node)?;
@@ -192,7 +192,7 @@ impl<'a> Bucket<'a> {
     /// A nested bucket at `key`, if there is one (a plain value there counts as none).
     pub fn bucket(&self, key: &str) -> Result<Option<Bucket<'a>>> {
         Ok(match self.get(key.as_bytes())? {
-            Some(Entry::Bucket(b)) => Some(b),
+            Some(Item::Bucket(b)) => Some(b),
             _ => None,
         })
     }
@@ -200,13 +200,13 @@ impl<'a> Bucket<'a> {
     /// A plain value at `key`, if there is one.
     pub fn value(&self, key: &str) -> Result<Option<&'a [u8]>> {
         Ok(match self.get(key.as_bytes())? {
-            Some(Entry::Value(v)) => Some(v),
+            Some(Item::Value(v)) => Some(v),
             _ => None,
         })
     }
 
     /// Every key in order, with what it holds.
-    pub fn entries(&self) -> Result<Vec<(&'a [u8], Entry<'a>)>> {
+    pub fn entries(&self) -> Result<Vec<(&'a [u8], Item<'a>)>> {
         let mut out = Vec::new();
         self.collect(self.root, 0, &mut out, &mut std::collections::HashSet::new())?;
         Ok(out)
@@ -218,7 +218,7 @@ impl<'a> Bucket<'a> {
         &self,
         node: Node<'a>,
         depth: usize,
-        out: &mut Vec<(&'a [u8], Entry<'a>)>,
+        out: &mut Vec<(&'a [u8], Item<'a>)>,
         seen: &mut std::collections::HashSet<u64>,
     ) -> Result<()> {
         if depth > MAX_DEPTH {
@@ -240,10 +240,10 @@ impl<'a> Bucket<'a> {
         Ok(())
     }
 
-    fn entry(&self, e: &Element<'a>) -> Result<Entry<'a>> {
+    fn entry(&self, e: &Element<'a>) -> Result<Item<'a>> {
         let (flags, value) = e.leaf.expect("leaf elements only");
         if flags & BUCKET_FLAG == 0 {
-            return Ok(Entry::Value(value));
+            return Ok(Item::Value(value));
         }
         if value.len() < BUCKET_HEADER {
             return Err(self.db.corrupt("a nested bucket's header is truncated"));
@@ -254,7 +254,7 @@ impl<'a> Bucket<'a> {
         } else {
             Node::Page(root)
         };
-        Ok(Entry::Bucket(Bucket { db: self.db, root }))
+        Ok(Item::Bucket(Bucket { db: self.db, root }))
     }
 
     /// The page's flags and elements, every offset checked against the page.

@@ -1,6 +1,10 @@
-//! Talking to the person at the machine. Progress goes to the kernel log (kernlog), which
-//! the console shows unless `quiet`; failures go straight to /dev/console, since
-//! /dev/kmsg writes are rate-limited and may be hidden by the log level.
+//! The one way out of layerboot-init, with two audiences:
+//! - the record: progress goes to the kernel log through `log` (kernlog), which the
+//!   console also shows unless `quiet`, and which the journal keeps;
+//! - the person: warnings and failures go through [`say`] straight to /dev/console,
+//!   since /dev/kmsg writes are rate-limited and may be hidden by the log level.
+//!
+//! Nothing else in the crate prints: a new message picks one of these two.
 
 use std::io::Write;
 use std::time::Duration;
@@ -27,6 +31,22 @@ pub fn init_logging(debug: bool) {
     });
 }
 
+/// How a failure reads on the console, at boot and under `--mount-root` alike.
+pub fn failure_text(msg: &str) -> String {
+    let mut text = String::from("layerboot: BOOT FAILED");
+    for line in msg.lines() {
+        text.push_str("\n  ");
+        text.push_str(line);
+    }
+    text
+}
+
+/// A wrong invocation by hand (not at boot): the reason on stderr, exit status 2.
+pub fn usage(msg: &str) -> ! {
+    eprintln!("{msg}");
+    std::process::exit(2);
+}
+
 /// The shell `layerboot initramfs --rescue-shell` packs.
 pub const RESCUE_SHELL: &str = "/bin/sh";
 
@@ -35,10 +55,7 @@ pub const RESCUE_SHELL: &str = "/bin/sh";
 /// exit (that is a kernel panic), so this never returns.
 pub fn fail(msg: &str, wait: Duration, rescue_shell: bool) -> ! {
     say("");
-    say("layerboot: BOOT FAILED");
-    for line in msg.lines() {
-        say(&format!("  {line}"));
-    }
+    say(&failure_text(msg));
     if rescue_shell {
         if std::path::Path::new(RESCUE_SHELL).exists() {
             say("layerboot: starting a rescue shell (layerboot.rescue=shell); `exit` reboots.");

@@ -65,10 +65,10 @@ pub fn resolve_source(base: &Path, rel: &str) -> Result<PathBuf> {
             // SAFETY: a fresh descriptor from openat2.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-                .map_err(|e| Error::io("cannot read the path of", &base.join(rel), e))?
+                .map_err(|e| Error::io("cannot read the path of", base.join(rel), e))?
         }
         Err(Errno::ENOSYS) => {
-            fs::canonicalize(base.join(rel)).map_err(|e| Error::io("cannot resolve", &base.join(rel), e))?
+            fs::canonicalize(base.join(rel)).map_err(|e| Error::io("cannot resolve", base.join(rel), e))?
         }
         Err(Errno::EXDEV) => {
             return Err(Error::new(
@@ -143,7 +143,7 @@ impl Copier {
             .flags(OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
         let fd = openat2(self.root.as_raw_fd(), path, how)
-            .map_err(|e| Error::io("cannot open in the new root", &Path::new("/").join(rel), e))?;
+            .map_err(|e| Error::io("cannot open in the new root", Path::new("/").join(rel), e))?;
         // SAFETY: a fresh descriptor from openat2.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }

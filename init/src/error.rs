@@ -6,7 +6,7 @@
 //! mount point), never on the text, which differs between C libraries.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 
@@ -14,6 +14,9 @@ use nix::errno::Errno;
 pub struct Error {
     message: String,
     errno: Option<Errno>,
+    /// The file or device the failure is about, when there is one: callers (the
+    /// builder's `--json`, tests) read it without parsing the sentence.
+    path: Option<PathBuf>,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -40,6 +43,7 @@ impl Error {
         Error {
             message: msg.into(),
             errno: None,
+            path: None,
         }
     }
 
@@ -48,15 +52,31 @@ impl Error {
         Error {
             message: format!("{what}: {err}"),
             errno: err.errno(),
+            path: None,
         }
     }
 
     /// An I/O failure on `path` while doing `what`.
-    pub fn io(what: &str, path: &Path, err: impl OsCause) -> Self {
+    pub fn io(what: &str, path: impl AsRef<Path>, err: impl OsCause) -> Self {
+        let path = path.as_ref();
         Error {
             message: format!("{what} {}: {err}", path.display()),
             errno: err.errno(),
+            path: Some(path.to_path_buf()),
         }
+    }
+
+    /// Names the file or device a composed message is about.
+    pub fn with_path(self, path: impl Into<PathBuf>) -> Self {
+        Error {
+            path: Some(path.into()),
+            ..self
+        }
+    }
+
+    /// The file or device the failure is about, if one was named.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
     }
 
     /// Records the kernel's reason behind a message composed by the caller.
@@ -77,7 +97,7 @@ impl Error {
     pub fn context(self, what: impl fmt::Display) -> Self {
         Error {
             message: format!("{what}: {}", self.message),
-            errno: self.errno,
+            ..self
         }
     }
 }
@@ -89,6 +109,19 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// A sentence composed by the caller (argument checks, the builder's own findings).
+impl From<String> for Error {
+    fn from(message: String) -> Self {
+        Error::new(message)
+    }
+}
+
+impl From<&str> for Error {
+    fn from(message: &str) -> Self {
+        Error::new(message)
+    }
+}
 
 /// `Result::context` for our own results.
 pub trait Context<T> {
@@ -114,6 +147,7 @@ mod tests {
         )
         .context("filling");
         assert_eq!(e.errno(), Some(Errno::ENOSPC));
+        assert_eq!(e.path(), Some(Path::new("/x")));
         assert!(e.message().starts_with("filling: cannot write /x: "), "{e}");
         assert_eq!(Error::new("plain").errno(), None);
     }

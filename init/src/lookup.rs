@@ -77,7 +77,7 @@ impl MergedView {
                 }
                 let md = entry
                     .metadata()
-                    .map_err(|e| Error::io("cannot stat", &entry.path(), e))?;
+                    .map_err(|e| Error::io("cannot stat", entry.path(), e))?;
                 seen.insert(name, !is_whiteout(&md));
             }
         }

@@ -26,23 +26,21 @@ fn main() {
     }
     if args.get(1).map(String::as_str) == Some("--mount-root") {
         let Some(target) = args.get(2).filter(|t| t.starts_with('/')) else {
-            eprintln!("usage: layerboot-init --mount-root /ABSOLUTE/DIR (the directory the initramfs switches to, e.g. ${{rootmnt}})");
-            std::process::exit(2);
+            console::usage("usage: layerboot-init --mount-root /ABSOLUTE/DIR (the directory the initramfs switches to, e.g. ${rootmnt})");
         };
         match Boot::hosted(std::path::Path::new(target)).mount_root() {
             Ok(_) => std::process::exit(0),
             Err(e) => {
-                eprintln!("layerboot: BOOT FAILED\n  {}", e.message().replace('\n', "\n  "));
+                console::say(&console::failure_text(e.message()));
                 std::process::exit(1);
             }
         }
     }
     if std::process::id() != 1 {
-        eprintln!(
+        console::usage(
             "layerboot-init is an initramfs's /init: it must run as PID 1 at boot (it mounts, \
-             snapshots and switches root). To look into a store from a running system, use `layerboot inspect`."
+             snapshots and switches root). To look into a store from a running system, use `layerboot inspect`.",
         );
-        std::process::exit(2);
     }
     let default_wait = Duration::from_secs(DEFAULT_RESCUE_TIMEOUT_S);
     // A panic must not kill PID 1 (a kernel panic): report it like any failure.

@@ -26,7 +26,7 @@ const OLD_ROOT: &str = "/oldroot";
 pub fn prepare(program: &Path) -> Result<()> {
     let dir = Path::new(SHUTDOWN_DIR);
     for d in ["oldroot", "proc", "sys", "dev", "run"] {
-        fs::create_dir_all(dir.join(d)).map_err(|e| Error::io("cannot create", &dir.join(d), e))?;
+        fs::create_dir_all(dir.join(d)).map_err(|e| Error::io("cannot create", dir.join(d), e))?;
     }
     let (tmp, dest) = (dir.join(".shutdown.tmp"), dir.join("shutdown"));
     fs::copy(program, &tmp).map_err(|e| Error::io(&format!("cannot copy {} to", program.display()), &tmp, e))?;

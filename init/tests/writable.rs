@@ -332,7 +332,7 @@ fn a_full_disk_prunes_old_generations_then_gives_up_with_enospc() {
     let fill = |size: usize| {
         move |l: &Path| -> Result<()> {
             fs::write(l.join("big"), vec![1u8; size])
-                .map_err(|e| layerboot_init::Error::io("cannot write", &l.join("big"), e))
+                .map_err(|e| layerboot_init::Error::io("cannot write", l.join("big"), e))
         }
     };
     for b in ["b1", "b2"] {

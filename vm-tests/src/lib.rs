@@ -277,24 +277,15 @@ pub fn accel() -> String {
         .clone()
 }
 
-/// One file of an archive: `(path, mode, (rdev major, minor), data)`.
-pub type ArchiveEntry<'a> = (&'a str, u32, (u32, u32), Vec<u8>);
-
-/// An uncompressed initramfs (cpio newc) of `entries`.
-pub fn newc_archive(entries: Vec<ArchiveEntry>) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (i, (name, mode, (ma, mi), data)) in entries.into_iter().enumerate() {
-        let mut w = cpio::newc::Builder::new(name)
-            .ino(i as u32 + 1)
-            .mode(mode)
-            .rdev_major(ma)
-            .rdev_minor(mi)
-            .nlink(1)
-            .write(out, data.len() as u32);
-        std::io::Write::write_all(&mut w, &data).unwrap();
-        out = w.finish().unwrap();
-    }
-    cpio::newc::trailer(out).unwrap()
+/// An uncompressed initramfs tree (the builder's own archive writer) holding `/init`
+/// and the two device nodes the kernel needs before any /dev is mounted.
+pub fn base_tree(init: Vec<u8>) -> layerboot::archive::Tree {
+    let mut tree = layerboot::archive::Tree::default();
+    tree.dir("dev");
+    tree.char_dev("dev/console", 5, 1, 0o600);
+    tree.char_dev("dev/kmsg", 1, 11, 0o600);
+    tree.file("init", init, 0o755);
+    tree
 }
 
 /// A static helper binary of this crate (floor-init, minimal-init), built by vm-tests/bench.
@@ -316,13 +307,9 @@ pub fn floor_initramfs() -> PathBuf {
             x ^= x << 5;
             *b = x as u8;
         }
-        let archive = newc_archive(vec![
-            ("dev", 0o040755, (0, 0), Vec::new()),
-            ("dev/console", 0o020600, (5, 1), Vec::new()),
-            ("dev/kmsg", 0o020600, (1, 11), Vec::new()),
-            ("init", 0o100755, (0, 0), helper_binary("floor-init")),
-            ("padding", 0o100644, (0, 0), pad),
-        ]);
+        let mut tree = base_tree(helper_binary("floor-init"));
+        tree.file("padding", pad, 0o644);
+        let archive = tree.cpio(0).unwrap();
         let path = repo().join("target/vm-tests/floor-initramfs.img");
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(&path, archive).unwrap();

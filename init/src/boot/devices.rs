@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::modules::KernelModules;
 use crate::coldplug::{ModaliasWalker, Uevents};
+use crate::console::say;
 use crate::error::{Error, Result};
 use crate::probe::{scan, BlockDevice};
 use crate::settings::{Config, DeviceSpec};
@@ -145,7 +146,7 @@ impl Hardware {
                 )));
             }
             if !told && start.elapsed() > Duration::from_secs(2) {
-                crate::console::say(&format!("layerboot: waiting for {what} device {spec}…"));
+                say(&format!("layerboot: waiting for {what} device {spec}…"));
                 told = true;
             }
             match &self.uevents {

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use sys_mount::MountFlags;
 
+use crate::console::say;
 use crate::error::{Context, Error, Result};
 use crate::mounts::mount;
 use crate::probe::BlockDevice;
@@ -78,7 +79,7 @@ impl Boot {
 
     /// A problem that does not stop the boot: on the console now, in booted.json later.
     fn warn(&self, msg: &str) {
-        crate::console::say(&format!("layerboot: warning: {msg}"));
+        say(&format!("layerboot: warning: {msg}"));
         self.warnings.borrow_mut().push(msg.to_string());
     }
 

@@ -3,7 +3,6 @@
 //! `layerboot.mode=keep`, an overlay upper in memory) share one path: the generations of
 //! the writable layer are [`crate::writable`]'s, this file mounts what it made.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -11,16 +10,15 @@ use sys_mount::MountFlags;
 
 use super::devices::Hardware;
 use super::{Boot, STORE_MOUNT};
-use crate::copy::copy_tree;
+use crate::console::say;
 use crate::error::{Context, Error, Result};
 use crate::mounts::{mount, unmount};
 use crate::probe::BlockDevice;
-use crate::settings::{arg, LayerMode, Settings, Upper};
-use crate::store::{Driver, Image, Store};
-use crate::writable::{check_clear_of, overlay_data, Layers};
+use crate::settings::{arg, LayerMode, Settings};
+use crate::store::{Image, Store};
+use crate::writable::{check_clear_of, Kind, Layers, MountSource};
 
 const TOPLAYER_MOUNT: &str = "/run/layerboot/toplayer";
-const STAGE_MOUNT: &str = "/run/layerboot/stage";
 const TMPFS_UPPER: &str = "/run/layerboot/upper";
 
 /// What step 4 works from: the settings, the store's device and the image found in it.
@@ -75,21 +73,24 @@ impl Boot {
         } else {
             MountFlags::empty()
         };
-        if s.upper == Upper::Tmpfs {
-            hw.ensure_filesystem("overlay")?;
-            self.mount_tmpfs_root(src, toplayer, ro)?;
-        } else if let Err(e) = self.mount_layer_on_disk(src, toplayer, ro) {
+        let kind = Kind::of(s.upper, src.image.driver);
+        let on_disk = match kind {
+            Kind::OverlayInMemory => None,
+            Kind::Snapshot | Kind::OverlayOnDisk => Some(self.mount_layer_on_disk(kind, src, toplayer, ro)),
+        };
+        match on_disk {
+            None => self.mount_in_memory(src, toplayer, ro, hw)?,
+            Some(Ok(())) => {}
             // Never an older image's layer: this image, with nothing kept.
-            if e.errno() != Some(Errno::ENOSPC) {
-                return Err(e);
+            Some(Err(e)) if e.errno() == Some(Errno::ENOSPC) => {
+                self.warn(&format!(
+                    "{e}. Booting {} with its writable layer in memory (as layerboot.upper=tmpfs): nothing it writes is \
+                     kept (fix: free space on the store's partition)",
+                    s.image
+                ));
+                self.mount_in_memory(src, toplayer, ro, hw)?;
             }
-            self.warn(&format!(
-                "{e}. Booting {} with its writable layer in memory (as layerboot.upper=tmpfs): nothing it writes is \
-                 kept (fix: free space on the store's partition)",
-                s.image
-            ));
-            hw.ensure_filesystem("overlay")?;
-            self.mount_tmpfs_root(src, toplayer, ro)?;
+            Some(Err(e)) => return Err(e),
         }
         if toplayer.is_some_and(|t| t.starts_with(TOPLAYER_MOUNT)) {
             let _ = unmount(Path::new(TOPLAYER_MOUNT));
@@ -98,7 +99,7 @@ impl Boot {
     }
 
     /// A fresh (or kept) generation of the writable layer on the store's partition.
-    fn mount_layer_on_disk(&self, src: &Source, toplayer: Option<&Path>, ro: MountFlags) -> Result<()> {
+    fn mount_layer_on_disk(&self, kind: Kind, src: &Source, toplayer: Option<&Path>, ro: MountFlags) -> Result<()> {
         let (s, image) = (src.settings, src.image);
         // Before anything is touched: the layer's generations must not be the store or
         // the top layer, nor hold them.
@@ -114,13 +115,13 @@ impl Boot {
             .layers
             .first()
             .map(|l| l.dir.as_path())
-            .filter(|_| image.driver == Driver::Btrfs);
+            .filter(|_| kind == Kind::Snapshot);
         let mut layers = Layers::open(Path::new(STORE_MOUNT), &s.rw_name, s.keep, s.rw_adopt, origin)?;
         let recovered = layers.recover();
         self.take_warnings(&mut layers);
         recovered.context("cleaning up after an interrupted boot")?;
         let kept = s.mode == LayerMode::Keep && reusable(&layers.current(), image, &s.rw_name);
-        let mut fill = |layer: &Path| self.copy_toplayer(src, layer, toplayer);
+        let mut fill = |layer: &Path| self.copy_toplayer(kind, src, layer, toplayer);
         let made = if kept {
             layers.refresh_current(&mut fill)
         } else {
@@ -131,15 +132,7 @@ impl Boot {
         made.context("making the writable layer")?;
         self.timeline
             .stage("writable layer", &layers.current().display().to_string());
-        let new_root = self.new_root.as_path();
-        match image.driver {
-            Driver::Btrfs => {
-                let mut opts = vec![format!("subvol=/{}", s.rw_name)];
-                opts.extend(s.root_flags.iter().filter(|f| !f.starts_with("subvolid=")).cloned());
-                mount(&src.device.node, new_root, "btrfs", ro, &opts.join(","))
-            }
-            Driver::Overlay2 | Driver::Vfs => mount_overlay(image, src.store, &layers.current(), new_root, ro),
-        }
+        kind.mount(&mount_source(src), &layers.current(), &self.new_root, ro)
     }
 
     fn take_warnings(&self, layers: &mut Layers) {
@@ -148,21 +141,11 @@ impl Boot {
         }
     }
 
-    /// Copies the top layer into a writable layer: straight into a btrfs snapshot, or
-    /// through an overlay so it lands as the booted system will see it.
-    fn copy_toplayer(&self, src: &Source, layer: &Path, toplayer: Option<&Path>) -> Result<()> {
+    /// Copies the top layer into a writable layer of `kind`.
+    fn copy_toplayer(&self, kind: Kind, src: &Source, layer: &Path, toplayer: Option<&Path>) -> Result<()> {
         let Some(top) = toplayer else { return Ok(()) };
         log::debug!("copying the top layer from {} into {}", top.display(), layer.display());
-        let stats = match src.image.driver {
-            Driver::Btrfs => copy_tree(top, layer)?,
-            Driver::Overlay2 | Driver::Vfs => {
-                let stage = Path::new(STAGE_MOUNT);
-                mount_overlay(src.image, src.store, layer, stage, MountFlags::empty())?;
-                let copied = copy_tree(top, stage);
-                unmount(stage)?;
-                copied?
-            }
-        };
+        let stats = kind.fill(src.image, src.store, layer, top)?;
         self.timeline.stage(
             "top layer",
             &format!(
@@ -178,9 +161,10 @@ impl Boot {
         Ok(())
     }
 
-    /// `layerboot.upper=tmpfs`: the image under an overlay whose upper lives in memory;
-    /// nothing is written to the disk.
-    fn mount_tmpfs_root(&self, src: &Source, toplayer: Option<&Path>, ro: MountFlags) -> Result<()> {
+    /// [`Kind::OverlayInMemory`]: the image under an overlay whose upper lives on a
+    /// tmpfs; nothing is written to the disk.
+    fn mount_in_memory(&self, src: &Source, toplayer: Option<&Path>, ro: MountFlags, hw: &mut Hardware) -> Result<()> {
+        hw.ensure_filesystem("overlay")?;
         let home = Path::new(TMPFS_UPPER);
         mount(
             Path::new("tmpfs"),
@@ -189,33 +173,24 @@ impl Boot {
             MountFlags::NOSUID | MountFlags::NODEV,
             "mode=0755",
         )?;
-        for d in ["upper", "work"] {
-            fs::create_dir_all(home.join(d)).map_err(|e| Error::io("cannot create", &home.join(d), e))?;
-        }
-        let new_root = self.new_root.as_path();
-        mount_overlay(src.image, src.store, home, new_root, MountFlags::empty())?;
-        if let Some(top) = toplayer {
-            let stats = copy_tree(top, new_root)?;
-            self.timeline.stage(
-                "top layer",
-                &format!("copied from {} ({} files)", top.display(), stats.files),
-            );
-            stats.warnings.iter().for_each(|w| self.warn(w));
-        }
-        if ro.contains(MountFlags::RDONLY) {
-            mount(
-                Path::new("overlay"),
-                new_root,
-                "overlay",
-                MountFlags::REMOUNT | MountFlags::RDONLY,
-                "",
-            )?;
-        }
+        let kind = Kind::OverlayInMemory;
+        kind.prepare(src.image, home)?;
+        self.copy_toplayer(kind, src, home, toplayer)?;
+        kind.mount(&mount_source(src), home, &self.new_root, ro)?;
         self.timeline.stage(
             "writable layer",
             "an overlay with its upper on tmpfs (layerboot.upper=tmpfs)",
         );
         Ok(())
+    }
+}
+
+fn mount_source<'a>(src: &Source<'a>) -> MountSource<'a> {
+    MountSource {
+        image: src.image,
+        store: src.store,
+        device: &src.device.node,
+        root_flags: &src.settings.root_flags,
     }
 }
 
@@ -241,7 +216,7 @@ fn reusable(current: &Path, image: &Image, name: &str) -> bool {
             true
         }
         Some(id) => {
-            crate::console::say(&format!(
+            say(&format!(
                 "layerboot: layerboot.mode=keep, but layer {name} was made from image {id}, not {}: making a fresh layer",
                 image.id
             ));
@@ -249,27 +224,13 @@ fn reusable(current: &Path, image: &Image, name: &str) -> bool {
         }
         None => {
             if current.exists() {
-                crate::console::say(&format!(
+                say(&format!(
                     "layerboot: layerboot.mode=keep, but layer {name} records no image: making a fresh layer"
                 ));
             }
             false
         }
     }
-}
-
-/// Mounts an overlay of `image`'s layers with `layer`'s upper and work dirs at `target`.
-fn mount_overlay(image: &Image, store: &Store, layer: &Path, target: &Path, flags: MountFlags) -> Result<()> {
-    // A containerd store may have no overlayfs snapshots at all (btrfs snapshotter only).
-    let home = Some(store.driver_home())
-        .filter(|h| h.is_dir())
-        .unwrap_or_else(|| PathBuf::from("/"));
-    let data = overlay_data(image, &home, &layer.join("upper"), &layer.join("work"))?;
-    // The lower dirs are relative to the driver's home (see overlay_data).
-    nix::unistd::chdir(&home).map_err(|e| Error::io("cannot enter", &home, e))?;
-    let r = mount(Path::new("overlay"), target, "overlay", flags, &data);
-    let _ = nix::unistd::chdir("/");
-    r
 }
 
 #[cfg(test)]

@@ -181,7 +181,7 @@ impl Containerd<'_> {
         })?;
         let mut out = Vec::new();
         for (ns, entry) in v1.entries()? {
-            let crate::bolt::Entry::Bucket(ns_bucket) = entry else {
+            let crate::bolt::Item::Bucket(ns_bucket) = entry else {
                 continue;
             };
             let ns = utf8(ns);
@@ -192,7 +192,7 @@ impl Containerd<'_> {
                 continue;
             };
             for (name, entry) in images.entries()? {
-                let crate::bolt::Entry::Bucket(img) = entry else {
+                let crate::bolt::Item::Bucket(img) = entry else {
                     continue;
                 };
                 let digest = match img.bucket("target")? {

@@ -12,6 +12,8 @@
 //! step is finished by the next ([`plan`] is the model; `docs/rotation.md` the argument).
 //! The image's own layers are only ever read.
 
+mod kind;
+mod marks;
 mod overlay;
 pub mod plan;
 
@@ -27,94 +29,17 @@ use nix::errno::Errno;
 
 use crate::btrfs::{self, is_subvolume};
 use crate::error::{Error, Result};
-use crate::store::{Driver, Image};
+use crate::settings::Upper;
+use crate::store::Image;
 
+pub use kind::{Kind, MountSource};
+pub use marks::{layer_image, write_mark, STATE_XATTR};
+use marks::{read_mark, set_xattr, unmarked_leftover, IMAGE_XATTR};
 pub use overlay::overlay_data;
 use plan::{Mark, Slot, State, Step};
 
-/// The xattr on a layer's top directory that says layerboot made it, and how far.
-pub const STATE_XATTR: &str = "trusted.layerboot.state";
-/// The xattr on a layer's top directory that names the image it was made from, for
-/// `layerboot.mode=keep`. On the layer itself, so it moves with every rename.
-const IMAGE_XATTR: &str = "trusted.layerboot.image";
 /// Where an unmarked `NAME` from mkinitcpio-docker-hooks is moved aside, once.
 pub const ADOPTED_SUFFIX: &str = ".pre-layerboot";
-
-/// The image ID a layer was made from, if recorded.
-pub fn layer_image(layer: &Path) -> Option<String> {
-    crate::lookup::getxattr(layer, IMAGE_XATTR).and_then(|v| String::from_utf8(v).ok())
-}
-
-/// Marks the layer at `path` (for tests that build a disk's state by hand).
-pub fn write_mark(path: &Path, mark: Mark) -> Result<()> {
-    set_xattr(path, STATE_XATTR, mark.encode().as_bytes())
-}
-
-fn set_xattr(path: &Path, name: &str, value: &[u8]) -> Result<()> {
-    let p = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::new("NUL in path"))?;
-    let n = CString::new(name).map_err(|_| Error::new("NUL in xattr name"))?;
-    // SAFETY: NUL-terminated strings; the value is valid for its length.
-    let r = unsafe { nix::libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    Errno::result(r)
-        .map(drop)
-        .map_err(|e| Error::io(&format!("cannot set {name} on"), path, e))
-}
-
-/// The mark on the directory at `path`: `Ok(None)` if it is unmarked (or not a
-/// directory: a symlink here is never followed). Layers of layerboot before marks carry
-/// only the image xattr: those count as complete, generation 0 (`NAME.new`: half-made).
-fn read_mark(path: &Path, slot: Slot) -> Option<Mark> {
-    let md = fs::symlink_metadata(path).ok()?;
-    if !md.is_dir() {
-        return None;
-    }
-    match crate::lookup::getxattr(path, STATE_XATTR) {
-        Some(raw) => Mark::decode(&raw),
-        None if layer_image(path).is_some() => Some(if slot == Slot::New {
-            Mark::Making
-        } else {
-            Mark::Complete(0)
-        }),
-        None => None,
-    }
-}
-
-/// Whether the unmarked `NAME.new` at `path` is what a cut boot made in the instant
-/// before marking it: an empty directory, empty `upper/` and `work/` (overlay drivers),
-/// or a btrfs snapshot of the image's top subvolume `origin`. Nothing of anyone's.
-fn unmarked_leftover(path: &Path, origin: Option<&Path>) -> bool {
-    let names = |p: &Path| -> Option<Vec<String>> {
-        let mut v: Vec<String> = fs::read_dir(p)
-            .ok()?
-            .map(|e| e.ok().and_then(|e| e.file_name().into_string().ok()))
-            .collect::<Option<_>>()?;
-        v.sort();
-        Some(v)
-    };
-    if fs::symlink_metadata(path).map(|m| !m.is_dir()).unwrap_or(true) {
-        return false;
-    }
-    match names(path).as_deref() {
-        Some([]) => return true,
-        Some([a, b])
-            if a == "upper"
-                && b == "work"
-                && [a, b].iter().all(|d| {
-                    fs::symlink_metadata(path.join(d)).is_ok_and(|m| m.is_dir())
-                        && names(&path.join(d)).is_some_and(|n| n.is_empty())
-                }) =>
-        {
-            return true
-        }
-        _ => {}
-    }
-    match (origin, btrfs::subvolume_uuids(path)) {
-        (Some(origin), Ok((_, parent))) => {
-            btrfs::subvolume_uuids(origin).is_ok_and(|(uuid, _)| uuid == parent && parent != [0; 16])
-        }
-        _ => false,
-    }
-}
 
 /// Refuses a layer name whose generations (`NAME`, `NAME.*`) would be, contain or lie
 /// inside `what` at `rel` (a path from the partition's top level; "" is the top itself),
@@ -264,21 +189,7 @@ impl Layers {
     pub fn make_fresh(&mut self, image: &Image, fill: &mut dyn FnMut(&Path) -> Result<()>) -> Result<()> {
         let new = self.path(Slot::New);
         let generation = plan::next_generation(&self.state);
-        match image.driver {
-            Driver::Btrfs => {
-                let top = image
-                    .layers
-                    .first()
-                    .ok_or_else(|| Error::new(format!("image {} has no layers to boot", image.id)))?;
-                btrfs::snapshot(&top.dir, &new)?;
-            }
-            Driver::Overlay2 | Driver::Vfs => {
-                fs::create_dir(&new).map_err(|e| Error::io("cannot create", &new, e))?;
-                for d in ["upper", "work"] {
-                    fs::create_dir(new.join(d)).map_err(|e| Error::io("cannot create", &new.join(d), e))?;
-                }
-            }
-        }
+        Kind::of(Upper::Disk, image.driver).prepare(image, &new)?;
         self.state.insert(Slot::New, Mark::Making);
         set_xattr(&new, STATE_XATTR, Mark::Making.encode().as_bytes())?;
         set_xattr(&new, IMAGE_XATTR, image.id.as_bytes())?;

@@ -88,36 +88,16 @@ fn minimal_initramfs(fs_type: &str, modules_dir: &Path, dir: &Path) -> PathBuf {
         .into_iter()
         .filter(|s| !s.optional)
         .collect();
-    let names: Vec<String> = order.iter().map(|s| format!("lib/modules/{}.ko", s.name)).collect();
-    let mut entries = vec![
-        ("dev", 0o040755, (0, 0), Vec::new()),
-        ("dev/console", 0o020600, (5, 1), Vec::new()),
-        ("dev/kmsg", 0o020600, (1, 11), Vec::new()),
-        ("init", 0o100755, (0, 0), helper_binary("minimal-init")),
-        ("fstype", 0o100644, (0, 0), fs_type.as_bytes().to_vec()),
-        (
-            "modules",
-            0o100644,
-            (0, 0),
-            order
-                .iter()
-                .map(|s| format!("{}\n", s.name))
-                .collect::<String>()
-                .into_bytes(),
-        ),
-        ("lib", 0o040755, (0, 0), Vec::new()),
-        ("lib/modules", 0o040755, (0, 0), Vec::new()),
-    ];
-    for (name, step) in names.iter().zip(&order) {
-        entries.push((
-            name.as_str(),
-            0o100644,
-            (0, 0),
-            fs::read(modules_dir.join(&step.path)).unwrap(),
-        ));
+    let mut tree = base_tree(helper_binary("minimal-init"));
+    tree.file("fstype", fs_type.as_bytes().to_vec(), 0o644);
+    let list: String = order.iter().map(|s| format!("{}\n", s.name)).collect();
+    tree.file("modules", list.into_bytes(), 0o644);
+    for step in &order {
+        let data = fs::read(modules_dir.join(&step.path)).unwrap();
+        tree.file(&format!("lib/modules/{}.ko", step.name), data, 0o644);
     }
     let img = dir.join(format!("minimal-{fs_type}.img"));
-    fs::write(&img, newc_archive(entries)).unwrap();
+    fs::write(&img, tree.cpio(0).unwrap()).unwrap();
     img
 }
 
