@@ -32,5 +32,6 @@ pub mod shutdown;
 pub mod store;
 pub mod switch;
 pub mod writable;
+pub mod xattr;
 
 pub use error::{Error, Result};

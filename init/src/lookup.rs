@@ -6,7 +6,6 @@
 //! are resolved inside the image, as if chrooted into it, so `/lib/modules` works on a
 //! merged-/usr image where `/lib` is a link to `usr/lib`.
 
-use std::ffi::CString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -252,21 +251,7 @@ pub fn is_whiteout(md: &fs::Metadata) -> bool {
 pub fn is_opaque(dir: &Path) -> bool {
     ["trusted.overlay.opaque", "user.overlay.opaque"]
         .iter()
-        .any(|name| getxattr(dir, name).as_deref() == Some(b"y"))
-}
-
-/// `lgetxattr(2)`: nix has no xattr calls, and the value is all we need.
-pub fn getxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
-    let p = CString::new(path.as_os_str().as_bytes()).ok()?;
-    let n = CString::new(name).ok()?;
-    let mut buf = vec![0u8; 256];
-    // SAFETY: both strings are NUL-terminated and buf is valid for buf.len() bytes.
-    let len = unsafe { nix::libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if len < 0 {
-        return None;
-    }
-    buf.truncate(len as usize);
-    Some(buf)
+        .any(|name| crate::xattr::get(dir, name).as_deref() == Some(b"y"))
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 //!    checked; then [`crate::switch`].
 //!
 //! Each step is a method named for what it does; any failure comes back as an [`Error`]
-//! that `main` shows on the console.
+//! that `main` shows on the console. `docs/boot.md` follows one boot through them.
 
 mod devices;
 mod modules;

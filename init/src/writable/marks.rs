@@ -2,16 +2,12 @@
 //! directory, so they move with every rename), and how a directory without one is told
 //! apart from what a cut boot left.
 
-use std::ffi::CString;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-
-use nix::errno::Errno;
 
 use super::plan::{Mark, Slot};
 use crate::btrfs;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// The xattr on a layer's top directory that says layerboot made it, and how far.
 pub const STATE_XATTR: &str = "trusted.layerboot.state";
@@ -21,22 +17,12 @@ pub(super) const IMAGE_XATTR: &str = "trusted.layerboot.image";
 
 /// The image ID a layer was made from, if recorded.
 pub fn layer_image(layer: &Path) -> Option<String> {
-    crate::lookup::getxattr(layer, IMAGE_XATTR).and_then(|v| String::from_utf8(v).ok())
+    crate::xattr::get(layer, IMAGE_XATTR).and_then(|v| String::from_utf8(v).ok())
 }
 
 /// Marks the layer at `path` (for tests that build a disk's state by hand).
 pub fn write_mark(path: &Path, mark: Mark) -> Result<()> {
-    set_xattr(path, STATE_XATTR, mark.encode().as_bytes())
-}
-
-pub(super) fn set_xattr(path: &Path, name: &str, value: &[u8]) -> Result<()> {
-    let p = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::new("NUL in path"))?;
-    let n = CString::new(name).map_err(|_| Error::new("NUL in xattr name"))?;
-    // SAFETY: NUL-terminated strings; the value is valid for its length.
-    let r = unsafe { nix::libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    Errno::result(r)
-        .map(drop)
-        .map_err(|e| Error::io(&format!("cannot set {name} on"), path, e))
+    crate::xattr::set(path, STATE_XATTR, mark.encode().as_bytes())
 }
 
 /// The mark on the directory at `path`: `Ok(None)` if it is unmarked (or not a
@@ -47,7 +33,7 @@ pub(super) fn read_mark(path: &Path, slot: Slot) -> Option<Mark> {
     if !md.is_dir() {
         return None;
     }
-    match crate::lookup::getxattr(path, STATE_XATTR) {
+    match crate::xattr::get(path, STATE_XATTR) {
         Some(raw) => Mark::decode(&raw),
         None if layer_image(path).is_some() => Some(if slot == Slot::New {
             Mark::Making

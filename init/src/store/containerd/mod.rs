@@ -12,13 +12,16 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-
-use super::{edit_distance, read, Backend, Driver, Image, ImageEntry, Layer};
+use super::{edit_distance, Backend, Driver, Image, ImageEntry, Layer};
 use crate::bolt::{uvarint, Bucket, Db};
-use crate::digest::{chain_ids, sha256_hex, sha256_of};
+use crate::digest::{chain_ids, sha256_hex};
 use crate::error::{Error, Result};
 use crate::reference::Reference;
+
+mod content;
+mod names;
+
+use names::matching;
 
 pub const META_DB: &str = "io.containerd.metadata.v1.bolt/meta.db";
 /// Where dockerd keeps the containerd it starts itself, under its data root.
@@ -45,42 +48,6 @@ struct Record {
     name: String,
     /// The index or manifest digest: what `docker images` shows as the ID in this mode.
     digest: String,
-}
-
-#[derive(Deserialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    #[serde(default)]
-    platform: Option<Platform>,
-    #[serde(default)]
-    annotations: std::collections::BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-struct Platform {
-    architecture: String,
-    os: String,
-}
-
-#[derive(Deserialize)]
-struct IndexOrManifest {
-    #[serde(default)]
-    manifests: Option<Vec<Descriptor>>,
-    #[serde(default)]
-    config: Option<Descriptor>,
-}
-
-/// GOARCH of the machine layerboot runs on: the platform an index is resolved for.
-fn goarch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        other => other,
-    }
 }
 
 fn utf8(v: &[u8]) -> String {
@@ -243,84 +210,6 @@ impl Containerd<'_> {
         Error::new(msg)
     }
 
-    /// A blob of the content store, verified against its digest.
-    fn blob(&self, digest: &str, what: &str) -> Result<Vec<u8>> {
-        let hex = sha256_hex(digest).ok_or_else(|| {
-            Error::new(format!(
-                "{what} digest '{digest}' is malformed: expected sha256:<64 lowercase hex>"
-            ))
-        })?;
-        let path = self.root.join(BLOBS).join(hex);
-        if !path.is_file() {
-            return Err(Error::new(format!(
-                "the {what} {digest} is missing from the content store: {} does not exist \
-                 (the image was only partly pulled; fix: pull the image again)",
-                path.display()
-            )));
-        }
-        let data = read(&path)?;
-        if sha256_of(&data) != hex {
-            return Err(Error::new(format!(
-                "blob {} is corrupt: its sha256 is not its name (fix: pull the image again)",
-                path.display()
-            )));
-        }
-        Ok(data)
-    }
-
-    /// The image config of `record`: through an index (this machine's platform, present
-    /// locally, no attestations) and a manifest.
-    fn config_of(&self, record: &Record) -> Result<(String, serde_json::Value)> {
-        let mut digest = record.digest.clone();
-        for _ in 0..4 {
-            let data = self.blob(&digest, "manifest")?;
-            let doc: IndexOrManifest = serde_json::from_slice(&data)
-                .map_err(|e| Error::new(format!("manifest {digest} of {} is not valid JSON: {e}", record.name)))?;
-            if let Some(config) = doc.config {
-                let data = self.blob(&config.digest, "image config")?;
-                let value = serde_json::from_slice(&data).map_err(|e| {
-                    Error::new(format!(
-                        "image config {} of {} is not valid JSON: {e}",
-                        config.digest, record.name
-                    ))
-                })?;
-                return Ok((config.digest, value));
-            }
-            let manifests = doc.manifests.unwrap_or_default();
-            let arch = goarch();
-            let pick = manifests.iter().find(|m| {
-                let attestation = m
-                    .annotations
-                    .get("vnd.docker.reference.type")
-                    .is_some_and(|t| t == "attestation-manifest");
-                let present = sha256_hex(&m.digest).is_some_and(|h| self.root.join(BLOBS).join(h).is_file());
-                !attestation
-                    && present
-                    && m.platform
-                        .as_ref()
-                        .is_some_and(|p| p.os == "linux" && p.architecture == arch)
-            });
-            let Some(pick) = pick else {
-                let platforms: Vec<String> = manifests
-                    .iter()
-                    .filter_map(|m| m.platform.as_ref())
-                    .map(|p| format!("{}/{}", p.os, p.architecture))
-                    .collect();
-                return Err(Error::new(format!(
-                    "image {} has no linux/{arch} manifest present in the store (it lists {}; fix: pull it for this platform, e.g. --platform linux/{arch})",
-                    record.name,
-                    if platforms.is_empty() { "none".to_string() } else { platforms.join(", ") }
-                )));
-            };
-            log::debug!("{}: {} {} for linux/{arch}", record.name, pick.media_type, pick.digest);
-            digest = pick.digest.clone();
-        }
-        Err(Error::new(format!(
-            "image {}: indexes nest deeper than any real image",
-            record.name
-        )))
-    }
-
     fn image(&self, db: &Db, record: &Record, records: &[Record]) -> Result<Image> {
         let (config_digest, config) = self.config_of(record)?;
         let diff_ids = super::diff_ids(&config, Path::new(&config_digest))?;
@@ -454,82 +343,4 @@ fn snapshot(all: &Bucket<'_>, key: &str, db: &Path) -> Result<Snapshot> {
     }
     let parent = b.value("parent")?.map(utf8).unwrap_or_default();
     Ok(Snapshot { id, parent })
-}
-
-/// The records of one namespace that `reference` names: a name (normalised as Docker
-/// does), a digest reference, or an ID / unique ID prefix.
-/// Whether the image record `name` (`domain/path:tag` or `…@digest`) is in repository
-/// `repo` (`domain/path`). The tag is what follows the last `/`'s `:`, so a registry's
-/// port (`localhost:5000/x`) is part of the repository.
-fn same_repository(name: &str, repo: &str) -> bool {
-    let without_digest = name.split('@').next().unwrap_or(name);
-    let last_slash = without_digest.rfind('/').map_or(0, |i| i + 1);
-    let without_tag = match without_digest[last_slash..].find(':') {
-        Some(colon) => &without_digest[..last_slash + colon],
-        None => without_digest,
-    };
-    without_tag == repo
-}
-
-fn matching<'a>(reference: &str, records: Vec<&'a Record>) -> Result<Vec<&'a Record>> {
-    if let Ok(r) = Reference::parse(reference) {
-        let full = r.full_string();
-        if let Some(hit) = records.iter().find(|rec| rec.name == full) {
-            return Ok(vec![hit]);
-        }
-        if let Some(d) = &r.digest {
-            let repo = format!("{}/{}", r.domain, r.path);
-            let hits: Vec<&Record> = records
-                .iter()
-                .copied()
-                .filter(|rec| &rec.digest == d && same_repository(&rec.name, &repo))
-                .collect();
-            if !hits.is_empty() {
-                return Ok(hits);
-            }
-        }
-    }
-    let hex = reference
-        .strip_prefix("sha256:")
-        .unwrap_or(reference)
-        .to_ascii_lowercase();
-    if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Ok(Vec::new());
-    }
-    let hits: Vec<&Record> = records
-        .iter()
-        .copied()
-        .filter(|rec| sha256_hex(&rec.digest).is_some_and(|h| h.starts_with(&hex)))
-        .collect();
-    let mut ids: Vec<&str> = hits.iter().map(|r| r.digest.as_str()).collect();
-    ids.sort();
-    ids.dedup();
-    if ids.len() > 1 {
-        return Err(Error::new(format!(
-            "image ID prefix '{reference}' is ambiguous: it matches {} (fix: give more digits of the ID)",
-            ids.iter().map(|d| &d[7..23]).collect::<Vec<_>>().join(", ")
-        )));
-    }
-    Ok(hits)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_registry_port_is_part_of_the_repository() {
-        assert!(super::same_repository("localhost:5000/x/y:1", "localhost:5000/x/y"));
-        assert!(super::same_repository(
-            "docker.io/library/demo:latest",
-            "docker.io/library/demo"
-        ));
-        assert!(super::same_repository(
-            "docker.io/library/demo@sha256:ab",
-            "docker.io/library/demo"
-        ));
-        assert!(!super::same_repository("localhost:5000/x/y:1", "localhost"));
-        assert!(!super::same_repository(
-            "docker.io/library/demo2:1",
-            "docker.io/library/demo"
-        ));
-    }
 }

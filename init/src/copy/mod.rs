@@ -14,7 +14,7 @@
 //! or btrfs subvolume. Each refusal is a warning naming the file, not a failed boot.
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -24,13 +24,13 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::fcntl::AtFlags;
 use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::{
-    fchmodat, fstat, fstatat, mkdirat, mknodat, utimensat, FchmodatFlags, Mode, SFlag, UtimensatFlags,
-};
+use nix::sys::stat::{fchmodat, fstat, mkdirat, mknodat, utimensat, FchmodatFlags, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{fchownat, linkat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags};
 
 use crate::error::{Error, Result};
+
+mod whiteout;
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
@@ -215,66 +215,6 @@ impl Copier {
         self.stats.warnings.push(msg);
     }
 
-    /// Deletes `name` in `dir` (a whole tree for a directory), symlinks not followed,
-    /// never leaving `dev`, the filesystem (or btrfs subvolume) of `dir`.
-    fn remove_at(&mut self, dir: RawFd, dev: u64, name: &OsStr, rel: &Path) -> Result<()> {
-        let shown = Path::new("/").join(rel);
-        let fail = |e: Errno| Error::os(format!("top layer: cannot delete {}", shown.display()), e);
-        let st = match fstatat(Some(dir), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Ok(st) => st,
-            Err(Errno::ENOENT) => return Ok(()),
-            Err(e) => return Err(fail(e)),
-        };
-        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
-            return unlinkat(Some(dir), name, UnlinkatFlags::NoRemoveDir).map_err(fail);
-        }
-        let fd = openat(
-            Some(dir),
-            name,
-            OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(fail)?;
-        // SAFETY: a fresh descriptor from openat.
-        let sub = unsafe { OwnedFd::from_raw_fd(fd) };
-        let sub_dev = fstat(sub.as_raw_fd()).map_err(fail)?.st_dev;
-        if sub_dev != dev {
-            self.warn(format!(
-                "top layer: did not delete {}: it is another filesystem or btrfs subvolume",
-                shown.display()
-            ));
-            return Ok(());
-        }
-        self.remove_children(sub.as_raw_fd(), dev, rel)?;
-        match unlinkat(Some(dir), name, UnlinkatFlags::RemoveDir) {
-            // A child on another filesystem was left in place.
-            Err(Errno::ENOTEMPTY) | Err(Errno::EBUSY) => Ok(()),
-            r => r.map_err(fail),
-        }
-    }
-
-    fn remove_children(&mut self, dir: RawFd, dev: u64, rel: &Path) -> Result<()> {
-        let shown = Path::new("/").join(rel);
-        // Listed through a duplicate of the descriptor, never by path.
-        let listing = nix::dir::Dir::openat(
-            Some(dir),
-            ".",
-            OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| Error::os(format!("top layer: cannot list {}", shown.display()), e))?;
-        let names: Vec<std::ffi::OsString> = listing
-            .into_iter()
-            .filter_map(|e| e.ok())
-            .map(|e| OsStr::from_bytes(e.file_name().to_bytes()).to_os_string())
-            .filter(|n| n != "." && n != "..")
-            .collect();
-        for n in names {
-            self.remove_at(dir, dev, &n, &rel.join(&n))?;
-        }
-        Ok(())
-    }
-
     fn copy_entry(&mut self, src: &Path, md: &fs::Metadata, dir: RawFd, name: &OsStr, rel: &Path) -> Result<()> {
         let shown = Path::new("/").join(rel);
         let fail = |what: &str, e: Errno| Error::os(format!("top layer: cannot {what} {}", shown.display()), e);
@@ -386,7 +326,7 @@ impl Copier {
             )
             .map_err(|e| fail("set the mode of", e))?;
         }
-        let refused = copy_xattrs(src, &proc_path(dir, name), is_link)
+        let refused = crate::xattr::copy_all(src, &proc_path(dir, name), is_link)
             .map_err(|e| e.context(format!("top layer: {}", shown.display())))?;
         for w in refused {
             self.warn(format!("top layer: {}: {w}", shown.display()));
@@ -401,63 +341,6 @@ impl Copier {
 /// A path naming `name` in the open directory `dir`, for the path-only xattr calls.
 fn proc_path(dir: RawFd, name: &OsStr) -> PathBuf {
     Path::new(&format!("/proc/self/fd/{dir}")).join(name)
-}
-
-/// Copies every xattr (security.*, trusted.*, user.*) of `src` to `dest`, neither followed.
-/// An attribute the new root's filesystem refuses is a warning (returned), not a failure;
-/// a full disk or an I/O error is a failure. nix has no xattr calls; these are the plain
-/// l*xattr(2) system calls, each asked for its size first, so no list or value is cut.
-fn copy_xattrs(src: &Path, dest: &Path, is_link: bool) -> Result<Vec<String>> {
-    let s = CString::new(src.as_os_str().as_bytes()).map_err(|_| Error::new("NUL in path"))?;
-    let d = CString::new(dest.as_os_str().as_bytes()).map_err(|_| Error::new("NUL in path"))?;
-    // SAFETY: valid C string; a null buffer of size 0 asks for the size.
-    let names = read_sized(|buf, len| unsafe { nix::libc::llistxattr(s.as_ptr(), buf.cast(), len) });
-    let names = match names {
-        Ok(n) => n,
-        Err(Errno::ENOTSUP) => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io("cannot list xattrs of", src, e)),
-    };
-    let mut warnings = Vec::new();
-    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        let n = CString::new(name).map_err(|_| Error::new("NUL in an xattr name"))?;
-        let shown = String::from_utf8_lossy(name);
-        // SAFETY: as above.
-        let value = read_sized(|buf, len| unsafe { nix::libc::lgetxattr(s.as_ptr(), n.as_ptr(), buf.cast(), len) })
-            .map_err(|e| Error::io(&format!("cannot read xattr {shown} of"), src, e))?;
-        // SAFETY: NUL-terminated strings; value is valid for its length.
-        let r = unsafe { nix::libc::lsetxattr(d.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-        if r < 0 {
-            match Errno::last() {
-                // Symlinks cannot carry user.* xattrs; the kernel refuses, as it would for cp -a.
-                Errno::EPERM if is_link => {}
-                e @ (Errno::ENOSPC | Errno::EDQUOT | Errno::EIO) => {
-                    return Err(Error::os(format!("cannot set xattr {shown}"), e))
-                }
-                e => warnings.push(format!(
-                    "did not copy xattr {shown}: the new root's filesystem refused it ({e})"
-                )),
-            }
-        }
-    }
-    Ok(warnings)
-}
-
-/// Calls a size-then-fill system call (listxattr, getxattr) until the buffer fits, as
-/// the value may grow between the two calls.
-fn read_sized(call: impl Fn(*mut u8, usize) -> isize) -> std::result::Result<Vec<u8>, Errno> {
-    for _ in 0..8 {
-        let size = Errno::result(call(std::ptr::null_mut(), 0))? as usize;
-        let mut buf = vec![0u8; size.max(1)];
-        match Errno::result(call(buf.as_mut_ptr(), buf.len())) {
-            Ok(len) => {
-                buf.truncate(len as usize);
-                return Ok(buf);
-            }
-            Err(Errno::ERANGE) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(Errno::ERANGE)
 }
 
 #[cfg(test)]
