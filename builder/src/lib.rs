@@ -4,6 +4,7 @@
 //! The boot-time half is `layerboot-init`, whose library this one shares.
 
 pub mod archive;
+pub mod deploy;
 pub mod entry;
 pub mod image;
 pub mod initramfs;

@@ -2,6 +2,7 @@
 //! This file only parses the command line; the work is in the library (`lib.rs`).
 
 use argh::FromArgs;
+use layerboot::deploy::commands;
 use layerboot::{entry, initramfs, inspect, kernel};
 
 #[derive(FromArgs)]
@@ -21,6 +22,12 @@ enum Command {
     Initramfs(initramfs::Args),
     Kernel(kernel::Args),
     Entry(entry::Args),
+    Deploy(commands::DeployArgs),
+    Upgrade(commands::UpgradeArgs),
+    Status(commands::StatusArgs),
+    Rollback(commands::RollbackArgs),
+    Gc(commands::GcArgs),
+    Bless(commands::BlessArgs),
 }
 
 fn main() {
@@ -34,6 +41,12 @@ fn main() {
         Some(Command::Initramfs(args)) => initramfs::run(args),
         Some(Command::Kernel(args)) => kernel::run(args),
         Some(Command::Entry(args)) => entry::run(args),
+        Some(Command::Deploy(args)) => commands::deploy(args),
+        Some(Command::Upgrade(args)) => commands::upgrade(args),
+        Some(Command::Status(args)) => commands::status(args),
+        Some(Command::Rollback(args)) => commands::rollback(args),
+        Some(Command::Gc(args)) => commands::gc(args),
+        Some(Command::Bless(args)) => commands::bless(args),
         None => Err("no command given (try: layerboot --help)".into()),
     };
     if let Err(e) = result {

@@ -1,0 +1,906 @@
+//! `layerboot deploy | upgrade | status | rollback | gc | bless`: a machine's life in
+//! deployments (see `mod.rs` for the layout on the ESP).
+//!
+//! On a machine booted by layerboot the defaults come from the boot itself: the store
+//! from `/run/layerboot/booted.json`, the kernel arguments from `/proc/cmdline` minus the
+//! one-offs, the ESP from `bootctl --print-esp-path`. Elsewhere (a host with the disk
+//! mounted, a first install) `--store`, `--esp` and `--root` are required: nothing is
+//! taken from the host's own boot.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use argh::FromArgs;
+use layerboot_init::error::{Error, Result};
+use layerboot_init::settings::{arg, parse_cmdline};
+use layerboot_init::store::Store;
+use serde_json::json;
+
+use super::systemd_boot::{self, Assessment, EntryName};
+use super::{default_of, list, next_serial, short_id, Deployment, Record, DEPLOYMENTS_DIR, INITRAMFS, KERNEL, RECORD};
+use crate::image::{write_atomically, SourceImage};
+
+const BOOTED_JSON: &str = "/run/layerboot/booted.json";
+/// Kernel arguments that belong to one boot, never carried into a new entry.
+const ONE_OFFS: [&str; 4] = [arg::DOCKER_IMAGE, "BOOT_IMAGE", "initrd", arg::RW];
+/// Every failure must end in a reboot: a kernel panic reboots after this many seconds.
+const PANIC_REBOOT_S: u32 = 10;
+
+/// Where a command finds the machine: ESP, store, and the boot that is running.
+#[derive(Clone, Default)]
+pub struct Machine {
+    /// The ESP (or XBOOTLDR /boot) holding the deployments.
+    pub esp: Option<PathBuf>,
+    /// The engine's data root.
+    pub store: Option<PathBuf>,
+    /// The record of the running boot (default /run/layerboot/booted.json).
+    pub booted: Option<PathBuf>,
+}
+
+/// What `booted.json` says of the running boot.
+struct Booted {
+    image_id: String,
+    store: PathBuf,
+    namespace: Option<String>,
+}
+
+impl Machine {
+    fn booted(&self) -> Option<Booted> {
+        let path = self.booted.clone().unwrap_or_else(|| PathBuf::from(BOOTED_JSON));
+        let v: serde_json::Value = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
+        Some(Booted {
+            image_id: v["id"].as_str()?.to_string(),
+            store: PathBuf::from(v["store"].as_str()?),
+            namespace: v["namespace"].as_str().map(str::to_string),
+        })
+    }
+
+    fn esp(&self) -> Result<PathBuf> {
+        if let Some(esp) = &self.esp {
+            return Ok(esp.clone());
+        }
+        if self.booted().is_none() {
+            return Err(
+                "--esp is needed: this machine was not booted by layerboot, so its own ESP is not assumed \
+                 (fix: --esp /path/to/the/mounted/ESP)"
+                    .into(),
+            );
+        }
+        let out = std::process::Command::new("bootctl")
+            .arg("--print-esp-path")
+            .output()
+            .map_err(|e| {
+                Error::os(
+                    "cannot run bootctl --print-esp-path (fix: mount the ESP and pass --esp)",
+                    e,
+                )
+            })?;
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !out.status.success() || path.is_empty() {
+            return Err("bootctl found no mounted ESP (fix: mount it, e.g. at /efi, or pass --esp)".into());
+        }
+        Ok(PathBuf::from(path))
+    }
+
+    fn store(&self) -> Result<(PathBuf, Option<String>)> {
+        match (&self.store, self.booted()) {
+            (Some(s), _) => Ok((s.clone(), None)),
+            (None, Some(b)) => Ok((b.store, b.namespace)),
+            (None, None) => Err("--store is needed: this machine was not booted by layerboot \
+                 (fix: --store /path/to/the/engine's/data-root, e.g. /mnt/var/lib/docker)"
+                .into()),
+        }
+    }
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "deploy")]
+/// deploy an image: its kernel, an initramfs pinned to its ID and a boot entry on the ESP
+pub struct DeployArgs {
+    /// the image to deploy (name, name:tag, digest or ID)
+    #[argh(positional)]
+    reference: String,
+    #[argh(option)]
+    /// the ESP holding the deployments (default on a layerboot-booted machine: bootctl's)
+    esp: Option<PathBuf>,
+    #[argh(option)]
+    /// the engine's data root (default on a layerboot-booted machine: the booted store)
+    store: Option<PathBuf>,
+    #[argh(option)]
+    /// the running boot's record (default /run/layerboot/booted.json)
+    booted: Option<PathBuf>,
+    /// the boot loader: systemd-boot (the default; the only one with counting for now)
+    #[argh(option, default = "String::from(\"systemd-boot\")")]
+    loader: String,
+    /// tries a new deployment gets before the loader falls back (default 3; 0: no counting)
+    #[argh(option, default = "3")]
+    tries: u32,
+    /// how many deployments to keep (default 3)
+    #[argh(option, default = "3")]
+    keep_deployments: usize,
+    /// root= (the store's partition); default on a layerboot-booted machine: the running one
+    #[argh(option)]
+    root: Option<String>,
+    /// rootflags=
+    #[argh(option)]
+    rootflags: Option<String>,
+    /// docker_path=
+    #[argh(option)]
+    docker_path: Option<String>,
+    /// toplayer=
+    #[argh(option)]
+    toplayer: Option<String>,
+    /// toplayer_path=
+    #[argh(option)]
+    toplayer_path: Option<String>,
+    /// layerboot.namespace= (containerd stores)
+    #[argh(option)]
+    namespace: Option<String>,
+    /// layerboot.rw= (default with layerboot.mode=keep: one name per deployment)
+    #[argh(option)]
+    rw: Option<String>,
+    /// more kernel arguments, e.g. "console=ttyS0 quiet"
+    #[argh(option)]
+    options: Option<String>,
+    /// initramfs: also pack this module (repeatable)
+    #[argh(option)]
+    module: Vec<String>,
+    /// initramfs: only this machine's drivers
+    #[argh(switch)]
+    host_only: bool,
+    /// initramfs: the kernel version, if the image has several
+    #[argh(option)]
+    kver: Option<String>,
+    /// the /init program to pack (default: layerboot-init beside this program)
+    #[argh(option)]
+    init: Option<PathBuf>,
+}
+
+impl DeployArgs {
+    fn machine(&self) -> Machine {
+        Machine {
+            esp: self.esp.clone(),
+            store: self.store.clone(),
+            booted: self.booted.clone(),
+        }
+    }
+
+    /// The kernel command line of the new entry (without `docker_image=`).
+    fn options(&self, booted: bool) -> Result<Vec<String>> {
+        let mut out: Vec<String> = Vec::new();
+        if booted && self.root.is_none() {
+            let line = fs::read_to_string("/proc/cmdline").map_err(|e| Error::io("cannot read", "/proc/cmdline", e))?;
+            out.extend(carried_arguments(&line));
+        } else {
+            let root = self
+                .root
+                .as_ref()
+                .ok_or("--root is needed: the store's partition as root= names it (e.g. LABEL=store)")?;
+            out.push(format!("{}={root}", arg::ROOT));
+            out.push("rw".into());
+        }
+        for (k, v) in [
+            (arg::ROOT_FLAGS, &self.rootflags),
+            (arg::DOCKER_PATH, &self.docker_path),
+            (arg::TOPLAYER, &self.toplayer),
+            (arg::TOPLAYER_PATH, &self.toplayer_path),
+            (arg::NAMESPACE, &self.namespace),
+            (arg::RW, &self.rw),
+        ] {
+            if let Some(v) = v {
+                if v.is_empty() || v.contains(char::is_whitespace) || v.contains('"') {
+                    return Err(
+                        format!("{k}='{v}' is empty or has spaces or quotes, which a kernel argument cannot").into(),
+                    );
+                }
+                out.retain(|a| a.split('=').next() != Some(k));
+                out.push(format!("{k}={v}"));
+            }
+        }
+        if let Some(extra) = &self.options {
+            out.extend(extra.split_whitespace().map(str::to_string));
+        }
+        Ok(out)
+    }
+
+    fn initramfs_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        for m in &self.module {
+            a.extend(["--module".to_string(), m.clone()]);
+        }
+        if self.host_only {
+            a.push("--host-only".into());
+        }
+        if let Some(k) = &self.kver {
+            a.extend(["--kver".to_string(), k.clone()]);
+        }
+        a
+    }
+}
+
+/// The running boot's kernel arguments worth carrying into a new entry.
+pub fn carried_arguments(cmdline: &str) -> Vec<String> {
+    cmdline
+        .split_whitespace()
+        .filter(|a| !ONE_OFFS.contains(&a.split('=').next().unwrap_or(a)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The arguments every deployment entry must carry so that each failure ends in a
+/// reboot: a panic reboots, and /init's rescue wait is finite.
+fn with_fallback_arguments(mut options: Vec<String>, image_id: &str, rw_default: Option<String>) -> Vec<String> {
+    let has = |o: &[String], k: &str| o.iter().any(|a| a.split('=').next() == Some(k));
+    if !has(&options, "panic") {
+        options.push(format!("panic={PANIC_REBOOT_S}"));
+    }
+    if !has(&options, arg::RESCUE_TIMEOUT) {
+        options.push(format!("{}=30", arg::RESCUE_TIMEOUT));
+    }
+    // A shell would wait for a person forever.
+    options.retain(|a| a != &format!("{}=shell", arg::RESCUE));
+    if let Some(rw) = rw_default.filter(|_| !has(&options, arg::RW)) {
+        options.push(format!("{}={rw}", arg::RW));
+    }
+    options.push(format!("{}={image_id}", arg::DOCKER_IMAGE));
+    options
+}
+
+/// One step of a deploy, in the order they run: each leaves the ESP bootable as before.
+pub enum Step {
+    CreateDir(PathBuf),
+    Write {
+        path: PathBuf,
+        data: Vec<u8>,
+    },
+    /// The loader's config without a `default` line that would pin an older entry.
+    UnpinDefault {
+        path: PathBuf,
+        text: String,
+    },
+}
+
+impl Step {
+    pub fn run(&self) -> Result<()> {
+        match self {
+            Step::CreateDir(d) => fs::create_dir_all(d).map_err(|e| Error::io("cannot create", d, e)),
+            Step::Write { path, data } => {
+                write_atomically(path, data, 0o644)?;
+                sync_dir(path.parent().unwrap_or(Path::new("/")))
+            }
+            Step::UnpinDefault { path, text } => {
+                write_atomically(path, text.as_bytes(), 0o644)?;
+                sync_dir(path.parent().unwrap_or(Path::new("/")))
+            }
+        }
+    }
+}
+
+/// A rename is durable once its directory is flushed (vfat included).
+fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("cannot flush", dir, e))
+}
+
+/// Everything `deploy` will write, computed before anything is: the image resolved,
+/// its kernel read, its initramfs built in memory, the ESP's space checked.
+pub struct Plan {
+    pub record: Record,
+    pub steps: Vec<Step>,
+    /// Said to the user after the steps ran.
+    pub notes: Vec<String>,
+}
+
+pub fn plan_deploy(a: &DeployArgs, esp: &Path, store: &Path, namespace: Option<String>, booted: bool) -> Result<Plan> {
+    if a.loader != "systemd-boot" {
+        return Err(format!(
+            "--loader {}: deployments with boot counting are written for systemd-boot so far \
+             (fix: use --loader systemd-boot, or write plain entries with `layerboot entry`)",
+            a.loader
+        )
+        .into());
+    }
+    let namespace = a.namespace.clone().or(namespace);
+    let opened = Store::open(store)?.with_namespace(namespace.clone());
+    let image = opened.resolve(&a.reference)?;
+    let source = SourceImage::open(store, &image.id, namespace.as_deref())?;
+    let kernel = source.kernel(a.kver.as_deref(), |k| k.vmlinuz.is_some() && k.modules)?;
+    let vmlinuz = source.host_path(kernel.vmlinuz.as_deref().unwrap_or_default())?;
+    let kernel_bytes = fs::read(&vmlinuz).map_err(|e| Error::io("cannot read", &vmlinuz, e))?;
+    let initramfs = build_initramfs(store, &image.id, namespace.as_deref(), &kernel.version, a)?;
+
+    let deployments = list(esp)?;
+    let id12 = short_id(&image.id).to_string();
+    let serial = next_serial(&deployments);
+    let keep_mode = a.options(booted)?.iter().any(|o| o == &format!("{}=keep", arg::MODE));
+    let rw_default = keep_mode.then(|| format!("layerboot-rw-{id12}"));
+    let options = with_fallback_arguments(a.options(booted)?, &image.id, rw_default).join(" ");
+    let dir = esp.join(DEPLOYMENTS_DIR).join(&id12);
+    let record = Record {
+        reference: a.reference.clone(),
+        image_id: image.id.clone(),
+        kernel: kernel.version.clone(),
+        serial,
+        created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        store: store.to_path_buf(),
+        namespace,
+        options: options.clone(),
+        initramfs_args: a.initramfs_args(),
+        tries: a.tries,
+    };
+
+    let need = kernel_bytes.len() as u64 + initramfs.len() as u64 + (1 << 20);
+    let free = free_bytes(esp)?;
+    if free < need {
+        return Err(format!(
+            "the ESP {} has {} MiB free, {} MiB are needed for {}'s kernel and initramfs. Nothing was written \
+             (fix: `layerboot gc --keep-deployments 1 --esp {}`, or remove other kernels from the ESP)",
+            esp.display(),
+            free >> 20,
+            need.div_ceil(1 << 20),
+            a.reference,
+            esp.display()
+        )
+        .into());
+    }
+
+    let entry_dir = systemd_boot::entries_dir(esp);
+    let assessment = if a.tries == 0 {
+        Assessment::Good
+    } else {
+        Assessment::Trying { left: a.tries, done: 0 }
+    };
+    let entry = EntryName {
+        id: systemd_boot::entry_id(serial, &id12),
+        assessment,
+    };
+    let loader_path = |f: &str| format!("/{DEPLOYMENTS_DIR}/{id12}/{f}");
+    let text = systemd_boot::render(
+        &format!("layerboot: {} ({id12}, kernel {})", a.reference, kernel.version),
+        serial,
+        &loader_path(KERNEL),
+        &loader_path(INITRAMFS),
+        &options,
+    );
+    let mut steps = vec![
+        Step::CreateDir(dir.clone()),
+        Step::CreateDir(entry_dir.clone()),
+        Step::Write {
+            path: dir.join(KERNEL),
+            data: kernel_bytes,
+        },
+        Step::Write {
+            path: dir.join(INITRAMFS),
+            data: initramfs,
+        },
+        Step::Write {
+            path: dir.join(RECORD),
+            data: (serde_json::to_string_pretty(&record).unwrap() + "\n").into_bytes(),
+        },
+        // Last: the only file the loader reads.
+        Step::Write {
+            path: entry_dir.join(entry.file_name()),
+            data: text.into_bytes(),
+        },
+    ];
+    let mut notes = Vec::new();
+    let conf = esp.join("loader/loader.conf");
+    if let Ok(text) = fs::read_to_string(&conf) {
+        if let Some(pinned) = systemd_boot::pinned_default(&text) {
+            if pinned.starts_with("layerboot") {
+                steps.push(Step::UnpinDefault {
+                    path: conf.clone(),
+                    text: systemd_boot::without_default(&text),
+                });
+                notes.push(format!(
+                    "removed 'default {pinned}' from {}: the newest good deployment is the default by sort order",
+                    conf.display()
+                ));
+            } else {
+                notes.push(format!(
+                    "{} pins 'default {pinned}', which boots instead of the deployments \
+                     (fix: remove that line to let the newest deployment boot)",
+                    conf.display()
+                ));
+            }
+        }
+    }
+    Ok(Plan { record, steps, notes })
+}
+
+/// The initramfs for `image_id`, built by `layerboot initramfs` into a temporary file
+/// off the ESP (the ESP's space is checked against its real size).
+fn build_initramfs(store: &Path, image_id: &str, ns: Option<&str>, kver: &str, a: &DeployArgs) -> Result<Vec<u8>> {
+    let tmp = std::env::temp_dir().join(format!("layerboot-deploy-{}.img", std::process::id()));
+    let mut argv: Vec<String> = vec![
+        "--store".into(),
+        store.display().to_string(),
+        "--image".into(),
+        image_id.to_string(),
+        "--kver".into(),
+        kver.to_string(),
+        "-o".into(),
+        tmp.display().to_string(),
+    ];
+    if let Some(ns) = ns {
+        argv.extend(["--namespace".to_string(), ns.to_string()]);
+    }
+    for m in &a.module {
+        argv.extend(["--module".to_string(), m.clone()]);
+    }
+    if a.host_only {
+        argv.push("--host-only".into());
+    }
+    if let Some(init) = &a.init {
+        argv.extend(["--init".to_string(), init.display().to_string()]);
+    }
+    let strs: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let args = <crate::initramfs::Args as FromArgs>::from_args(&["layerboot", "initramfs"], &strs)
+        .map_err(|e| Error::new(format!("building the initramfs: {}", e.output)))?;
+    let built =
+        crate::initramfs::run(args).and_then(|()| fs::read(&tmp).map_err(|e| Error::io("cannot read", &tmp, e)));
+    let _ = fs::remove_file(&tmp);
+    built
+}
+
+fn free_bytes(dir: &Path) -> Result<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(|e| Error::io("cannot read the free space of", dir, e))?;
+    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+pub fn deploy(a: DeployArgs) -> Result<()> {
+    let machine = a.machine();
+    let booted = machine.booted().is_some();
+    let esp = machine.esp()?;
+    let (store, namespace) = machine.store()?;
+    let deployments = list(&esp)?;
+    // The same image again: only made the default.
+    let resolved = Store::open(&store)?
+        .with_namespace(a.namespace.clone().or(namespace.clone()))
+        .resolve(&a.reference)?;
+    if let Some(same) = deployments.iter().find(|d| d.record.image_id == resolved.id) {
+        make_default(&deployments, same)?;
+        println!(
+            "{} is already deployed as {}: it is the default now",
+            a.reference,
+            same.record.short_id()
+        );
+        return Ok(());
+    }
+    let plan = plan_deploy(&a, &esp, &store, namespace, booted)?;
+    for step in &plan.steps {
+        step.run()?;
+    }
+    for n in &plan.notes {
+        eprintln!("note: {n}");
+    }
+    println!(
+        "deployed {} as {} (kernel {}, {} tries): it boots next",
+        a.reference,
+        plan.record.short_id(),
+        plan.record.kernel,
+        plan.record.tries
+    );
+    gc_deployments(&esp, a.keep_deployments, machine.booted().map(|b| b.image_id))
+}
+
+/// Raises `d`'s entry above every other (a new serial), its tries renewed if it was bad.
+fn make_default(all: &[Deployment], d: &Deployment) -> Result<()> {
+    let Some((path, name)) = &d.entry else {
+        return Err(format!(
+            "deployment {} has no boot entry left (fix: deploy {} again after `layerboot gc`)",
+            d.record.short_id(),
+            d.record.reference
+        )
+        .into());
+    };
+    let serial = next_serial(all);
+    let text = fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
+    let renewed = EntryName {
+        id: name.id.clone(),
+        assessment: match name.assessment {
+            Assessment::Bad { .. } if d.record.tries > 0 => Assessment::Trying {
+                left: d.record.tries,
+                done: 0,
+            },
+            Assessment::Bad { .. } => Assessment::Good,
+            other => other,
+        },
+    };
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let new_path = dir.join(renewed.file_name());
+    write_atomically(&new_path, systemd_boot::with_version(&text, serial).as_bytes(), 0o644)?;
+    if new_path != *path {
+        fs::remove_file(path).map_err(|e| Error::io("cannot remove", path, e))?;
+    }
+    sync_dir(dir)
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "status")]
+/// list the deployments: which boots by default, which is running, which are bad
+pub struct StatusArgs {
+    #[argh(option)]
+    /// the ESP holding the deployments
+    esp: Option<PathBuf>,
+    #[argh(option)]
+    /// the engine's data root, to tell which deployments' images are gone
+    store: Option<PathBuf>,
+    #[argh(option)]
+    /// the running boot's record (default /run/layerboot/booted.json)
+    booted: Option<PathBuf>,
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+pub fn status(a: StatusArgs) -> Result<()> {
+    let machine = Machine {
+        esp: a.esp,
+        store: a.store,
+        booted: a.booted,
+    };
+    let esp = machine.esp()?;
+    let all = list(&esp)?;
+    let booted = machine.booted();
+    let store = machine
+        .store()
+        .ok()
+        .and_then(|(s, ns)| Some(Store::open(&s).ok()?.with_namespace(ns)));
+    let default = default_of(&all).map(|d| d.record.image_id.clone());
+    let mut rows = Vec::new();
+    let mut warnings = Vec::new();
+    for d in &all {
+        let present = store.as_ref().map(|s| s.resolve(&d.record.image_id).is_ok());
+        rows.push(json!({
+            "id": d.record.short_id(),
+            "image_id": d.record.image_id,
+            "reference": d.record.reference,
+            "kernel": d.record.kernel,
+            "created": d.record.created,
+            "state": d.state(),
+            "default": default.as_deref() == Some(&d.record.image_id),
+            "booted": booted.as_ref().is_some_and(|b| b.image_id == d.record.image_id),
+            "image_in_store": present,
+        }));
+        if present == Some(false) {
+            warnings.push(format!(
+                "deployment {} ({}): its image is gone from the store; it cannot boot (fix: pull it again, or `layerboot gc`)",
+                d.record.short_id(),
+                d.record.reference
+            ));
+        }
+    }
+    if booted.is_some() {
+        let release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !release.is_empty() && !Path::new("/lib/modules").join(&release).is_dir() {
+            warnings.push(format!(
+                "the running kernel {release} has no /lib/modules/{release} in the booted image: it was not deployed \
+                 with its own kernel (fix: `layerboot deploy` the image, which installs its kernel)"
+            ));
+        }
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"loader": "systemd-boot", "deployments": rows, "warnings": warnings}))
+                .unwrap()
+        );
+        return Ok(());
+    }
+    println!("{:<2} {:<12}  {:<28} {:<20} state", "", "id", "image", "kernel");
+    for r in &rows {
+        let mark = match (r["default"].as_bool(), r["booted"].as_bool()) {
+            (Some(true), Some(true)) => "*>",
+            (Some(true), _) => "> ",
+            (_, Some(true)) => "* ",
+            _ => "  ",
+        };
+        println!(
+            "{mark} {:<12}  {:<28} {:<20} {}",
+            r["id"].as_str().unwrap_or(""),
+            r["reference"].as_str().unwrap_or(""),
+            r["kernel"].as_str().unwrap_or(""),
+            r["state"].as_str().unwrap_or("")
+        );
+    }
+    println!("(> boots by default, * is running)");
+    for w in warnings {
+        println!("warning: {w}");
+    }
+    Ok(())
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "rollback")]
+/// make the previous good deployment the default
+pub struct RollbackArgs {
+    #[argh(option)]
+    /// the ESP holding the deployments
+    esp: Option<PathBuf>,
+    #[argh(option)]
+    /// the engine's data root (its image must still be there)
+    store: Option<PathBuf>,
+    #[argh(option)]
+    /// the running boot's record (default /run/layerboot/booted.json)
+    booted: Option<PathBuf>,
+}
+
+pub fn rollback(a: RollbackArgs) -> Result<()> {
+    let machine = Machine {
+        esp: a.esp,
+        store: a.store,
+        booted: a.booted,
+    };
+    let esp = machine.esp()?;
+    let all = list(&esp)?;
+    let current = default_of(&all).ok_or("there is no deployment to roll back from")?;
+    let previous = all
+        .iter()
+        .filter(|d| d.version < current.version && d.is_good())
+        .max_by_key(|d| d.version)
+        .ok_or_else(|| {
+            format!(
+                "there is no good deployment older than {} ({}) to roll back to",
+                current.record.short_id(),
+                current.record.reference
+            )
+        })?;
+    let (store, ns) = machine.store()?;
+    let store = Store::open(&store)?.with_namespace(previous.record.namespace.clone().or(ns));
+    if store.resolve(&previous.record.image_id).is_err() {
+        return Err(format!(
+            "cannot roll back to {} ({}): its image {} is gone from the store (fix: pull it again, then retry)",
+            previous.record.short_id(),
+            previous.record.reference,
+            previous.record.image_id
+        )
+        .into());
+    }
+    make_default(&all, previous)?;
+    println!(
+        "rolled back: {} ({}) boots next, instead of {} ({})",
+        previous.record.short_id(),
+        previous.record.reference,
+        current.record.short_id(),
+        current.record.reference
+    );
+    Ok(())
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "gc")]
+/// remove old deployments beyond --keep-deployments (never the running or newest good one)
+pub struct GcArgs {
+    #[argh(option)]
+    /// the ESP holding the deployments
+    esp: Option<PathBuf>,
+    #[argh(option)]
+    /// the running boot's record (default /run/layerboot/booted.json)
+    booted: Option<PathBuf>,
+    /// how many deployments to keep (default 3)
+    #[argh(option, default = "3")]
+    keep_deployments: usize,
+}
+
+pub fn gc(a: GcArgs) -> Result<()> {
+    let machine = Machine {
+        esp: a.esp,
+        store: None,
+        booted: a.booted,
+    };
+    let esp = machine.esp()?;
+    gc_deployments(&esp, a.keep_deployments, machine.booted().map(|b| b.image_id))
+}
+
+/// Which deployments `gc` removes: beyond the `keep` newest, never the running one, the
+/// one that boots next, nor the newest good one.
+pub fn doomed(all: &[Deployment], keep: usize, booted_id: Option<&str>) -> Vec<Deployment> {
+    let mut by_age: Vec<&Deployment> = all.iter().collect();
+    by_age.sort_by_key(|d| std::cmp::Reverse(d.version.max(d.record.serial)));
+    let newest_good = by_age.iter().find(|d| d.is_good()).map(|d| d.record.image_id.clone());
+    let next = default_of(all).map(|d| d.record.image_id.clone());
+    let protected = |d: &Deployment| {
+        let id = Some(&d.record.image_id);
+        Some(d.record.image_id.as_str()) == booted_id || id == newest_good.as_ref() || id == next.as_ref()
+    };
+    let kept_protected = by_age.iter().filter(|d| protected(d)).count();
+    let mut room = keep.saturating_sub(kept_protected);
+    let mut out = Vec::new();
+    for d in by_age {
+        if protected(d) {
+            continue;
+        }
+        if room > 0 {
+            room -= 1;
+        } else {
+            out.push(d.clone());
+        }
+    }
+    out
+}
+
+fn gc_deployments(esp: &Path, keep: usize, booted_id: Option<String>) -> Result<()> {
+    let all = list(esp)?;
+    for d in doomed(&all, keep.max(1), booted_id.as_deref()) {
+        // The entry first: the loader never sees an entry whose files are gone.
+        if let Some((entry, _)) = &d.entry {
+            fs::remove_file(entry).map_err(|e| Error::io("cannot remove", entry, e))?;
+            sync_dir(entry.parent().unwrap_or(Path::new("/")))?;
+        }
+        fs::remove_dir_all(&d.dir).map_err(|e| Error::io("cannot remove", &d.dir, e))?;
+        println!("removed deployment {} ({})", d.record.short_id(), d.record.reference);
+    }
+    Ok(())
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "bless")]
+/// mark the running deployment good (its entry loses its counter) or bad
+pub struct BlessArgs {
+    /// good (the default) or bad
+    #[argh(positional, default = "String::from(\"good\")")]
+    verdict: String,
+    #[argh(option)]
+    /// the ESP holding the deployments
+    esp: Option<PathBuf>,
+    #[argh(option)]
+    /// the running boot's record (default /run/layerboot/booted.json)
+    booted: Option<PathBuf>,
+}
+
+pub fn bless(a: BlessArgs) -> Result<()> {
+    let machine = Machine {
+        esp: a.esp,
+        store: None,
+        booted: a.booted,
+    };
+    let good = match a.verdict.as_str() {
+        "good" => true,
+        "bad" => false,
+        other => return Err(format!("bless '{other}': say good or bad").into()),
+    };
+    let booted = machine
+        .booted()
+        .ok_or("this machine was not booted by layerboot (no /run/layerboot/booted.json): nothing to bless")?;
+    let esp = machine.esp()?;
+    let all = list(&esp)?;
+    let d = all
+        .iter()
+        .find(|d| d.record.image_id == booted.image_id)
+        .ok_or_else(|| {
+            format!(
+                "the running image {} is not a deployment on {}",
+                booted.image_id,
+                esp.display()
+            )
+        })?;
+    let Some((path, name)) = &d.entry else {
+        return Err(format!("deployment {} has no boot entry", d.record.short_id()).into());
+    };
+    let done = match name.assessment {
+        Assessment::Trying { done, .. } | Assessment::Bad { done } => done,
+        Assessment::Good => 0,
+    };
+    let verdict = if good {
+        Assessment::Good
+    } else {
+        Assessment::Bad { done }
+    };
+    if name.assessment == verdict {
+        println!("deployment {} is {} already", d.record.short_id(), d.state());
+        return Ok(());
+    }
+    let to = path.with_file_name(
+        EntryName {
+            id: name.id.clone(),
+            assessment: verdict,
+        }
+        .file_name(),
+    );
+    match fs::rename(path, &to) {
+        Ok(()) => {}
+        // systemd-bless-boot renamed it first: fine if it reached the same verdict.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && to.exists() => {}
+        Err(e) => return Err(Error::io("cannot rename", path, e)),
+    }
+    sync_dir(path.parent().unwrap_or(Path::new("/")))?;
+    println!(
+        "deployment {} ({}) is marked {}",
+        d.record.short_id(),
+        d.record.reference,
+        if good { "good" } else { "bad" }
+    );
+    Ok(())
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "upgrade")]
+/// deploy the running deployment's reference again if it now names another image
+pub struct UpgradeArgs {
+    /// only say whether an upgrade is there (exit status 0 either way)
+    #[argh(switch)]
+    check: bool,
+    #[argh(option)]
+    /// the ESP holding the deployments
+    esp: Option<PathBuf>,
+    #[argh(option)]
+    /// the engine's data root
+    store: Option<PathBuf>,
+    #[argh(option)]
+    /// the running boot's record (default /run/layerboot/booted.json)
+    booted: Option<PathBuf>,
+    /// the /init program to pack (default: layerboot-init beside this program)
+    #[argh(option)]
+    init: Option<PathBuf>,
+}
+
+pub fn upgrade(a: UpgradeArgs) -> Result<()> {
+    let machine = Machine {
+        esp: a.esp.clone(),
+        store: a.store.clone(),
+        booted: a.booted.clone(),
+    };
+    let esp = machine.esp()?;
+    let all = list(&esp)?;
+    let base = match machine.booted() {
+        Some(b) => all.iter().find(|d| d.record.image_id == b.image_id),
+        None => default_of(&all),
+    }
+    .ok_or("no deployment to upgrade: `layerboot deploy REF` first")?;
+    let (store, ns) = machine.store()?;
+    let ns = base.record.namespace.clone().or(ns);
+    let now = Store::open(&store)?
+        .with_namespace(ns.clone())
+        .resolve(&base.record.reference)?;
+    if now.id == base.record.image_id {
+        println!("{} is up to date ({})", base.record.reference, base.record.short_id());
+        return Ok(());
+    }
+    println!(
+        "{} now names {} (deployed: {})",
+        base.record.reference,
+        short_id(&now.id),
+        base.record.short_id()
+    );
+    if a.check {
+        return Ok(());
+    }
+    // Redo the deployment as it was made: its kernel arguments and initramfs options.
+    let mut argv = vec![
+        base.record.reference.clone(),
+        "--esp".into(),
+        esp.display().to_string(),
+        "--store".into(),
+        store.display().to_string(),
+        "--tries".into(),
+        base.record.tries.to_string(),
+        "--options".into(),
+        carried_arguments(&base.record.options)
+            .into_iter()
+            .filter(|o| o != "rw" && !o.starts_with(&format!("{}=", arg::ROOT)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        "--root".into(),
+    ];
+    let root = parse_cmdline(&base.record.options)
+        .get(arg::ROOT)
+        .cloned()
+        .ok_or("the deployed entry has no root=")?;
+    argv.push(root);
+    argv.extend(base.record.initramfs_args.iter().cloned());
+    if let Some(b) = &a.booted {
+        argv.extend(["--booted".into(), b.display().to_string()]);
+    }
+    if let Some(i) = &a.init {
+        argv.extend(["--init".into(), i.display().to_string()]);
+    }
+    let strs: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let args = <DeployArgs as FromArgs>::from_args(&["layerboot", "deploy"], &strs)
+        .map_err(|e| Error::new(format!("redoing the deployment: {}", e.output)))?;
+    deploy(args)
+}

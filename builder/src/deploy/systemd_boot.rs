@@ -1,0 +1,199 @@
+//! systemd-boot's side of a deployment: one Boot Loader Specification entry per
+//! deployment in `ESP/loader/entries/`, with the loader's own boot counter in its file
+//! name (`NAME+LEFT[-DONE].conf`, UAPI.1 "Boot counting").
+//!
+//! The default is chosen by sort order, never by a fixed `default`: every entry carries
+//! `sort-key layerboot` and `version <serial>`, systemd-boot lists entries of one sort key
+//! newest version first and every entry with no tries left after all the others. So the
+//! newest deployment that is not bad boots by itself, and rollback is a new serial.
+
+use std::path::{Path, PathBuf};
+
+/// The sort key every layerboot entry carries.
+pub const SORT_KEY: &str = "layerboot";
+
+/// What the loader's counter in an entry's file name says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Assessment {
+    /// No counter: blessed (or written without counting).
+    Good,
+    /// `+LEFT-DONE` with tries left: being tried.
+    Trying { left: u32, done: u32 },
+    /// `+0-DONE`: every try used up without a blessing, or marked bad.
+    Bad { done: u32 },
+}
+
+/// An entry's file name split into its id (the part without counter) and its counter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryName {
+    pub id: String,
+    pub assessment: Assessment,
+}
+
+impl EntryName {
+    /// Parses `ID.conf`, `ID+LEFT.conf` or `ID+LEFT-DONE.conf`; anything else is not an entry.
+    pub fn parse(file_name: &str) -> Option<EntryName> {
+        let stem = file_name.strip_suffix(".conf")?;
+        let Some((id, counter)) = stem.rsplit_once('+') else {
+            return Some(EntryName {
+                id: stem.to_string(),
+                assessment: Assessment::Good,
+            });
+        };
+        let (left, done) = match counter.split_once('-') {
+            Some((l, d)) => (l, d),
+            None => (counter, "0"),
+        };
+        let number = |s: &str| -> Option<u32> {
+            // Digits only: `+` or a sign in the counter is not the loader's.
+            s.bytes().all(|b| b.is_ascii_digit()).then(|| s.parse().ok()).flatten()
+        };
+        let (left, done) = (number(left)?, number(done)?);
+        let assessment = if left == 0 {
+            Assessment::Bad { done }
+        } else {
+            Assessment::Trying { left, done }
+        };
+        Some(EntryName {
+            id: id.to_string(),
+            assessment,
+        })
+    }
+
+    pub fn file_name(&self) -> String {
+        match self.assessment {
+            Assessment::Good => format!("{}.conf", self.id),
+            Assessment::Trying { left, done: 0 } => format!("{}+{left}.conf", self.id),
+            Assessment::Trying { left, done } => format!("{}+{left}-{done}.conf", self.id),
+            Assessment::Bad { done } => format!("{}+0-{done}.conf", self.id),
+        }
+    }
+}
+
+/// The entry id of a deployment: serial first, so a listing by name reads in order.
+pub fn entry_id(serial: u64, short_id: &str) -> String {
+    format!("layerboot-{serial:06}-{short_id}")
+}
+
+/// The serial a version line carries (zero-padded so names and versions sort alike).
+pub fn version(serial: u64) -> String {
+    format!("{serial:06}")
+}
+
+/// The text of one entry; paths are as the loader sees them (from the ESP's root).
+pub fn render(title: &str, serial: u64, kernel: &str, initrd: &str, options: &str) -> String {
+    format!(
+        "title {title}\nsort-key {SORT_KEY}\nversion {}\nlinux {kernel}\ninitrd {initrd}\noptions {options}\n",
+        version(serial)
+    )
+}
+
+/// The `version` line of an entry's text.
+pub fn read_version(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("version "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Replaces the `version` line of an entry's text (rollback).
+pub fn with_version(text: &str, serial: u64) -> String {
+    text.lines()
+        .map(|l| {
+            if l.starts_with("version ") {
+                format!("version {}", version(serial))
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+/// `ESP/loader/entries`.
+pub fn entries_dir(esp: &Path) -> PathBuf {
+    esp.join("loader/entries")
+}
+
+/// A `default` line in `loader.conf` that would pin one entry and defeat the sort order
+/// (`@saved` and layerboot's own ids aside, which `deploy` removes), for the user.
+pub fn pinned_default(loader_conf: &str) -> Option<String> {
+    loader_conf
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("default"))
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// `loader.conf` without its `default` line.
+pub fn without_default(loader_conf: &str) -> String {
+    loader_conf
+        .lines()
+        .filter(|l| !l.trim().starts_with("default"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_in_file_names_read_as_the_loader_writes_them() {
+        let cases = [
+            ("layerboot-000001-abc.conf", "layerboot-000001-abc", Assessment::Good),
+            (
+                "layerboot-000002-abc+3.conf",
+                "layerboot-000002-abc",
+                Assessment::Trying { left: 3, done: 0 },
+            ),
+            (
+                "layerboot-000002-abc+2-1.conf",
+                "layerboot-000002-abc",
+                Assessment::Trying { left: 2, done: 1 },
+            ),
+            ("x+0-3.conf", "x", Assessment::Bad { done: 3 }),
+            ("x+0.conf", "x", Assessment::Bad { done: 0 }),
+        ];
+        for (name, id, assessment) in cases {
+            let e = EntryName::parse(name).unwrap();
+            assert_eq!((e.id.as_str(), e.assessment), (id, assessment), "{name}");
+            assert_eq!(e.file_name(), name, "round trip");
+        }
+        for bad in [
+            "x.txt",
+            "x+.conf",
+            "x+a-1.conf",
+            "x+1-.conf",
+            "x+-1.conf",
+            "x+1-2-3.conf",
+        ] {
+            assert_eq!(EntryName::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_entry_sorts_by_key_and_version_and_rollback_rewrites_the_version() {
+        let text = render(
+            "layerboot: demo",
+            7,
+            "/layerboot/x/vmlinuz",
+            "/layerboot/x/initramfs.img",
+            "root=LABEL=s rw",
+        );
+        assert!(text.contains("\nsort-key layerboot\nversion 000007\n"), "{text}");
+        assert_eq!(read_version(&text), Some(7));
+        let again = with_version(&text, 12);
+        assert_eq!(read_version(&again), Some(12));
+        assert_eq!(again.replace("000012", "000007"), text);
+    }
+
+    #[test]
+    fn a_pinned_default_is_found_and_removed() {
+        let conf = "timeout 0\ndefault layerboot-demo.conf\nconsole-mode keep\n";
+        assert_eq!(pinned_default(conf).as_deref(), Some("layerboot-demo.conf"));
+        assert_eq!(without_default(conf), "timeout 0\nconsole-mode keep\n");
+        assert_eq!(pinned_default("timeout 3\n"), None);
+    }
+}

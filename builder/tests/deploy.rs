@@ -1,0 +1,435 @@
+//! Deployments on a real store (the fixture stores tests/run mounts read-only) and an ESP
+//! in a temporary directory: what `status` shows after each step of a machine's life, and
+//! that a deploy cut after any of its steps leaves the previous default booting.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use argh::FromArgs;
+use layerboot::deploy::commands::{plan_deploy, DeployArgs};
+use layerboot::deploy::{default_of, list};
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("LAYERBOOT_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures"))
+}
+
+fn store(fs: &str, path: &str) -> String {
+    let root = fixtures().join("mnt").join(fs).join(path);
+    assert!(root.is_dir(), "{} is missing: run tests/run", root.display());
+    root.display().to_string()
+}
+
+fn docker_store() -> String {
+    store("overlay2", "var/lib/docker")
+}
+
+fn image_id(key: &str) -> String {
+    let env = fs::read_to_string(fixtures().join("images.env")).unwrap();
+    env.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap()
+        .to_string()
+}
+
+fn layerboot(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_layerboot"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn err(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stderr).unwrap()
+}
+
+/// `status --json`'s deployments as (reference, state, default, booted).
+fn status(esp: &Path, store: &str, booted: &Path) -> Vec<(String, String, bool, bool)> {
+    let out = ok(layerboot(&[
+        "status",
+        "--json",
+        "--esp",
+        esp.to_str().unwrap(),
+        "--store",
+        store,
+        "--booted",
+        booted.to_str().unwrap(),
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["reference"].as_str().unwrap().to_string(),
+                d["state"].as_str().unwrap().to_string(),
+                d["default"].as_bool().unwrap(),
+                d["booted"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn deploy(esp: &Path, reference: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "deploy",
+        reference,
+        "--esp",
+        esp.to_str().unwrap(),
+        "--root",
+        "LABEL=store",
+        "--options",
+        "console=ttyS0",
+    ];
+    let s = docker_store();
+    args.extend(["--store", &s]);
+    args.extend(extra);
+    ok(layerboot(&args))
+}
+
+fn booted_json(path: &Path, id: &str) {
+    fs::write(
+        path,
+        serde_json::json!({"id": id, "store": docker_store(), "image": "x"}).to_string(),
+    )
+    .unwrap();
+}
+
+fn entries(esp: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(esp.join("loader/entries"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn deploy_bless_fall_back_redeploy_and_roll_back() {
+    let t = tempfile::tempdir().unwrap();
+    let esp = t.path().join("esp");
+    fs::create_dir(&esp).unwrap();
+    let booted = t.path().join("booted.json");
+    let s = docker_store();
+    let (v1, v2) = (image_id("DEMO_ID"), image_id("DEMO_V2_ID"));
+
+    let said = deploy(&esp, "layerboot/demo", &[]);
+    let id1 = &v1[7..19];
+    assert!(said.contains(&format!("deployed layerboot/demo as {id1}")), "{said}");
+    let dir = esp.join("layerboot").join(id1);
+    for f in ["vmlinuz", "initramfs.img", "deployment.json"] {
+        assert!(dir.join(f).is_file(), "{f}");
+    }
+    let entry = fs::read_to_string(esp.join("loader/entries").join(&entries(&esp)[0])).unwrap();
+    assert!(entry.contains(&format!("docker_image={v1}")), "pinned by ID: {entry}");
+    assert!(
+        entry.contains("panic=10") && entry.contains("layerboot.rescue_timeout=30"),
+        "{entry}"
+    );
+    assert!(entry.contains(&format!("linux /layerboot/{id1}/vmlinuz")), "{entry}");
+    booted_json(&booted, &v1);
+    assert_eq!(
+        status(&esp, &s, &booted),
+        [("layerboot/demo".into(), "trying, 3 tries left".into(), true, true)]
+    );
+
+    // The running deployment blesses itself.
+    ok(layerboot(&[
+        "bless",
+        "--esp",
+        esp.to_str().unwrap(),
+        "--booted",
+        booted.to_str().unwrap(),
+    ]));
+    assert_eq!(entries(&esp), [format!("layerboot-000001-{id1}.conf")]);
+
+    // A new deployment is the default; the old one stays good.
+    deploy(&esp, "layerboot/demo:v2", &[]);
+    let st = status(&esp, &s, &booted);
+    assert_eq!(
+        st[0],
+        ("layerboot/demo:v2".into(), "trying, 3 tries left".into(), true, false)
+    );
+    assert_eq!(st[1], ("layerboot/demo".into(), "good".into(), false, true));
+
+    // The loader used up v2's tries: v1 is the default again, v2 is bad.
+    let id2 = &v2[7..19];
+    let e2 = esp
+        .join("loader/entries")
+        .join(format!("layerboot-000002-{id2}+3.conf"));
+    fs::rename(&e2, e2.with_file_name(format!("layerboot-000002-{id2}+0-3.conf"))).unwrap();
+    let st = status(&esp, &s, &booted);
+    assert_eq!(st[0], ("layerboot/demo".into(), "good".into(), true, true));
+    assert_eq!(st[1], ("layerboot/demo:v2".into(), "bad".into(), false, false));
+
+    // Deploying the same image again only makes it the default, with fresh tries.
+    let said = deploy(&esp, "layerboot/demo:v2", &[]);
+    assert!(
+        said.contains("already deployed") && said.contains("default now"),
+        "{said}"
+    );
+    let st = status(&esp, &s, &booted);
+    assert_eq!(
+        st[0],
+        ("layerboot/demo:v2".into(), "trying, 3 tries left".into(), true, false)
+    );
+    assert_eq!(entries(&esp).len(), 2, "{:?}", entries(&esp));
+
+    // Rollback: the previous good deployment boots next.
+    let said = ok(layerboot(&[
+        "rollback",
+        "--esp",
+        esp.to_str().unwrap(),
+        "--store",
+        &s,
+        "--booted",
+        booted.to_str().unwrap(),
+    ]));
+    assert!(said.contains(&format!("{id1} (layerboot/demo) boots next")), "{said}");
+    assert_eq!(status(&esp, &s, &booted)[0].0, "layerboot/demo");
+
+    // A rollback to an image gone from the store is refused, naming it.
+    deploy(&esp, "layerboot/demo:v2", &[]);
+    let other = store("containerd", "var/lib/containerd");
+    let e = err(layerboot(&[
+        "rollback",
+        "--esp",
+        esp.to_str().unwrap(),
+        "--store",
+        &other,
+    ]));
+    assert!(e.contains("gone from the store") && e.contains(id1), "{e}");
+
+    // bless bad marks the running deployment so the loader skips it.
+    booted_json(&booted, &v2);
+    ok(layerboot(&[
+        "bless",
+        "bad",
+        "--esp",
+        esp.to_str().unwrap(),
+        "--booted",
+        booted.to_str().unwrap(),
+    ]));
+    let st = status(&esp, &s, &booted);
+    assert_eq!(st[0].0, "layerboot/demo");
+    assert_eq!(st[1].1, "bad");
+}
+
+#[test]
+fn a_deploy_cut_after_any_step_leaves_the_previous_default_booting() {
+    let t = tempfile::tempdir().unwrap();
+    let base = t.path().join("base");
+    fs::create_dir(&base).unwrap();
+    deploy(&base, "layerboot/demo", &["--tries", "0"]);
+    let v1 = image_id("DEMO_ID");
+    let init = Path::new(env!("CARGO_BIN_EXE_layerboot")).with_file_name("layerboot-init");
+    let mut k = 0;
+    loop {
+        let esp = t.path().join(format!("esp{k}"));
+        assert!(Command::new("cp")
+            .arg("-a")
+            .arg(&base)
+            .arg(&esp)
+            .status()
+            .unwrap()
+            .success());
+        let s = docker_store();
+        let argv = [
+            "layerboot/demo:v2",
+            "--root",
+            "LABEL=store",
+            "--init",
+            init.to_str().unwrap(),
+        ];
+        let args = DeployArgs::from_args(&["layerboot", "deploy"], &argv).unwrap();
+        let plan = plan_deploy(&args, &esp, Path::new(&s), None, false).unwrap();
+        let total = plan.steps.len();
+        for step in &plan.steps[..k] {
+            step.run().unwrap();
+        }
+        let all = list(&esp).unwrap();
+        let default = default_of(&all).unwrap();
+        if k < total {
+            assert_eq!(default.record.image_id, v1, "cut after {k} of {total} steps");
+        } else {
+            assert_eq!(default.record.reference, "layerboot/demo:v2");
+            // Every file the entry names is there.
+            let text = fs::read_to_string(&default.entry.as_ref().unwrap().0).unwrap();
+            for l in text
+                .lines()
+                .filter(|l| l.starts_with("linux ") || l.starts_with("initrd "))
+            {
+                let p = esp.join(l.split_once(' ').unwrap().1.trim_start_matches('/'));
+                assert!(p.is_file(), "{}", p.display());
+            }
+            break;
+        }
+        // No temporary file is left behind by a finished step.
+        let leftovers: Vec<_> = walk(&esp)
+            .into_iter()
+            .filter(|p| Path::new(p).file_name().unwrap().to_string_lossy().contains(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        k += 1;
+    }
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn a_full_esp_is_refused_before_anything_is_written() {
+    let t = tempfile::tempdir().unwrap();
+    let esp = t.path().join("esp");
+    fs::create_dir(&esp).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&esp)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs (tests run as root)");
+    let s = docker_store();
+    let out = layerboot(&[
+        "deploy",
+        "layerboot/demo",
+        "--esp",
+        esp.to_str().unwrap(),
+        "--store",
+        &s,
+        "--root",
+        "LABEL=store",
+    ]);
+    let listing = walk(&esp);
+    let _ = Command::new("umount").arg(&esp).status();
+    let e = err(out);
+    assert!(
+        e.contains("MiB free") && e.contains("Nothing was written") && e.contains("fix:"),
+        "{e}"
+    );
+    assert!(listing.is_empty(), "{listing:?}");
+}
+
+#[test]
+fn gc_keeps_the_newest_the_running_and_the_newest_good_and_unpins_the_default() {
+    let t = tempfile::tempdir().unwrap();
+    let esp = t.path().join("esp");
+    fs::create_dir_all(esp.join("loader")).unwrap();
+    fs::write(
+        esp.join("loader/loader.conf"),
+        "timeout 0\ndefault layerboot-demo.conf\n",
+    )
+    .unwrap();
+    let booted = t.path().join("booted.json");
+    deploy(&esp, "layerboot/demo", &["--tries", "0"]);
+    assert!(
+        !fs::read_to_string(esp.join("loader/loader.conf"))
+            .unwrap()
+            .contains("default"),
+        "a pinned layerboot default would defeat the sort order"
+    );
+    deploy(&esp, "layerboot/demo:v2", &[]);
+    // Two older recorded deployments, made by hand as an earlier deploy would leave them.
+    let v1 = image_id("DEMO_ID");
+    for (n, fake) in [(0u64, "a"), (0, "b")] {
+        let id = format!("sha256:{}", fake.repeat(64));
+        let dir = esp.join("layerboot").join(&id[7..19]);
+        fs::create_dir_all(&dir).unwrap();
+        let mut record: serde_json::Value =
+            serde_json::from_slice(&fs::read(esp.join("layerboot").join(&v1[7..19]).join("deployment.json")).unwrap())
+                .unwrap();
+        record["image_id"] = id.clone().into();
+        record["serial"] = n.into();
+        record["reference"] = format!("old/{fake}").into();
+        fs::write(dir.join("deployment.json"), record.to_string()).unwrap();
+        fs::write(
+            esp.join("loader/entries")
+                .join(format!("layerboot-000000-{}.conf", &id[7..19])),
+            "title old\nsort-key layerboot\nversion 000000\n",
+        )
+        .unwrap();
+    }
+    // Not layerboot's: never touched.
+    fs::create_dir_all(esp.join("layerboot/notours")).unwrap();
+    fs::write(esp.join("loader/entries/debian.conf"), "title Debian\n").unwrap();
+    booted_json(&booted, &v1);
+
+    let said = ok(layerboot(&[
+        "gc",
+        "--keep-deployments",
+        "1",
+        "--esp",
+        esp.to_str().unwrap(),
+        "--booted",
+        booted.to_str().unwrap(),
+    ]));
+    assert!(said.contains("old/a") && said.contains("old/b"), "{said}");
+    let st = status(&esp, &docker_store(), &booted);
+    let refs: Vec<&str> = st.iter().map(|d| d.0.as_str()).collect();
+    // keep 1: the newest (v2, trying) is kept, and the running, newest good v1 is never removed.
+    assert_eq!(refs, ["layerboot/demo:v2", "layerboot/demo"]);
+    assert!(esp.join("layerboot/notours").is_dir());
+    assert!(esp.join("loader/entries/debian.conf").is_file());
+    assert_eq!(entries(&esp).len(), 3, "{:?}", entries(&esp));
+}
+
+#[test]
+fn deploy_needs_its_machine_named_off_a_layerboot_boot() {
+    let t = tempfile::tempdir().unwrap();
+    let none = t.path().join("no-booted.json");
+    let e = err(layerboot(&[
+        "deploy",
+        "layerboot/demo",
+        "--booted",
+        none.to_str().unwrap(),
+    ]));
+    assert!(e.contains("--esp is needed"), "{e}");
+    let e = err(layerboot(&[
+        "deploy",
+        "layerboot/demo",
+        "--esp",
+        t.path().to_str().unwrap(),
+        "--booted",
+        none.to_str().unwrap(),
+    ]));
+    assert!(e.contains("--store is needed"), "{e}");
+    let s = docker_store();
+    let e = err(layerboot(&[
+        "deploy",
+        "layerboot/demo",
+        "--esp",
+        t.path().to_str().unwrap(),
+        "--store",
+        &s,
+        "--booted",
+        none.to_str().unwrap(),
+    ]));
+    assert!(e.contains("--root is needed"), "{e}");
+}
