@@ -14,7 +14,9 @@
 
 pub mod arena;
 pub mod bolt;
+pub mod bless;
 pub mod boot;
+pub mod bootcount;
 pub mod btrfs;
 pub mod coldplug;
 pub mod console;

@@ -24,6 +24,16 @@ fn main() {
         }));
         layerboot_init::shutdown::run(args.get(1).map_or("poweroff", String::as_str));
     }
+    if args.get(1).map(String::as_str) == Some("--bless") {
+        match layerboot_init::bless::run() {
+            Ok(said) => console::say(&said),
+            Err(e) => {
+                console::say(&format!("layerboot: cannot bless this boot: {e}"));
+                std::process::exit(1);
+            }
+        }
+        std::process::exit(0);
+    }
     if args.get(1).map(String::as_str) == Some("--mount-root") {
         let Some(target) = args.get(2).filter(|t| t.starts_with('/')) else {
             console::usage("usage: layerboot-init --mount-root /ABSOLUTE/DIR (the directory the initramfs switches to, e.g. ${rootmnt})");

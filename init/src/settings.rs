@@ -34,12 +34,15 @@ pub mod arg {
     pub const RESCUE_TIMEOUT: &str = "layerboot.rescue_timeout";
     pub const RESCUE: &str = "layerboot.rescue";
     pub const DEBUG: &str = "layerboot.debug";
+    pub const BLESS_TIMEOUT: &str = "layerboot.bless_timeout";
 }
 pub const DEFAULT_DOCKER_PATH: &str = "var/lib/docker";
 pub const DEFAULT_RW_NAME: &str = "layerboot-rw";
 pub const DEFAULT_INIT: &str = "/sbin/init";
 pub const DEFAULT_TIMEOUT_S: u64 = 30;
 pub const DEFAULT_RESCUE_TIMEOUT_S: u64 = 60;
+/// How long a counted boot may take to become good before systemd reboots it (15 min).
+pub const DEFAULT_BLESS_TIMEOUT_S: u64 = 900;
 /// The longest `layerboot.timeout=` and `layerboot.rescue_timeout=`: a day.
 pub const MAX_WAIT_S: u64 = 86_400;
 /// The most kept generations `layerboot.keep=` may ask for.
@@ -139,6 +142,9 @@ pub struct Settings {
     /// `None`: wait forever (`rootwait` without a timeout).
     pub timeout: Option<Duration>,
     pub rescue_timeout: Duration,
+    /// `layerboot.bless_timeout=S`: a boot the loader counts must be blessed within this,
+    /// or it reboots (0: never).
+    pub bless_timeout: Duration,
     pub debug: bool,
     /// `layerboot.modules=a,b`: loaded whatever the devices.
     pub modules: Vec<String>,
@@ -303,6 +309,7 @@ impl Settings {
             rw_adopt,
             timeout,
             rescue_timeout: Duration::from_secs(number(arg::RESCUE_TIMEOUT, DEFAULT_RESCUE_TIMEOUT_S, MAX_WAIT_S)?),
+            bless_timeout: Duration::from_secs(number(arg::BLESS_TIMEOUT, DEFAULT_BLESS_TIMEOUT_S, MAX_WAIT_S)?),
             debug: cmdline.contains_key(arg::DEBUG) || cmdline.contains_key("rd.debug"),
             keep: number(arg::KEEP, 1, MAX_KEEP)? as usize,
             mode: match nonempty(arg::MODE) {

@@ -202,6 +202,20 @@ impl Boot {
                 ));
             }
         }
+        if !self.hosted {
+            let s = src.settings;
+            match crate::bless::prepare(Path::new("/run"), &self.new_root, &s.init, s.bless_timeout) {
+                Ok(Some(entry)) => log::info!(
+                    "layerboot: this boot is counted ({}): {} blesses it once it is good",
+                    entry.display(),
+                    crate::bless::UNIT
+                ),
+                Ok(None) => {}
+                Err(e) => self.warn(&format!(
+                    "{e}: this boot cannot bless itself, so the boot loader will count it as failed"
+                )),
+            }
+        }
         write_boot_record(src, &self.warnings.borrow());
         self.timeline.mark("boot record written");
         crate::switch::check_init(&self.new_root, &src.settings.init)?;

@@ -1,0 +1,234 @@
+//! Blessing a boot that systemd-boot counts, without installing anything in the image.
+//!
+//! Before the switch, /init leaves a copy of itself in `/run/layerboot/` and, for a
+//! systemd image booted from a counted entry (the loader set `LoaderBootCountPath`), a
+//! unit under `/run/systemd/system` (our /run becomes the image's). Once the boot is good
+//! (`boot-complete.target` and `multi-user.target` reached) the unit runs
+//! `layerboot-init --bless`, which mounts the ESP the loader named and renames the entry
+//! to its name without a counter. A boot that does not get there within
+//! `layerboot.bless_timeout=` is rebooted by systemd (the start job's timeout), and uses
+//! up one more try. Images with `systemd-bless-boot` rename the same file: whichever
+//! comes second finds it renamed and is content.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sys_mount::MountFlags;
+
+use crate::bootcount::{Assessment, EntryName};
+use crate::error::{Error, Result};
+use crate::mounts::{mount, unmount};
+
+/// The Boot Loader Interface's vendor GUID, for the loader's EFI variables.
+const LOADER_GUID: &str = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
+const EFIVARS: &str = "/sys/firmware/efi/efivars";
+pub const UNIT: &str = "layerboot-bless.service";
+/// Where /init leaves a copy of itself for the unit (and for the shutdown, linked).
+pub const PROGRAM: &str = "/run/layerboot/layerboot-init";
+const ESP_MOUNT: &str = "/run/layerboot/esp";
+
+/// An EFI variable's string: 4 bytes of attributes, then UTF-16LE up to a NUL.
+pub fn efi_string(raw: &[u8]) -> Option<String> {
+    let units: Vec<u16> = raw
+        .get(4..)?
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .take_while(|&u| u != 0)
+        .collect();
+    String::from_utf16(&units).ok().filter(|s| !s.is_empty())
+}
+
+fn loader_variable(name: &str) -> Option<String> {
+    let raw = fs::read(Path::new(EFIVARS).join(format!("{name}-{LOADER_GUID}"))).ok()?;
+    efi_string(&raw)
+}
+
+/// The counted entry of this boot, from the ESP's root (`loader/entries/ID+1-1.conf`):
+/// only a plain path inside `loader/entries`, whatever the variable holds.
+pub fn entry_path(loader_path: &str) -> Option<PathBuf> {
+    let rel = loader_path.replace('\\', "/");
+    let rel = rel.trim_start_matches('/');
+    let name = rel.strip_prefix("loader/entries/")?;
+    let plain = !name.is_empty() && !name.contains('/') && name != "." && name != "..";
+    (plain && EntryName::parse(name).is_some()).then(|| Path::new("loader/entries").join(name))
+}
+
+/// The unit that blesses the boot once it is good; `timeout` zero: it never reboots.
+pub fn unit(timeout: Duration) -> String {
+    let reboot = if timeout.is_zero() {
+        String::new()
+    } else {
+        format!(
+            "# Not good within layerboot.bless_timeout= (the start job waits for the whole boot): reboot,\n\
+             # which uses up one more of the entry's tries.\nJobTimeoutSec={}\nJobTimeoutAction=reboot\n",
+            timeout.as_secs()
+        )
+    };
+    format!(
+        "# Written by layerboot's /init for this boot only (it lives in /run).\n\
+         [Unit]\nDescription=layerboot: mark this boot good for the boot loader\nDefaultDependencies=no\n\
+         Requires=boot-complete.target\nAfter=local-fs.target boot-complete.target multi-user.target\n\
+         Conflicts=shutdown.target\nBefore=shutdown.target\n{reboot}\n\
+         [Service]\nType=oneshot\nRemainAfterExit=yes\nStandardOutput=journal+console\n\
+         ExecStart={PROGRAM} --bless\n"
+    )
+}
+
+/// Whether the image's init at `init` (inside `new_root`) is systemd.
+fn is_systemd(new_root: &Path, init: &str) -> bool {
+    let at = new_root.join(init.trim_start_matches('/'));
+    let target = fs::read_link(&at).unwrap_or(at);
+    target.file_name().is_some_and(|n| n == "systemd")
+}
+
+/// Before the switch: the unit, when this boot is counted and the image runs systemd.
+/// Returns the counted entry, if one was set up.
+pub fn prepare(run: &Path, new_root: &Path, init: &str, timeout: Duration) -> Result<Option<PathBuf>> {
+    let Some(entry) = loader_variable("LoaderBootCountPath").and_then(|p| entry_path(&p)) else {
+        return Ok(None);
+    };
+    if !is_systemd(new_root, init) {
+        log::info!(
+            "layerboot: boot counted ({}), but {init} is not systemd: bless it from the image's own boot scripts \
+             (`layerboot bless`, see the README)",
+            entry.display()
+        );
+        return Ok(None);
+    }
+    let program = run.join(PROGRAM.trim_start_matches("/run/"));
+    let units = run.join("systemd/system");
+    let wants = units.join("multi-user.target.wants");
+    fs::create_dir_all(&wants).map_err(|e| Error::io("cannot create", &wants, e))?;
+    if !program.exists() {
+        // The shutdown's copy of /init is on the same tmpfs: a link costs no memory.
+        let shutdown = run.join("initramfs/shutdown");
+        fs::hard_link(&shutdown, &program)
+            .or_else(|_| fs::copy("/init", &program).map(drop))
+            .map_err(|e| Error::io("cannot copy /init to", &program, e))?;
+    }
+    fs::write(units.join(UNIT), unit(timeout)).map_err(|e| Error::io("cannot write", units.join(UNIT), e))?;
+    let link = wants.join(UNIT);
+    let _ = fs::remove_file(&link);
+    std::os::unix::fs::symlink(format!("../{UNIT}"), &link).map_err(|e| Error::io("cannot link", &link, e))?;
+    Ok(Some(entry))
+}
+
+/// `layerboot-init --bless`, in the booted system: renames the counted entry on the ESP
+/// to its blessed name. Returns what it did, for the journal.
+pub fn run() -> Result<String> {
+    let loader_path = loader_variable("LoaderBootCountPath")
+        .ok_or("this boot is not counted (the boot loader set no LoaderBootCountPath): nothing to bless")?;
+    let entry = entry_path(&loader_path)
+        .ok_or_else(|| format!("LoaderBootCountPath '{loader_path}' is not an entry in /loader/entries: not touching it"))?;
+    let uuid = loader_variable("LoaderDevicePartUUID")
+        .ok_or("the boot loader did not say which partition is the ESP (no LoaderDevicePartUUID)")?
+        .to_ascii_lowercase();
+    let device = PathBuf::from(format!("/dev/disk/by-partuuid/{uuid}"));
+    if !device.exists() {
+        return Err(format!("the ESP {} is not there (fix: check that udev runs in the image)", device.display()).into());
+    }
+    let esp = Path::new(ESP_MOUNT);
+    let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    mount(&device, esp, "vfat", flags, "")?;
+    let result = bless_at(esp, &entry);
+    let _ = unmount(esp);
+    result
+}
+
+/// Renames `entry` (from the ESP's root at `esp`) to its blessed name, durably.
+pub fn bless_at(esp: &Path, entry: &Path) -> Result<String> {
+    let name = entry.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let parsed = EntryName::parse(name).ok_or_else(|| format!("{name} is not a boot loader entry"))?;
+    let blessed = EntryName {
+        id: parsed.id.clone(),
+        assessment: Assessment::Good,
+    };
+    let (from, to) = (esp.join(entry), esp.join(entry).with_file_name(blessed.file_name()));
+    match fs::rename(&from, &to) {
+        Ok(()) => {}
+        // systemd-bless-boot, or an earlier run, got there first.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && to.exists() => {
+            return Ok(format!("layerboot: {} is blessed already", blessed.file_name()))
+        }
+        Err(e) => return Err(Error::io("cannot rename", &from, e)),
+    }
+    let dir = to.parent().unwrap_or(esp);
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("cannot flush", dir, e))?;
+    Ok(format!("layerboot: boot blessed: {name} is now {}", blessed.file_name()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn var(s: &str) -> Vec<u8> {
+        let mut raw = vec![7, 0, 0, 0];
+        for u in s.encode_utf16().chain([0]) {
+            raw.extend(u.to_le_bytes());
+        }
+        raw
+    }
+
+    #[test]
+    fn the_loaders_variables_read_as_utf16_after_their_attributes() {
+        assert_eq!(
+            efi_string(&var("\\loader\\entries\\x+1-1.conf")).as_deref(),
+            Some("\\loader\\entries\\x+1-1.conf")
+        );
+        assert_eq!(efi_string(&[7, 0, 0]), None);
+        assert_eq!(efi_string(&var("")), None);
+        // An odd trailing byte is ignored, not a panic.
+        let mut odd = var("ab");
+        odd.push(0x41);
+        assert_eq!(efi_string(&odd).as_deref(), Some("ab"));
+    }
+
+    #[test]
+    fn only_a_plain_entry_in_loader_entries_is_ever_renamed() {
+        assert_eq!(
+            entry_path("\\loader\\entries\\layerboot-000002-abc+2-1.conf"),
+            Some(PathBuf::from("loader/entries/layerboot-000002-abc+2-1.conf"))
+        );
+        for bad in [
+            "\\loader\\entries\\..\\..\\EFI\\BOOT\\BOOTX64.EFI",
+            "\\loader\\entries\\sub\\x+1.conf",
+            "\\EFI\\x+1.conf",
+            "\\loader\\entries\\",
+            "\\loader\\entries\\x+1.efi",
+        ] {
+            assert_eq!(entry_path(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn blessing_renames_once_and_a_second_blesser_is_content() {
+        let t = tempfile::tempdir().unwrap();
+        let entries = t.path().join("loader/entries");
+        fs::create_dir_all(&entries).unwrap();
+        fs::write(entries.join("layerboot-000002-abc+2-1.conf"), "title x\n").unwrap();
+        let entry = Path::new("loader/entries/layerboot-000002-abc+2-1.conf");
+        let said = bless_at(t.path(), entry).unwrap();
+        assert!(said.contains("layerboot-000002-abc.conf"), "{said}");
+        assert!(entries.join("layerboot-000002-abc.conf").is_file());
+        // systemd-bless-boot (or a rerun) finds it renamed already.
+        assert!(bless_at(t.path(), entry).unwrap().contains("blessed already"));
+    }
+
+    #[test]
+    fn the_unit_waits_for_a_good_boot_and_reboots_a_stuck_one() {
+        let u = unit(Duration::from_secs(600));
+        for line in [
+            "Requires=boot-complete.target",
+            "After=local-fs.target boot-complete.target multi-user.target",
+            "JobTimeoutSec=600",
+            "JobTimeoutAction=reboot",
+            "ExecStart=/run/layerboot/layerboot-init --bless",
+        ] {
+            assert!(u.lines().any(|l| l == line), "{line} in\n{u}");
+        }
+        assert!(!unit(Duration::ZERO).contains("JobTimeout"));
+    }
+}
