@@ -39,7 +39,8 @@ pub fn efi_string(raw: &[u8]) -> Option<String> {
     String::from_utf16(&units).ok().filter(|s| !s.is_empty())
 }
 
-fn loader_variable(name: &str) -> Option<String> {
+/// A string variable the boot loader set (`LoaderEntrySelected`, …), if it did.
+pub fn loader_variable(name: &str) -> Option<String> {
     let raw = fs::read(Path::new(EFIVARS).join(format!("{name}-{LOADER_GUID}"))).ok()?;
     efi_string(&raw)
 }
@@ -119,14 +120,19 @@ pub fn prepare(run: &Path, new_root: &Path, init: &str, timeout: Duration) -> Re
 pub fn run() -> Result<String> {
     let loader_path = loader_variable("LoaderBootCountPath")
         .ok_or("this boot is not counted (the boot loader set no LoaderBootCountPath): nothing to bless")?;
-    let entry = entry_path(&loader_path)
-        .ok_or_else(|| format!("LoaderBootCountPath '{loader_path}' is not an entry in /loader/entries: not touching it"))?;
+    let entry = entry_path(&loader_path).ok_or_else(|| {
+        format!("LoaderBootCountPath '{loader_path}' is not an entry in /loader/entries: not touching it")
+    })?;
     let uuid = loader_variable("LoaderDevicePartUUID")
         .ok_or("the boot loader did not say which partition is the ESP (no LoaderDevicePartUUID)")?
         .to_ascii_lowercase();
     let device = PathBuf::from(format!("/dev/disk/by-partuuid/{uuid}"));
     if !device.exists() {
-        return Err(format!("the ESP {} is not there (fix: check that udev runs in the image)", device.display()).into());
+        return Err(format!(
+            "the ESP {} is not there (fix: check that udev runs in the image)",
+            device.display()
+        )
+        .into());
     }
     let esp = Path::new(ESP_MOUNT);
     let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
@@ -157,7 +163,10 @@ pub fn bless_at(esp: &Path, entry: &Path) -> Result<String> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io("cannot flush", dir, e))?;
-    Ok(format!("layerboot: boot blessed: {name} is now {}", blessed.file_name()))
+    Ok(format!(
+        "layerboot: boot blessed: {name} is now {}",
+        blessed.file_name()
+    ))
 }
 
 #[cfg(test)]

@@ -100,5 +100,4 @@ mod tests {
             assert_eq!(EntryName::parse(bad), None, "{bad}");
         }
     }
-
 }

@@ -13,8 +13,8 @@
 //! - [`boot`]: the sequence that ties them together. `src/main.rs` only guards PID 1.
 
 pub mod arena;
-pub mod bolt;
 pub mod bless;
+pub mod bolt;
 pub mod boot;
 pub mod bootcount;
 pub mod btrfs;

@@ -95,7 +95,61 @@ pub fn gpt_disk(disk: &Path, store_fs: &Path, esp: &EspFiles) {
     fs::create_dir_all(&work).unwrap();
     let esp_img = work.join("esp.img");
     make_esp(&esp_img, &work, esp);
+    assemble(disk, store_fs, &esp_img, &work);
+}
 
+/// Writes `disk` with an ESP holding the files of `tree` (as `layerboot deploy` left
+/// them) and systemd-boot, its menu without a timeout or a fixed default.
+pub fn gpt_disk_with_esp_tree(disk: &Path, store_fs: &Path, tree: &Path) {
+    let work = disk.with_extension("parts");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).unwrap();
+    let img = work.join("esp.img");
+    fs::File::create(&img).unwrap().set_len(ESP_MIB * MIB).unwrap();
+    run(Command::new("mkfs.vfat").args(["-F", "32", "-n", "ESP"]).arg(&img));
+    let i = img.to_str().unwrap().to_string();
+    for d in ["/EFI", "/EFI/BOOT"] {
+        run(Command::new("mmd").args(["-i", &i, d]));
+    }
+    let loader = unpacked_loader(Loader::SystemdBoot).join(Loader::SystemdBoot.efi());
+    run(Command::new("mcopy")
+        .args(["-i", &i])
+        .arg(&loader)
+        .arg("::/EFI/BOOT/BOOTX64.EFI"));
+    for e in fs::read_dir(tree).unwrap() {
+        run(Command::new("mcopy")
+            .args(["-s", "-i", &i])
+            .arg(e.unwrap().path())
+            .arg("::/"));
+    }
+    let conf = work.join("loader.conf");
+    fs::write(&conf, "timeout 0\nconsole-mode keep\n").unwrap();
+    run(Command::new("mcopy")
+        .args(["-o", "-i", &i])
+        .arg(&conf)
+        .arg("::/loader/loader.conf"));
+    assemble(disk, store_fs, &img, &work);
+}
+
+/// The ESP of a disk `gpt_disk*` wrote, copied out into the directory `out`.
+pub fn esp_tree(disk: &Path, out: &Path) {
+    let img = out.with_extension("esp.img");
+    run(Command::new("dd")
+        .arg(format!("if={}", disk.display()))
+        .arg(format!("of={}", img.display()))
+        .args(["bs=1M", "skip=1", "status=none"])
+        .arg(format!("count={ESP_MIB}")));
+    let _ = fs::remove_dir_all(out);
+    fs::create_dir_all(out).unwrap();
+    run(Command::new("mcopy")
+        .args(["-s", "-n", "-i"])
+        .arg(&img)
+        .arg("::/")
+        .arg(out));
+    fs::remove_file(&img).unwrap();
+}
+
+fn assemble(disk: &Path, store_fs: &Path, esp_img: &Path, work: &Path) {
     let store_len = fs::metadata(store_fs).unwrap().len();
     let store_start = 1 + ESP_MIB; // MiB
     let total = (store_start * MIB) + store_len + MIB;
@@ -108,9 +162,9 @@ pub fn gpt_disk(disk: &Path, store_fs: &Path, esp: &EspFiles) {
         store_len / 512
     );
     sfdisk(disk, &table);
-    dd(&esp_img, disk, MIB);
+    dd(esp_img, disk, MIB);
     dd(store_fs, disk, store_start * MIB);
-    let _ = fs::remove_dir_all(&work);
+    let _ = fs::remove_dir_all(work);
 }
 
 fn sfdisk(disk: &Path, table: &str) {

@@ -1262,3 +1262,129 @@ fn overlay2_power_cuts_after_the_swap_and_during_a_keep_copy_lose_nothing() {
     }
     assert_store_untouched("overlay2", &disk, &dir);
 }
+
+/// A fleet's day-2 loop with systemd-boot's own boot counting, nobody at the console:
+/// v1 and then a v2 whose init is missing are deployed from the host (as a first
+/// install is); v2 boots first, fails twice (each failure reboots), and then the loader
+/// boots v1 by itself, whose boot blesses its entry. The ESP, read back from the host,
+/// shows v1 good and v2 bad, and `layerboot status` says so.
+#[test]
+fn systemd_boot_falls_back_from_a_failing_deployment_and_blesses_the_good_one() {
+    use vm_tests::disk::{esp_tree, gpt_disk_with_esp_tree, STORE_PARTUUID};
+    let dir = test_dir("deployments-systemd-boot");
+    let store = copy_store_disk("overlay2", &dir);
+    {
+        let m = LoopMount::new(&store, &dir.join("mnt"), false);
+        write_toplayer(&m.0.join("toplayer"), "vm-deploy");
+        // The report (which powers off) waits for the blessing.
+        let dropin = m.0.join("toplayer/etc/systemd/system/layerboot-report.service.d");
+        fs::create_dir_all(&dropin).unwrap();
+        fs::write(
+            dropin.join("after-bless.conf"),
+            "[Unit]\nAfter=layerboot-bless.service\n",
+        )
+        .unwrap();
+    }
+    let esp = dir.join("esp");
+    fs::create_dir_all(&esp).unwrap();
+    let root = format!("PARTUUID={STORE_PARTUUID}");
+    let data_root = fixture_store("overlay2");
+    let deploy = |reference: &str, options: &str| {
+        run(layerboot().args([
+            "deploy",
+            reference,
+            "--esp",
+            esp.to_str().unwrap(),
+            "--store",
+            data_root.to_str().unwrap(),
+            "--root",
+            &root,
+            "--toplayer",
+            &root,
+            "--toplayer-path",
+            "/toplayer",
+            "--tries",
+            "2",
+            "--options",
+            options,
+        ]))
+    };
+    deploy("layerboot/demo", "console=ttyS0 layerboot.rescue_timeout=0");
+    deploy(
+        "layerboot/demo:v2",
+        "console=ttyS0 layerboot.rescue_timeout=0 init=/sbin/no-such-init",
+    );
+    let disk = dir.join("disk.img");
+    gpt_disk_with_esp_tree(&disk, &store, &esp);
+    fs::remove_file(&store).unwrap();
+
+    // Each boot is one QEMU run (a reboot ends it): v2, v2, then v1 on the loader's own.
+    let mut consoles = Vec::new();
+    for n in 1..=3 {
+        let console = Qemu {
+            timeout: Duration::from_secs(600),
+            uefi: true,
+            ..Qemu::new(vec![disk.clone()], String::new(), dir.join(format!("boot{n}.log")))
+        }
+        .run();
+        no_panic(&console);
+        consoles.push(console);
+    }
+    for c in &consoles[..2] {
+        assert!(
+            c.contains("BOOT FAILED") && c.contains("/sbin/no-such-init"),
+            "v2 fails with a readable reason:\n{}",
+            tail(c, 30)
+        );
+    }
+    let r = report(&consoles[2]);
+    common_checks(&r, "vm-deploy", "latest");
+    let v1 = fs::read_to_string(fixtures().join("images.env")).unwrap();
+    let v1 = v1.lines().find_map(|l| l.strip_prefix("DEMO_ID=")).unwrap();
+    assert!(
+        r["cmdline"].contains(&format!("docker_image={v1}")),
+        "pinned by ID: {}",
+        r["cmdline"]
+    );
+    assert!(
+        consoles[2].contains("layerboot: boot blessed"),
+        "the bless unit ran:\n{}",
+        tail(&consoles[2], 40)
+    );
+
+    // From the host: v1 blessed (no counter), v2 out of tries.
+    let back = dir.join("esp-after");
+    esp_tree(&disk, &back);
+    let mut entries: Vec<String> = fs::read_dir(back.join("loader/entries"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    entries.sort();
+    let (id1, id2) = (&v1[7..19], {
+        let env = fs::read_to_string(fixtures().join("images.env")).unwrap();
+        env.lines().find_map(|l| l.strip_prefix("DEMO_V2_ID=")).unwrap()[7..19].to_string()
+    });
+    assert_eq!(
+        entries,
+        [
+            format!("layerboot-000001-{id1}.conf"),
+            format!("layerboot-000002-{id2}+0-2.conf")
+        ]
+    );
+    let status = run(layerboot().args([
+        "status",
+        "--esp",
+        back.to_str().unwrap(),
+        "--store",
+        data_root.to_str().unwrap(),
+    ]));
+    let lines: Vec<&str> = status.lines().collect();
+    assert!(
+        lines[1].starts_with("> ") && lines[1].contains("layerboot/demo ") && lines[1].ends_with("good"),
+        "{status}"
+    );
+    assert!(
+        lines[2].contains("layerboot/demo:v2") && lines[2].ends_with("bad"),
+        "{status}"
+    );
+}

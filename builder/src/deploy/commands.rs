@@ -3,7 +3,7 @@
 //!
 //! On a machine booted by layerboot the defaults come from the boot itself: the store
 //! from `/run/layerboot/booted.json`, the kernel arguments from `/proc/cmdline` minus the
-//! one-offs, the ESP from `bootctl --print-esp-path`. Elsewhere (a host with the disk
+//! one-offs, the ESP where `bootctl --print-esp-path` (or /efi, /boot/efi, /boot) has it. Elsewhere (a host with the disk
 //! mounted, a first install) `--store`, `--esp` and `--root` are required: nothing is
 //! taken from the host's own boot.
 
@@ -67,20 +67,24 @@ impl Machine {
                     .into(),
             );
         }
-        let out = std::process::Command::new("bootctl")
+        // As bootctl finds it; Debian 12 ships bootctl only with systemd-boot, so its
+        // places are looked at too.
+        let by_bootctl = std::process::Command::new("bootctl")
             .arg("--print-esp-path")
             .output()
-            .map_err(|e| {
-                Error::os(
-                    "cannot run bootctl --print-esp-path (fix: mount the ESP and pass --esp)",
-                    e,
-                )
-            })?;
-        let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if !out.status.success() || path.is_empty() {
-            return Err("bootctl found no mounted ESP (fix: mount it, e.g. at /efi, or pass --esp)".into());
-        }
-        Ok(PathBuf::from(path))
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from);
+        by_bootctl
+            .or_else(|| {
+                ["/efi", "/boot/efi", "/boot"]
+                    .iter()
+                    .map(PathBuf::from)
+                    .find(|p| is_esp(p))
+            })
+            .ok_or_else(|| "no mounted ESP found at /efi, /boot/efi or /boot (fix: mount it, or pass --esp)".into())
     }
 
     fn store(&self) -> Result<(PathBuf, Option<String>)> {
@@ -445,6 +449,13 @@ fn build_initramfs(store: &Path, image_id: &str, ns: Option<&str>, kver: &str, a
     built
 }
 
+/// A mounted FAT filesystem that holds a boot loader's files.
+fn is_esp(dir: &Path) -> bool {
+    const MSDOS_SUPER_MAGIC: i64 = 0x4d44; // linux/magic.h; nix does not name it
+    let fat = nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type().0 as i64 == MSDOS_SUPER_MAGIC);
+    fat && (dir.join("loader").is_dir() || dir.join("EFI").is_dir())
+}
+
 fn free_bytes(dir: &Path) -> Result<u64> {
     let st = nix::sys::statvfs::statvfs(dir).map_err(|e| Error::io("cannot read the free space of", dir, e))?;
     Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
@@ -550,6 +561,8 @@ pub fn status(a: StatusArgs) -> Result<()> {
         .ok()
         .and_then(|(s, ns)| Some(Store::open(&s).ok()?.with_namespace(ns)));
     let default = default_of(&all).map(|d| d.record.image_id.clone());
+    // What the loader says it booted this time (its entry id, counter stripped).
+    let selected = layerboot_init::bless::loader_variable("LoaderEntrySelected");
     let mut rows = Vec::new();
     let mut warnings = Vec::new();
     for d in &all {
@@ -563,6 +576,7 @@ pub fn status(a: StatusArgs) -> Result<()> {
             "state": d.state(),
             "default": default.as_deref() == Some(&d.record.image_id),
             "booted": booted.as_ref().is_some_and(|b| b.image_id == d.record.image_id),
+            "selected_by_loader": selected.as_ref().is_some_and(|s| s.contains(&format!("-{}", d.record.short_id()))),
             "image_in_store": present,
         }));
         if present == Some(false) {
@@ -572,6 +586,13 @@ pub fn status(a: StatusArgs) -> Result<()> {
                 d.record.reference
             ));
         }
+    }
+    if esp.join("EFI/refind").is_dir() || esp.join("EFI/BOOT/refind.conf").is_file() {
+        warnings.push(
+            "this ESP holds rEFInd, which has no boot counting: if it is the boot loader, new deployments are not \
+             counted and a failing one is not left automatically (use systemd-boot for that)"
+                .to_string(),
+        );
     }
     if booted.is_some() {
         let release = nix::sys::utsname::uname()
