@@ -1,11 +1,14 @@
 //! Blessing a boot that systemd-boot counts, without installing anything in the image.
 //!
 //! Before the switch, /init leaves a copy of itself in `/run/layerboot/` and, for a
-//! systemd image booted from a counted entry (the loader set `LoaderBootCountPath`), a
-//! unit under `/run/systemd/system` (our /run becomes the image's). Once the boot is good
-//! (`boot-complete.target` and `multi-user.target` reached) the unit runs
-//! `layerboot-init --bless`, which mounts the ESP the loader named and renames the entry
-//! to its name without a counter. A boot that does not get there within
+//! systemd image booted through UEFI, a unit under `/run/systemd/system` (our /run becomes
+//! the image's). The unit runs only if the boot is counted: systemd-boot set
+//! `LoaderBootCountPath` (checked by the unit's condition, once systemd has mounted
+//! efivarfs, which the initramfs does not need), or the entry is a GRUB deployment's
+//! (`layerboot.grub=`). Once the boot is good (`boot-complete.target` and
+//! `multi-user.target` reached) it runs `layerboot-init --bless`, which mounts the ESP and
+//! renames systemd-boot's entry to its name without a counter, or sets the deployment's
+//! variable in layerboot's grubenv to `good`. A boot that does not get there within
 //! `layerboot.bless_timeout=` is rebooted by systemd (the start job's timeout), and uses
 //! up one more try. Images with `systemd-bless-boot` rename the same file: whichever
 //! comes second finds it renamed and is content.
@@ -18,7 +21,9 @@ use sys_mount::MountFlags;
 
 use crate::bootcount::{Assessment, EntryName};
 use crate::error::{Error, Result};
+use crate::grubenv;
 use crate::mounts::{mount, unmount};
+use crate::settings::{arg, parse_cmdline};
 
 /// The Boot Loader Interface's vendor GUID, for the loader's EFI variables.
 const LOADER_GUID: &str = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
@@ -41,7 +46,7 @@ pub fn efi_string(raw: &[u8]) -> Option<String> {
 
 /// A string variable the boot loader set (`LoaderEntrySelected`, …), if it did.
 pub fn loader_variable(name: &str) -> Option<String> {
-    let raw = fs::read(Path::new(EFIVARS).join(format!("{name}-{LOADER_GUID}"))).ok()?;
+    let raw = fs::read(loader_variable_path(name)).ok()?;
     efi_string(&raw)
 }
 
@@ -55,8 +60,43 @@ pub fn entry_path(loader_path: &str) -> Option<PathBuf> {
     (plain && EntryName::parse(name).is_some()).then(|| Path::new("loader/entries").join(name))
 }
 
+/// How this boot is counted, as far as the command line and firmware tell before the
+/// switch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Counting {
+    /// Booted through UEFI: systemd-boot may count it (`LoaderBootCountPath`).
+    Loader,
+    /// A GRUB deployment's entry: its variable in the grubenv on the ESP `esp` (a device
+    /// spec: `LABEL=`, `PARTUUID=`, `UUID=`, `PARTLABEL=`, `/dev/…`).
+    Grub { deployment: String, esp: String },
+}
+
+impl Counting {
+    pub fn of(cmdline: &std::collections::BTreeMap<String, String>, uefi: bool) -> Option<Counting> {
+        match (cmdline.get(arg::GRUB_DEPLOYMENT), cmdline.get(arg::ESP)) {
+            (Some(d), Some(esp)) if grubenv::tries_variable(d).is_some() => Some(Counting::Grub {
+                deployment: d.clone(),
+                esp: esp.clone(),
+            }),
+            _ if uefi => Some(Counting::Loader),
+            _ => None,
+        }
+    }
+}
+
+fn loader_variable_path(name: &str) -> PathBuf {
+    Path::new(EFIVARS).join(format!("{name}-{LOADER_GUID}"))
+}
+
 /// The unit that blesses the boot once it is good; `timeout` zero: it never reboots.
-pub fn unit(timeout: Duration) -> String {
+pub fn unit(counting: &Counting, timeout: Duration) -> String {
+    let condition = match counting {
+        Counting::Loader => format!(
+            "ConditionPathExists={}\n",
+            loader_variable_path("LoaderBootCountPath").display()
+        ),
+        Counting::Grub { .. } => String::new(),
+    };
     let reboot = if timeout.is_zero() {
         String::new()
     } else {
@@ -70,7 +110,7 @@ pub fn unit(timeout: Duration) -> String {
         "# Written by layerboot's /init for this boot only (it lives in /run).\n\
          [Unit]\nDescription=layerboot: mark this boot good for the boot loader\nDefaultDependencies=no\n\
          Requires=boot-complete.target\nAfter=local-fs.target boot-complete.target multi-user.target\n\
-         Conflicts=shutdown.target\nBefore=shutdown.target\n{reboot}\n\
+         Conflicts=shutdown.target\nBefore=shutdown.target\n{condition}{reboot}\n\
          [Service]\nType=oneshot\nRemainAfterExit=yes\nStandardOutput=journal+console\n\
          ExecStart={PROGRAM} --bless\n"
     )
@@ -83,19 +123,17 @@ fn is_systemd(new_root: &Path, init: &str) -> bool {
     target.file_name().is_some_and(|n| n == "systemd")
 }
 
-/// Before the switch: the unit, when this boot is counted and the image runs systemd.
-/// Returns the counted entry, if one was set up.
-pub fn prepare(run: &Path, new_root: &Path, init: &str, timeout: Duration) -> Result<Option<PathBuf>> {
-    let Some(entry) = loader_variable("LoaderBootCountPath").and_then(|p| entry_path(&p)) else {
-        return Ok(None);
-    };
+/// Before the switch: the unit, when this boot may be counted and the image runs
+/// systemd. Returns whether it was set up.
+pub fn prepare(run: &Path, new_root: &Path, init: &str, counting: &Counting, timeout: Duration) -> Result<bool> {
     if !is_systemd(new_root, init) {
-        log::info!(
-            "layerboot: boot counted ({}), but {init} is not systemd: bless it from the image's own boot scripts \
-             (`layerboot bless`, see the README)",
-            entry.display()
-        );
-        return Ok(None);
+        if matches!(counting, Counting::Grub { .. }) {
+            log::info!(
+                "layerboot: boot counted, but {init} is not systemd: bless it from the image's own boot scripts \
+                 (`layerboot bless`, see the README)"
+            );
+        }
+        return Ok(false);
     }
     let program = run.join(PROGRAM.trim_start_matches("/run/"));
     let units = run.join("systemd/system");
@@ -108,16 +146,31 @@ pub fn prepare(run: &Path, new_root: &Path, init: &str, timeout: Duration) -> Re
             .or_else(|_| fs::copy("/init", &program).map(drop))
             .map_err(|e| Error::io("cannot copy /init to", &program, e))?;
     }
-    fs::write(units.join(UNIT), unit(timeout)).map_err(|e| Error::io("cannot write", units.join(UNIT), e))?;
+    fs::write(units.join(UNIT), unit(counting, timeout)).map_err(|e| Error::io("cannot write", units.join(UNIT), e))?;
     let link = wants.join(UNIT);
     let _ = fs::remove_file(&link);
     std::os::unix::fs::symlink(format!("../{UNIT}"), &link).map_err(|e| Error::io("cannot link", &link, e))?;
-    Ok(Some(entry))
+    Ok(true)
 }
 
 /// `layerboot-init --bless`, in the booted system: renames the counted entry on the ESP
 /// to its blessed name. Returns what it did, for the journal.
 pub fn run() -> Result<String> {
+    let cmdline = parse_cmdline(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    if let Some(Counting::Grub { deployment, esp }) = Counting::of(&cmdline, false) {
+        let device = device_of(&esp)?;
+        let mount_point = Path::new(ESP_MOUNT);
+        mount(
+            &device,
+            mount_point,
+            "vfat",
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            "",
+        )?;
+        let result = bless_grubenv(mount_point, &deployment);
+        let _ = unmount(mount_point);
+        return result;
+    }
     let loader_path = loader_variable("LoaderBootCountPath")
         .ok_or("this boot is not counted (the boot loader set no LoaderBootCountPath): nothing to bless")?;
     let entry = entry_path(&loader_path).ok_or_else(|| {
@@ -140,6 +193,56 @@ pub fn run() -> Result<String> {
     let result = bless_at(esp, &entry);
     let _ = unmount(esp);
     result
+}
+
+/// The device node a spec names, through udev's links (the booted system has udev).
+fn device_of(spec: &str) -> Result<PathBuf> {
+    let link = |dir: &str, v: &str| PathBuf::from(format!("/dev/disk/{dir}/{v}"));
+    let path = match spec.split_once('=') {
+        Some(("LABEL", v)) => link("by-label", v),
+        Some(("UUID", v)) => link("by-uuid", &v.to_ascii_lowercase()),
+        Some(("PARTUUID", v)) => link("by-partuuid", &v.to_ascii_lowercase()),
+        Some(("PARTLABEL", v)) => link("by-partlabel", v),
+        _ if spec.starts_with("/dev/") => PathBuf::from(spec),
+        _ => {
+            return Err(format!(
+                "{}={spec}: not a device (use LABEL=, UUID=, PARTUUID=, PARTLABEL= or /dev/…)",
+                arg::ESP
+            )
+            .into())
+        }
+    };
+    if path.components().any(|c| c == std::path::Component::ParentDir) || !path.exists() {
+        return Err(format!("the ESP {spec} ({}) is not there ({}=)", path.display(), arg::ESP).into());
+    }
+    Ok(path)
+}
+
+/// Sets the deployment's variable in layerboot's grubenv on the ESP at `esp` to `good`,
+/// the block rewritten whole (1024 bytes, as GRUB's save_env expects), durably.
+pub fn bless_grubenv(esp: &Path, deployment: &str) -> Result<String> {
+    let var = grubenv::tries_variable(deployment).ok_or("not a deployment id")?;
+    let path = esp.join("layerboot/grubenv");
+    let block = fs::read(&path).map_err(|e| Error::io("cannot read", &path, e))?;
+    let mut vars = grubenv::parse(&block)?;
+    if grubenv::get(&vars, &var) == Some("good") {
+        return Ok(format!("layerboot: deployment {deployment} is blessed already"));
+    }
+    grubenv::set(&mut vars, &var, "good");
+    let tmp = path.with_file_name(".grubenv.tmp");
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(&grubenv::render(&vars).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        fs::File::open(path.parent().unwrap_or(esp))?.sync_all()
+    };
+    write().map_err(|e| Error::io("cannot write", &path, e))?;
+    Ok(format!(
+        "layerboot: boot blessed: deployment {deployment} is good in {}",
+        path.display()
+    ))
 }
 
 /// Renames `entry` (from the ESP's root at `esp`) to its blessed name, durably.
@@ -213,6 +316,46 @@ mod tests {
     }
 
     #[test]
+    fn a_grub_deployment_is_blessed_in_its_grubenv_and_only_its_variable_changes() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir_all(t.path().join("layerboot")).unwrap();
+        let vars = vec![
+            ("lb_aaa".to_string(), "2".to_string()),
+            ("lb_bbb".to_string(), "good".to_string()),
+        ];
+        fs::write(t.path().join("layerboot/grubenv"), grubenv::render(&vars).unwrap()).unwrap();
+        assert!(bless_grubenv(t.path(), "aaa").unwrap().contains("good"));
+        let after = grubenv::parse(&fs::read(t.path().join("layerboot/grubenv")).unwrap()).unwrap();
+        assert_eq!(
+            after,
+            [
+                ("lb_aaa".to_string(), "good".to_string()),
+                ("lb_bbb".to_string(), "good".to_string())
+            ]
+        );
+        assert!(bless_grubenv(t.path(), "aaa").unwrap().contains("already"));
+        assert!(bless_grubenv(t.path(), "../x").is_err());
+    }
+
+    #[test]
+    fn the_counting_follows_the_command_line_then_the_firmware() {
+        let cmd = |s: &str| parse_cmdline(s);
+        assert_eq!(
+            Counting::of(&cmd("layerboot.grub=abc layerboot.esp=LABEL=ESP"), true),
+            Some(Counting::Grub {
+                deployment: "abc".into(),
+                esp: "LABEL=ESP".into()
+            })
+        );
+        assert_eq!(Counting::of(&cmd("layerboot.grub=abc"), true), Some(Counting::Loader));
+        assert_eq!(
+            Counting::of(&cmd("layerboot.grub=../x layerboot.esp=LABEL=E"), false),
+            None
+        );
+        assert_eq!(Counting::of(&cmd(""), false), None);
+    }
+
+    #[test]
     fn blessing_renames_once_and_a_second_blesser_is_content() {
         let t = tempfile::tempdir().unwrap();
         let entries = t.path().join("loader/entries");
@@ -228,7 +371,7 @@ mod tests {
 
     #[test]
     fn the_unit_waits_for_a_good_boot_and_reboots_a_stuck_one() {
-        let u = unit(Duration::from_secs(600));
+        let u = unit(&Counting::Loader, Duration::from_secs(600));
         for line in [
             "Requires=boot-complete.target",
             "After=local-fs.target boot-complete.target multi-user.target",
@@ -238,6 +381,12 @@ mod tests {
         ] {
             assert!(u.lines().any(|l| l == line), "{line} in\n{u}");
         }
-        assert!(!unit(Duration::ZERO).contains("JobTimeout"));
+        assert!(u.contains("ConditionPathExists=/sys/firmware/efi/efivars/LoaderBootCountPath-"));
+        let grub = Counting::Grub {
+            deployment: "abc".into(),
+            esp: "LABEL=ESP".into(),
+        };
+        assert!(!unit(&grub, Duration::ZERO).contains("JobTimeout"));
+        assert!(!unit(&grub, Duration::ZERO).contains("Condition"));
     }
 }

@@ -35,6 +35,10 @@ pub mod arg {
     pub const RESCUE: &str = "layerboot.rescue";
     pub const DEBUG: &str = "layerboot.debug";
     pub const BLESS_TIMEOUT: &str = "layerboot.bless_timeout";
+    /// GRUB deployments: the deployment this entry boots (its grubenv variable), and
+    /// the ESP holding that grubenv (GRUB tells the system neither).
+    pub const GRUB_DEPLOYMENT: &str = "layerboot.grub";
+    pub const ESP: &str = "layerboot.esp";
 }
 pub const DEFAULT_DOCKER_PATH: &str = "var/lib/docker";
 pub const DEFAULT_RW_NAME: &str = "layerboot-rw";

@@ -1388,3 +1388,155 @@ fn systemd_boot_falls_back_from_a_failing_deployment_and_blesses_the_good_one() 
         "{status}"
     );
 }
+
+/// What a guest's own `layerboot` printed: the lines a test unit tagged `|dp| `.
+fn deploy_lines(console: &str) -> String {
+    console
+        .lines()
+        .filter_map(|l| l.split_once("|dp| ").map(|(_, rest)| rest.trim_end_matches('\r')))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+const GUEST_DEPLOY: &str = r#"#!/bin/sh
+# The machine manages its own deployments: v1 deploys v2, v2 rolls back to v1, and v1
+# deploys v2 again (already there: only made the default).
+case "$(cat /etc/layerboot-tag)" in
+latest) out=$(layerboot deploy layerboot/demo:v2 2>&1) ;;
+v2) out=$(layerboot rollback 2>&1) ;;
+esac
+out="$out
+$(layerboot status 2>&1)"
+printf '%s\n' "$out" | sed 's/^/|dp| /' > /dev/console
+"#;
+
+/// The machine deploys, rolls back and redeploys by itself, with the `layerboot` of its
+/// top layer and the defaults of its own boot (store, kernel arguments, ESP).
+#[test]
+fn a_machine_deploys_rolls_back_and_redeploys_by_itself() {
+    use vm_tests::disk::{esp_tree, gpt_disk_with_esp_tree, STORE_PARTUUID};
+    let dir = test_dir("deployments-in-guest");
+    let store = copy_store_disk("overlay2", &dir);
+    {
+        let m = LoopMount::new(&store, &dir.join("mnt"), false);
+        let top = m.0.join("toplayer");
+        write_toplayer(&top, "vm-self");
+        let bin = repo().join("target/x86_64-unknown-linux-musl/release");
+        fs::create_dir_all(top.join("usr/local/bin")).unwrap();
+        for b in ["layerboot", "layerboot-init"] {
+            fs::copy(bin.join(b), top.join("usr/local/bin").join(b)).unwrap();
+        }
+        let fstab = top.join("etc/fstab");
+        let mut text = fs::read_to_string(&fstab).unwrap();
+        text.push_str("LABEL=ESP /efi vfat umask=0077 0 0\n");
+        fs::write(&fstab, text).unwrap();
+        fs::create_dir_all(top.join("efi")).unwrap();
+        let units = top.join("etc/systemd/system");
+        fs::write(
+            units.join("layerboot-deploy-test.service"),
+            "[Unit]\nAfter=layerboot-bless.service\nRequiresMountsFor=/efi /run/layerboot/store\n\
+             [Service]\nType=oneshot\nExecStart=/usr/local/sbin/layerboot-deploy-test\n[Install]\nWantedBy=multi-user.target\n",
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(
+            "../layerboot-deploy-test.service",
+            units.join("multi-user.target.wants/layerboot-deploy-test.service"),
+        )
+        .unwrap();
+        let script = top.join("usr/local/sbin/layerboot-deploy-test");
+        fs::write(&script, GUEST_DEPLOY).unwrap();
+        fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let dropin = units.join("layerboot-report.service.d");
+        fs::create_dir_all(&dropin).unwrap();
+        fs::write(
+            dropin.join("after-deploy.conf"),
+            "[Unit]\nAfter=layerboot-bless.service layerboot-deploy-test.service\n",
+        )
+        .unwrap();
+    }
+    let esp = dir.join("esp");
+    fs::create_dir_all(&esp).unwrap();
+    let root = format!("PARTUUID={STORE_PARTUUID}");
+    let data_root = fixture_store("overlay2");
+    run(layerboot().args([
+        "deploy",
+        "layerboot/demo",
+        "--esp",
+        esp.to_str().unwrap(),
+        "--store",
+        data_root.to_str().unwrap(),
+        "--root",
+        &root,
+        "--toplayer",
+        &root,
+        "--toplayer-path",
+        "/toplayer",
+        "--options",
+        "console=ttyS0",
+    ]));
+    let disk = dir.join("disk.img");
+    gpt_disk_with_esp_tree(&disk, &store, &esp);
+    fs::remove_file(&store).unwrap();
+
+    let env = fs::read_to_string(fixtures().join("images.env")).unwrap();
+    let id = |k: &str| env.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap()[7..19].to_string();
+    let (id1, id2) = (id("DEMO_ID"), id("DEMO_V2_ID"));
+    let boot = |n: u32| {
+        let console = Qemu {
+            timeout: Duration::from_secs(900),
+            uefi: true,
+            ..Qemu::new(vec![disk.clone()], String::new(), dir.join(format!("boot{n}.log")))
+        }
+        .run();
+        no_panic(&console);
+        let r = report(&console);
+        (r, deploy_lines(&console))
+    };
+
+    let (r, said) = boot(1);
+    common_checks(&r, "vm-self", "latest");
+    assert!(said.contains(&format!("deployed layerboot/demo:v2 as {id2}")), "{said}");
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("> ") && l.contains("layerboot/demo:v2") && l.ends_with("trying, 3 tries left")),
+        "{said}"
+    );
+
+    let (r, said) = boot(2);
+    common_checks(&r, "vm-self", "v2");
+    assert!(
+        r["cmdline"].contains("toplayer_path=/toplayer") && r["cmdline"].contains("console=ttyS0"),
+        "the running boot's arguments were carried: {}",
+        r["cmdline"]
+    );
+    assert!(
+        said.contains(&format!("rolled back: {id1} (layerboot/demo) boots next")),
+        "{said}"
+    );
+
+    let (r, said) = boot(3);
+    common_checks(&r, "vm-self", "latest");
+    assert!(
+        said.contains(&format!("already deployed as {id2}: it is the default now")),
+        "{said}"
+    );
+
+    let back = dir.join("esp-after");
+    esp_tree(&disk, &back);
+    let status = run(layerboot().args([
+        "status",
+        "--esp",
+        back.to_str().unwrap(),
+        "--store",
+        data_root.to_str().unwrap(),
+    ]));
+    let lines: Vec<&str> = status.lines().collect();
+    assert!(
+        lines[1].starts_with("> ") && lines[1].contains("layerboot/demo:v2") && lines[1].ends_with("good"),
+        "{status}"
+    );
+    assert!(
+        lines[2].contains("layerboot/demo ") && lines[2].ends_with("good"),
+        "{status}"
+    );
+}

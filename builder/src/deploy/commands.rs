@@ -17,13 +17,15 @@ use layerboot_init::settings::{arg, parse_cmdline};
 use layerboot_init::store::Store;
 use serde_json::json;
 
+use super::grub;
 use super::systemd_boot::{self, Assessment, EntryName};
 use super::{default_of, list, next_serial, short_id, Deployment, Record, DEPLOYMENTS_DIR, INITRAMFS, KERNEL, RECORD};
 use crate::image::{write_atomically, SourceImage};
+use layerboot_init::grubenv;
 
 const BOOTED_JSON: &str = "/run/layerboot/booted.json";
 /// Kernel arguments that belong to one boot, never carried into a new entry.
-const ONE_OFFS: [&str; 4] = [arg::DOCKER_IMAGE, "BOOT_IMAGE", "initrd", arg::RW];
+const ONE_OFFS: [&str; 5] = [arg::DOCKER_IMAGE, "BOOT_IMAGE", "initrd", arg::RW, arg::GRUB_DEPLOYMENT];
 /// Every failure must end in a reboot: a kernel panic reboots after this many seconds.
 const PANIC_REBOOT_S: u32 = 10;
 
@@ -114,9 +116,12 @@ pub struct DeployArgs {
     #[argh(option)]
     /// the running boot's record (default /run/layerboot/booted.json)
     booted: Option<PathBuf>,
-    /// the boot loader: systemd-boot (the default; the only one with counting for now)
-    #[argh(option, default = "String::from(\"systemd-boot\")")]
-    loader: String,
+    /// the boot loader: systemd-boot or grub (default: what the ESP holds)
+    #[argh(option)]
+    loader: Option<String>,
+    /// grub: the ESP as the booted system finds it (layerboot.esp=, e.g. LABEL=ESP), to bless its boots
+    #[argh(option)]
+    esp_device: Option<String>,
     /// tries a new deployment gets before the loader falls back (default 3; 0: no counting)
     #[argh(option, default = "3")]
     tries: u32,
@@ -191,6 +196,7 @@ impl DeployArgs {
             (arg::TOPLAYER_PATH, &self.toplayer_path),
             (arg::NAMESPACE, &self.namespace),
             (arg::RW, &self.rw),
+            (arg::ESP, &self.esp_device),
         ] {
             if let Some(v) = v {
                 if v.is_empty() || v.contains(char::is_whitespace) || v.contains('"') {
@@ -297,12 +303,27 @@ pub struct Plan {
     pub notes: Vec<String>,
 }
 
+/// The loader whose entries an ESP holds: GRUB if it has layerboot's GRUB files or a
+/// `grub.cfg` and no systemd-boot entries, else systemd-boot.
+pub fn loader_of(esp: &Path) -> &'static str {
+    let systemd_boot = esp.join("loader/entries").is_dir() || esp.join("EFI/systemd").is_dir();
+    let grub = super::grub::env_path(esp).is_file()
+        || fs::read_dir(esp.join("EFI"))
+            .map(|dirs| dirs.flatten().any(|d| d.path().join("grub.cfg").is_file()))
+            .unwrap_or(false);
+    if grub && !systemd_boot {
+        "grub"
+    } else {
+        "systemd-boot"
+    }
+}
+
 pub fn plan_deploy(a: &DeployArgs, esp: &Path, store: &Path, namespace: Option<String>, booted: bool) -> Result<Plan> {
-    if a.loader != "systemd-boot" {
+    let loader = a.loader.clone().unwrap_or_else(|| loader_of(esp).to_string());
+    if loader != "systemd-boot" && loader != "grub" {
         return Err(format!(
-            "--loader {}: deployments with boot counting are written for systemd-boot so far \
-             (fix: use --loader systemd-boot, or write plain entries with `layerboot entry`)",
-            a.loader
+            "--loader {loader}: deployments with boot counting are written for systemd-boot and grub \
+             (fix: use one of those, or write plain entries with `layerboot entry`, e.g. for rEFInd)"
         )
         .into());
     }
@@ -320,7 +341,18 @@ pub fn plan_deploy(a: &DeployArgs, esp: &Path, store: &Path, namespace: Option<S
     let serial = next_serial(&deployments);
     let keep_mode = a.options(booted)?.iter().any(|o| o == &format!("{}=keep", arg::MODE));
     let rw_default = keep_mode.then(|| format!("layerboot-rw-{id12}"));
-    let options = with_fallback_arguments(a.options(booted)?, &image.id, rw_default).join(" ");
+    let mut options = with_fallback_arguments(a.options(booted)?, &image.id, rw_default);
+    if loader == "grub" {
+        if !options.iter().any(|o| o.starts_with(&format!("{}=", arg::ESP))) {
+            return Err(
+                "--esp-device is needed with GRUB: the ESP as the booted system finds it, e.g. LABEL=ESP \
+                 or PARTUUID=… (GRUB does not tell the system which partition it booted from)"
+                    .into(),
+            );
+        }
+        options.push(format!("{}={id12}", arg::GRUB_DEPLOYMENT));
+    }
+    let options = options.join(" ");
     let dir = esp.join(DEPLOYMENTS_DIR).join(&id12);
     let record = Record {
         reference: a.reference.clone(),
@@ -333,6 +365,7 @@ pub fn plan_deploy(a: &DeployArgs, esp: &Path, store: &Path, namespace: Option<S
         options: options.clone(),
         initramfs_args: a.initramfs_args(),
         tries: a.tries,
+        loader: loader.clone(),
     };
 
     let need = kernel_bytes.len() as u64 + initramfs.len() as u64 + (1 << 20);
@@ -350,6 +383,46 @@ pub fn plan_deploy(a: &DeployArgs, esp: &Path, store: &Path, namespace: Option<S
         .into());
     }
 
+    if loader == "grub" {
+        let steps = vec![
+            Step::CreateDir(dir.clone()),
+            Step::Write {
+                path: dir.join(KERNEL),
+                data: kernel_bytes,
+            },
+            Step::Write {
+                path: dir.join(INITRAMFS),
+                data: initramfs,
+            },
+            Step::Write {
+                path: dir.join(RECORD),
+                data: (serde_json::to_string_pretty(&record).unwrap() + "\n").into_bytes(),
+            },
+        ];
+        let assessment = if a.tries == 0 {
+            Assessment::Good
+        } else {
+            Assessment::Trying { left: a.tries, done: 0 }
+        };
+        let new = Deployment {
+            record: record.clone(),
+            dir,
+            entry: None,
+            assessment: Some(assessment),
+            version: serial,
+        };
+        let mut steps = steps;
+        steps.extend(grub_steps(esp, &deployments, Some(&new), &[])?);
+        return Ok(Plan {
+            record,
+            steps,
+            notes: vec![format!(
+                "GRUB boots deployments once its grub.cfg sources {} with the ESP as $root \
+                 (`source /{DEPLOYMENTS_DIR}/grub.cfg`, e.g. from /etc/grub.d/40_custom)",
+                grub::snippet_path(esp).display()
+            )],
+        });
+    }
     let entry_dir = systemd_boot::entries_dir(esp);
     let assessment = if a.tries == 0 {
         Assessment::Good
@@ -412,6 +485,40 @@ pub fn plan_deploy(a: &DeployArgs, esp: &Path, store: &Path, namespace: Option<S
         }
     }
     Ok(Plan { record, steps, notes })
+}
+
+/// GRUB's two files after a change: the grubenv with each deployment's state (`with`
+/// added or replaced, `without` gone), then the snippet that reads it, last.
+fn grub_steps(esp: &Path, all: &[Deployment], with: Option<&Deployment>, without: &[&Deployment]) -> Result<Vec<Step>> {
+    let mut env = grub::read_env(esp)?;
+    let mut kept: Vec<&Deployment> = all
+        .iter()
+        .filter(|d| d.is_grub())
+        .filter(|d| with.is_none_or(|w| w.record.image_id != d.record.image_id))
+        .filter(|d| !without.iter().any(|x| x.record.image_id == d.record.image_id))
+        .collect();
+    if let Some(w) = with {
+        kept.push(w);
+    }
+    for gone in without {
+        if let Some(var) = grubenv::tries_variable(gone.record.short_id()) {
+            env.retain(|(k, _)| k != &var);
+        }
+    }
+    if let Some(w) = with {
+        let var = grubenv::tries_variable(w.record.short_id()).ok_or("a deployment's id is not plain hex")?;
+        grubenv::set(&mut env, &var, &grub::value(w.assessment.unwrap_or(Assessment::Good)));
+    }
+    Ok(vec![
+        Step::Write {
+            path: grub::env_path(esp),
+            data: grubenv::render(&env)?,
+        },
+        Step::Write {
+            path: grub::snippet_path(esp),
+            data: grub::snippet(&kept).into_bytes(),
+        },
+    ])
 }
 
 /// The initramfs for `image_id`, built by `layerboot initramfs` into a temporary file
@@ -497,8 +604,29 @@ pub fn deploy(a: DeployArgs) -> Result<()> {
     gc_deployments(&esp, a.keep_deployments, machine.booted().map(|b| b.image_id))
 }
 
+/// The state a deployment made the default again starts in: a bad one gets its tries back.
+fn renewed(a: Option<Assessment>, tries: u32) -> Assessment {
+    match a {
+        Some(Assessment::Bad { .. }) | None if tries > 0 => Assessment::Trying { left: tries, done: 0 },
+        Some(Assessment::Bad { .. }) | None => Assessment::Good,
+        Some(other) => other,
+    }
+}
+
 /// Raises `d`'s entry above every other (a new serial), its tries renewed if it was bad.
 fn make_default(all: &[Deployment], d: &Deployment) -> Result<()> {
+    if d.is_grub() {
+        let mut raised = d.clone();
+        raised.record.serial = next_serial(all);
+        raised.version = raised.record.serial;
+        raised.assessment = Some(renewed(d.assessment, d.record.tries));
+        let mut steps = vec![Step::Write {
+            path: d.dir.join(RECORD),
+            data: (serde_json::to_string_pretty(&raised.record).unwrap() + "\n").into_bytes(),
+        }];
+        steps.extend(grub_steps(&esp_of(d), all, Some(&raised), &[])?);
+        return steps.iter().try_for_each(Step::run);
+    }
     let Some((path, name)) = &d.entry else {
         return Err(format!(
             "deployment {} has no boot entry left (fix: deploy {} again after `layerboot gc`)",
@@ -511,14 +639,7 @@ fn make_default(all: &[Deployment], d: &Deployment) -> Result<()> {
     let text = fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
     let renewed = EntryName {
         id: name.id.clone(),
-        assessment: match name.assessment {
-            Assessment::Bad { .. } if d.record.tries > 0 => Assessment::Trying {
-                left: d.record.tries,
-                done: 0,
-            },
-            Assessment::Bad { .. } => Assessment::Good,
-            other => other,
-        },
+        assessment: renewed(Some(name.assessment), d.record.tries),
     };
     let dir = path.parent().unwrap_or(Path::new("/"));
     let new_path = dir.join(renewed.file_name());
@@ -745,9 +866,26 @@ pub fn doomed(all: &[Deployment], keep: usize, booted_id: Option<&str>) -> Vec<D
     out
 }
 
+/// The ESP a deployment's directory lies on (`ESP/layerboot/<id12>`).
+fn esp_of(d: &Deployment) -> PathBuf {
+    d.dir
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("/"))
+        .to_path_buf()
+}
+
 fn gc_deployments(esp: &Path, keep: usize, booted_id: Option<String>) -> Result<()> {
     let all = list(esp)?;
-    for d in doomed(&all, keep.max(1), booted_id.as_deref()) {
+    let doomed = doomed(&all, keep.max(1), booted_id.as_deref());
+    // GRUB's menu first, as systemd-boot's entries: never an entry whose files are gone.
+    let grub_doomed: Vec<&Deployment> = doomed.iter().filter(|d| d.is_grub()).collect();
+    if !grub_doomed.is_empty() {
+        for step in grub_steps(esp, &all, None, &grub_doomed)? {
+            step.run()?;
+        }
+    }
+    for d in doomed {
         // The entry first: the loader never sees an entry whose files are gone.
         if let Some((entry, _)) = &d.entry {
             fs::remove_file(entry).map_err(|e| Error::io("cannot remove", entry, e))?;
@@ -800,6 +938,25 @@ pub fn bless(a: BlessArgs) -> Result<()> {
                 esp.display()
             )
         })?;
+    if d.is_grub() {
+        let verdict = if good {
+            Assessment::Good
+        } else {
+            Assessment::Bad { done: d.record.tries }
+        };
+        let mut marked = d.clone();
+        marked.assessment = Some(verdict);
+        for step in grub_steps(&esp, &all, Some(&marked), &[])? {
+            step.run()?;
+        }
+        println!(
+            "deployment {} ({}) is marked {}",
+            d.record.short_id(),
+            d.record.reference,
+            if good { "good" } else { "bad" }
+        );
+        return Ok(());
+    }
     let Some((path, name)) = &d.entry else {
         return Err(format!("deployment {} has no boot entry", d.record.short_id()).into());
     };

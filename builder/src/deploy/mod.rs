@@ -14,6 +14,7 @@
 //! leaves the previous default bootable; an entry is the only thing the loader reads.
 
 pub mod commands;
+pub mod grub;
 pub mod systemd_boot;
 
 use std::fs;
@@ -53,6 +54,13 @@ pub struct Record {
     pub initramfs_args: Vec<String>,
     /// The initial number of tries of a new entry (0: no counting).
     pub tries: u32,
+    /// `systemd-boot` or `grub`: whose entry and counter this deployment has.
+    #[serde(default = "default_loader")]
+    pub loader: String,
+}
+
+fn default_loader() -> String {
+    "systemd-boot".into()
 }
 
 impl Record {
@@ -72,27 +80,29 @@ pub fn short_id(image_id: &str) -> &str {
 pub struct Deployment {
     pub record: Record,
     pub dir: PathBuf,
-    /// The entry file, and what its name says.
+    /// systemd-boot: the entry file, and what its name says.
     pub entry: Option<(PathBuf, EntryName)>,
+    /// What the loader's counter says; `None`: the loader has no entry for it.
+    pub assessment: Option<Assessment>,
     /// The entry's version: the serial it sorts by (a rollback raises it).
     pub version: u64,
 }
 
 impl Deployment {
-    pub fn assessment(&self) -> Option<Assessment> {
-        self.entry.as_ref().map(|(_, e)| e.assessment)
+    pub fn is_grub(&self) -> bool {
+        self.record.loader == "grub"
     }
 
     pub fn is_bad(&self) -> bool {
-        matches!(self.assessment(), Some(Assessment::Bad { .. }))
+        matches!(self.assessment, Some(Assessment::Bad { .. }))
     }
 
     pub fn is_good(&self) -> bool {
-        matches!(self.assessment(), Some(Assessment::Good))
+        matches!(self.assessment, Some(Assessment::Good))
     }
 
     pub fn state(&self) -> String {
-        match self.assessment() {
+        match self.assessment {
             None => "no entry".into(),
             Some(Assessment::Good) => "good".into(),
             Some(Assessment::Trying { left, .. }) => format!("trying, {left} tries left"),
@@ -119,6 +129,7 @@ pub fn list(esp: &Path) -> Result<Vec<Deployment>> {
             entries.push((e.path(), parsed, version));
         }
     }
+    let grubenv = grub::read_env(esp)?;
     let mut out = Vec::new();
     if root.is_dir() {
         for e in fs::read_dir(&root).map_err(|e| Error::io("cannot list", &root, e))? {
@@ -136,6 +147,17 @@ pub fn list(esp: &Path) -> Result<Vec<Deployment>> {
                     record_path.display()
                 ))
             })?;
+            if record.loader == "grub" {
+                let assessment = grub::assessment(&grubenv, &record);
+                out.push(Deployment {
+                    dir: e.path(),
+                    entry: None,
+                    assessment,
+                    version: record.serial,
+                    record,
+                });
+                continue;
+            }
             let entry = entries
                 .iter()
                 .find(|(_, n, _)| n.id.ends_with(&format!("-{}", record.short_id())))
@@ -143,13 +165,14 @@ pub fn list(esp: &Path) -> Result<Vec<Deployment>> {
             let version = entry.as_ref().map_or(record.serial, |(_, _, v)| *v);
             out.push(Deployment {
                 dir: e.path(),
+                assessment: entry.as_ref().map(|(_, n, _)| n.assessment),
                 entry: entry.map(|(p, n, _)| (p, n)),
                 version,
                 record,
             });
         }
     }
-    out.sort_by_key(|d| (d.entry.is_none() || d.is_bad(), std::cmp::Reverse(d.version)));
+    out.sort_by_key(|d| (d.assessment.is_none() || d.is_bad(), std::cmp::Reverse(d.version)));
     Ok(out)
 }
 
@@ -165,5 +188,5 @@ pub fn next_serial(deployments: &[Deployment]) -> u64 {
 
 /// The deployment the loader boots by default: the first in [`list`]'s order with an entry.
 pub fn default_of(deployments: &[Deployment]) -> Option<&Deployment> {
-    deployments.iter().find(|d| d.entry.is_some() && !d.is_bad())
+    deployments.iter().find(|d| d.assessment.is_some() && !d.is_bad())
 }

@@ -204,14 +204,17 @@ impl Boot {
         }
         if !self.hosted {
             let s = src.settings;
-            match crate::bless::prepare(Path::new("/run"), &self.new_root, &s.init, s.bless_timeout) {
-                Ok(Some(entry)) => log::info!(
-                    "layerboot: this boot is counted ({}): {} blesses it once it is good",
-                    entry.display(),
+            let uefi = Path::new("/sys/firmware/efi").is_dir();
+            let counting = crate::bless::Counting::of(&cmdline(), uefi);
+            match counting
+                .map(|c| crate::bless::prepare(Path::new("/run"), &self.new_root, &s.init, &c, s.bless_timeout))
+            {
+                Some(Ok(true)) => log::info!(
+                    "layerboot: {} blesses this boot once it is good, if the boot loader counts it",
                     crate::bless::UNIT
                 ),
-                Ok(None) => {}
-                Err(e) => self.warn(&format!(
+                None | Some(Ok(false)) => {}
+                Some(Err(e)) => self.warn(&format!(
                     "{e}: this boot cannot bless itself, so the boot loader will count it as failed"
                 )),
             }
