@@ -433,3 +433,107 @@ fn deploy_needs_its_machine_named_off_a_layerboot_boot() {
     ]));
     assert!(e.contains("--root is needed"), "{e}");
 }
+
+#[test]
+fn grub_deployments_count_in_their_grubenv_and_fall_back_in_the_snippet() {
+    let t = tempfile::tempdir().unwrap();
+    let esp = t.path().join("esp");
+    fs::create_dir_all(esp.join("EFI/debian")).unwrap();
+    fs::write(esp.join("EFI/debian/grub.cfg"), "source /layerboot/grub.cfg\n").unwrap();
+    let booted = t.path().join("booted.json");
+    let s = docker_store();
+    let (v1, v2) = (image_id("DEMO_ID"), image_id("DEMO_V2_ID"));
+    let (id1, id2) = (&v1[7..19], &v2[7..19]);
+
+    // GRUB does not say which partition is the ESP: the entry must.
+    let e = err(layerboot(&[
+        "deploy",
+        "layerboot/demo",
+        "--esp",
+        esp.to_str().unwrap(),
+        "--store",
+        &s,
+        "--root",
+        "LABEL=store",
+    ]));
+    assert!(e.contains("--esp-device is needed with GRUB"), "{e}");
+
+    deploy(&esp, "layerboot/demo", &["--esp-device", "LABEL=ESP"]);
+    deploy(
+        &esp,
+        "layerboot/demo:v2",
+        &["--esp-device", "LABEL=ESP", "--tries", "2"],
+    );
+    assert!(
+        !esp.join("loader").exists(),
+        "the ESP's loader (GRUB) was found, no BLS entries"
+    );
+    let env = layerboot_init::grubenv::parse(&fs::read(esp.join("layerboot/grubenv")).unwrap()).unwrap();
+    assert_eq!(
+        env,
+        [
+            (format!("lb_{id1}"), "3".to_string()),
+            (format!("lb_{id2}"), "2".to_string())
+        ]
+    );
+    let snippet = fs::read_to_string(esp.join("layerboot/grub.cfg")).unwrap();
+    let first = snippet.find(&format!("lb_default=layerboot-{id2}")).unwrap();
+    assert!(
+        first < snippet.find(&format!("lb_default=layerboot-{id1}")).unwrap(),
+        "{snippet}"
+    );
+    assert!(
+        snippet.contains("layerboot.esp=LABEL=ESP") && snippet.contains(&format!("layerboot.grub={id2}\n")),
+        "the entry tells /init what to bless: {snippet}"
+    );
+    booted_json(&booted, &v1);
+    let st = status(&esp, &s, &booted);
+    assert_eq!(
+        st[0],
+        ("layerboot/demo:v2".into(), "trying, 2 tries left".into(), true, false)
+    );
+
+    // GRUB used up v2's tries (as its entry's save_env does): v1 is the default.
+    let mut env = env;
+    layerboot_init::grubenv::set(&mut env, &format!("lb_{id2}"), "0");
+    fs::write(
+        esp.join("layerboot/grubenv"),
+        layerboot_init::grubenv::render(&env).unwrap(),
+    )
+    .unwrap();
+    let st = status(&esp, &s, &booted);
+    assert_eq!(st[0].0, "layerboot/demo");
+    assert_eq!(st[1].1, "bad");
+
+    // The running v1 is blessed; a redeploy of v2 gives it its tries back and the top.
+    ok(layerboot(&[
+        "bless",
+        "--esp",
+        esp.to_str().unwrap(),
+        "--booted",
+        booted.to_str().unwrap(),
+    ]));
+    deploy(&esp, "layerboot/demo:v2", &["--esp-device", "LABEL=ESP"]);
+    let st = status(&esp, &s, &booted);
+    assert_eq!(
+        st[0],
+        ("layerboot/demo:v2".into(), "trying, 2 tries left".into(), true, false)
+    );
+    assert_eq!(st[1], ("layerboot/demo".into(), "good".into(), false, true));
+    let said = ok(layerboot(&[
+        "rollback",
+        "--esp",
+        esp.to_str().unwrap(),
+        "--store",
+        &s,
+        "--booted",
+        booted.to_str().unwrap(),
+    ]));
+    assert!(said.contains(&format!("{id1} (layerboot/demo) boots next")), "{said}");
+    let snippet = fs::read_to_string(esp.join("layerboot/grub.cfg")).unwrap();
+    assert!(
+        snippet.find(&format!("lb_default=layerboot-{id1}")).unwrap()
+            < snippet.find(&format!("lb_default=layerboot-{id2}")).unwrap(),
+        "{snippet}"
+    );
+}
