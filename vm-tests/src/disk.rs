@@ -99,8 +99,9 @@ pub fn gpt_disk(disk: &Path, store_fs: &Path, esp: &EspFiles) {
 }
 
 /// Writes `disk` with an ESP holding the files of `tree` (as `layerboot deploy` left
-/// them) and systemd-boot, its menu without a timeout or a fixed default.
-pub fn gpt_disk_with_esp_tree(disk: &Path, store_fs: &Path, tree: &Path) {
+/// them) and `loader`, its menu without a timeout or a fixed default: systemd-boot reads
+/// the entries, GRUB's grub.cfg sources layerboot's snippet (as the README says to).
+pub fn gpt_disk_with_esp_tree(disk: &Path, store_fs: &Path, tree: &Path, loader: Loader) {
     let work = disk.with_extension("parts");
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).unwrap();
@@ -111,10 +112,10 @@ pub fn gpt_disk_with_esp_tree(disk: &Path, store_fs: &Path, tree: &Path) {
     for d in ["/EFI", "/EFI/BOOT"] {
         run(Command::new("mmd").args(["-i", &i, d]));
     }
-    let loader = unpacked_loader(Loader::SystemdBoot).join(Loader::SystemdBoot.efi());
+    let efi = unpacked_loader(loader).join(loader.efi());
     run(Command::new("mcopy")
         .args(["-i", &i])
-        .arg(&loader)
+        .arg(&efi)
         .arg("::/EFI/BOOT/BOOTX64.EFI"));
     for e in fs::read_dir(tree).unwrap() {
         run(Command::new("mcopy")
@@ -122,12 +123,24 @@ pub fn gpt_disk_with_esp_tree(disk: &Path, store_fs: &Path, tree: &Path) {
             .arg(e.unwrap().path())
             .arg("::/"));
     }
-    let conf = work.join("loader.conf");
-    fs::write(&conf, "timeout 0\nconsole-mode keep\n").unwrap();
-    run(Command::new("mcopy")
-        .args(["-o", "-i", &i])
-        .arg(&conf)
-        .arg("::/loader/loader.conf"));
+    let (conf, text, dest) = match loader {
+        Loader::Grub => {
+            run(Command::new("mmd").args(["-i", &i, "/EFI/debian"]));
+            (
+                work.join("grub.cfg"),
+                "serial --unit=0 --speed=115200\nterminal_output serial\nterminal_input serial\nset timeout=0\n\
+                 source /layerboot/grub.cfg\n",
+                "::/EFI/debian/grub.cfg",
+            )
+        }
+        _ => (
+            work.join("loader.conf"),
+            "timeout 0\nconsole-mode keep\n",
+            "::/loader/loader.conf",
+        ),
+    };
+    fs::write(&conf, text).unwrap();
+    run(Command::new("mcopy").args(["-o", "-i", &i]).arg(&conf).arg(dest));
     assemble(disk, store_fs, &img, &work);
 }
 

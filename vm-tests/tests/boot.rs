@@ -1263,15 +1263,14 @@ fn overlay2_power_cuts_after_the_swap_and_during_a_keep_copy_lose_nothing() {
     assert_store_untouched("overlay2", &disk, &dir);
 }
 
-/// A fleet's day-2 loop with systemd-boot's own boot counting, nobody at the console:
-/// v1 and then a v2 whose init is missing are deployed from the host (as a first
-/// install is); v2 boots first, fails twice (each failure reboots), and then the loader
-/// boots v1 by itself, whose boot blesses its entry. The ESP, read back from the host,
-/// shows v1 good and v2 bad, and `layerboot status` says so.
-#[test]
-fn systemd_boot_falls_back_from_a_failing_deployment_and_blesses_the_good_one() {
-    use vm_tests::disk::{esp_tree, gpt_disk_with_esp_tree, STORE_PARTUUID};
-    let dir = test_dir("deployments-systemd-boot");
+/// A fleet's day-2 loop with the boot loader's counting, nobody at the console: v1 and
+/// then a v2 whose init is missing are deployed from the host (as a first install is);
+/// v2 boots first, fails twice (each failure reboots), and then the loader boots v1 by
+/// itself, whose boot blesses it. What the loader keeps on the ESP, read back from the
+/// host, shows v1 good and v2 bad, and `layerboot status` says so.
+fn falls_back_from_a_failing_deployment(loader: vm_tests::disk::Loader) {
+    use vm_tests::disk::{esp_tree, gpt_disk_with_esp_tree, Loader, STORE_PARTUUID};
+    let dir = test_dir(&format!("deployments-{}", loader.name()));
     let store = copy_store_disk("overlay2", &dir);
     {
         let m = LoopMount::new(&store, &dir.join("mnt"), false);
@@ -1293,6 +1292,10 @@ fn systemd_boot_falls_back_from_a_failing_deployment_and_blesses_the_good_one() 
         run(layerboot().args([
             "deploy",
             reference,
+            "--loader",
+            loader.name(),
+            "--esp-device",
+            "LABEL=ESP",
             "--esp",
             esp.to_str().unwrap(),
             "--store",
@@ -1315,7 +1318,7 @@ fn systemd_boot_falls_back_from_a_failing_deployment_and_blesses_the_good_one() 
         "console=ttyS0 layerboot.rescue_timeout=0 init=/sbin/no-such-init",
     );
     let disk = dir.join("disk.img");
-    gpt_disk_with_esp_tree(&disk, &store, &esp);
+    gpt_disk_with_esp_tree(&disk, &store, &esp, loader);
     fs::remove_file(&store).unwrap();
 
     // Each boot is one QEMU run (a reboot ends it): v2, v2, then v1 on the loader's own.
@@ -1339,8 +1342,15 @@ fn systemd_boot_falls_back_from_a_failing_deployment_and_blesses_the_good_one() 
     }
     let r = report(&consoles[2]);
     common_checks(&r, "vm-deploy", "latest");
-    let v1 = fs::read_to_string(fixtures().join("images.env")).unwrap();
-    let v1 = v1.lines().find_map(|l| l.strip_prefix("DEMO_ID=")).unwrap();
+    let env = fs::read_to_string(fixtures().join("images.env")).unwrap();
+    let full = |k: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .to_string()
+    };
+    let (v1, v2) = (full("DEMO_ID"), full("DEMO_V2_ID"));
+    let (id1, id2) = (&v1[7..19], &v2[7..19]);
     assert!(
         r["cmdline"].contains(&format!("docker_image={v1}")),
         "pinned by ID: {}",
@@ -1352,25 +1362,34 @@ fn systemd_boot_falls_back_from_a_failing_deployment_and_blesses_the_good_one() 
         tail(&consoles[2], 40)
     );
 
-    // From the host: v1 blessed (no counter), v2 out of tries.
+    // From the host: v1 blessed, v2 out of tries, as the loader keeps them.
     let back = dir.join("esp-after");
     esp_tree(&disk, &back);
-    let mut entries: Vec<String> = fs::read_dir(back.join("loader/entries"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    entries.sort();
-    let (id1, id2) = (&v1[7..19], {
-        let env = fs::read_to_string(fixtures().join("images.env")).unwrap();
-        env.lines().find_map(|l| l.strip_prefix("DEMO_V2_ID=")).unwrap()[7..19].to_string()
-    });
-    assert_eq!(
-        entries,
-        [
-            format!("layerboot-000001-{id1}.conf"),
-            format!("layerboot-000002-{id2}+0-2.conf")
-        ]
-    );
+    if loader == Loader::Grub {
+        let block = fs::read(back.join("layerboot/grubenv")).unwrap();
+        assert_eq!(block.len(), 1024, "save_env kept the block's size");
+        let vars = layerboot_init::grubenv::parse(&block).unwrap();
+        assert_eq!(
+            vars,
+            [
+                (format!("lb_{id1}"), "good".to_string()),
+                (format!("lb_{id2}"), "0".to_string())
+            ]
+        );
+    } else {
+        let mut entries: Vec<String> = fs::read_dir(back.join("loader/entries"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        entries.sort();
+        assert_eq!(
+            entries,
+            [
+                format!("layerboot-000001-{id1}.conf"),
+                format!("layerboot-000002-{id2}+0-2.conf")
+            ]
+        );
+    }
     let status = run(layerboot().args([
         "status",
         "--esp",
@@ -1387,6 +1406,16 @@ fn systemd_boot_falls_back_from_a_failing_deployment_and_blesses_the_good_one() 
         lines[2].contains("layerboot/demo:v2") && lines[2].ends_with("bad"),
         "{status}"
     );
+}
+
+#[test]
+fn systemd_boot_falls_back_from_a_failing_deployment_and_blesses_the_good_one() {
+    falls_back_from_a_failing_deployment(vm_tests::disk::Loader::SystemdBoot);
+}
+
+#[test]
+fn grub_falls_back_from_a_failing_deployment_and_blesses_the_good_one() {
+    falls_back_from_a_failing_deployment(vm_tests::disk::Loader::Grub);
 }
 
 /// What a guest's own `layerboot` printed: the lines a test unit tagged `|dp| `.
@@ -1475,7 +1504,7 @@ fn a_machine_deploys_rolls_back_and_redeploys_by_itself() {
         "console=ttyS0",
     ]));
     let disk = dir.join("disk.img");
-    gpt_disk_with_esp_tree(&disk, &store, &esp);
+    gpt_disk_with_esp_tree(&disk, &store, &esp, vm_tests::disk::Loader::SystemdBoot);
     fs::remove_file(&store).unwrap();
 
     let env = fs::read_to_string(fixtures().join("images.env")).unwrap();
