@@ -537,3 +537,65 @@ fn grub_deployments_count_in_their_grubenv_and_fall_back_in_the_snippet() {
         "{snippet}"
     );
 }
+
+#[test]
+fn upgrade_redeploys_a_moved_reference_with_the_recorded_options() {
+    let t = tempfile::tempdir().unwrap();
+    let esp = t.path().join("esp");
+    fs::create_dir(&esp).unwrap();
+    let booted = t.path().join("booted.json");
+    let s = docker_store();
+    let (v1, v2) = (image_id("DEMO_ID"), image_id("DEMO_V2_ID"));
+    deploy(&esp, "layerboot/demo", &["--module", "loop", "--tries", "2"]);
+    booted_json(&booted, &v1);
+    let upgrade = |check: bool| {
+        let mut a = vec![
+            "upgrade",
+            "--esp",
+            esp.to_str().unwrap(),
+            "--store",
+            &s,
+            "--booted",
+            booted.to_str().unwrap(),
+        ];
+        if check {
+            a.push("--check");
+        }
+        ok(layerboot(&a))
+    };
+    assert!(upgrade(false).contains("layerboot/demo is up to date"));
+
+    // The tag moves (as a `docker pull` would move it): here, the record is pointed at v2's tag.
+    let record = esp.join("layerboot").join(&v1[7..19]).join("deployment.json");
+    let mut r: serde_json::Value = serde_json::from_slice(&fs::read(&record).unwrap()).unwrap();
+    r["reference"] = "layerboot/demo:v2".into();
+    fs::write(&record, r.to_string()).unwrap();
+    let said = upgrade(true);
+    assert!(said.contains(&format!("now names {}", &v2[7..19])), "{said}");
+    assert_eq!(status(&esp, &s, &booted).len(), 1, "--check deploys nothing");
+
+    let said = upgrade(false);
+    assert!(
+        said.contains(&format!("deployed layerboot/demo:v2 as {}", &v2[7..19])),
+        "{said}"
+    );
+    let new: serde_json::Value =
+        serde_json::from_slice(&fs::read(esp.join("layerboot").join(&v2[7..19]).join("deployment.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        new["initramfs_args"],
+        serde_json::json!(["--module", "loop"]),
+        "initramfs options redone"
+    );
+    assert_eq!(new["tries"], 2);
+    let options = new["options"].as_str().unwrap();
+    assert!(
+        options.contains("root=LABEL=store rw")
+            && options.contains("console=ttyS0")
+            && options.contains(&format!("docker_image={v2}")),
+        "kernel arguments redone: {options}"
+    );
+    assert_eq!(options.matches("root=").count(), 1, "{options}");
+    assert_eq!(options.matches("panic=").count(), 1, "{options}");
+    assert!(!options.contains(&v1), "{options}");
+}
