@@ -80,6 +80,16 @@ pub fn make_private(target: &Path) -> Result<()> {
     .map_err(|e| Error::new(format!("cannot make {} private: {e}", target.display())))
 }
 
+/// For a mount still busy at shutdown: read-only (nothing more is written), then
+/// detached. Best effort: there is nothing left to do if either fails.
+pub fn remount_read_only_and_detach(target: &Path) {
+    let _ = Mount::builder()
+        .fstype(FilesystemType::Manual(""))
+        .flags(MountFlags::REMOUNT | MountFlags::RDONLY)
+        .mount("", target);
+    let _ = sys_mount::unmount(target, UnmountFlags::DETACH);
+}
+
 pub fn unmount(target: &Path) -> Result<()> {
     sys_mount::unmount(target, UnmountFlags::empty())
         .map_err(|e| Error::new(format!("cannot unmount {}: {e}", target.display())))

@@ -12,11 +12,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::mount::{umount2, MntFlags, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
+use sys_mount::MountFlags;
 
 use crate::console::say;
 use crate::error::{Error, Result};
+use crate::mounts::{mount, remount_read_only_and_detach, unmount};
 
 pub const SHUTDOWN_DIR: &str = "/run/initramfs";
 const OLD_ROOT: &str = "/oldroot";
@@ -87,7 +88,7 @@ fn unmount_old_root() -> Vec<String> {
         left.clear();
         let mut progress = false;
         for p in points {
-            match umount2(&p, MntFlags::empty()) {
+            match unmount(&p) {
                 Ok(()) => progress = true,
                 Err(e) => left.push((p, e)),
             }
@@ -98,15 +99,8 @@ fn unmount_old_root() -> Vec<String> {
     }
     left.into_iter()
         .map(|(p, e)| {
-            let _ = nix::mount::mount(
-                None::<&str>,
-                &p,
-                None::<&str>,
-                MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None::<&str>,
-            );
-            let _ = umount2(&p, MntFlags::MNT_DETACH);
-            format!("{} ({e})", p.display())
+            remount_read_only_and_detach(&p);
+            e.to_string()
         })
         .collect()
 }
@@ -114,7 +108,7 @@ fn unmount_old_root() -> Vec<String> {
 /// PID 1 at the end of a shutdown: unmount, flush, then do what `verb` asks. Never returns.
 pub fn run(verb: &str) -> ! {
     if !Path::new("/proc/self/mountinfo").exists() {
-        let _ = nix::mount::mount(Some("proc"), "/proc", Some("proc"), MsFlags::empty(), None::<&str>);
+        let _ = mount(Path::new("proc"), Path::new("/proc"), "proc", MountFlags::empty(), "");
     }
     let left = unmount_old_root();
     if left.is_empty() {
