@@ -6,14 +6,12 @@
 //! same few calls.
 
 use std::fs;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::fcntl::{open, OFlag};
-use nix::sys::stat::Mode;
 
 use crate::error::{Error, Result};
 
@@ -88,15 +86,9 @@ pub fn devices_ready(device: &Path) -> Result<bool> {
     }
 }
 
+/// A directory's descriptor (the ioctls act on it).
 fn open_dir(path: &Path) -> Result<OwnedFd> {
-    let fd = open(
-        path,
-        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| Error::io("cannot open", path, e))?;
-    // SAFETY: a fresh descriptor from open.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    crate::copy::open_dir(None, path)
 }
 
 fn split(path: &Path) -> Result<(PathBuf, String)> {

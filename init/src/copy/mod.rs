@@ -119,7 +119,8 @@ struct Copier {
     stats: CopyStats,
 }
 
-fn open_dir(dirfd: Option<RawFd>, path: &Path) -> Result<OwnedFd> {
+/// A directory's descriptor, at `dirfd` (relative paths) or the working directory.
+pub(crate) fn open_dir(dirfd: Option<RawFd>, path: &Path) -> Result<OwnedFd> {
     let fd = openat(
         dirfd,
         path,
