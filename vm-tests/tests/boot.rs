@@ -1390,22 +1390,30 @@ fn falls_back_from_a_failing_deployment(loader: vm_tests::disk::Loader) {
             ]
         );
     }
+    assert_status(
+        &back,
+        &data_root,
+        &[("> ", "layerboot/demo ", "good"), ("  ", "layerboot/demo:v2 ", "bad")],
+    );
+}
+
+/// `layerboot status` of the ESP copied out to `esp`: each deployment's line, in order,
+/// starts with its marker, names its reference and ends with its state.
+fn assert_status(esp: &Path, data_root: &Path, want: &[(&str, &str, &str)]) {
     let status = run(layerboot().args([
         "status",
         "--esp",
-        back.to_str().unwrap(),
+        esp.to_str().unwrap(),
         "--store",
         data_root.to_str().unwrap(),
     ]));
-    let lines: Vec<&str> = status.lines().collect();
-    assert!(
-        lines[1].starts_with("> ") && lines[1].contains("layerboot/demo ") && lines[1].ends_with("good"),
-        "{status}"
-    );
-    assert!(
-        lines[2].contains("layerboot/demo:v2") && lines[2].ends_with("bad"),
-        "{status}"
-    );
+    let lines: Vec<&str> = status.lines().skip(1).collect();
+    for (line, (mark, reference, state)) in lines.iter().zip(want) {
+        assert!(
+            line.starts_with(mark) && line.contains(reference) && line.ends_with(state),
+            "{mark}{reference}…{state}:\n{status}"
+        );
+    }
 }
 
 #[test]
@@ -1552,20 +1560,9 @@ fn a_machine_deploys_rolls_back_and_redeploys_by_itself() {
 
     let back = dir.join("esp-after");
     esp_tree(&disk, &back);
-    let status = run(layerboot().args([
-        "status",
-        "--esp",
-        back.to_str().unwrap(),
-        "--store",
-        data_root.to_str().unwrap(),
-    ]));
-    let lines: Vec<&str> = status.lines().collect();
-    assert!(
-        lines[1].starts_with("> ") && lines[1].contains("layerboot/demo:v2") && lines[1].ends_with("good"),
-        "{status}"
-    );
-    assert!(
-        lines[2].contains("layerboot/demo ") && lines[2].ends_with("good"),
-        "{status}"
+    assert_status(
+        &back,
+        &data_root,
+        &[("> ", "layerboot/demo:v2 ", "good"), ("  ", "layerboot/demo ", "good")],
     );
 }
