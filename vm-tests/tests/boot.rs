@@ -1471,7 +1471,7 @@ fn a_machine_deploys_rolls_back_and_redeploys_by_itself() {
         let units = top.join("etc/systemd/system");
         fs::write(
             units.join("layerboot-deploy-test.service"),
-            "[Unit]\nAfter=layerboot-bless.service\nRequiresMountsFor=/efi /run/layerboot/store\n\
+            "[Unit]\nAfter=multi-user.target layerboot-bless.service\nRequiresMountsFor=/efi /run/layerboot/store\n\
              [Service]\nType=oneshot\nExecStart=/usr/local/sbin/layerboot-deploy-test\n[Install]\nWantedBy=multi-user.target\n",
         )
         .unwrap();
