@@ -112,7 +112,7 @@ fn list(store: &Store, as_json: bool) -> Result<()> {
     println!(
         "store {} ({}, {} driver)",
         store.root().display(),
-        store.engine().name(),
+        store.engine().name,
         store.driver().name()
     );
     println!("{:<36} {:<12} {:>6}  KERNELS", "REFS", "IMAGE ID", "LAYERS");
@@ -154,7 +154,7 @@ fn show(store: &Store, reference: &str, as_json: bool) -> Result<()> {
     println!("image    {}", img.id);
     println!("refs     {}", img.refs.join(", "));
     if let Some(ns) = &img.namespace {
-        println!("engine   {} (namespace {ns})", store.engine().name());
+        println!("engine   {} (namespace {ns})", store.engine().name);
     }
     println!("driver   {}", img.driver.name());
     println!("layers   {} (topmost first)", img.layers.len());

@@ -4,11 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{diff_ids, edit_distance, read, short_link, Backend, Driver, Image, ImageEntry, Layer};
+use super::{diff_ids, edit_distance, read, short_link, Backend, Driver, Engine, Image, ImageEntry, Layer};
 use crate::digest::{chain_ids, is_hex64, sha256_hex, sha256_of};
 use crate::error::{Error, Result};
 use crate::reference::Reference;
@@ -22,6 +22,39 @@ struct Repositories {
 }
 
 reader!(Docker);
+
+pub(super) static ENGINE: Engine = Engine {
+    name: "docker",
+    detect,
+    reader: |store| Box::new(Docker(store)),
+};
+
+/// The graphdriver stores under `root` (`image/<driver>/repositories.json`).
+pub(super) fn graphdriver_stores(root: &Path) -> Vec<Driver> {
+    Driver::ALL
+        .into_iter()
+        .filter(|d| root.join("image").join(d.name()).join("repositories.json").is_file())
+        .collect()
+}
+
+fn detect(root: &Path) -> Option<Result<super::Detected>> {
+    let found = graphdriver_stores(root);
+    // With both present (a driver switch), Docker uses the one whose data dir is in use.
+    let in_use: Vec<Driver> = found
+        .iter()
+        .copied()
+        .filter(|d| fs::read_dir(root.join(d.name())).is_ok_and(|mut it| it.next().is_some()))
+        .collect();
+    match (found.as_slice(), in_use.as_slice()) {
+        ([], _) => None,
+        ([d], _) | (_, [d]) => Some(Ok((root.to_path_buf(), *d))),
+        _ => Some(Err(Error::new(format!(
+            "{} holds image stores of several drivers in use ({}); remove the ones the engine no longer uses",
+            root.display(),
+            in_use.iter().map(|d| d.name()).collect::<Vec<_>>().join(", ")
+        )))),
+    }
+}
 
 impl Backend for Docker<'_> {
     fn driver_home(&self) -> PathBuf {

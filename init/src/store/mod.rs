@@ -81,25 +81,39 @@ pub struct ImageEntry {
 }
 
 /// The tag store's content: familiar name → familiar ref string → image ID.
-/// Which engine wrote the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Engine {
-    /// Docker's graphdriver store (`/var/lib/docker`).
-    Docker,
-    /// containers-storage, as podman and buildah write it (`/var/lib/containers/storage`).
-    Podman,
-    /// containerd's image store (`/var/lib/containerd`), Docker 29's default.
-    Containerd,
+/// One engine layerboot reads: a file of its own that implements [`Backend`] and tells
+/// its stores apart, registered by its line in [`ENGINES`].
+pub struct Engine {
+    /// As `booted.json` and `inspect` name it: `docker`, `podman`, `containerd`.
+    pub name: &'static str,
+    /// The store at `root` if this engine wrote it: its data root (which may lie below
+    /// `root`) and its driver; `None`: not this engine's.
+    detect: fn(&Path) -> Option<Result<Detected>>,
+    reader: for<'a> fn(&'a Store) -> Box<dyn Backend + 'a>,
 }
 
-impl Engine {
-    pub fn name(self) -> &'static str {
-        match self {
-            Engine::Docker => "docker",
-            Engine::Podman => "podman",
-            Engine::Containerd => "containerd",
-        }
+/// What an engine's detection found: the data root and its driver.
+type Detected = (PathBuf, Driver);
+
+/// The engines, in the order their stores are tried. A new engine is one file and its
+/// line here.
+static ENGINES: [&Engine; 3] = [&podman::ENGINE, &containerd::ENGINE, &docker::ENGINE];
+
+impl PartialEq for Engine {
+    fn eq(&self, other: &Engine) -> bool {
+        self.name == other.name
+    }
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl serde::Serialize for Engine {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name)
     }
 }
 
@@ -108,15 +122,15 @@ impl Engine {
 pub struct Store {
     root: PathBuf,
     driver: Driver,
-    engine: Engine,
+    engine: &'static Engine,
     /// containerd: search only this namespace (`layerboot.namespace=`, `--namespace`).
     namespace: Option<String>,
 }
 
 impl Store {
-    /// Opens the data root and detects the engine and driver: Docker's graphdriver store
-    /// (`image/<driver>/repositories.json`), podman's, or containerd's (at the root, or
-    /// the one dockerd manages under it).
+    /// Opens the data root and detects the engine and driver: podman's store
+    /// (`<driver>-images/images.json`), containerd's (at the root, or the one dockerd
+    /// manages under it), or Docker's graphdriver store (`image/<driver>/repositories.json`).
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
         if !root.is_dir() {
@@ -126,83 +140,25 @@ impl Store {
                 root.display()
             )));
         }
-        if let Some(driver) = podman::driver(&root) {
-            return Ok(Store {
-                root,
-                driver,
-                engine: Engine::Podman,
-                namespace: None,
-            });
-        }
-        if root.join(containerd::META_DB).is_file() {
-            return Ok(Store::containerd(root));
-        }
-        let found: Vec<Driver> = Driver::ALL
-            .into_iter()
-            .filter(|d| root.join("image").join(d.name()).join("repositories.json").is_file())
-            .collect();
-        // With both present (a driver switch), Docker uses the one whose data dir is in use.
-        let in_use: Vec<Driver> = found
-            .iter()
-            .copied()
-            .filter(|d| fs::read_dir(root.join(d.name())).is_ok_and(|mut it| it.next().is_some()))
-            .collect();
-        let driver = match (found.as_slice(), in_use.as_slice()) {
-            ([d], _) | (_, [d]) => *d,
-            // Docker 29 in containerd mode with the containerd it runs itself.
-            ([], _)
-                if root
-                    .join(containerd::DOCKERD_MANAGED)
-                    .join(containerd::META_DB)
-                    .is_file() =>
-            {
-                return Ok(Store::containerd(root.join(containerd::DOCKERD_MANAGED)))
+        for engine in ENGINES {
+            if let Some(found) = (engine.detect)(&root) {
+                let (root, driver) = found?;
+                return Ok(Store {
+                    root,
+                    driver,
+                    engine,
+                    namespace: None,
+                });
             }
-            ([], _) => {
-                return Err(Error::new(format!(
-                "{} is not an image store layerboot reads: no image/<btrfs|overlay2|vfs>/repositories.json (Docker), \
-                     <overlay|btrfs|vfs>-images/images.json (podman) or {} (containerd) exists \
-                     (fix: point docker_path= / --store at the engine's data root: var/lib/docker, \
-                     var/lib/containers/storage or var/lib/containerd)",
-                root.display(),
-                containerd::META_DB
-            )))
-            }
-            _ => {
-                return Err(Error::new(format!(
-                    "{} holds image stores of several drivers in use ({}); \
-                     remove the ones the engine no longer uses",
-                    root.display(),
-                    in_use.iter().map(|d| d.name()).collect::<Vec<_>>().join(", ")
-                )))
-            }
-        };
-        Ok(Store {
-            root,
-            driver,
-            engine: Engine::Docker,
-            namespace: None,
-        })
-    }
-
-    /// containerd's store; its driver is the first snapshotter holding snapshots
-    /// (each image says which one its own layers are in).
-    fn containerd(root: PathBuf) -> Store {
-        let has = |sn: &str| {
-            fs::read_dir(root.join(format!("io.containerd.snapshotter.v1.{sn}/snapshots")))
-                .is_ok_and(|mut d| d.next().is_some())
-        };
-        let driver = if !has("overlayfs") && has("btrfs") {
-            Driver::Btrfs
-        } else {
-            Driver::Overlay2
-        };
-        Store {
-            root,
-            driver,
-            engine: Engine::Containerd,
-            namespace: None,
         }
+        Err(Error::new(format!(
+            "{} is not an image store layerboot reads: no image/<btrfs|overlay2|vfs>/repositories.json (Docker), \
+             <overlay|btrfs|vfs>-images/images.json (podman) or {} (containerd) exists \
+             (fix: point docker_path= / --store at the engine's data root: var/lib/docker, \
+             var/lib/containers/storage or var/lib/containerd)",
+            root.display(),
+            containerd::META_DB
+        )))
     }
 
     /// Limits a containerd store to one namespace; other stores have none.
@@ -215,7 +171,7 @@ impl Store {
         &self.root
     }
 
-    pub fn engine(&self) -> Engine {
+    pub fn engine(&self) -> &'static Engine {
         self.engine
     }
 
@@ -245,19 +201,13 @@ impl Store {
         self.backend().load(entry)
     }
 
-    /// The reader of the engine that wrote this store: the one place engines are listed.
+    /// The reader of the engine that wrote this store.
     fn backend(&self) -> Box<dyn Backend + '_> {
-        match self.engine {
-            Engine::Docker => Box::new(docker::Docker(self)),
-            Engine::Podman => Box::new(podman::Podman(self)),
-            Engine::Containerd => Box::new(containerd::Containerd(self)),
-        }
+        (self.engine.reader)(self)
     }
 }
 
-/// One engine's store format: what a [`Store`] asks of the engine that wrote it. A new
-/// engine is one file implementing this, its line in [`Store::backend`] and its
-/// detection in [`Store::open`].
+/// One engine's store format: what a [`Store`] asks of the engine that wrote it.
 trait Backend {
     /// The directory the driver keeps its layers in: overlay lower dirs are named
     /// relative to it.

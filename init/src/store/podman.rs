@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{edit_distance, read, short_link, Backend, Driver, Image, ImageEntry, Layer};
+use super::{edit_distance, read, short_link, Backend, Driver, Engine, Image, ImageEntry, Layer};
 use crate::digest::is_hex64;
 use crate::error::{Error, Result};
 use crate::reference::Reference;
@@ -65,6 +65,12 @@ struct PodLayer {
 }
 
 reader!(Podman);
+
+pub(super) static ENGINE: Engine = Engine {
+    name: "podman",
+    detect: |root| driver(root).map(|d| Ok((root.to_path_buf(), d))),
+    reader: |store| Box::new(Podman(store)),
+};
 
 impl Backend for Podman<'_> {
     fn driver_home(&self) -> PathBuf {

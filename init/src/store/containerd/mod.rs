@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{edit_distance, Backend, Driver, Image, ImageEntry, Layer};
+use super::{edit_distance, Backend, Driver, Engine, Image, ImageEntry, Layer};
 use crate::bolt::{uvarint, Bucket, Db};
 use crate::digest::{chain_ids, sha256_hex};
 use crate::error::{Error, Result};
@@ -55,6 +55,41 @@ fn utf8(v: &[u8]) -> String {
 }
 
 reader!(Containerd);
+
+pub(super) static ENGINE: Engine = Engine {
+    name: "containerd",
+    detect,
+    reader: |store| Box::new(Containerd(store)),
+};
+
+/// containerd's store at `root`, or the one dockerd runs itself under its data root
+/// (Docker 29 in containerd mode) when dockerd has no graphdriver store there.
+fn detect(root: &Path) -> Option<Result<super::Detected>> {
+    let managed = root.join(DOCKERD_MANAGED);
+    let at = if root.join(META_DB).is_file() {
+        root.to_path_buf()
+    } else if managed.join(META_DB).is_file() && super::docker::graphdriver_stores(root).is_empty() {
+        managed
+    } else {
+        return None;
+    };
+    let driver = driver_of(&at);
+    Some(Ok((at, driver)))
+}
+
+/// The store's driver: the first snapshotter holding snapshots (each image says which
+/// one its own layers are in).
+fn driver_of(root: &Path) -> Driver {
+    let has = |sn: &str| {
+        std::fs::read_dir(root.join(format!("io.containerd.snapshotter.v1.{sn}/snapshots")))
+            .is_ok_and(|mut d| d.next().is_some())
+    };
+    if !has("overlayfs") && has("btrfs") {
+        Driver::Btrfs
+    } else {
+        Driver::Overlay2
+    }
+}
 
 impl Backend for Containerd<'_> {
     fn driver_home(&self) -> PathBuf {
