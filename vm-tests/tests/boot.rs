@@ -1436,21 +1436,34 @@ fn deploy_lines(console: &str) -> String {
 }
 
 const GUEST_DEPLOY: &str = r#"#!/bin/sh
-# The machine manages its own deployments: v1 deploys v2, v2 rolls back to v1, and v1
-# deploys v2 again (already there: only made the default).
-case "$(cat /etc/layerboot-tag)" in
-latest) out=$(layerboot deploy layerboot/demo:v2 2>&1) ;;
-v2) out=$(layerboot rollback 2>&1) ;;
+# The machine manages its own deployments, one step a boot (counted on the store's
+# partition, which outlives the fresh writable layers): v1 deploys v2, v2 rolls back to
+# v1, v1 deploys v2 again (already there: only made the default) and then starts
+# deploying the sysv image, whose power is cut once its kernel is on the ESP.
+count=/run/layerboot/store/layerboot-test-boots
+n=$(( $(cat $count 2>/dev/null || echo 0) + 1 ))
+echo $n > $count
+sync
+case "$n" in
+1|3) out=$(layerboot deploy layerboot/demo:v2 2>&1) ;;
+2) out=$(layerboot rollback 2>&1) ;;
 esac
 out="$out
 $(layerboot status 2>&1)"
 printf '%s\n' "$out" | sed 's/^/|dp| /' > /dev/console
+if [ "$n" = 3 ]; then
+  layerboot deploy layerboot/demo:sysv >/dev/null 2>&1 &
+  while [ "$(ls /efi/layerboot/*/vmlinuz | wc -l)" -lt 3 ]; do sleep 0.1; done
+  echo "|dp| cutting the power while deploying layerboot/demo:sysv" > /dev/console
+  echo b > /proc/sysrq-trigger
+fi
 "#;
 
 /// The machine deploys, rolls back and redeploys by itself, with the `layerboot` of its
-/// top layer and the defaults of its own boot (store, kernel arguments, ESP).
+/// top layer and the defaults of its own boot (store, kernel arguments, ESP); a power
+/// cut in the middle of a deploy leaves the previous default booting.
 #[test]
-fn a_machine_deploys_rolls_back_and_redeploys_by_itself() {
+fn a_machine_deploys_rolls_back_and_survives_a_deploy_cut_by_a_power_loss() {
     use vm_tests::disk::{esp_tree, gpt_disk_with_esp_tree, STORE_PARTUUID};
     let dir = test_dir("deployments-in-guest");
     let store = copy_store_disk("overlay2", &dir);
@@ -1526,12 +1539,12 @@ fn a_machine_deploys_rolls_back_and_redeploys_by_itself() {
         }
         .run();
         no_panic(&console);
-        let r = report(&console);
-        (r, deploy_lines(&console))
+        let said = deploy_lines(&console);
+        (console, said)
     };
 
-    let (r, said) = boot(1);
-    common_checks(&r, "vm-self", "latest");
+    let (console, said) = boot(1);
+    common_checks(&report(&console), "vm-self", "latest");
     assert!(said.contains(&format!("deployed layerboot/demo:v2 as {id2}")), "{said}");
     assert!(
         said.lines()
@@ -1539,7 +1552,8 @@ fn a_machine_deploys_rolls_back_and_redeploys_by_itself() {
         "{said}"
     );
 
-    let (r, said) = boot(2);
+    let (console, said) = boot(2);
+    let r = report(&console);
     common_checks(&r, "vm-self", "v2");
     assert!(
         r["cmdline"].contains("toplayer_path=/toplayer") && r["cmdline"].contains("console=ttyS0"),
@@ -1551,10 +1565,27 @@ fn a_machine_deploys_rolls_back_and_redeploys_by_itself() {
         "{said}"
     );
 
-    let (r, said) = boot(3);
-    common_checks(&r, "vm-self", "latest");
+    // v1 again: redeploys v2, then a deploy of a third image is cut by a power loss.
+    let (_, said) = boot(3);
     assert!(
         said.contains(&format!("already deployed as {id2}: it is the default now")),
+        "{said}"
+    );
+    assert!(said.contains("cutting the power"), "{said}");
+
+    // The previous default boots, and the cut deployment is not in the menu.
+    let (console, said) = boot(4);
+    common_checks(&report(&console), "vm-self", "v2");
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("> ") && l.contains("layerboot/demo:v2")),
+        "{said}"
+    );
+    // Cut before its record or its entry: never in the menu (a later deploy redoes it).
+    assert!(
+        said.lines()
+            .filter(|l| l.contains("layerboot/demo:sysv"))
+            .all(|l| l.ends_with("no entry")),
         "{said}"
     );
 
