@@ -44,6 +44,12 @@ pub struct Args {
     /// toplayerflags=
     #[argh(option)]
     toplayerflags: Option<String>,
+    /// layerboot.namespace= (containerd stores)
+    #[argh(option)]
+    namespace: Option<String>,
+    /// layerboot.rw= (the writable layer's name)
+    #[argh(option)]
+    rw: Option<String>,
     /// more kernel arguments, e.g. "console=ttyS0 quiet"
     #[argh(option)]
     options: Option<String>,
@@ -96,6 +102,8 @@ fn options(a: &Args, image: &str) -> Result<String> {
     push(arg::TOPLAYER, &a.toplayer)?;
     push(arg::TOPLAYER_PATH, &a.toplayer_path)?;
     push(arg::TOPLAYER_FLAGS, &a.toplayerflags)?;
+    push(arg::NAMESPACE, &a.namespace)?;
+    push(arg::RW, &a.rw)?;
     if let Some(extra) = &a.options {
         o.push(extra.clone());
     }

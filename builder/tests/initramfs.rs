@@ -645,3 +645,30 @@ fn compression_listing_and_host_only_do_what_they_say() {
         "overlay is always needed for overlay2 stores"
     );
 }
+
+#[test]
+fn entries_carry_the_namespace_and_the_writable_layers_name() {
+    let out = ok(layerboot(&[
+        "entry",
+        "--loader",
+        "systemd-boot",
+        "--image",
+        "x",
+        "--kernel",
+        "/k",
+        "--initrd",
+        "/i",
+        "--root",
+        "LABEL=s",
+        "--namespace",
+        "moby",
+        "--rw",
+        "pc1-rw",
+    ]));
+    assert!(out.contains("layerboot.namespace=moby layerboot.rw=pc1-rw"), "{out}");
+    let e = err(layerboot(&[
+        "entry", "--loader", "grub", "--image", "x", "--kernel", "/k", "--initrd", "/i", "--root", "LABEL=s", "--rw",
+        "a b",
+    ]));
+    assert!(e.contains("spaces or quotes"), "{e}");
+}
