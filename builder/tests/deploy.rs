@@ -599,3 +599,39 @@ fn upgrade_redeploys_a_moved_reference_with_the_recorded_options() {
     assert_eq!(options.matches("panic=").count(), 1, "{options}");
     assert!(!options.contains(&v1), "{options}");
 }
+
+#[test]
+fn an_entry_left_twice_by_a_cut_counts_once_and_goes_with_the_next_change() {
+    let t = tempfile::tempdir().unwrap();
+    let esp = t.path().join("esp");
+    fs::create_dir(&esp).unwrap();
+    let booted = t.path().join("booted.json");
+    let s = docker_store();
+    let v1 = image_id("DEMO_ID");
+    let id1 = &v1[7..19];
+    deploy(&esp, "layerboot/demo", &["--tries", "0"]);
+    deploy(&esp, "layerboot/demo:v2", &["--tries", "0"]);
+    // A rollback cut after its new entry was written, before the old one was removed.
+    let dir = esp.join("loader/entries");
+    let old = dir.join(format!("layerboot-000001-{id1}.conf"));
+    let text = fs::read_to_string(&old)
+        .unwrap()
+        .replace("version 000001", "version 000003");
+    fs::write(dir.join(format!("layerboot-000003-{id1}.conf")), text).unwrap();
+    booted_json(&booted, &v1);
+    let st = status(&esp, &s, &booted);
+    assert_eq!(st.len(), 2, "{st:?}");
+    assert_eq!(st[0].0, "layerboot/demo", "the newer of the two entries counts");
+    // The next change of that deployment removes both old names.
+    ok(layerboot(&[
+        "bless",
+        "bad",
+        "--esp",
+        esp.to_str().unwrap(),
+        "--booted",
+        booted.to_str().unwrap(),
+    ]));
+    deploy(&esp, "layerboot/demo", &[]);
+    let names = entries(&esp);
+    assert_eq!(names.iter().filter(|n| n.contains(id1)).count(), 1, "{names:?}");
+}

@@ -229,16 +229,14 @@ pub fn bless_grubenv(esp: &Path, deployment: &str) -> Result<String> {
         return Ok(format!("layerboot: deployment {deployment} is blessed already"));
     }
     grubenv::set(&mut vars, &var, "good");
-    let tmp = path.with_file_name(".grubenv.tmp");
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&grubenv::render(&vars).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)?;
-        fs::File::open(path.parent().unwrap_or(esp))?.sync_all()
-    };
-    write().map_err(|e| Error::io("cannot write", &path, e))?;
+    if !grubenv::rewrite_in_place(&path, &grubenv::render(&vars)?)? {
+        return Err(format!(
+            "{} is not a GRUB environment block of {} bytes",
+            path.display(),
+            grubenv::SIZE
+        )
+        .into());
+    }
     Ok(format!(
         "layerboot: boot blessed: deployment {deployment} is good in {}",
         path.display()

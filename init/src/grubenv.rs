@@ -52,6 +52,25 @@ pub fn render(vars: &[(String, String)]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Overwrites the block at `path` in place, as GRUB's save_env does (FAT has no
+/// atomic replace; a block of two sectors rewritten where it lies is the safest write
+/// there is). `Ok(false)`: there is no block of the right size to overwrite.
+pub fn rewrite_in_place(path: &std::path::Path, block: &[u8]) -> Result<bool> {
+    use std::io::Write;
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() == SIZE as u64 && block.len() == SIZE => {}
+        _ => return Ok(false),
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io("cannot open", path, e))?;
+    f.write_all(block)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io("cannot write", path, e))?;
+    Ok(true)
+}
+
 /// Sets `name` to `value` in `vars` (added at the end if new).
 pub fn set(vars: &mut Vec<(String, String)>, name: &str, value: &str) {
     match vars.iter_mut().find(|(k, _)| k == name) {

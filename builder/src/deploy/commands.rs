@@ -264,6 +264,12 @@ pub enum Step {
         path: PathBuf,
         data: Vec<u8>,
     },
+    /// A GRUB environment block: rewritten in place when it exists (as GRUB's own
+    /// save_env does; it keeps its size), created through a temporary name otherwise.
+    WriteBlock {
+        path: PathBuf,
+        data: Vec<u8>,
+    },
     /// The loader's config without a `default` line that would pin an older entry.
     UnpinDefault {
         path: PathBuf,
@@ -279,6 +285,14 @@ impl Step {
                 write_atomically(path, data, 0o644)?;
                 sync_dir(path.parent().unwrap_or(Path::new("/")))
             }
+            Step::WriteBlock { path, data } => match layerboot_init::grubenv::rewrite_in_place(path, data) {
+                Ok(true) => Ok(()),
+                Ok(false) => {
+                    write_atomically(path, data, 0o644)?;
+                    sync_dir(path.parent().unwrap_or(Path::new("/")))
+                }
+                Err(e) => Err(e),
+            },
             Step::UnpinDefault { path, text } => {
                 write_atomically(path, text.as_bytes(), 0o644)?;
                 sync_dir(path.parent().unwrap_or(Path::new("/")))
@@ -408,6 +422,7 @@ pub fn plan_deploy(a: &DeployArgs, esp: &Path, store: &Path, namespace: Option<S
             record: record.clone(),
             dir,
             entry: None,
+            stale_entries: Vec::new(),
             assessment: Some(assessment),
             version: serial,
         };
@@ -510,7 +525,7 @@ fn grub_steps(esp: &Path, all: &[Deployment], with: Option<&Deployment>, without
         grubenv::set(&mut env, &var, &grub::value(w.assessment.unwrap_or(Assessment::Good)));
     }
     Ok(vec![
-        Step::Write {
+        Step::WriteBlock {
             path: grub::env_path(esp),
             data: grubenv::render(&env)?,
         },
@@ -635,17 +650,24 @@ fn make_default(all: &[Deployment], d: &Deployment) -> Result<()> {
         )
         .into());
     };
+    // A new file under a new name, then the old one removed: FAT has no atomic
+    // replace, so an entry is never rewritten in place. A cut in between leaves two
+    // entries of one deployment, the newer first; the next change removes the other.
     let serial = next_serial(all);
     let text = fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
-    let renewed = EntryName {
-        id: name.id.clone(),
+    let raised = EntryName {
+        id: systemd_boot::entry_id(serial, d.record.short_id()),
         assessment: renewed(Some(name.assessment), d.record.tries),
     };
     let dir = path.parent().unwrap_or(Path::new("/"));
-    let new_path = dir.join(renewed.file_name());
-    write_atomically(&new_path, systemd_boot::with_version(&text, serial).as_bytes(), 0o644)?;
-    if new_path != *path {
-        fs::remove_file(path).map_err(|e| Error::io("cannot remove", path, e))?;
+    write_atomically(
+        &dir.join(raised.file_name()),
+        systemd_boot::with_version(&text, serial).as_bytes(),
+        0o644,
+    )?;
+    sync_dir(dir)?;
+    for old in std::iter::once(path).chain(&d.stale_entries) {
+        fs::remove_file(old).map_err(|e| Error::io("cannot remove", old, e))?;
     }
     sync_dir(dir)
 }
@@ -887,7 +909,7 @@ fn gc_deployments(esp: &Path, keep: usize, booted_id: Option<String>) -> Result<
     }
     for d in doomed {
         // The entry first: the loader never sees an entry whose files are gone.
-        if let Some((entry, _)) = &d.entry {
+        for entry in d.entry.iter().map(|(p, _)| p).chain(&d.stale_entries) {
             fs::remove_file(entry).map_err(|e| Error::io("cannot remove", entry, e))?;
             sync_dir(entry.parent().unwrap_or(Path::new("/")))?;
         }

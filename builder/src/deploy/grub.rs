@@ -130,6 +130,7 @@ mod tests {
             },
             dir: PathBuf::from("/esp/layerboot/x"),
             entry: None,
+            stale_entries: Vec::new(),
             assessment: None,
             version: serial,
         }

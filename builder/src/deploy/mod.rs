@@ -82,6 +82,8 @@ pub struct Deployment {
     pub dir: PathBuf,
     /// systemd-boot: the entry file, and what its name says.
     pub entry: Option<(PathBuf, EntryName)>,
+    /// Older entries of the same deployment a cut left behind (removed by its next change).
+    pub stale_entries: Vec<PathBuf>,
     /// What the loader's counter says; `None`: the loader has no entry for it.
     pub assessment: Option<Assessment>,
     /// The entry's version: the serial it sorts by (a rollback raises it).
@@ -138,33 +140,43 @@ pub fn list(esp: &Path) -> Result<Vec<Deployment>> {
             if !record_path.is_file() {
                 continue; // not layerboot's, or a deploy cut before its record: never ours to touch
             }
-            let record: Record = serde_json::from_slice(
-                &fs::read(&record_path).map_err(|err| Error::io("cannot read", &record_path, err))?,
-            )
-            .map_err(|err| {
-                Error::new(format!(
-                    "{} is not a deployment record: {err} (fix: move that directory off the ESP)",
-                    record_path.display()
-                ))
-            })?;
+            // A record a power cut left unreadable must not stop every command: it is
+            // named and left alone (its entry, if any, still boots).
+            let record: Record = match fs::read(&record_path).map(|b| serde_json::from_slice(&b)) {
+                Ok(Ok(r)) => r,
+                Ok(Err(err)) => {
+                    eprintln!(
+                        "note: {} is not a readable deployment record ({err}): ignored \
+                         (fix: deploy that image again, or remove the directory)",
+                        record_path.display()
+                    );
+                    continue;
+                }
+                Err(err) => return Err(Error::io("cannot read", &record_path, err)),
+            };
             if record.loader == "grub" {
                 let assessment = grub::assessment(&grubenv, &record);
                 out.push(Deployment {
                     dir: e.path(),
                     entry: None,
+                    stale_entries: Vec::new(),
                     assessment,
                     version: record.serial,
                     record,
                 });
                 continue;
             }
-            let entry = entries
+            let mut mine: Vec<&(PathBuf, EntryName, u64)> = entries
                 .iter()
-                .find(|(_, n, _)| n.id.ends_with(&format!("-{}", record.short_id())))
-                .cloned();
+                .filter(|(_, n, _)| n.id.ends_with(&format!("-{}", record.short_id())))
+                .collect();
+            mine.sort_by_key(|(_, _, v)| std::cmp::Reverse(*v));
+            let stale_entries = mine.iter().skip(1).map(|(p, _, _)| p.clone()).collect();
+            let entry = mine.first().map(|e| (*e).clone());
             let version = entry.as_ref().map_or(record.serial, |(_, _, v)| *v);
             out.push(Deployment {
                 dir: e.path(),
+                stale_entries,
                 assessment: entry.as_ref().map(|(_, n, _)| n.assessment),
                 entry: entry.map(|(p, n, _)| (p, n)),
                 version,
