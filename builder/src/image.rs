@@ -97,7 +97,7 @@ fn version_key(v: &str) -> Vec<(u64, String)> {
     out
 }
 
-/// Writes `data` to `path` atomically: a temporary file beside it, fsync, rename.
+/// Writes `data` to `path` atomically: a temporary file beside it, fsync, rename, fsync.
 pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -117,7 +117,11 @@ pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<()> {
             .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // On FAT (the ESP) a rename makes a new directory entry whose start and size are
+        // written with the inode, later: flush the file again under its new name, or a
+        // power cut leaves an empty file there.
+        std::fs::File::open(path)?.sync_all()
     })();
     result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);

@@ -253,7 +253,10 @@ pub fn bless_at(esp: &Path, entry: &Path) -> Result<String> {
     };
     let (from, to) = (esp.join(entry), esp.join(entry).with_file_name(blessed.file_name()));
     match fs::rename(&from, &to) {
-        Ok(()) => {}
+        // FAT writes the renamed entry's start and size with the file: flush it.
+        Ok(()) => fs::File::open(&to)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io("cannot flush", &to, e))?,
         // systemd-bless-boot, or an earlier run, got there first.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && to.exists() => {
             return Ok(format!("layerboot: {} is blessed already", blessed.file_name()))

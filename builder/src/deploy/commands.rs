@@ -1003,7 +1003,10 @@ pub fn bless(a: BlessArgs) -> Result<()> {
         .file_name(),
     );
     match fs::rename(path, &to) {
-        Ok(()) => {}
+        // FAT writes the renamed entry's start and size with the file: flush it.
+        Ok(()) => fs::File::open(&to)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io("cannot flush", &to, e))?,
         // systemd-bless-boot renamed it first: fine if it reached the same verdict.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && to.exists() => {}
         Err(e) => return Err(Error::io("cannot rename", path, e)),
