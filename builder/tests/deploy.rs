@@ -88,6 +88,20 @@ fn status(esp: &Path, store: &str, booted: &Path) -> Vec<(String, String, bool, 
         .collect()
 }
 
+/// `layerboot VERB` on the machine of `esp` and the store, as `booted` says it booted.
+fn on_machine(verb: &str, esp: &Path, booted: &Path) -> Output {
+    let s = docker_store();
+    layerboot(&[
+        verb,
+        "--esp",
+        esp.to_str().unwrap(),
+        "--store",
+        &s,
+        "--booted",
+        booted.to_str().unwrap(),
+    ])
+}
+
 fn deploy(esp: &Path, reference: &str, extra: &[&str]) -> String {
     let mut args = vec![
         "deploy",
@@ -194,15 +208,7 @@ fn deploy_bless_fall_back_redeploy_and_roll_back() {
     assert_eq!(entries(&esp).len(), 2, "{:?}", entries(&esp));
 
     // Rollback: the previous good deployment boots next.
-    let said = ok(layerboot(&[
-        "rollback",
-        "--esp",
-        esp.to_str().unwrap(),
-        "--store",
-        &s,
-        "--booted",
-        booted.to_str().unwrap(),
-    ]));
+    let said = ok(on_machine("rollback", &esp, &booted));
     assert!(said.contains(&format!("{id1} (layerboot/demo) boots next")), "{said}");
     assert_eq!(status(&esp, &s, &booted)[0].0, "layerboot/demo");
 
@@ -520,15 +526,7 @@ fn grub_deployments_count_in_their_grubenv_and_fall_back_in_the_snippet() {
         ("layerboot/demo:v2".into(), "trying, 2 tries left".into(), true, false)
     );
     assert_eq!(st[1], ("layerboot/demo".into(), "good".into(), false, true));
-    let said = ok(layerboot(&[
-        "rollback",
-        "--esp",
-        esp.to_str().unwrap(),
-        "--store",
-        &s,
-        "--booted",
-        booted.to_str().unwrap(),
-    ]));
+    let said = ok(on_machine("rollback", &esp, &booted));
     assert!(said.contains(&format!("{id1} (layerboot/demo) boots next")), "{said}");
     let snippet = fs::read_to_string(esp.join("layerboot/grub.cfg")).unwrap();
     assert!(
