@@ -1269,7 +1269,7 @@ fn overlay2_power_cuts_after_the_swap_and_during_a_keep_copy_lose_nothing() {
 /// itself, whose boot blesses it. What the loader keeps on the ESP, read back from the
 /// host, shows v1 good and v2 bad, and `layerboot status` says so.
 fn falls_back_from_a_failing_deployment(loader: vm_tests::disk::Loader) {
-    use vm_tests::disk::{esp_tree, gpt_disk_with_esp_tree, Loader, STORE_PARTUUID};
+    use vm_tests::disk::{esp_tree, gpt_disk_with_esp_tree, Loader};
     let dir = test_dir(&format!("deployments-{}", loader.name()));
     let store = copy_store_disk("overlay2", &dir);
     {
@@ -1286,31 +1286,22 @@ fn falls_back_from_a_failing_deployment(loader: vm_tests::disk::Loader) {
     }
     let esp = dir.join("esp");
     fs::create_dir_all(&esp).unwrap();
-    let root = format!("PARTUUID={STORE_PARTUUID}");
     let data_root = fixture_store("overlay2");
     let deploy = |reference: &str, options: &str| {
-        run(layerboot().args([
-            "deploy",
+        deploy_from_host(
+            &esp,
             reference,
-            "--loader",
-            loader.name(),
-            "--esp-device",
-            "LABEL=ESP",
-            "--esp",
-            esp.to_str().unwrap(),
-            "--store",
-            data_root.to_str().unwrap(),
-            "--root",
-            &root,
-            "--toplayer",
-            &root,
-            "--toplayer-path",
-            "/toplayer",
-            "--tries",
-            "2",
-            "--options",
-            options,
-        ]))
+            &[
+                "--loader",
+                loader.name(),
+                "--esp-device",
+                "LABEL=ESP",
+                "--tries",
+                "2",
+                "--options",
+                options,
+            ],
+        )
     };
     deploy("layerboot/demo", "console=ttyS0 layerboot.rescue_timeout=0");
     deploy(
@@ -1426,6 +1417,30 @@ fn grub_falls_back_from_a_failing_deployment_and_blesses_the_good_one() {
     falls_back_from_a_failing_deployment(vm_tests::disk::Loader::Grub);
 }
 
+/// `layerboot deploy` from the host, as a first install is: into `esp`, from the
+/// overlay2 fixture store, for a machine whose store and top layer are on the GPT disk's
+/// store partition.
+fn deploy_from_host(esp: &Path, reference: &str, extra: &[&str]) -> String {
+    let root = format!("PARTUUID={}", vm_tests::disk::STORE_PARTUUID);
+    let data_root = fixture_store("overlay2");
+    let mut args = vec![
+        "deploy",
+        reference,
+        "--esp",
+        esp.to_str().unwrap(),
+        "--store",
+        data_root.to_str().unwrap(),
+        "--root",
+        &root,
+        "--toplayer",
+        &root,
+        "--toplayer-path",
+        "/toplayer",
+    ];
+    args.extend(extra);
+    run(layerboot().args(args))
+}
+
 /// What a guest's own `layerboot` printed: the lines a test unit tagged `|dp| `.
 fn deploy_lines(console: &str) -> String {
     console
@@ -1466,7 +1481,7 @@ fi
 /// cut in the middle of a deploy leaves the previous default booting.
 #[test]
 fn a_machine_deploys_rolls_back_and_survives_a_deploy_cut_by_a_power_loss() {
-    use vm_tests::disk::{esp_tree, gpt_disk_with_esp_tree, STORE_PARTUUID};
+    use vm_tests::disk::{esp_tree, gpt_disk_with_esp_tree};
     let dir = test_dir("deployments-in-guest");
     let store = copy_store_disk("overlay2", &dir);
     {
@@ -1508,24 +1523,8 @@ fn a_machine_deploys_rolls_back_and_survives_a_deploy_cut_by_a_power_loss() {
     }
     let esp = dir.join("esp");
     fs::create_dir_all(&esp).unwrap();
-    let root = format!("PARTUUID={STORE_PARTUUID}");
     let data_root = fixture_store("overlay2");
-    run(layerboot().args([
-        "deploy",
-        "layerboot/demo",
-        "--esp",
-        esp.to_str().unwrap(),
-        "--store",
-        data_root.to_str().unwrap(),
-        "--root",
-        &root,
-        "--toplayer",
-        &root,
-        "--toplayer-path",
-        "/toplayer",
-        "--options",
-        "console=ttyS0",
-    ]));
+    deploy_from_host(&esp, "layerboot/demo", &["--options", "console=ttyS0"]);
     let disk = dir.join("disk.img");
     gpt_disk_with_esp_tree(&disk, &store, &esp, vm_tests::disk::Loader::SystemdBoot);
     fs::remove_file(&store).unwrap();
