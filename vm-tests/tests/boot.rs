@@ -1579,7 +1579,7 @@ fn a_machine_deploys_rolls_back_and_survives_a_deploy_cut_by_a_power_loss() {
     common_checks(&report(&console), "vm-self", "v2");
     assert!(
         said.lines()
-            .any(|l| l.starts_with("> ") && l.contains("layerboot/demo:v2")),
+            .any(|l| l.starts_with("*> ") && l.contains("layerboot/demo:v2")),
         "{said}"
     );
     // Cut before its record or its entry: never in the menu (a later deploy redoes it).
