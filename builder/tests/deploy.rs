@@ -438,6 +438,23 @@ fn deploy_needs_its_machine_named_off_a_layerboot_boot() {
         none.to_str().unwrap(),
     ]));
     assert!(e.contains("--root is needed"), "{e}");
+    // Nothing that could end a boot loader's line or entry gets into one.
+    let e = err(layerboot(&[
+        "deploy",
+        "layerboot/demo",
+        "--esp",
+        t.path().to_str().unwrap(),
+        "--store",
+        &s,
+        "--root",
+        "LABEL=store",
+        "--options",
+        "quiet;reboot",
+        "--booted",
+        none.to_str().unwrap(),
+    ]));
+    assert!(e.contains("';'") && e.contains("fix:"), "{e}");
+    assert!(fs::read_dir(t.path()).unwrap().next().is_none(), "nothing written");
 }
 
 #[test]

@@ -381,6 +381,12 @@ pub fn plan_deploy(a: &DeployArgs, esp: &Path, store: &Path, namespace: Option<S
         tries: a.tries,
         loader: loader.clone(),
     };
+    record.check(&id12).map_err(|why| {
+        format!(
+            "cannot deploy {}: {why} (fix: drop that argument from --options)",
+            a.reference
+        )
+    })?;
 
     let need = kernel_bytes.len() as u64 + initramfs.len() as u64 + (1 << 20);
     let free = free_bytes(esp)?;

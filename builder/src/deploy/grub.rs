@@ -159,6 +159,21 @@ mod tests {
     }
 
     #[test]
+    fn a_record_that_could_break_out_of_a_menu_entry_is_refused() {
+        let good = deployment('a', 1, 3).record;
+        assert_eq!(good.check("aaaaaaaaaaaa"), Ok(()));
+        assert!(good.check("bbbbbbbbbbbb").is_err(), "another directory's");
+        for options in ["x\nreboot", "x }\nmenuentry", "x; reboot", "x $(y)", "x 'y'", "x \\"] {
+            let mut r = good.clone();
+            r.options = options.to_string();
+            assert!(r.check("aaaaaaaaaaaa").is_err(), "{options:?}");
+        }
+        let mut r = good.clone();
+        r.image_id = "sha256:../../../EFI/BOOT/BOOTX64".into();
+        assert!(r.check("../../../EFI").is_err());
+    }
+
+    #[test]
     fn the_grubenv_states_read_back() {
         let r = deployment('a', 1, 3).record;
         let env = |v: &str| vec![("lb_aaaaaaaaaaaa".to_string(), v.to_string())];

@@ -67,6 +67,27 @@ impl Record {
     pub fn short_id(&self) -> &str {
         short_id(&self.image_id)
     }
+
+    /// What a record read back from the ESP must be before its ID names files and its
+    /// options go into a boot loader's script: a full image ID that is its directory's
+    /// name, and kernel arguments of plain printable characters (no newline, brace,
+    /// quote, `;`, `$` or backslash that could end GRUB's `linux` line or a menu entry).
+    pub fn check(&self, dir_name: &str) -> std::result::Result<(), String> {
+        if layerboot_init::digest::sha256_hex(&self.image_id).is_none() {
+            return Err(format!(
+                "image_id '{}' is not sha256:<64 hex>",
+                self.image_id.escape_debug()
+            ));
+        }
+        if self.short_id() != dir_name {
+            return Err(format!("it is for {}, not {dir_name}", self.short_id()));
+        }
+        let unsafe_char = |c: char| !(c == ' ' || c.is_ascii_graphic()) || "{}'\";$`\\".contains(c);
+        if let Some(c) = self.options.chars().find(|&c| unsafe_char(c)) {
+            return Err(format!("its kernel arguments hold {:?}, which no entry may carry", c));
+        }
+        Ok(())
+    }
 }
 
 /// The 12 hex digits that name a deployment (as `docker images` shows an ID).
@@ -154,6 +175,10 @@ pub fn list(esp: &Path) -> Result<Vec<Deployment>> {
                 }
                 Err(err) => return Err(Error::io("cannot read", &record_path, err)),
             };
+            if let Err(why) = record.check(&e.file_name().to_string_lossy()) {
+                eprintln!("note: {}: {why}: ignored", record_path.display());
+                continue;
+            }
             if record.loader == "grub" {
                 let assessment = grub::assessment(&grubenv, &record);
                 out.push(Deployment {
