@@ -3,18 +3,15 @@
 //! that a deploy cut after any of its steps leaves the previous default booting.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use argh::FromArgs;
 use layerboot::deploy::commands::{plan_deploy, DeployArgs};
 use layerboot::deploy::{default_of, list};
 
-fn fixtures() -> PathBuf {
-    std::env::var_os("LAYERBOOT_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures"))
-}
+mod common;
+use common::*;
 
 fn store(fs: &str, path: &str) -> String {
     let root = fixtures().join("mnt").join(fs).join(path);
@@ -24,40 +21,6 @@ fn store(fs: &str, path: &str) -> String {
 
 fn docker_store() -> String {
     store("overlay2", "var/lib/docker")
-}
-
-fn image_id(key: &str) -> String {
-    let env = fs::read_to_string(fixtures().join("images.env")).unwrap();
-    env.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")))
-        .unwrap()
-        .to_string()
-}
-
-fn layerboot(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_layerboot"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn err(out: Output) -> String {
-    assert!(
-        !out.status.success(),
-        "succeeded: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8(out.stderr).unwrap()
 }
 
 /// `status --json`'s deployments as (reference, state, default, booted).

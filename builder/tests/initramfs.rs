@@ -7,17 +7,14 @@ use std::fs;
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use layerboot_init::lookup::MergedView;
 use layerboot_init::settings::Config;
 use layerboot_init::store::Store;
 
-fn fixtures() -> PathBuf {
-    std::env::var_os("LAYERBOOT_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures"))
-}
+mod common;
+use common::*;
 
 fn store(driver: &str) -> String {
     let root = fixtures().join("mnt").join(driver).join("var/lib/docker");
@@ -27,32 +24,6 @@ fn store(driver: &str) -> String {
         root.display()
     );
     root.display().to_string()
-}
-
-fn layerboot(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_layerboot"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn err(out: Output) -> String {
-    assert!(
-        !out.status.success(),
-        "expected a failure: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 struct Entry {

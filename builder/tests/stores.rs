@@ -5,17 +5,13 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::PathBuf;
 use std::process::Command;
 
 use layerboot_init::lookup::{is_opaque, is_whiteout, MergedView};
 use layerboot_init::store::{Driver, Store};
 
-fn fixtures() -> PathBuf {
-    std::env::var_os("LAYERBOOT_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures"))
-}
+mod common;
+use common::*;
 
 fn store(driver: &str) -> Store {
     open_store(driver, "var/lib/docker")
@@ -39,14 +35,6 @@ fn open_store(fs: &str, path: &str) -> Store {
         root.display()
     );
     Store::open(root).unwrap()
-}
-
-fn image_id(key: &str) -> String {
-    let env = fs::read_to_string(fixtures().join("images.env")).unwrap();
-    env.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")))
-        .unwrap()
-        .to_string()
 }
 
 const DRIVERS: [(&str, Driver); 2] = [("btrfs", Driver::Btrfs), ("overlay2", Driver::Overlay2)];
