@@ -373,49 +373,26 @@ fn gc_keeps_the_newest_the_running_and_the_newest_good_and_unpins_the_default() 
 fn deploy_needs_its_machine_named_off_a_layerboot_boot() {
     let t = tempfile::tempdir().unwrap();
     let none = t.path().join("no-booted.json");
-    let e = err(layerboot(&[
-        "deploy",
-        "layerboot/demo",
-        "--booted",
-        none.to_str().unwrap(),
-    ]));
-    assert!(e.contains("--esp is needed"), "{e}");
-    let e = err(layerboot(&[
-        "deploy",
-        "layerboot/demo",
-        "--esp",
-        t.path().to_str().unwrap(),
-        "--booted",
-        none.to_str().unwrap(),
-    ]));
-    assert!(e.contains("--store is needed"), "{e}");
-    let s = docker_store();
-    let e = err(layerboot(&[
-        "deploy",
-        "layerboot/demo",
-        "--esp",
-        t.path().to_str().unwrap(),
-        "--store",
-        &s,
-        "--booted",
-        none.to_str().unwrap(),
-    ]));
-    assert!(e.contains("--root is needed"), "{e}");
+    let (esp, s) = (t.path().to_str().unwrap(), docker_store());
+    // Off a layerboot boot (no booted.json), with more of the machine named each time.
+    let deploy = |more: &[&str]| {
+        let base = ["deploy", "layerboot/demo", "--booted", none.to_str().unwrap()];
+        err(layerboot(&[&base[..], more].concat()))
+    };
+    assert!(deploy(&[]).contains("--esp is needed"));
+    assert!(deploy(&["--esp", esp]).contains("--store is needed"));
+    assert!(deploy(&["--esp", esp, "--store", &s]).contains("--root is needed"));
     // Nothing that could end a boot loader's line or entry gets into one.
-    let e = err(layerboot(&[
-        "deploy",
-        "layerboot/demo",
+    let e = deploy(&[
         "--esp",
-        t.path().to_str().unwrap(),
+        esp,
         "--store",
         &s,
         "--root",
         "LABEL=store",
         "--options",
         "quiet;reboot",
-        "--booted",
-        none.to_str().unwrap(),
-    ]));
+    ]);
     assert!(e.contains("';'") && e.contains("fix:"), "{e}");
     assert!(fs::read_dir(t.path()).unwrap().next().is_none(), "nothing written");
 }
