@@ -90,6 +90,16 @@ fn booted_json(path: &Path, id: &str) {
     .unwrap();
 }
 
+/// A test machine: an empty ESP and the path of its booted.json in a temporary
+/// directory (kept alive by the first value), and the store's data root.
+fn machine() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf, String) {
+    let t = tempfile::tempdir().unwrap();
+    let esp = t.path().join("esp");
+    fs::create_dir(&esp).unwrap();
+    let booted = t.path().join("booted.json");
+    (t, esp, booted, docker_store())
+}
+
 fn entries(esp: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(esp.join("loader/entries"))
         .unwrap()
@@ -101,11 +111,7 @@ fn entries(esp: &Path) -> Vec<String> {
 
 #[test]
 fn deploy_bless_fall_back_redeploy_and_roll_back() {
-    let t = tempfile::tempdir().unwrap();
-    let esp = t.path().join("esp");
-    fs::create_dir(&esp).unwrap();
-    let booted = t.path().join("booted.json");
-    let s = docker_store();
+    let (_t, esp, booted, s) = machine();
     let (v1, v2) = (image_id("DEMO_ID"), image_id("DEMO_V2_ID"));
 
     let said = deploy(&esp, "layerboot/demo", &[]);
@@ -495,11 +501,7 @@ fn grub_deployments_count_in_their_grubenv_and_fall_back_in_the_snippet() {
 
 #[test]
 fn upgrade_redeploys_a_moved_reference_with_the_recorded_options() {
-    let t = tempfile::tempdir().unwrap();
-    let esp = t.path().join("esp");
-    fs::create_dir(&esp).unwrap();
-    let booted = t.path().join("booted.json");
-    let s = docker_store();
+    let (_t, esp, booted, s) = machine();
     let (v1, v2) = (image_id("DEMO_ID"), image_id("DEMO_V2_ID"));
     deploy(&esp, "layerboot/demo", &["--module", "loop", "--tries", "2"]);
     booted_json(&booted, &v1);
@@ -557,11 +559,7 @@ fn upgrade_redeploys_a_moved_reference_with_the_recorded_options() {
 
 #[test]
 fn an_entry_left_twice_by_a_cut_counts_once_and_goes_with_the_next_change() {
-    let t = tempfile::tempdir().unwrap();
-    let esp = t.path().join("esp");
-    fs::create_dir(&esp).unwrap();
-    let booted = t.path().join("booted.json");
-    let s = docker_store();
+    let (_t, esp, booted, s) = machine();
     let v1 = image_id("DEMO_ID");
     let id1 = &v1[7..19];
     deploy(&esp, "layerboot/demo", &["--tries", "0"]);
