@@ -1454,7 +1454,8 @@ const GUEST_DEPLOY: &str = r#"#!/bin/sh
 # The machine manages its own deployments, one step a boot (counted on the store's
 # partition, which outlives the fresh writable layers): v1 deploys v2, v2 rolls back to
 # v1, v1 deploys v2 again (already there: only made the default) and then starts
-# deploying the sysv image, whose power is cut as soon as it writes to the ESP.
+# deploying the sysv image, whose power is cut as soon as it writes to the ESP; v2 then
+# deploys the sysv image keeping one deployment beside the protected ones, which removes v1.
 count=/run/layerboot/store/layerboot-test-boots
 n=$(( $(cat $count 2>/dev/null || echo 0) + 1 ))
 echo $n > $count
@@ -1462,6 +1463,8 @@ sync
 case "$n" in
 1|3) out=$(layerboot deploy layerboot/demo:v2 2>&1) ;;
 2) out=$(layerboot rollback 2>&1) ;;
+4) out="$(layerboot status 2>&1)
+$(layerboot deploy layerboot/demo:sysv --keep-deployments 1 2>&1)" ;;
 esac
 out="$out
 $(layerboot status 2>&1)"
@@ -1577,24 +1580,44 @@ fn a_machine_deploys_rolls_back_and_survives_a_deploy_cut_by_a_power_loss() {
     // The previous default boots, and the cut deployment is not in the menu.
     let (console, said) = boot(4);
     common_checks(&report(&console), "vm-self", "v2");
+    let (before, after) = said.split_once("deployed layerboot/demo:sysv").unwrap_or_else(|| panic!("{said}"));
     assert!(
-        said.lines()
+        before
+            .lines()
             .any(|l| l.starts_with("*> ") && l.contains("layerboot/demo:v2")),
         "{said}"
     );
     // Cut before its record or its entry: never in the menu (a later deploy redoes it).
     assert!(
-        said.lines()
+        before
+            .lines()
             .filter(|l| l.contains("layerboot/demo:sysv"))
             .all(|l| l.ends_with("no entry")),
         "{said}"
     );
+    // Redone, with one deployment kept beside the protected ones (the booted v2 and the new
+    // default): the oldest, v1, is removed, entry and files.
+    assert!(after.contains(&format!("removed deployment {id1} (layerboot/demo)")), "{said}");
 
     let back = dir.join("esp-after");
     esp_tree(&disk, &back);
     assert_status(
         &back,
         &data_root,
-        &[("> ", "layerboot/demo:v2 ", "good"), ("  ", "layerboot/demo ", "good")],
+        &[
+            ("> ", "layerboot/demo:sysv ", "trying, 3 tries left"),
+            ("  ", "layerboot/demo:v2 ", "good"),
+        ],
+    );
+    let left: Vec<String> = fs::read_dir(back.join("layerboot"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(!left.contains(&id1) && left.contains(&id2), "v1's files are gone, v2's stay: {left:?}");
+    let entries = fs::read_dir(back.join("loader/entries")).unwrap();
+    let entries: Vec<String> = entries.map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert!(
+        entries.len() == 2 && !entries.iter().any(|e| e.contains(&id1)),
+        "v1's entry is gone: {entries:?}"
     );
 }
