@@ -2,11 +2,12 @@
 //! into a compressed newc cpio, so kernel, initramfs modules and the booted /lib/modules
 //! always match.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use argh::FromArgs;
-use layerboot_init::settings::{arg, Config, DEFAULT_DOCKER_PATH, DEFAULT_INIT};
+use layerboot_init::settings::{
+    arg, legacy_image, Config, CONFIG_PATH, DEFAULT_DOCKER_PATH, DEFAULT_INIT, LEGACY_CONFIG_PATH,
+};
 
 use crate::archive::{compress, Compression, Tree};
 use crate::image::{write_atomically, SourceImage};
@@ -47,7 +48,7 @@ pub struct Args {
     /// print what went in
     #[argh(switch)]
     list: bool,
-    /// the /init program to pack (default: layerboot-init beside this program)
+    /// the /init program to pack (default: layerboot-init beside this program, or in ../lib/layerboot/)
     #[argh(option)]
     init: Option<PathBuf>,
     /// the image's init, checked to exist (default /sbin/init; baked as init=)
@@ -94,14 +95,12 @@ pub fn run(args: Args) -> Result<()> {
     }
     let init_path = match &args.init {
         Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .map_err(|e| Error::os("cannot find this program's own path", e))?
-            .with_file_name("layerboot-init"),
+        None => default_init()?,
     };
     let init = read_static(
         &init_path,
         "the /init program",
-        "`cargo build --release` builds it beside layerboot, or pass --init PATH",
+        "install the layerboot package, or `cargo build --release` builds it beside layerboot, or pass --init PATH",
     )?;
 
     // The modules directory as the image names it (/lib/modules may be a link to /usr/lib/modules).
@@ -110,8 +109,12 @@ pub fn run(args: Args) -> Result<()> {
         .map(|d| format!("{d}/{kver}"))
         .find(|d| matches!(src.view.lookup_follow(&format!("{d}/modules.dep")), Ok(Some(_))))
         .ok_or_else(|| format!("{} has no modules.dep for kernel {kver}", src.name))?;
+    let mut notes = Vec::new();
+    let own = source_config(&src, &mut notes)?;
+    let wanted: Vec<String> = args.module.iter().chain(&own.modules).cloned().collect();
     let index = read_index(&src, &modules_dir)?;
-    let (steps, mut notes) = modules::select(&index, &kver, &args.module, args.host_only)?;
+    let (steps, select_notes) = modules::select(&index, &kver, &wanted, args.host_only)?;
+    notes.extend(select_notes);
     let packed = modules::pack(&src, &index, &modules_dir, &kver, &steps)?;
     notes.extend(packed.notes.iter().cloned());
 
@@ -122,9 +125,10 @@ pub fn run(args: Args) -> Result<()> {
     tree.char_dev("dev/console", 5, 1, 0o600);
     tree.file("init", init, 0o755);
     tree.file("etc/initrd-release", initrd_release().into_bytes(), 0o644);
+    let config = config_for(&args, own, &kver, &image_init, &mut notes);
     tree.file(
         "etc/layerboot.json",
-        config_json(&args, &kver, &image_init).into_bytes(),
+        (serde_json::to_string_pretty(&config).unwrap() + "\n").into_bytes(),
         0o644,
     );
     if let Some(shell) = &args.rescue_shell {
@@ -170,33 +174,85 @@ pub fn run(args: Args) -> Result<()> {
         packed.firmware.len(),
         compressed.len() / 1024,
         archive.len() / 1024,
-        args.image
-            .as_ref()
+        config
+            .defaults
+            .get(arg::DOCKER_IMAGE)
             .map(|i| format!(", default image {i}"))
             .unwrap_or_default()
     );
     Ok(())
 }
 
-/// The builder's options become the defaults of the kernel arguments they name.
-fn config_json(args: &Args, kver: &str, image_init: &str) -> String {
-    let mut defaults = BTreeMap::new();
+/// The defaults a source carries for its own boot: its `/etc/layerboot.json` (what the
+/// distro hooks pack too), and for mkinitcpio-docker-hooks' users the image their
+/// `/etc/docker-btrfs.json` names. Each one taken is said in a note.
+fn source_config(src: &SourceImage, notes: &mut Vec<String>) -> Result<Config> {
+    let mut config = match src.read(CONFIG_PATH)? {
+        Some(bytes) => {
+            let config: Config = serde_json::from_slice(&bytes).map_err(|e| {
+                format!(
+                    "{CONFIG_PATH} of {} is invalid: {e} (fix: it holds {{\"defaults\": {{\"docker_image\": \"NAME:TAG\", …}}, \"modules\": […]}})",
+                    src.name
+                )
+            })?;
+            let taken: Vec<String> = config.defaults.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            notes.push(format!(
+                "defaults from {CONFIG_PATH} of {}: {}{}",
+                src.name,
+                taken.join(" "),
+                if config.modules.is_empty() {
+                    String::new()
+                } else {
+                    format!(", modules {}", config.modules.join(","))
+                }
+            ));
+            config
+        }
+        None => Config::default(),
+    };
+    if let Some(bytes) = src.read(LEGACY_CONFIG_PATH)? {
+        let image = legacy_image(&String::from_utf8_lossy(&bytes)).map_err(|e| format!("{}: {e}", src.name))?;
+        match (config.adopt_legacy_image(image.clone()), image) {
+            (Some(taken), _) => notes.push(format!(
+                "default image {taken}, from {LEGACY_CONFIG_PATH} of {} (mkinitcpio-docker-hooks' config)",
+                src.name
+            )),
+            (None, Some(ignored)) => notes.push(format!(
+                "{LEGACY_CONFIG_PATH} of {} names {ignored}; {CONFIG_PATH} names the image, so it wins",
+                src.name
+            )),
+            (None, None) => {}
+        }
+    }
+    Ok(config)
+}
+
+/// The builder's options become the defaults of the kernel arguments they name, over
+/// those the source carries (`own`).
+fn config_for(args: &Args, own: Config, kver: &str, image_init: &str, notes: &mut Vec<String>) -> Config {
+    let mut defaults = own.defaults;
+    if let Some(image) = &args.image {
+        if defaults.get(arg::DOCKER_IMAGE).is_some_and(|old| old != image) {
+            notes.push(format!(
+                "--image {image} is the default image, not the {} its own config names",
+                defaults[arg::DOCKER_IMAGE]
+            ));
+        }
+    }
+    let docker_path = args
+        .docker_path
+        .clone()
+        .or_else(|| defaults.get(arg::DOCKER_PATH).cloned())
+        .unwrap_or_else(|| DEFAULT_DOCKER_PATH.to_string())
+        .trim_matches('/')
+        .to_string();
     let mut set = |k: &str, v: &Option<String>| {
         if let Some(v) = v {
             defaults.insert(k.to_string(), v.clone());
         }
     };
     set(arg::DOCKER_IMAGE, &args.image);
-    set(
-        arg::DOCKER_PATH,
-        &Some(
-            args.docker_path
-                .clone()
-                .unwrap_or_else(|| DEFAULT_DOCKER_PATH.to_string())
-                .trim_matches('/')
-                .to_string(),
-        ),
-    );
+    set(arg::DOCKER_PATH, &Some(docker_path));
     set(arg::RW, &args.rw_name);
     set(arg::NAMESPACE, &args.namespace);
     set(arg::ROOT, &args.root);
@@ -205,12 +261,23 @@ fn config_json(args: &Args, kver: &str, image_init: &str) -> String {
     if image_init != DEFAULT_INIT {
         defaults.insert(arg::INIT.into(), image_init.to_string());
     }
-    let config = Config {
+    Config {
         kernel: Some(kver.to_string()),
-        modules: Vec::new(),
+        modules: own.modules,
         defaults,
-    };
-    serde_json::to_string_pretty(&config).unwrap() + "\n"
+    }
+}
+
+/// layerboot-init where it is installed: beside this program (a cargo build), or in
+/// `../lib/layerboot/` (the packages: /usr/bin/layerboot, /usr/lib/layerboot/layerboot-init).
+fn default_init() -> Result<PathBuf> {
+    let exe = std::env::current_exe().map_err(|e| Error::os("cannot find this program's own path", e))?;
+    let beside = exe.with_file_name("layerboot-init");
+    let packaged = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|prefix| prefix.join("lib/layerboot/layerboot-init"));
+    Ok(packaged.filter(|p| !beside.exists() && p.exists()).unwrap_or(beside))
 }
 
 /// Reads a program that must run without a dynamic loader (there is none in the initramfs).

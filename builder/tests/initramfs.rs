@@ -272,21 +272,21 @@ fn overlay2_merged_view_equals_the_btrfs_view_of_the_same_image() {
     }
 }
 
-#[test]
-fn compressed_modules_are_stored_decompressed_and_foreign_ones_refused() {
+/// The three virtio modules of the demo image, each compressed by the tool given (or
+/// not, for ""), in a small root filesystem at `root`; returns the originals.
+fn virtio_rootfs(root: &Path, tools: [&'static str; 3]) -> BTreeMap<&'static str, Vec<u8>> {
     let kver = kver();
     let img = Store::open(store("btrfs")).unwrap().resolve("layerboot/demo").unwrap();
     let view = MergedView::new(&img);
-    let t = tempfile::tempdir().unwrap();
-    let root = t.path().join("rootfs");
     let mods = [
-        ("kernel/drivers/block/virtio_blk.ko", "xz"),
-        ("kernel/drivers/virtio/virtio.ko", "zstd"),
-        ("kernel/drivers/virtio/virtio_ring.ko", "gzip"),
+        "kernel/drivers/block/virtio_blk.ko",
+        "kernel/drivers/virtio/virtio.ko",
+        "kernel/drivers/virtio/virtio_ring.ko",
     ];
     let dir = root.join(format!("usr/lib/modules/{kver}"));
     let mut originals = BTreeMap::new();
-    for (m, tool) in mods {
+    let mut names = Vec::new();
+    for (m, tool) in mods.into_iter().zip(tools) {
         let src = view
             .lookup_follow(&format!("/lib/modules/{kver}/{m}"))
             .unwrap()
@@ -296,14 +296,37 @@ fn compressed_modules_are_stored_decompressed_and_foreign_ones_refused() {
         fs::create_dir_all(dest.parent().unwrap()).unwrap();
         fs::copy(&src, &dest).unwrap();
         originals.insert(m, fs::read(&src).unwrap());
-        ok(Command::new(tool).arg("-q").arg(&dest).output().unwrap());
+        let ext = match tool {
+            "" => "",
+            "zstd" => ".zst",
+            "gzip" => ".gz",
+            _ => ".xz",
+        };
+        if !tool.is_empty() {
+            ok(Command::new(tool).arg("-q").arg(&dest).output().unwrap());
+        }
+        names.push(format!("{m}{ext}"));
     }
     std::os::unix::fs::symlink("usr/lib", root.join("lib")).unwrap();
     fs::write(
         dir.join("modules.dep"),
-        "kernel/drivers/block/virtio_blk.ko.xz: kernel/drivers/virtio/virtio.ko.zst kernel/drivers/virtio/virtio_ring.ko.gz\nkernel/drivers/virtio/virtio.ko.zst:\nkernel/drivers/virtio/virtio_ring.ko.gz:\n",
+        format!(
+            "{}: {} {}\n{}:\n{}:\n",
+            names[0], names[1], names[2], names[1], names[2]
+        ),
     )
     .unwrap();
+    originals
+}
+
+#[test]
+fn compressed_modules_are_stored_decompressed_and_foreign_ones_refused() {
+    let kver = kver();
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("rootfs");
+    let originals = virtio_rootfs(&root, ["xz", "zstd", "gzip"]);
+    let mods = originals.keys().map(|m| (*m, ())).collect::<Vec<_>>();
+    let dir = root.join(format!("usr/lib/modules/{kver}"));
     let out = t.path().join("initramfs.img");
     let o = root.to_str().unwrap();
     ok(layerboot(&[
@@ -642,4 +665,107 @@ fn entries_carry_the_namespace_and_the_writable_layers_name() {
         "a b",
     ]));
     assert!(e.contains("spaces or quotes"), "{e}");
+}
+
+/// Everything a run that must succeed printed (notes go to standard error).
+fn ok_said(out: std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out) + &stderr
+}
+
+/// The config packed into an initramfs.
+fn packed_config(initramfs: &Path) -> Config {
+    Config::parse(&String::from_utf8_lossy(&unpack(initramfs)["etc/layerboot.json"].data)).unwrap()
+}
+
+/// mkinitcpio-docker-hooks' users keep `/etc/docker-btrfs.json` in their images: built
+/// from such a root, the initramfs boots the image it names by default, and says so;
+/// `/etc/layerboot.json` there and the builder's own options win over it.
+#[test]
+fn a_root_with_the_old_hooks_config_boots_its_image_by_default() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("rootfs");
+    virtio_rootfs(&root, ["", "", ""]);
+    fs::create_dir_all(root.join("etc")).unwrap();
+    // As the old hook's package shipped it, after its README's `sed`.
+    fs::write(
+        root.join("etc/docker-btrfs.json"),
+        "{\n\t\"docker_image\": \"sample_image\",\n\t\"docker_tag\": \"latest\"\n}\n",
+    )
+    .unwrap();
+    let out = t.path().join("initramfs.img");
+    let build = |extra: &[&str]| {
+        let mut args = vec![
+            "initramfs",
+            "--rootfs",
+            root.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        layerboot(&args)
+    };
+    let said = ok_said(build(&[]));
+    assert!(
+        said.contains("default image sample_image:latest, from /etc/docker-btrfs.json")
+            && said.contains("mkinitcpio-docker-hooks"),
+        "{said}"
+    );
+    let c = packed_config(&out);
+    assert_eq!(c.defaults["docker_image"], "sample_image:latest");
+    assert_eq!(c.defaults["docker_path"], "var/lib/docker");
+
+    // The root's own layerboot config names the image (and more): it wins, with a note.
+    fs::write(
+        root.join("etc/layerboot.json"),
+        r#"{"defaults": {"docker_image": "mine:v3", "docker_path": "docker", "toplayer_path": "/boot_docker"}, "modules": ["virtio_blk"]}"#,
+    )
+    .unwrap();
+    let said = ok_said(build(&[]));
+    assert!(
+        said.contains("names sample_image:latest; /etc/layerboot.json names the image"),
+        "{said}"
+    );
+    let c = packed_config(&out);
+    assert_eq!(
+        [
+            &c.defaults["docker_image"],
+            &c.defaults["docker_path"],
+            &c.defaults["toplayer_path"]
+        ],
+        ["mine:v3", "docker", "/boot_docker"]
+    );
+    assert_eq!(c.modules, ["virtio_blk"]);
+    // And the command line wins over both.
+    let said = ok_said(build(&["--image", "cli:1", "--docker-path", "/data/docker/"]));
+    let c = packed_config(&out);
+    assert_eq!(
+        [&c.defaults["docker_image"], &c.defaults["docker_path"]],
+        ["cli:1", "data/docker"]
+    );
+    assert!(
+        said.contains("--image cli:1 is the default image, not the mine:v3"),
+        "{said}"
+    );
+
+    // Broken files are named, with the fix; nothing is written.
+    fs::remove_file(&out).unwrap();
+    fs::write(root.join("etc/layerboot.json"), "{\"defaults\": 1}").unwrap();
+    let e = err(build(&[]));
+    assert!(
+        e.contains("/etc/layerboot.json of root filesystem") && e.contains("fix:"),
+        "{e}"
+    );
+    fs::remove_file(root.join("etc/layerboot.json")).unwrap();
+    fs::write(
+        root.join("etc/docker-btrfs.json"),
+        "{\"docker_image\": \"x\", \"docker_tag\": \"a b\"}",
+    )
+    .unwrap();
+    let e = err(build(&[]));
+    assert!(
+        e.contains("/etc/docker-btrfs.json (mkinitcpio-docker-hooks' config) names no image"),
+        "{e}"
+    );
+    assert!(!out.exists());
 }

@@ -77,6 +77,50 @@ impl Config {
     }
 }
 
+/// mkinitcpio-docker-hooks' config, kept inside its users' images: the image their
+/// initramfs booted (`{"docker_image": "archlinux/base", "docker_tag": "latest"}`).
+/// layerboot reads it as the weakest default of `docker_image=`, below
+/// `/etc/layerboot.json`.
+pub const LEGACY_CONFIG_PATH: &str = "/etc/docker-btrfs.json";
+
+/// The old hook's file; its other keys, if any, meant nothing to it either.
+#[derive(Debug, Deserialize)]
+struct LegacyConfig {
+    docker_image: Option<String>,
+    docker_tag: Option<String>,
+}
+
+/// The image `/etc/docker-btrfs.json` names, as one reference (`docker_image:docker_tag`),
+/// or `None` when it names none.
+pub fn legacy_image(text: &str) -> Result<Option<String>> {
+    let bad = |why: String| {
+        Error::new(format!(
+            "{LEGACY_CONFIG_PATH} (mkinitcpio-docker-hooks' config) {why} \
+             (fix: make it {{\"docker_image\": \"NAME\", \"docker_tag\": \"TAG\"}}, or move its image to docker_image= in /etc/layerboot.json)"
+        ))
+    };
+    let old: LegacyConfig = serde_json::from_str(text).map_err(|e| bad(format!("is invalid: {e}")))?;
+    let Some(image) = old.docker_image.filter(|i| !i.is_empty()) else {
+        return Ok(None);
+    };
+    let reference = match old.docker_tag.filter(|t| !t.is_empty()) {
+        Some(tag) => format!("{image}:{tag}"),
+        None => image,
+    };
+    crate::reference::Reference::parse(&reference).map_err(|e| bad(format!("names no image: {e}")))?;
+    Ok(Some(reference))
+}
+
+impl Config {
+    /// Adds the old hook's image as the default of `docker_image=`, unless one is set;
+    /// returns the image when it was taken.
+    pub fn adopt_legacy_image(&mut self, legacy: Option<String>) -> Option<String> {
+        let image = legacy.filter(|_| !self.defaults.contains_key(arg::DOCKER_IMAGE))?;
+        self.defaults.insert(arg::DOCKER_IMAGE.to_string(), image.clone());
+        Some(image)
+    }
+}
+
 /// A device named as `root=` names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceSpec {
@@ -351,6 +395,53 @@ mod tests {
 
     fn settings(line: &str, config: &Config) -> Result<Settings> {
         Settings::resolve(&parse_cmdline(line), config)
+    }
+
+    #[test]
+    fn the_old_hooks_config_names_the_default_image_below_layerboots_own() {
+        let old = r#"{"docker_image": "sample_image", "docker_tag": "v2"}"#;
+        assert_eq!(legacy_image(old).unwrap().as_deref(), Some("sample_image:v2"));
+        // No tag: the engine's own default (latest); no image: nothing to take.
+        assert_eq!(
+            legacy_image(r#"{"docker_image": "a/b"}"#).unwrap().as_deref(),
+            Some("a/b")
+        );
+        assert_eq!(legacy_image(r#"{"docker_tag": "latest"}"#).unwrap(), None);
+        assert_eq!(legacy_image("{}").unwrap(), None);
+
+        let mut config = Config::default();
+        assert_eq!(
+            config.adopt_legacy_image(legacy_image(old).unwrap()).as_deref(),
+            Some("sample_image:v2")
+        );
+        let s = settings("root=LABEL=x", &config).unwrap();
+        assert_eq!(s.image, "sample_image:v2");
+        // The command line wins, and so does /etc/layerboot.json.
+        assert_eq!(
+            settings("root=LABEL=x docker_image=other", &config).unwrap().image,
+            "other"
+        );
+        let mut own = Config::default();
+        own.defaults.insert(arg::DOCKER_IMAGE.into(), "mine".into());
+        assert_eq!(own.adopt_legacy_image(Some("sample_image:v2".into())), None);
+        assert_eq!(settings("root=LABEL=x", &own).unwrap().image, "mine");
+    }
+
+    #[test]
+    fn a_broken_old_config_is_named_with_its_fix() {
+        for (text, why) in [
+            ("{\"docker_image\": ", "is invalid"),
+            (r#"{"docker_image": 7}"#, "is invalid"),
+            (r#"{"docker_image": "Bad Name", "docker_tag": "x"}"#, "names no image"),
+            (r#"{"docker_image": "a", "docker_tag": "x y"}"#, "names no image"),
+            (r#"{"docker_image": "a", "docker_tag": "../x"}"#, "names no image"),
+        ] {
+            let e = legacy_image(text).unwrap_err().to_string();
+            assert!(
+                e.contains("/etc/docker-btrfs.json") && e.contains(why) && e.contains("fix:"),
+                "{text}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::console::say;
 use crate::error::{Context, Error, Result};
 use crate::mounts::mount;
 use crate::probe::BlockDevice;
-use crate::settings::{arg, parse_cmdline, Config, Settings, Upper, CONFIG_PATH};
+use crate::settings::{arg, legacy_image, parse_cmdline, Config, Settings, Upper, CONFIG_PATH, LEGACY_CONFIG_PATH};
 use crate::store::{Driver, Image, Store};
 pub use devices::Hardware;
 pub use modules::{check_kernel, KernelModules};
@@ -262,12 +262,24 @@ fn mount_api_filesystems() -> Result<()> {
     Ok(())
 }
 
+/// `/etc/layerboot.json`, with the image of mkinitcpio-docker-hooks' config under it when
+/// another tool's hook packed that file (its users' images keep it).
 fn read_config() -> Result<Config> {
-    match fs::read_to_string(CONFIG_PATH) {
-        Ok(text) => Config::parse(&text),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
-        Err(e) => Err(Error::io("cannot read", Path::new(CONFIG_PATH), e)),
+    let read = |path: &str| match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("cannot read", Path::new(path), e)),
+    };
+    let mut config = match read(CONFIG_PATH)? {
+        Some(text) => Config::parse(&text)?,
+        None => Config::default(),
+    };
+    if let Some(text) = read(LEGACY_CONFIG_PATH)? {
+        if let Some(image) = config.adopt_legacy_image(legacy_image(&text)?) {
+            log::info!("default image {image}, from {LEGACY_CONFIG_PATH} (mkinitcpio-docker-hooks' config)");
+        }
     }
+    Ok(config)
 }
 
 /// btrfs: mount the top level (subvolid=5), where `docker_path` and the writable layers
