@@ -120,8 +120,63 @@ fn mkinitcpio_runtime_hook_hands_mounting_the_root_to_layerboot() {
     );
 }
 
+/// Runs the kernel-install plugin as `kernel-install add KVER` does, on `rootfs`, with
+/// `booted` as the running boot's record; returns its output and the staged initrd.
+fn kernel_install_add(rootfs: &Path, kver: &str, booted: &Path) -> (Output, Option<Vec<u8>>) {
+    let staging = tempfile::tempdir().unwrap();
+    let out = Command::new(hook("kernel-install/50-layerboot.install"))
+        .args(["add", kver, "/boot/vmlinuz"])
+        .env("KERNEL_INSTALL_STAGING_AREA", staging.path())
+        .env("KERNEL_INSTALL_VERBOSE", "1")
+        .env("LAYERBOOT", env!("CARGO_BIN_EXE_layerboot"))
+        .env("LAYERBOOT_ROOTFS", rootfs)
+        .env("LAYERBOOT_BOOTED", booted)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    (out, fs::read(staging.path().join("initrd")).ok())
+}
+
+/// `dir` mounted as an overlay of `lower` with `files` added (the fixture's image tree is
+/// never written); unmounted on drop.
+struct OverlayRoot(PathBuf, #[allow(dead_code)] tempfile::TempDir);
+
+impl OverlayRoot {
+    fn new(lower: &Path, files: &[(&str, &str)]) -> OverlayRoot {
+        let t = tempfile::tempdir().unwrap();
+        let (upper, work, merged) = (t.path().join("upper"), t.path().join("work"), t.path().join("merged"));
+        for (path, content) in files {
+            let dest = upper.join(path);
+            fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            fs::write(dest, content).unwrap();
+        }
+        for d in [&upper, &work, &merged] {
+            fs::create_dir_all(d).unwrap();
+        }
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        );
+        let out = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(&merged)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        OverlayRoot(merged, t)
+    }
+}
+
+impl Drop for OverlayRoot {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 #[test]
-fn kernel_install_plugin_builds_the_initramfs_for_the_new_kernel() {
+fn kernel_install_plugin_builds_the_initramfs_only_once_configured() {
     // A real image root: the btrfs fixture's top subvolume holds the demo image's tree.
     let root = std::env::var_os("LAYERBOOT_FIXTURES")
         .map(PathBuf::from)
@@ -137,19 +192,53 @@ fn kernel_install_plugin_builds_the_initramfs_for_the_new_kernel() {
         .file_name()
         .into_string()
         .unwrap();
-    let staging = tempfile::tempdir().unwrap();
-    let out = Command::new(hook("kernel-install/50-layerboot.install"))
-        .args(["add", &kver, "/boot/vmlinuz"])
-        .env("KERNEL_INSTALL_STAGING_AREA", staging.path())
-        .env("LAYERBOOT", env!("CARGO_BIN_EXE_layerboot"))
-        .env("LAYERBOOT_ROOTFS", &rootfs)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let initrd = staging.path().join("initrd");
-    let data = fs::read(&initrd).unwrap();
+    let not_booted = Path::new("/nonexistent/booted.json");
+
+    // Installed but not configured: the distribution's own initrd stays.
+    let (out, initrd) = kernel_install_add(&rootfs, &kver, not_booted);
+    assert!(initrd.is_none(), "{}", text(&out));
+    assert!(text(&out).contains("not configured"), "{}", text(&out));
+
+    // Configured by /etc/layerboot.json: it builds, with the root's defaults.
+    let configured = OverlayRoot::new(
+        &rootfs,
+        &[(
+            "etc/layerboot.json",
+            r#"{"defaults": {"docker_image": "layerboot/demo:v2"}}"#,
+        )],
+    );
+    let (out, initrd) = kernel_install_add(&configured.0, &kver, not_booted);
+    let data = initrd.unwrap_or_else(|| panic!("no initrd: {}", text(&out)));
     assert_eq!(&data[..4], &[0x28, 0xb5, 0x2f, 0xfd], "a zstd initramfs");
-    assert!(text(&out).contains(&format!("kernel {kver}")), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("kernel {kver}")) && text(&out).contains("default image layerboot/demo:v2"),
+        "{}",
+        text(&out)
+    );
+
+    // mkinitcpio-docker-hooks' config alone switches it on too, and names the image.
+    let old = OverlayRoot::new(
+        &rootfs,
+        &[(
+            "etc/docker-btrfs.json",
+            r#"{"docker_image": "layerboot/demo", "docker_tag": "v2"}"#,
+        )],
+    );
+    let (out, initrd) = kernel_install_add(&old.0, &kver, not_booted);
+    assert!(
+        initrd.is_some() && text(&out).contains("default image layerboot/demo:v2, from /etc/docker-btrfs.json"),
+        "{}",
+        text(&out)
+    );
+
+    // On a machine booted by layerboot, kernels come with deployments.
+    let booted = tempfile::NamedTempFile::new().unwrap();
+    let (out, initrd) = kernel_install_add(&configured.0, &kver, booted.path());
+    assert!(
+        initrd.is_none() && text(&out).contains("layerboot deploy"),
+        "{}",
+        text(&out)
+    );
 
     // An older kernel-install names the entry directory instead; remove deletes it.
     let entry = tempfile::tempdir().unwrap();
@@ -158,6 +247,8 @@ fn kernel_install_plugin_builds_the_initramfs_for_the_new_kernel() {
         .arg("remove")
         .arg(&kver)
         .arg(entry.path())
+        .env("LAYERBOOT_ROOTFS", &configured.0)
+        .env("LAYERBOOT_BOOTED", not_booted)
         .output()
         .unwrap();
     assert!(

@@ -1,7 +1,8 @@
 #!/bin/bash
 # dracut module (/usr/lib/dracut/modules.d/90layerboot/): packs the static layerboot-init,
-# the filesystems it mounts, and /etc/layerboot.json if there is one; its mount hook makes
-# the image's fresh writable root at $NEWROOT, and dracut switches to it. Ask for it with
+# the filesystems it mounts, /etc/layerboot.json and the old hook's /etc/docker-btrfs.json
+# if there are; its mount hook makes the image's fresh writable root at $NEWROOT, and
+# dracut switches to it. Ask for it with
 # `dracut -a layerboot` (or add_dracutmodules+=" layerboot " in dracut.conf.d).
 #
 # For dracut's shell-script init: with its systemd modules the root is mounted by
@@ -26,8 +27,12 @@ installkernel() {
 install() {
     inst_simple "${LAYERBOOT_INIT:-/usr/lib/layerboot/layerboot-init}" /usr/lib/layerboot/layerboot-init
     # shellcheck disable=SC2154 # dracutsysrootdir: set by dracut
-    if [[ -f $dracutsysrootdir/etc/layerboot.json ]]; then
-        inst_simple /etc/layerboot.json
-    fi
+    # Its defaults, and for mkinitcpio-docker-hooks' users the image their config names.
+    local config
+    for config in /etc/layerboot.json /etc/docker-btrfs.json; do
+        if [[ -f $dracutsysrootdir$config ]]; then
+            inst_simple "$config"
+        fi
+    done
     inst_hook mount 01 "$moddir/mount-layerboot.sh"
 }
