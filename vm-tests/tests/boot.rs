@@ -747,12 +747,8 @@ impl Drop for ChrootMounts {
     }
 }
 
-/// Debian's own initramfs-tools, with layerboot's hook and boot script (hooks/), builds
-/// the initramfs inside the image's own root; booted with `boot=layerboot`, it hands
-/// making the root to layerboot-init and switches to the image's systemd itself.
-/// The demo image's root (`docker export`), unpacked under `dir`, with layerboot-init
-/// installed where the hooks expect it and `files` (repo path, path in the tree, mode)
-/// copied in.
+/// The demo image's root (`docker export`), unpacked under `dir`, with `files` (repo
+/// path, path in the tree, mode) copied in.
 fn image_tree(dir: &Path, files: &[(&str, &str, u32)]) -> std::path::PathBuf {
     let tree = dir.join("rootfs");
     fs::create_dir_all(&tree).unwrap();
@@ -761,12 +757,7 @@ fn image_tree(dir: &Path, files: &[(&str, &str, u32)]) -> std::path::PathBuf {
         .arg(fixtures().join("export-latest.tar"))
         .arg("-C")
         .arg(&tree));
-    let init = (
-        "target/x86_64-unknown-linux-musl/release/layerboot-init",
-        "usr/lib/layerboot/layerboot-init",
-        0o755,
-    );
-    for (from, to, mode) in files.iter().chain([&init]) {
+    for (from, to, mode) in files {
         let dest = tree.join(to);
         fs::create_dir_all(dest.parent().unwrap()).unwrap();
         fs::copy(repo().join(from), &dest).unwrap();
@@ -826,55 +817,67 @@ fn boots_with_hooked_initramfs(dir: &Path, initramfs: std::path::PathBuf, cmdlin
     );
 }
 
-/// Debian's own initramfs-tools, with layerboot's hook and boot script (hooks/), builds
-/// the initramfs inside the image's own root; booted with `boot=layerboot`, it hands
-/// making the root to layerboot-init and switches to the image's systemd itself.
+/// The lines of `lsinitramfs` for the initramfs at `path` inside `tree`.
+fn lsinitramfs(tree: &Path, path: &str) -> String {
+    run(Command::new("chroot").arg(tree).args(["lsinitramfs", path]))
+}
+
+/// layerboot's Debian package, installed with dpkg into the image's own root, changes
+/// nothing until configured; with `/etc/layerboot.json` naming the image, Debian's own
+/// `update-initramfs` builds an initramfs with layerboot's hook, and booted with
+/// `boot=layerboot` it hands making the root to layerboot-init and switches to the
+/// image's systemd itself.
 #[test]
-fn initramfs_tools_with_the_layerboot_hook_boots_the_image() {
+fn the_debian_package_with_initramfs_tools_boots_the_image_once_configured() {
     let dir = test_dir("initramfs-tools");
-    let tree = image_tree(
-        &dir,
-        &[
-            (
-                "hooks/initramfs-tools/hooks/layerboot",
-                "etc/initramfs-tools/hooks/layerboot",
-                0o755,
-            ),
-            (
-                "hooks/initramfs-tools/scripts/layerboot",
-                "etc/initramfs-tools/scripts/layerboot",
-                0o644,
-            ),
-        ],
-    );
+    let tree = image_tree(&dir, &[]);
+    let deb = run(Command::new(repo().join("packaging/deb/build")).arg(dir.join("packages")));
+    fs::copy(deb.trim(), tree.join("tmp/layerboot.deb")).unwrap();
     let demo = demo_boot_files();
-    {
-        let _mounts = ChrootMounts::new(&tree);
-        run(Command::new("chroot").arg(&tree).args([
-            "mkinitramfs",
-            "-o",
-            "/boot/initrd-layerboot.img",
-            &demo.kernel_version,
-        ]));
-    }
-    let listing = run(Command::new("chroot")
-        .arg(&tree)
-        .args(["lsinitramfs", "/boot/initrd-layerboot.img"]));
+    let kver = &demo.kernel_version;
+    let initrd = format!("/boot/initrd.img-{kver}");
+    let mounts = ChrootMounts::new(&tree);
+    let chroot = |args: &[&str]| run(Command::new("chroot").arg(&tree).args(args));
+    chroot(&["dpkg", "-i", "/tmp/layerboot.deb"]);
+    let status = chroot(&["dpkg-query", "-W", "-f", "${Status} ${Version}", "layerboot"]);
+    assert!(status.starts_with("install ok installed"), "{status}");
+
+    // Installed, not configured: the initramfs Debian builds is its usual one.
+    chroot(&["update-initramfs", "-c", "-k", kver]);
+    let listing = lsinitramfs(&tree, &initrd);
     assert!(
-        listing.contains("usr/lib/layerboot/layerboot-init") && listing.contains("scripts/layerboot"),
-        "{listing}"
+        listing.contains("scripts/local") && !listing.contains("layerboot-init"),
+        "the package changed an unconfigured initramfs:\n{listing}"
     );
-    let cmdline = "boot=layerboot rw root=LABEL=lb-overlay docker_image=layerboot/demo:v2 toplayer=LABEL=lb-overlay toplayer_path=/toplayer layerboot.rescue_timeout=0";
+
+    // Configured: the image to boot comes from /etc/layerboot.json, not the command line.
+    fs::write(
+        tree.join("etc/layerboot.json"),
+        r#"{"defaults": {"docker_image": "layerboot/demo:v2"}}"#,
+    )
+    .unwrap();
+    chroot(&["update-initramfs", "-u", "-k", kver]);
+    let listing = lsinitramfs(&tree, &initrd);
+    for f in [
+        "usr/lib/layerboot/layerboot-init",
+        "scripts/layerboot",
+        "etc/layerboot.json",
+    ] {
+        assert!(listing.contains(f), "{f} missing:\n{listing}");
+    }
+    drop(mounts);
+    let cmdline = "boot=layerboot rw root=LABEL=lb-overlay toplayer=LABEL=lb-overlay toplayer_path=/toplayer layerboot.rescue_timeout=0";
     boots_with_hooked_initramfs(
         &dir,
-        tree.join("boot/initrd-layerboot.img"),
+        tree.join(initrd.trim_start_matches('/')),
         cmdline,
         "Making the root from the container image (layerboot)",
     );
 }
 
 /// dracut (Debian's dracut-core, run inside the image's root) with layerboot's module:
-/// its mount hook hands making the root to layerboot-init, and dracut switches to it.
+/// its mount hook hands making the root to layerboot-init, and dracut switches to it. The
+/// image to boot is the one mkinitcpio-docker-hooks' `/etc/docker-btrfs.json` names.
 #[test]
 fn dracut_with_the_layerboot_module_boots_the_image() {
     let dir = test_dir("dracut");
@@ -891,8 +894,19 @@ fn dracut_with_the_layerboot_module_boots_the_image() {
                 "usr/lib/dracut/modules.d/90layerboot/mount-layerboot.sh",
                 0o755,
             ),
+            (
+                "target/x86_64-unknown-linux-musl/release/layerboot-init",
+                "usr/lib/layerboot/layerboot-init",
+                0o755,
+            ),
         ],
     );
+    // A mkinitcpio-docker-hooks user's image keeps its config: it names the image.
+    fs::write(
+        tree.join("etc/docker-btrfs.json"),
+        "{\n\t\"docker_image\": \"layerboot/demo\",\n\t\"docker_tag\": \"v2\"\n}\n",
+    )
+    .unwrap();
     // dracut itself, from the host's dracut-core (tests/setup-host.sh installs it).
     run(Command::new("cp")
         .args(["-a", "--no-clobber", "/usr/lib/dracut"])
@@ -917,7 +931,7 @@ fn dracut_with_the_layerboot_module_boots_the_image() {
             "/boot/initrd-dracut.img",
         ]));
     }
-    let cmdline = "rw root=LABEL=lb-overlay docker_image=layerboot/demo:v2 toplayer=LABEL=lb-overlay toplayer_path=/toplayer layerboot.rescue_timeout=0 rd.shell=0";
+    let cmdline = "rw root=LABEL=lb-overlay toplayer=LABEL=lb-overlay toplayer_path=/toplayer layerboot.rescue_timeout=0 rd.shell=0";
     boots_with_hooked_initramfs(
         &dir,
         tree.join("boot/initrd-dracut.img"),
@@ -1580,7 +1594,9 @@ fn a_machine_deploys_rolls_back_and_survives_a_deploy_cut_by_a_power_loss() {
     // The previous default boots, and the cut deployment is not in the menu.
     let (console, said) = boot(4);
     common_checks(&report(&console), "vm-self", "v2");
-    let (before, after) = said.split_once("deployed layerboot/demo:sysv").unwrap_or_else(|| panic!("{said}"));
+    let (before, after) = said
+        .split_once("deployed layerboot/demo:sysv")
+        .unwrap_or_else(|| panic!("{said}"));
     assert!(
         before
             .lines()
@@ -1597,7 +1613,10 @@ fn a_machine_deploys_rolls_back_and_survives_a_deploy_cut_by_a_power_loss() {
     );
     // Redone, with one deployment kept beside the protected ones (the booted v2 and the new
     // default): the oldest, v1, is removed, entry and files.
-    assert!(after.contains(&format!("removed deployment {id1} (layerboot/demo)")), "{said}");
+    assert!(
+        after.contains(&format!("removed deployment {id1} (layerboot/demo)")),
+        "{said}"
+    );
 
     let back = dir.join("esp-after");
     esp_tree(&disk, &back);
@@ -1613,7 +1632,10 @@ fn a_machine_deploys_rolls_back_and_survives_a_deploy_cut_by_a_power_loss() {
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert!(!left.contains(&id1) && left.contains(&id2), "v1's files are gone, v2's stay: {left:?}");
+    assert!(
+        !left.contains(&id1) && left.contains(&id2),
+        "v1's files are gone, v2's stay: {left:?}"
+    );
     let entries = fs::read_dir(back.join("loader/entries")).unwrap();
     let entries: Vec<String> = entries.map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert!(
