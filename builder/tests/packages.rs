@@ -49,6 +49,26 @@ fn files(listing: &str) -> BTreeSet<String> {
 }
 
 #[test]
+fn the_packaging_scripts_pass_shellcheck() {
+    for script in [
+        "packaging/deb/build",
+        "packaging/arch/build-on-debian",
+        "packaging/arch/PKGBUILD",
+    ] {
+        let out = Command::new("shellcheck")
+            .args(["-s", "bash"])
+            .arg(repo().join(script))
+            .output()
+            .expect("shellcheck (tests/setup-host.sh installs it)");
+        assert!(
+            out.status.success(),
+            "{script}:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+#[test]
 fn the_debian_package_installs_every_part_and_passes_lintian() {
     let out = tempfile::tempdir().unwrap();
     let deb = run(Command::new(repo().join("packaging/deb/build")).arg(out.path()));
@@ -133,9 +153,8 @@ fn the_debian_package_installs_every_part_and_passes_lintian() {
 
 #[test]
 fn the_arch_pkgbuild_builds_with_makepkg_into_the_same_files() {
-    // Cached under target/ (its CARGO_HOME keeps the crates between runs).
-    let work = repo().join("target/packages/arch");
-    let pkg = run(Command::new(repo().join("packaging/arch/build-on-debian")).arg(&work));
+    let out = tempfile::tempdir().unwrap();
+    let pkg = run(Command::new(repo().join("packaging/arch/build-on-debian")).arg(out.path()));
     let pkg = pkg.trim();
     assert!(
         pkg.contains(&format!("layerboot-{}-1-x86_64.pkg.tar", env!("CARGO_PKG_VERSION"))),
