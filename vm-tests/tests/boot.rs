@@ -1481,7 +1481,8 @@ case "$n" in
 $(layerboot deploy layerboot/demo:sysv --keep-deployments 1 2>&1)" ;;
 esac
 out="$out
-$(layerboot status 2>&1)"
+$(layerboot status 2>&1)
+$(layerboot status --json 2>&1 | grep '"loader_entry_selected"')"
 printf '%s\n' "$out" | sed 's/^/|dp| /' > /dev/console
 if [ "$n" = 3 ]; then
   echo "|dp| cutting the power once the deploy of layerboot/demo:sysv starts writing" > /dev/console
@@ -1573,6 +1574,12 @@ fn a_machine_deploys_rolls_back_and_survives_a_deploy_cut_by_a_power_loss() {
     let (console, said) = boot(2);
     let r = report(&console);
     common_checks(&r, "vm-self", "v2");
+    // systemd-boot's word on what it started agrees with what booted.
+    assert!(
+        said.contains(&format!("\"loader_entry_selected\": \"layerboot-000002-{id2}"))
+            && !said.contains("the boot loader started"),
+        "{said}"
+    );
     assert!(
         r["cmdline"].contains("toplayer_path=/toplayer") && r["cmdline"].contains("console=ttyS0"),
         "the running boot's arguments were carried: {}",

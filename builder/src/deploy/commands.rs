@@ -161,7 +161,7 @@ pub struct DeployArgs {
     /// initramfs: the kernel version, if the image has several
     #[argh(option)]
     kver: Option<String>,
-    /// the /init program to pack (default: layerboot-init beside this program)
+    /// the /init program to pack (default: layerboot-init beside this program, or in ../lib/layerboot/)
     #[argh(option)]
     init: Option<PathBuf>,
 }
@@ -743,6 +743,24 @@ pub fn status(a: StatusArgs) -> Result<()> {
                 .to_string(),
         );
     }
+    // The loader's word beside booted.json's: they differ when the entry was edited at
+    // the menu (another docker_image=), or the loader started an entry layerboot did not write.
+    if let (Some(b), Some(sel)) = (&booted, &selected) {
+        let started = all.iter().find(|d| sel.contains(&format!("-{}", d.record.short_id())));
+        match started {
+            Some(d) if d.record.image_id != b.image_id => warnings.push(format!(
+                "the boot loader started deployment {} ({}), but image {} booted (its entry's docker_image= \
+                 was changed at the menu?)",
+                d.record.short_id(),
+                d.record.reference,
+                b.image_id
+            )),
+            None if sel.starts_with("layerboot-") => warnings.push(format!(
+                "the boot loader started entry {sel}, which no recorded deployment has (removed since?)"
+            )),
+            _ => {}
+        }
+    }
     if booted.is_some() {
         let release = nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
@@ -757,8 +775,13 @@ pub fn status(a: StatusArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"loader": "systemd-boot", "deployments": rows, "warnings": warnings}))
-                .unwrap()
+            serde_json::to_string_pretty(&json!({
+                "loader": all.first().map(|d| d.record.loader.clone()).unwrap_or_else(|| loader_of(&esp).to_string()),
+                "loader_entry_selected": selected,
+                "deployments": rows,
+                "warnings": warnings
+            }))
+            .unwrap()
         );
         return Ok(());
     }
@@ -1043,7 +1066,7 @@ pub struct UpgradeArgs {
     #[argh(option)]
     /// the running boot's record (default /run/layerboot/booted.json)
     booted: Option<PathBuf>,
-    /// the /init program to pack (default: layerboot-init beside this program)
+    /// the /init program to pack (default: layerboot-init beside this program, or in ../lib/layerboot/)
     #[argh(option)]
     init: Option<PathBuf>,
 }
