@@ -24,6 +24,23 @@ pub fn timed_fs<T>(f: impl FnOnce() -> T) -> T {
     r
 }
 
+/// Microseconds of [`fs_time`] spent flushing (syncfs): disk waits that run in real
+/// time even when the guest's clock counts instructions, so the benchmark shows them on
+/// their own.
+static FLUSH_MICROS: AtomicU64 = AtomicU64::new(0);
+
+pub fn flush_time() -> Duration {
+    Duration::from_micros(FLUSH_MICROS.load(Ordering::Relaxed))
+}
+
+/// Runs a flush as a filesystem operation, adding its duration to [`flush_time`] too.
+pub fn timed_flush<T>(f: impl FnOnce() -> T) -> T {
+    let start = Instant::now();
+    let r = timed_fs(f);
+    FLUSH_MICROS.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+    r
+}
+
 /// `mount -t fstype -o data source target`.
 pub fn mount(source: &Path, target: &Path, fstype: &str, flags: MountFlags, data: &str) -> Result<()> {
     std::fs::create_dir_all(target).map_err(|e| Error::io("cannot create mount point", target, e))?;

@@ -164,7 +164,7 @@ impl Layers {
 
     /// Flushes the store's filesystem: what is written before is on the disk after.
     pub fn sync(&self) -> Result<()> {
-        crate::mounts::timed_fs(|| nix::unistd::syncfs(self.root_fd.as_raw_fd()))
+        crate::mounts::timed_flush(|| nix::unistd::syncfs(self.root_fd.as_raw_fd()))
             .map_err(|e| Error::io("cannot flush", &self.root, e))
     }
 
