@@ -115,7 +115,11 @@ pub fn run(args: Args) -> Result<()> {
     let index = read_index(&src, &modules_dir)?;
     let (steps, select_notes) = modules::select(&index, &kver, &wanted, args.host_only)?;
     notes.extend(select_notes);
-    let packed = modules::pack(&src, &index, &modules_dir, &kver, &steps)?;
+    let mut packed = modules::pack(&src, &index, &modules_dir, &kver, &steps)?;
+    let unpacked_modules: usize = packed.modules.iter().map(|m| m.data.len()).sum();
+    if args.compress == Compression::Zstd {
+        packed = packed.compress_each_module()?;
+    }
     notes.extend(packed.notes.iter().cloned());
 
     let mut tree = Tree::default();
@@ -168,9 +172,10 @@ pub fn run(args: Args) -> Result<()> {
         eprintln!("note: {n}");
     }
     eprintln!(
-        "{}: kernel {kver}, {} modules, {} firmware files, {} KiB ({} KiB unpacked){}",
+        "{}: kernel {kver}, {} modules ({} KiB), {} firmware files, {} KiB ({} KiB unpacked){}",
         args.output.display(),
         packed.modules.len(),
+        unpacked_modules / 1024,
         packed.firmware.len(),
         compressed.len() / 1024,
         archive.len() / 1024,

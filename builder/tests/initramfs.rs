@@ -35,7 +35,13 @@ struct Entry {
 
 /// The archive's entries by path.
 fn unpack(file: &Path) -> BTreeMap<String, Entry> {
-    let raw = zstd::decode_all(fs::File::open(file).unwrap()).unwrap();
+    let bytes = fs::read(file).unwrap();
+    // zstd, or a bare archive (--compress none).
+    let raw = if bytes.starts_with(b"070701") {
+        bytes
+    } else {
+        zstd::decode_all(&bytes[..]).unwrap()
+    };
     let mut rest: &[u8] = &raw;
     let mut out = BTreeMap::new();
     loop {
@@ -131,7 +137,10 @@ fn archive_holds_init_config_console_and_every_modules_dependencies() {
         "crc32c_generic",
         "libcrc32c",
     ] {
-        assert!(packed.iter().any(|p| p.ends_with(&format!("/{m}.ko"))), "{m} packed");
+        assert!(
+            packed.iter().any(|p| p.ends_with(&format!("/{m}.ko.zst"))),
+            "{m} packed"
+        );
     }
     for line in dep.lines() {
         let (module, deps) = line.split_once(':').unwrap();
@@ -150,17 +159,18 @@ fn archive_holds_init_config_console_and_every_modules_dependencies() {
         alias.contains("alias crc32c crc32c_generic") && alias.contains(" virtio_blk\n"),
         "coldplug needs the aliases"
     );
-    // Every module is the image's own file, byte for byte.
+    // Each module is its own zstd frame, which /init decompresses only if it loads it:
+    // the image's own file, byte for byte.
     let img = Store::open(store("btrfs")).unwrap().resolve("layerboot/demo").unwrap();
     let view = MergedView::new(&img);
-    let btrfs_ko = packed.iter().find(|p| p.ends_with("/btrfs.ko")).unwrap();
+    let btrfs_zst = packed.iter().find(|p| p.ends_with("/btrfs.ko.zst")).unwrap();
     let original = view
-        .lookup_follow(&format!("/lib/modules/{kver}/{btrfs_ko}"))
+        .lookup_follow(&format!("/lib/modules/{kver}/{}", btrfs_zst.trim_end_matches(".zst")))
         .unwrap()
         .unwrap();
     assert_eq!(
         fs::read(original.host_path).unwrap(),
-        a[&format!("{dir}/{btrfs_ko}")].data
+        zstd::decode_all(&a[&format!("{dir}/{btrfs_zst}")].data[..]).unwrap()
     );
 }
 
@@ -338,8 +348,38 @@ fn compressed_modules_are_stored_decompressed_and_foreign_ones_refused() {
         "-o",
         out.to_str().unwrap(),
     ]));
+    // By default each module is its own zstd frame of the decompressed module, and
+    // modules.dep names those frames.
     let a = unpack(&out);
-    for (m, _) in mods {
+    for (m, _) in &mods {
+        let frame = &a[&format!("lib/modules/{kver}/{m}.zst")].data;
+        assert_eq!(
+            &zstd::decode_all(&frame[..]).unwrap(),
+            &originals[m],
+            "{m} as one zstd frame"
+        );
+    }
+    let dep = String::from_utf8_lossy(&a[&format!("lib/modules/{kver}/modules.dep")].data).into_owned();
+    assert!(
+        dep.contains(
+            "kernel/drivers/block/virtio_blk.ko.zst: kernel/drivers/virtio/virtio.ko.zst kernel/drivers/virtio/virtio_ring.ko.zst"
+        ),
+        "{dep}"
+    );
+    // --compress none: stored decompressed, as they are.
+    ok(layerboot(&[
+        "initramfs",
+        "--rootfs",
+        o,
+        "--module",
+        "virtio_blk",
+        "--compress",
+        "none",
+        "-o",
+        out.to_str().unwrap(),
+    ]));
+    let a = unpack(&out);
+    for (m, _) in &mods {
         assert_eq!(
             a[&format!("lib/modules/{kver}/{m}")].data,
             originals[m],
@@ -592,7 +632,7 @@ fn compression_listing_and_host_only_do_what_they_say() {
         "  init\n",
         "  etc/layerboot.json\n",
         "  dev/console\n",
-        "/kernel/fs/btrfs/btrfs.ko\n",
+        "/kernel/fs/btrfs/btrfs.ko.zst\n",
     ] {
         assert!(listing.contains(want), "--list shows {want:?}");
     }
@@ -613,7 +653,7 @@ fn compression_listing_and_host_only_do_what_they_say() {
     let modules = |file: &str| -> BTreeSet<String> {
         let a = unpack(&t.path().join(file));
         a.keys()
-            .filter(|k| k.ends_with(".ko"))
+            .filter(|k| k.ends_with(".ko.zst"))
             .map(|k| k.rsplit('/').next().unwrap().to_string())
             .collect()
     };
@@ -629,13 +669,13 @@ fn compression_listing_and_host_only_do_what_they_say() {
     for fs_type in ["ext4", "btrfs"] {
         if mounted.lines().any(|l| l.split_whitespace().nth(2) == Some(fs_type)) {
             assert!(
-                host.contains(&format!("{fs_type}.ko")),
+                host.contains(&format!("{fs_type}.ko.zst")),
                 "{fs_type} is mounted here: {host:?}"
             );
         }
     }
     assert!(
-        host.contains("overlay.ko"),
+        host.contains("overlay.ko.zst"),
         "overlay is always needed for overlay2 stores"
     );
 }

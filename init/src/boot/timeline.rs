@@ -46,7 +46,7 @@ impl Timeline {
 
     /// /init's own CPU time so far and the part of it in /init's own code, in ms.
     fn own_work_ms(&self) -> (u128, u128) {
-        let user = crate::cost::process_user_cpu().saturating_sub(self.user_cpu_at_start);
+        let user = crate::cost::own_user_cpu(self.user_cpu_at_start);
         (crate::cost::own_cpu(self.cpu_at_start).as_millis(), user.as_millis())
     }
 
@@ -71,10 +71,12 @@ impl Timeline {
         log::info!(
             "layerboot: {what}: {next} {init} at {} ms (init's own work {own_cpu} ms CPU, {own_code} ms of it in its own \
              code and the rest in the kernel serving its reads and writes; {} ms with its reads of the store; mounts and \
-             snapshots {} ms; modules and device waits {} ms; stages: {})",
+             snapshots {} ms, flushes {} ms of it; modules (their decompression included) and device waits {} ms; \
+             stages: {})",
             total.as_millis(),
             total.saturating_sub(kernel_time).saturating_sub(fs_time).as_millis(),
             fs_time.as_millis(),
+            crate::mounts::flush_time().as_millis(),
             kernel_time.as_millis(),
             stages.join(", ")
         );
