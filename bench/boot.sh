@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The boot benchmark (its driver is vm-tests/src/bin/boot-bench.rs): when the image's own init starts,
-# booted with initramfs-tools from an exported root, with a do-nothing floor initramfs,
-# and with layerboot from the store; BOOTS=3 boots each, medians, overheads and ratios.
+# booted with initramfs-tools from an exported root, a do-nothing floor initramfs, a minimal
+# initramfs on that root, and layerboot from the store; ROUNDS=3 rounds under -icount
+# (TCG_ROUNDS=N more on the wall clock), medians, layerboot's cost over the minimal.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LAYERBOOT_FIXTURES=${LAYERBOOT_FIXTURES:-$PWD/target/fixtures}
