@@ -52,21 +52,6 @@ impl Tree {
         self.0.insert(path.to_string(), Node::CharDev { major, minor, mode });
     }
 
-    /// Moves the files whose paths `pick` accepts into a tree of their own.
-    pub fn split_off(&mut self, pick: impl Fn(&str) -> bool) -> Tree {
-        let picked: Vec<String> = self.0.keys().filter(|p| pick(p)).cloned().collect();
-        Tree(
-            picked
-                .into_iter()
-                .map(|p| (p.clone(), self.0.remove(&p).unwrap()))
-                .collect(),
-        )
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// Paths and sizes, for `--list`.
     pub fn listing(&self) -> Vec<(String, usize)> {
         self.0

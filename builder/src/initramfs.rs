@@ -165,19 +165,8 @@ pub fn run(args: Args) -> Result<()> {
             .map_err(|_| format!("SOURCE_DATE_EPOCH={v} is not a number of seconds"))?,
         Err(_) => 0,
     };
-    // Already-compressed modules go first, in a plain archive of their own: the kernel
-    // copies it as it is (as an early-microcode archive) instead of running it through
-    // the decompressor, then unpacks the compressed rest. Unpacked, they are one tree.
-    let frames = tree.split_off(|p| p.ends_with(".ko.zst"));
-    let bad_archive = |e: std::io::Error| format!("cannot build the archive: {e}");
-    let main = tree.cpio(mtime).map_err(bad_archive)?;
-    let mut compressed = if frames.is_empty() {
-        Vec::new()
-    } else {
-        frames.cpio(mtime).map_err(bad_archive)?
-    };
-    let unpacked = compressed.len() + main.len();
-    compressed.extend(compress(&main, args.compress).map_err(|e| format!("cannot compress the archive: {e}"))?);
+    let archive = tree.cpio(mtime).map_err(|e| format!("cannot build the archive: {e}"))?;
+    let compressed = compress(&archive, args.compress).map_err(|e| format!("cannot compress the archive: {e}"))?;
     write_atomically(&args.output, &compressed, 0o644)?;
     for n in notes {
         eprintln!("note: {n}");
@@ -189,7 +178,7 @@ pub fn run(args: Args) -> Result<()> {
         unpacked_modules / 1024,
         packed.firmware.len(),
         compressed.len() / 1024,
-        unpacked / 1024,
+        archive.len() / 1024,
         config
             .defaults
             .get(arg::DOCKER_IMAGE)
