@@ -291,7 +291,7 @@ fn print_table(title: &str, stores: &[(&str, &str, &str)], rounds: &[Round], goa
     let (floor, floor_spread) = summary(&rounds.iter().map(|r| r.floor).collect::<Vec<_>>());
     println!("{title}:");
     println!(
-        "{:<9} {:>16} {:>16} {:>16} {:>19} {:>9} {:>22}",
+        "{:<14} {:>16} {:>16} {:>16} {:>19} {:>9} {:>24}",
         "store", "initramfs-tools", "minimal", "layerboot", "layerboot-minimal", "flushes", "layerboot-minimal-flush"
     );
     println!("(floor {floor:.3} s, spread {floor_spread:.3}; each kind as its median over the floor, and its spread)");
@@ -301,7 +301,7 @@ fn print_table(title: &str, stores: &[(&str, &str, &str)], rounds: &[Round], goa
         let (flush, _) = summary(&rounds.iter().map(|r| r.flushes[i] / 1000.0).collect::<Vec<_>>());
         let gap = lb - min;
         println!(
-            "{:<9} {:>9.3}s ±{:<5.2} {:>9.3}s ±{:<5.2} {:>9.3}s ±{:<5.2} {:>+18.3}s {:>8.3}s {:>+21.3}s{}",
+            "{:<14} {:>9.3}s ±{:<5.2} {:>9.3}s ±{:<5.2} {:>9.3}s ±{:<5.2} {:>+18.3}s {:>8.3}s {:>+23.3}s{}",
             format!("{driver}/{fs_type}"),
             it - floor,
             it_s,
