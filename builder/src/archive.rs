@@ -107,38 +107,28 @@ impl Tree {
 /// zstd frames of each of `items` alone, at the archive's level, on every core. Each
 /// frame records its content size, which /init reads to size its buffer.
 pub fn zstd_each(items: &[&[u8]]) -> std::io::Result<Vec<Vec<u8>>> {
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(items.len().max(1));
-    let mut out: Vec<std::io::Result<Vec<u8>>> = Vec::new();
-    std::thread::scope(|scope| {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut frames: Vec<(usize, Vec<u8>)> = std::thread::scope(|scope| {
         // Worker w takes items w, w + workers, …: the big modules spread over the cores.
         let handles: Vec<_> = (0..workers)
             .map(|w| {
-                scope.spawn(move || {
+                scope.spawn(move || -> std::io::Result<Vec<(usize, Vec<u8>)>> {
                     let mut enc = zstd::bulk::Compressor::new(ZSTD_LEVEL)?;
-                    items
-                        .iter()
-                        .skip(w)
-                        .step_by(workers)
-                        .map(|data| enc.compress(data))
-                        .collect::<std::io::Result<Vec<Vec<u8>>>>()
+                    let mine = items.iter().enumerate().skip(w).step_by(workers);
+                    mine.map(|(i, data)| Ok((i, enc.compress(data)?))).collect()
                 })
             })
             .collect();
-        let done: Vec<std::io::Result<Vec<Vec<u8>>>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        let mut done: Vec<std::vec::IntoIter<Vec<u8>>> = match done.into_iter().collect::<std::io::Result<Vec<_>>>() {
-            Ok(d) => d.into_iter().map(Vec::into_iter).collect(),
-            Err(e) => {
-                out.push(Err(e));
-                return;
-            }
-        };
-        for i in 0..items.len() {
-            out.push(Ok(done[i % workers].next().expect("one frame per item")));
-        }
-    });
-    out.into_iter().collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a compressing thread panicked"))
+            .collect::<std::io::Result<Vec<_>>>()
+    })?
+    .into_iter()
+    .flatten()
+    .collect();
+    frames.sort_by_key(|(i, _)| *i);
+    Ok(frames.into_iter().map(|(_, frame)| frame).collect())
 }
 
 pub fn compress(data: &[u8], how: Compression) -> std::io::Result<Vec<u8>> {
