@@ -46,6 +46,20 @@ impl SourceImage {
         }
     }
 
+    /// Like [`read`](Self::read), for a small config file: one over `max` bytes is refused
+    /// (naming it) before it is read, whatever the image holds.
+    pub fn read_config(&self, path: &str, max: u64) -> Result<Option<Vec<u8>>> {
+        match self.view.lookup_follow(path)? {
+            Some(e) if e.metadata.is_file() && e.metadata.len() > max => Err(format!(
+                "{path} of {} is {} bytes, more than a config file's {max} (fix: remove it or write it anew)",
+                self.name,
+                e.metadata.len()
+            )
+            .into()),
+            _ => self.read(path),
+        }
+    }
+
     /// The kernel to build for: `wanted`, or the only one, or the newest (with a note).
     pub fn kernel(&self, wanted: Option<&str>, need: impl Fn(&Kernel) -> bool) -> Result<Kernel> {
         let mut all: Vec<Kernel> = kernels(&self.view)?.into_iter().filter(|k| need(k)).collect();

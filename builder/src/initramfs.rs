@@ -188,11 +188,14 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// The largest `/etc/layerboot.json` or `/etc/docker-btrfs.json` read from a source.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// The defaults a source carries for its own boot: its `/etc/layerboot.json` (what the
 /// distro hooks pack too), and for mkinitcpio-docker-hooks' users the image their
 /// `/etc/docker-btrfs.json` names. Each one taken is said in a note.
 fn source_config(src: &SourceImage, notes: &mut Vec<String>) -> Result<Config> {
-    let mut config = match src.read(CONFIG_PATH)? {
+    let mut config = match src.read_config(CONFIG_PATH, MAX_CONFIG_BYTES)? {
         Some(bytes) => {
             let config: Config = serde_json::from_slice(&bytes).map_err(|e| {
                 format!(
@@ -215,7 +218,7 @@ fn source_config(src: &SourceImage, notes: &mut Vec<String>) -> Result<Config> {
         }
         None => Config::default(),
     };
-    if let Some(bytes) = src.read(LEGACY_CONFIG_PATH)? {
+    if let Some(bytes) = src.read_config(LEGACY_CONFIG_PATH, MAX_CONFIG_BYTES)? {
         let image = legacy_image(&String::from_utf8_lossy(&bytes)).map_err(|e| format!("{}: {e}", src.name))?;
         match (config.adopt_legacy_image(image.clone()), image) {
             (Some(taken), _) => notes.push(format!(

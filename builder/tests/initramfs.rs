@@ -807,5 +807,15 @@ fn a_root_with_the_old_hooks_config_boots_its_image_by_default() {
         e.contains("/etc/docker-btrfs.json (mkinitcpio-docker-hooks' config) names no image"),
         "{e}"
     );
+    // A huge one (sparse: nothing is written) is refused before it is read.
+    fs::File::create(root.join("etc/docker-btrfs.json"))
+        .unwrap()
+        .set_len(8 << 30)
+        .unwrap();
+    let e = err(build(&[]));
+    assert!(
+        e.contains("/etc/docker-btrfs.json of root filesystem") && e.contains("8589934592 bytes"),
+        "{e}"
+    );
     assert!(!out.exists());
 }
