@@ -42,7 +42,8 @@ pub struct Args {
     /// pack this static shell as /bin/sh, for layerboot.rescue=shell
     #[argh(option)]
     rescue_shell: Option<PathBuf>,
-    /// zstd (default), gzip or none
+    /// zstd (default: each module its own zstd frame, decompressed only if loaded), gzip
+    /// (the whole archive) or none
     #[argh(option, default = "Compression::Zstd")]
     compress: Compression,
     /// print what went in
@@ -166,7 +167,8 @@ pub fn run(args: Args) -> Result<()> {
         Err(_) => 0,
     };
     let archive = tree.cpio(mtime).map_err(|e| format!("cannot build the archive: {e}"))?;
-    let compressed = compress(&archive, args.compress).map_err(|e| format!("cannot compress the archive: {e}"))?;
+    let unpacked_len = archive.len();
+    let compressed = compress(archive, args.compress).map_err(|e| format!("cannot compress the archive: {e}"))?;
     write_atomically(&args.output, &compressed, 0o644)?;
     for n in notes {
         eprintln!("note: {n}");
@@ -178,7 +180,7 @@ pub fn run(args: Args) -> Result<()> {
         unpacked_modules / 1024,
         packed.firmware.len(),
         compressed.len() / 1024,
-        archive.len() / 1024,
+        unpacked_len / 1024,
         config
             .defaults
             .get(arg::DOCKER_IMAGE)
