@@ -16,6 +16,24 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{bind, recv, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType};
 use nix::sys::stat::Mode;
 
+/// Buses whose devices have no `modalias` file, so nothing to read: the kernel's own
+/// system devices. `memory` alone has one device per memory block, thousands on a large
+/// server; in a 1 GiB guest these buses cost 1 ms of reads that all failed. (A CPU's
+/// features come from /sys/devices/system/cpu/modalias, not from the `cpu` bus.)
+const NO_MODALIAS: [&str; 11] = [
+    "clockevents",
+    "clocksource",
+    "container",
+    "cpu",
+    "edac",
+    "event_source",
+    "machinecheck",
+    "memory",
+    "memory_tiering",
+    "node",
+    "workqueue",
+];
+
 /// Modaliases seen so far, so each is matched once.
 #[derive(Default)]
 pub struct ModaliasWalker {
@@ -30,6 +48,9 @@ impl ModaliasWalker {
         let mut new = Vec::new();
         let Ok(buses) = fs::read_dir(sys_bus) else { return new };
         for bus in buses.flatten() {
+            if NO_MODALIAS.iter().any(|b| bus.file_name().as_bytes() == b.as_bytes()) {
+                continue;
+            }
             let dir = bus.path().join("devices");
             let Ok(devices) = fs::read_dir(&dir) else { continue };
             let Ok(dir) = fs::File::open(&dir) else { continue };
@@ -174,6 +195,9 @@ mod tests {
         link("pci", "pci0000:00/0000:00:04.0");
         link("virtio", "pci0000:00/0000:00:04.0/virtio1");
         link("platform", "platform/serial8250");
+        // The kernel's system devices have no modalias: their buses are not read at all.
+        w("system/memory/memory0/modalias", "never:read\n");
+        link("memory", "system/memory/memory0");
         let mut walker = ModaliasWalker::default();
         let mut found = walker.scan(&bus);
         found.sort();

@@ -16,23 +16,32 @@ pub struct ModuleIndex {
     modules: BTreeMap<String, (String, Vec<String>)>,
     /// name → (pre, post) soft dependencies, as written (names or aliases)
     softdeps: BTreeMap<String, (Vec<String>, Vec<String>)>,
-    /// (pattern, module name), in file order
-    aliases: Vec<(String, String)>,
-    /// Positions in `aliases` by the pattern's [`alias_bus`] ("" for patterns that start
-    /// with a wildcard): a device's modalias is matched against its bus's patterns only.
-    by_bus: BTreeMap<String, Vec<usize>>,
+    /// modules.alias as read. [`Alias`]es are places in it: reading the index at boot
+    /// allocates nothing per line (it did, and that was /init's largest step).
+    alias_text: String,
+    /// Every alias line, in file order.
+    aliases: Vec<Alias>,
+    /// The first [`KEY`] bytes and position in `aliases` of each pattern whose literal
+    /// start is at least that long, in order: a modalias is only matched against the
+    /// patterns that begin as it does (`pci:v00008086`, `usb:v0BC2p20`) …
+    by_key: Vec<([u8; KEY], u32)>,
+    /// … and against these, whose literal start is shorter (`pci:v*d*sv*sd*bc01sc06i01*`,
+    /// `acpi*:80860F14:*`), in file order.
+    short: Vec<u32>,
     builtin: BTreeSet<String>,
 }
 
-/// What comes before the first `:` of a modalias (`pci`, `usb`, `acpi`, …), or all of a
-/// plain name (`crc32c`); for a pattern, "" if that part holds a wildcard.
-fn alias_bus(text: &str, is_pattern: bool) -> &str {
-    let bus = text.split(':').next().unwrap_or(text);
-    if is_pattern && bus.contains(['*', '?', '[']) {
-        ""
-    } else {
-        bus
-    }
+/// How many leading bytes of a modalias choose the patterns it is matched against: the
+/// bus and the vendor for PCI (`pci:v00008086`) and USB (`usb:v0BC2p20`).
+const KEY: usize = 13;
+
+/// One `alias PATTERN MODULE` line: byte ranges in [`ModuleIndex::alias_text`].
+#[derive(Debug, Clone, Copy)]
+struct Alias {
+    pattern: (u32, u32),
+    module: (u32, u32),
+    /// The length of the pattern's start before its first `*`, `?` or `[`.
+    literal: u32,
 }
 
 /// One module to load, in order; `optional` for soft dependencies, whose failure is no error.
@@ -102,17 +111,27 @@ impl ModuleIndex {
                 }
             }
         }
-        for line in alias.lines() {
+        idx.alias_text = alias.to_string();
+        let text = idx.alias_text.as_str();
+        let at = |word: &str| (word.as_ptr() as usize - text.as_ptr() as usize) as u32;
+        for line in text.lines() {
             let mut words = line.split_ascii_whitespace();
             if let (Some("alias"), Some(pattern), Some(module)) = (words.next(), words.next(), words.next()) {
-                let (bus, at) = (alias_bus(pattern, true), idx.aliases.len());
-                match idx.by_bus.get_mut(bus) {
-                    Some(v) => v.push(at),
-                    None => drop(idx.by_bus.insert(bus.to_string(), vec![at])),
-                }
-                idx.aliases.push((pattern.to_string(), module_name(module)));
+                idx.aliases.push(Alias {
+                    pattern: (at(pattern), at(pattern) + pattern.len() as u32),
+                    module: (at(module), at(module) + module.len() as u32),
+                    literal: literal_start(pattern.as_bytes()) as u32,
+                });
             }
         }
+        for (i, a) in idx.aliases.iter().enumerate() {
+            match idx.alias_text.as_bytes()[a.pattern.0 as usize..a.pattern.1 as usize].first_chunk::<KEY>() {
+                Some(key) if a.literal as usize >= KEY => idx.by_key.push((*key, i as u32)),
+                _ => idx.short.push(i as u32),
+            }
+        }
+        // Keys copied out and positions unique: a plain sort, the cheapest there is.
+        idx.by_key.sort_unstable();
         idx.builtin = builtin
             .lines()
             .filter(|l| !l.trim().is_empty())
@@ -136,9 +155,18 @@ impl ModuleIndex {
         let mut cpu_aliases = self
             .aliases
             .iter()
-            .filter(|(p, m)| m == name && p.starts_with("cpu:"))
+            .filter(|a| self.pattern_of(a).starts_with("cpu:") && module_name(self.module_of(a)) == name)
             .peekable();
-        cpu_aliases.peek().is_none() || cpu_aliases.any(|(p, _)| glob_match(p, cpu))
+        cpu_aliases.peek().is_none() || cpu_aliases.any(|a| glob_match(self.pattern_of(a), cpu))
+    }
+
+    fn pattern_of(&self, a: &Alias) -> &str {
+        &self.alias_text[a.pattern.0 as usize..a.pattern.1 as usize]
+    }
+
+    /// The module an alias names, as written (depmod writes `_`, never `-`).
+    fn module_of(&self, a: &Alias) -> &str {
+        &self.alias_text[a.module.0 as usize..a.module.1 as usize]
     }
 
     pub fn path(&self, name: &str) -> Option<&str> {
@@ -151,15 +179,20 @@ impl ModuleIndex {
         if self.modules.contains_key(&name) {
             return vec![name];
         }
-        let bucket = |bus: &str| self.by_bus.get(bus).map(Vec::as_slice).unwrap_or_default();
-        let mut candidates: Vec<usize> = bucket(alias_bus(name_or_alias, false)).to_vec();
-        candidates.extend_from_slice(bucket(""));
+        // The patterns that can match: those that begin as the text does, and the short ones.
+        let text = name_or_alias.as_bytes();
+        let mut candidates: Vec<u32> = self.short.clone();
+        if let Some(start) = text.first_chunk::<KEY>() {
+            let from = self.by_key.partition_point(|(key, _)| key < start);
+            let to = self.by_key.partition_point(|(key, _)| key <= start);
+            candidates.extend(self.by_key[from..to].iter().map(|(_, i)| i));
+        }
         candidates.sort_unstable(); // file order, as modprobe reports matches
         let mut out: Vec<String> = candidates
             .into_iter()
-            .map(|i| &self.aliases[i])
-            .filter(|(pattern, _)| glob_match(pattern, name_or_alias))
-            .map(|(_, m)| m.clone())
+            .map(|i| &self.aliases[i as usize])
+            .filter(|a| glob_match_after(self.pattern_of(a).as_bytes(), text, a.literal as usize))
+            .map(|a| module_name(self.module_of(a)))
             .filter(|m| self.modules.contains_key(m))
             .collect();
         out.dedup();
@@ -258,8 +291,8 @@ impl ModuleIndex {
         let alias: String = self
             .aliases
             .iter()
-            .filter(|(_, m)| names.contains(m))
-            .map(|(p, m)| format!("alias {p} {m}\n"))
+            .filter(|a| names.contains(&module_name(self.module_of(a))))
+            .map(|a| format!("alias {} {}\n", self.pattern_of(a), self.module_of(a)))
             .collect();
         let builtin: String = self.builtin.iter().map(|m| format!("{m}\n")).collect();
         BTreeMap::from([
@@ -277,11 +310,19 @@ impl ModuleIndex {
 /// this runs ~10⁵ times per boot under emulation: it must not allocate, and a pattern
 /// whose literal start differs from the text is dismissed before any glob work.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let (p, t) = (pattern.as_bytes(), text.as_bytes());
-    let literal = p
-        .iter()
+    let p = pattern.as_bytes();
+    glob_match_after(p, text.as_bytes(), literal_start(p))
+}
+
+/// The length of a pattern's start before its first `*`, `?` or `[`.
+fn literal_start(p: &[u8]) -> usize {
+    p.iter()
         .position(|b| matches!(b, b'*' | b'?' | b'['))
-        .unwrap_or(p.len());
+        .unwrap_or(p.len())
+}
+
+/// [`glob_match`] for a pattern whose literal start, `literal` bytes long, is known.
+fn glob_match_after(p: &[u8], t: &[u8], literal: usize) -> bool {
     if literal == p.len() {
         return p == t;
     }
@@ -406,6 +447,41 @@ kernel/drivers/virtio/virtio_ring.ko:
         assert_eq!(idx.resolve("pci:v1234d0001sv0"), ["b", "a", "c"]);
         assert_eq!(idx.resolve("usb:v1234p1"), ["c"]);
         assert!(idx.resolve("acpi:v1234").is_empty());
+    }
+
+    /// What `resolve` must return for a modalias: every line's pattern tried in file
+    /// order, as modprobe does, with no keyed shortcut.
+    fn every_line(alias: &str, modules: &ModuleIndex, text: &str) -> Vec<String> {
+        let mut out: Vec<String> = alias
+            .lines()
+            .filter_map(|l| l.strip_prefix("alias ")?.split_once(' '))
+            .filter(|(p, _)| glob_match(p, text))
+            .map(|(_, m)| module_name(m))
+            .filter(|m| modules.contains(m))
+            .collect();
+        out.dedup();
+        out
+    }
+
+    proptest::proptest! {
+        /// Patterns of every shape (literal starts shorter and longer than the key, a
+        /// leading wildcard, none at all) against modaliases built from their pieces: the
+        /// keyed lookup finds exactly what trying every line finds, in the same order.
+        #[test]
+        fn the_keyed_lookup_finds_what_every_line_finds(
+            patterns in proptest::collection::vec(("(pci:v0000|usb:v|acpi|\\*|crc)", "(8086|80|[0-9A]{1,4})", "(d|\\*|\\?|\\[0-9\\])?", "(00007010|[0-9]{0,4})", "\\*?", 0..4usize), 1..40),
+            texts in proptest::collection::vec(("(pci:v0000|usb:v|acpi|crc)", "(8086|80|[0-9A]{1,4})", "d?", "(00007010|[0-9]{0,4})", "(sv00|)"), 1..20),
+        ) {
+            let alias: String = patterns
+                .iter()
+                .map(|(a, b, c, d, e, m)| format!("alias {a}{b}{c}{d}{e} m{m}\n"))
+                .collect();
+            let idx = ModuleIndex::parse("m0.ko:\nm1.ko:\nm2.ko:\n", "", &alias, "");
+            for (a, b, c, d, e) in &texts {
+                let text = format!("{a}{b}{c}{d}{e}");
+                proptest::prop_assert_eq!(idx.resolve(&text), every_line(&alias, &idx, &text), "{}", text);
+            }
+        }
     }
 
     #[test]
