@@ -115,7 +115,8 @@ pub fn snapshot(source: &Path, dest: &Path) -> Result<()> {
     };
     args.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: args is a valid, initialised btrfs_ioctl_vol_args_v2 for the call's duration.
-    crate::mounts::timed_fs(|| unsafe { btrfs_snap_create_v2(dir.as_raw_fd(), &args) }).map_err(|e| {
+    // A snapshot is made in a transaction commit, which waits for the disk like syncfs.
+    crate::mounts::timed_flush(|| unsafe { btrfs_snap_create_v2(dir.as_raw_fd(), &args) }).map_err(|e| {
         let hint = if e == Errno::ENOTTY || e == Errno::EXDEV {
             " (the store is not on btrfs, or source and destination are different btrfs filesystems)"
         } else {

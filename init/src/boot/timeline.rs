@@ -71,7 +71,7 @@ impl Timeline {
         log::info!(
             "layerboot: {what}: {next} {init} at {} ms (init's own work {own_cpu} ms CPU, {own_code} ms of it in its own \
              code and the rest in the kernel serving its reads and writes; {} ms with its reads of the store; mounts and \
-             snapshots {} ms, flushes {} ms of it; modules (their decompression included) and device waits {} ms; \
+             snapshots {} ms, flushes {} ms of it (waits for the disk to commit: syncfs, snapshots); modules (their decompression included) and device waits {} ms; \
              stages: {})",
             total.as_millis(),
             total.saturating_sub(kernel_time).saturating_sub(fs_time).as_millis(),
