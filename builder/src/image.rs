@@ -49,9 +49,15 @@ impl SourceImage {
     /// Like [`read`](Self::read), for a small config file: one over `max` bytes is refused
     /// (naming it) before it is read, whatever the image holds.
     pub fn read_config(&self, path: &str, max: u64) -> Result<Option<Vec<u8>>> {
+        self.read_at_most(path, max, "a config file's", "remove it or write it anew")
+    }
+
+    /// Like [`read`](Self::read), for a file of at most `max` bytes (`kind` says whose
+    /// limit it is, `fix` what to do): a larger one is refused before it is read.
+    pub fn read_at_most(&self, path: &str, max: u64, kind: &str, fix: &str) -> Result<Option<Vec<u8>>> {
         match self.view.lookup_follow(path)? {
             Some(e) if e.metadata.is_file() && e.metadata.len() > max => Err(format!(
-                "{path} of {} is {} bytes, more than a config file's {max} (fix: remove it or write it anew)",
+                "{path} of {} is {} bytes, more than {kind} {max} (fix: {fix})",
                 self.name,
                 e.metadata.len()
             )

@@ -50,10 +50,20 @@ pub struct Selection {
     pub notes: Vec<String>,
 }
 
+/// The largest module index file read from a source: Debian's modules.alias for all of
+/// a kernel's modules is 1.3 MB.
+const MAX_INDEX_BYTES: u64 = 64 << 20;
+
 pub fn read_index(src: &SourceImage, modules_dir: &str) -> Result<ModuleIndex> {
     let mut text = BTreeMap::new();
     for f in INDEX_FILES {
-        let t = match src.read(&format!("{modules_dir}/{f}"))? {
+        let path = format!("{modules_dir}/{f}");
+        let t = match src.read_at_most(
+            &path,
+            MAX_INDEX_BYTES,
+            "a module index's",
+            "run depmod for that kernel again",
+        )? {
             Some(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
             None if f == "modules.dep" => {
                 return Err(format!(

@@ -823,4 +823,17 @@ fn a_root_with_the_old_hooks_config_boots_its_image_by_default() {
         "{e}"
     );
     assert!(!out.exists());
+
+    // So is a huge module index: it is parsed whole, into memory.
+    fs::remove_file(root.join("etc/docker-btrfs.json")).unwrap();
+    let alias = root.join(format!("usr/lib/modules/{}/modules.alias", kver()));
+    fs::File::create(&alias).unwrap().set_len(8 << 30).unwrap();
+    let e = err(build(&[]));
+    assert!(
+        e.contains("modules.alias of root filesystem")
+            && e.contains("is 8589934592 bytes, more than a module index's")
+            && e.contains("fix: run depmod"),
+        "{e}"
+    );
+    assert!(!out.exists());
 }

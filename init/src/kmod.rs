@@ -24,10 +24,10 @@ pub struct ModuleIndex {
     /// The first [`KEY`] bytes and position in `aliases` of each pattern whose literal
     /// start is at least that long, in order: a modalias is only matched against the
     /// patterns that begin as it does (`pci:v00008086`, `usb:v0BC2p20`) …
-    by_key: Vec<([u8; KEY], u32)>,
+    by_key: Vec<([u8; KEY], usize)>,
     /// … and against these, whose literal start is shorter (`pci:v*d*sv*sd*bc01sc06i01*`,
     /// `acpi*:80860F14:*`), in file order.
-    short: Vec<u32>,
+    short: Vec<usize>,
     builtin: BTreeSet<String>,
 }
 
@@ -38,10 +38,10 @@ const KEY: usize = 13;
 /// One `alias PATTERN MODULE` line: byte ranges in [`ModuleIndex::alias_text`].
 #[derive(Debug, Clone, Copy)]
 struct Alias {
-    pattern: (u32, u32),
-    module: (u32, u32),
+    pattern: (usize, usize),
+    module: (usize, usize),
     /// The length of the pattern's start before its first `*`, `?` or `[`.
-    literal: u32,
+    literal: usize,
 }
 
 /// One module to load, in order; `optional` for soft dependencies, whose failure is no error.
@@ -113,21 +113,22 @@ impl ModuleIndex {
         }
         idx.alias_text = alias.to_string();
         let text = idx.alias_text.as_str();
-        let at = |word: &str| (word.as_ptr() as usize - text.as_ptr() as usize) as u32;
+        // Each word's place in the text: words are slices of it.
+        let at = |word: &str| word.as_ptr() as usize - text.as_ptr() as usize;
         for line in text.lines() {
             let mut words = line.split_ascii_whitespace();
             if let (Some("alias"), Some(pattern), Some(module)) = (words.next(), words.next(), words.next()) {
                 idx.aliases.push(Alias {
-                    pattern: (at(pattern), at(pattern) + pattern.len() as u32),
-                    module: (at(module), at(module) + module.len() as u32),
-                    literal: literal_start(pattern.as_bytes()) as u32,
+                    pattern: (at(pattern), at(pattern) + pattern.len()),
+                    module: (at(module), at(module) + module.len()),
+                    literal: literal_start(pattern.as_bytes()),
                 });
             }
         }
         for (i, a) in idx.aliases.iter().enumerate() {
-            match idx.alias_text.as_bytes()[a.pattern.0 as usize..a.pattern.1 as usize].first_chunk::<KEY>() {
-                Some(key) if a.literal as usize >= KEY => idx.by_key.push((*key, i as u32)),
-                _ => idx.short.push(i as u32),
+            match idx.alias_text.as_bytes()[a.pattern.0..a.pattern.1].first_chunk::<KEY>() {
+                Some(key) if a.literal >= KEY => idx.by_key.push((*key, i)),
+                _ => idx.short.push(i),
             }
         }
         // Keys copied out and positions unique: a plain sort, the cheapest there is.
@@ -161,12 +162,12 @@ impl ModuleIndex {
     }
 
     fn pattern_of(&self, a: &Alias) -> &str {
-        &self.alias_text[a.pattern.0 as usize..a.pattern.1 as usize]
+        &self.alias_text[a.pattern.0..a.pattern.1]
     }
 
     /// The module an alias names, as written (depmod writes `_`, never `-`).
     fn module_of(&self, a: &Alias) -> &str {
-        &self.alias_text[a.module.0 as usize..a.module.1 as usize]
+        &self.alias_text[a.module.0..a.module.1]
     }
 
     pub fn path(&self, name: &str) -> Option<&str> {
@@ -181,7 +182,7 @@ impl ModuleIndex {
         }
         // The patterns that can match: those that begin as the text does, and the short ones.
         let text = name_or_alias.as_bytes();
-        let mut candidates: Vec<u32> = self.short.clone();
+        let mut candidates: Vec<usize> = self.short.clone();
         if let Some(start) = text.first_chunk::<KEY>() {
             let from = self.by_key.partition_point(|(key, _)| key < start);
             let to = self.by_key.partition_point(|(key, _)| key <= start);
@@ -190,8 +191,8 @@ impl ModuleIndex {
         candidates.sort_unstable(); // file order, as modprobe reports matches
         let mut out: Vec<String> = candidates
             .into_iter()
-            .map(|i| &self.aliases[i as usize])
-            .filter(|a| glob_match_after(self.pattern_of(a).as_bytes(), text, a.literal as usize))
+            .map(|i| &self.aliases[i])
+            .filter(|a| glob_match_after(self.pattern_of(a).as_bytes(), text, a.literal))
             .map(|a| module_name(self.module_of(a)))
             .filter(|m| self.modules.contains_key(m))
             .collect();
