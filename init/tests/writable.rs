@@ -11,7 +11,7 @@ use std::process::Command;
 use layerboot_init::btrfs::is_subvolume;
 use layerboot_init::store::{Driver, Image, Layer};
 use layerboot_init::writable::plan::Mark;
-use layerboot_init::writable::{check_clear_of, layer_image, write_mark, Layers};
+use layerboot_init::writable::{check_clear_of, layer_image, write_mark, Filled, Layers};
 use layerboot_init::Result;
 
 struct LoopFs {
@@ -86,8 +86,9 @@ fn boot(root: &Path, img: &Image, id: &str, keep: usize) -> Vec<String> {
     let mut layers = Layers::open(root, "rw", keep, false, img.layers.first().map(|l| l.dir.as_path())).unwrap();
     layers.recover().unwrap();
     layers
-        .make_fresh_or_prune(img, &mut |l: &Path| -> Result<()> {
-            fs::write(l.join("id"), id).map_err(|e| layerboot_init::Error::io("w", l, e))
+        .make_fresh_or_prune(img, &mut |l: &Path| -> Result<Filled> {
+            fs::write(l.join("id"), id).map_err(|e| layerboot_init::Error::io("w", l, e))?;
+            Ok(Filled::Contents)
         })
         .unwrap();
     layers.warnings
@@ -167,7 +168,7 @@ fn snapshot_of_a_non_btrfs_store_says_why() {
     fs::create_dir(&top).unwrap();
     let mut layers = Layers::open(dir.path(), "rw", 1, false, None).unwrap();
     let e = layers
-        .make_fresh_or_prune(&image(&top, Driver::Btrfs), &mut |_: &Path| Ok(()))
+        .make_fresh_or_prune(&image(&top, Driver::Btrfs), &mut |_: &Path| Ok(Filled::Metadata))
         .unwrap_err()
         .to_string();
     assert!(e.contains("cannot snapshot") && e.contains("not on btrfs"), "{e}");
@@ -330,9 +331,10 @@ fn a_full_disk_prunes_old_generations_then_gives_up_with_enospc() {
     let img = image(&top, Driver::Btrfs);
     let big = vec![7u8; 60 << 20];
     let fill = |size: usize| {
-        move |l: &Path| -> Result<()> {
+        move |l: &Path| -> Result<Filled> {
             fs::write(l.join("big"), vec![1u8; size])
-                .map_err(|e| layerboot_init::Error::io("cannot write", l.join("big"), e))
+                .map_err(|e| layerboot_init::Error::io("cannot write", l.join("big"), e))?;
+            Ok(Filled::Contents)
         }
     };
     for b in ["b1", "b2"] {
@@ -367,7 +369,7 @@ fn a_cut_keep_mode_copy_is_done_again() {
     boot(m, &image(&top, Driver::Btrfs), "b1", 1);
     let mut layers = Layers::open(m, "rw", 1, false, None).unwrap();
     assert!(!layers.current_interrupted());
-    let cut = layers.refresh_current(&mut |l: &Path| -> Result<()> {
+    let cut = layers.refresh_current(&mut |l: &Path| -> Result<Filled> {
         fs::write(l.join("half"), "").unwrap();
         Err(layerboot_init::Error::new("power cut"))
     });
@@ -375,8 +377,9 @@ fn a_cut_keep_mode_copy_is_done_again() {
     let mut layers = Layers::open(m, "rw", 1, false, None).unwrap();
     assert!(layers.current_interrupted(), "the next boot knows the copy was cut");
     layers
-        .refresh_current(&mut |l: &Path| -> Result<()> {
-            fs::write(l.join("half"), "whole").map_err(|e| layerboot_init::Error::io("w", l, e))
+        .refresh_current(&mut |l: &Path| -> Result<Filled> {
+            fs::write(l.join("half"), "whole").map_err(|e| layerboot_init::Error::io("w", l, e))?;
+            Ok(Filled::Contents)
         })
         .unwrap();
     assert!(

@@ -16,7 +16,7 @@ use crate::mounts::{mount, unmount};
 use crate::probe::BlockDevice;
 use crate::settings::{arg, LayerMode, Settings};
 use crate::store::{Image, Store};
-use crate::writable::{check_clear_of, Kind, Layers, MountSource};
+use crate::writable::{check_clear_of, Filled, Kind, Layers, MountSource};
 
 const TOPLAYER_MOUNT: &str = "/run/layerboot/toplayer";
 const TMPFS_UPPER: &str = "/run/layerboot/upper";
@@ -142,8 +142,10 @@ impl Boot {
     }
 
     /// Copies the top layer into a writable layer of `kind`.
-    fn copy_toplayer(&self, kind: Kind, src: &Source, layer: &Path, toplayer: Option<&Path>) -> Result<()> {
-        let Some(top) = toplayer else { return Ok(()) };
+    fn copy_toplayer(&self, kind: Kind, src: &Source, layer: &Path, toplayer: Option<&Path>) -> Result<Filled> {
+        let Some(top) = toplayer else {
+            return Ok(Filled::Metadata);
+        };
         log::debug!("copying the top layer from {} into {}", top.display(), layer.display());
         let stats = kind.fill(src.image, src.store, layer, top)?;
         self.timeline.stage(
@@ -158,7 +160,11 @@ impl Boot {
             ),
         );
         stats.warnings.iter().for_each(|w| self.warn(w));
-        Ok(())
+        Ok(if stats.bytes > 0 {
+            Filled::Contents
+        } else {
+            Filled::Metadata
+        })
     }
 
     /// [`Kind::OverlayInMemory`]: the image under an overlay whose upper lives on a

@@ -4,10 +4,10 @@
 //! - overlay drivers: `NAME/{upper,work}` are the upper and work dirs of an overlayfs
 //!   whose lower dirs are the image's layers.
 //!
-//! A new layer is made as `NAME.new` and marked "making", filled (the top layer), synced,
-//! marked "complete, generation N", then swapped in with `renameat2(RENAME_EXCHANGE)` and
-//! synced again: at any instant `NAME` is either the old complete layer or the new
-//! complete one. The old one becomes `NAME.prev` (`layerboot.keep` of them are kept).
+//! A new layer is made as `NAME.new` and marked "making", filled (the top layer), synced
+//! if the fill wrote file contents, marked "complete, generation N", then swapped in with
+//! `renameat2(RENAME_EXCHANGE)` and synced: at any instant `NAME` is either the old
+//! complete layer or the new complete one. The old one becomes `NAME.prev` (`layerboot.keep` of them are kept).
 //! Only marked directories are ever exchanged, renamed or deleted, and a boot cut at any
 //! step is finished by the next ([`plan`] is the model; `docs/rotation.md` the argument).
 //! The image's own layers are only ever read.
@@ -37,6 +37,18 @@ pub use marks::{layer_image, write_mark, STATE_XATTR};
 use marks::{read_mark, unmarked_leftover, IMAGE_XATTR};
 pub use overlay::overlay_data;
 use plan::{Mark, Slot, State, Step};
+
+/// What filling a new layer wrote: whether it must be flushed before it is marked complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filled {
+    /// Nothing, or metadata only (directories, links, empty files, xattrs). ext4's journal
+    /// and btrfs's transactions keep metadata in order, so the "complete" mark written
+    /// after it never reaches the disk before it: no flush is needed.
+    Metadata,
+    /// File contents, which delayed allocation may write after metadata that came later:
+    /// flushed before the mark that vouches for them.
+    Contents,
+}
 
 /// Where an unmarked `NAME` from mkinitcpio-docker-hooks is moved aside, once.
 pub const ADOPTED_SUFFIX: &str = ".pre-layerboot";
@@ -186,7 +198,7 @@ impl Layers {
     }
 
     /// Makes a fresh `NAME.new` from `image`, fills it with `fill`, and swaps it in.
-    pub fn make_fresh(&mut self, image: &Image, fill: &mut dyn FnMut(&Path) -> Result<()>) -> Result<()> {
+    pub fn make_fresh(&mut self, image: &Image, fill: &mut dyn FnMut(&Path) -> Result<Filled>) -> Result<()> {
         let new = self.path(Slot::New);
         let generation = plan::next_generation(&self.state);
         Kind::of(Upper::Disk, image.driver).prepare(image, &new)?;
@@ -194,8 +206,11 @@ impl Layers {
         set_xattr(&new, STATE_XATTR, Mark::Making.encode().as_bytes())?;
         set_xattr(&new, IMAGE_XATTR, image.id.as_bytes())?;
         log::debug!("fresh layer made: {}", new.display());
-        fill(&new)?;
-        self.sync()?;
+        // With no top layer, this flush would only commit the two marks: on btrfs that is
+        // the snapshot's first change, a commit costing 9 ms of CPU under emulation.
+        if fill(&new)? == Filled::Contents {
+            self.sync()?;
+        }
         set_xattr(&new, STATE_XATTR, Mark::Complete(generation).encode().as_bytes())?;
         self.state.insert(Slot::New, Mark::Complete(generation));
         let mut steps = plan::install(&self.state, self.keep).into_iter();
@@ -221,7 +236,7 @@ impl Layers {
     /// deletes every kept generation (never `NAME`), waits for btrfs to free their space,
     /// and tries once more. Still full: the error, with ENOSPC, for the caller to fall
     /// back on a layer in memory.
-    pub fn make_fresh_or_prune(&mut self, image: &Image, fill: &mut dyn FnMut(&Path) -> Result<()>) -> Result<()> {
+    pub fn make_fresh_or_prune(&mut self, image: &Image, fill: &mut dyn FnMut(&Path) -> Result<Filled>) -> Result<()> {
         let first = self.make_fresh(image, fill);
         let Err(e) = first else { return Ok(()) };
         self.discard_new();
@@ -277,7 +292,7 @@ impl Layers {
     /// `layerboot.mode=keep`: copies the top layer into `NAME` itself. Marked
     /// "refreshing" first: a cut copy is done again by the next boot that keeps the layer,
     /// so `NAME` never boots with a half-copied top layer.
-    pub fn refresh_current(&mut self, fill: &mut dyn FnMut(&Path) -> Result<()>) -> Result<()> {
+    pub fn refresh_current(&mut self, fill: &mut dyn FnMut(&Path) -> Result<Filled>) -> Result<()> {
         let current = self.current();
         let Some(generation) = self.state.get(&Slot::Current).and_then(|m| m.generation()) else {
             return Err(Error::new(format!(
