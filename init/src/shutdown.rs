@@ -1,6 +1,6 @@
 //! The way back at shutdown: systemd's initrd shutdown interface.
 //!
-//! Before the switch, /init leaves a copy of itself as `/run/initramfs/shutdown`. At the
+//! Before the switch, /init leaves itself as `/run/initramfs/shutdown`. At the
 //! very end of a shutdown, systemd-shutdown pivots into `/run/initramfs` (the old root
 //! then at `/oldroot`, /dev /proc /sys /run bound in) and executes it as PID 1 with the
 //! verb (`reboot`, `poweroff`, `halt`, `kexec`). Only from there can the image's root
@@ -20,21 +20,27 @@ use crate::error::{Error, Result};
 use crate::mounts::{mount, remount_read_only_and_detach, unmount};
 
 pub const SHUTDOWN_DIR: &str = "/run/initramfs";
+/// Where the shutdown program and its directories are kept in the initramfs itself,
+/// bound at [`SHUTDOWN_DIR`]; emptying the initramfs at the switch leaves it.
+pub const SHUTDOWN_HOME: &str = "/.layerboot-shutdown";
 const OLD_ROOT: &str = "/oldroot";
 
-/// Leaves a copy of `program` (this /init) as `/run/initramfs/shutdown`, with the
-/// directories systemd-shutdown binds and pivots into.
-pub fn prepare(program: &Path) -> Result<()> {
-    let dir = Path::new(SHUTDOWN_DIR);
+/// Leaves `program` (this /init) as `shutdown` in `dir` (`/run/initramfs`), with the
+/// directories systemd-shutdown binds and pivots into: `home` (on the initramfs, beside
+/// `program`) holds them and a hard link to `program`, and is bound at `dir`. Linked,
+/// not copied: copying /init's 1.1 MB took 1.5 ms of CPU under emulation. systemd never
+/// unmounts what is under /run/initramfs, and binds it again itself before pivoting.
+pub fn prepare(program: &Path, home: &Path, dir: &Path) -> Result<()> {
     for d in ["oldroot", "proc", "sys", "dev", "run"] {
-        fs::create_dir_all(dir.join(d)).map_err(|e| Error::io("cannot create", dir.join(d), e))?;
+        fs::create_dir_all(home.join(d)).map_err(|e| Error::io("cannot create", home.join(d), e))?;
     }
-    let (tmp, dest) = (dir.join(".shutdown.tmp"), dir.join("shutdown"));
-    fs::copy(program, &tmp).map_err(|e| Error::io(&format!("cannot copy {} to", program.display()), &tmp, e))?;
-    fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .map_err(|e| Error::io("cannot chmod", &tmp, e))?;
-    // Executable only once complete: systemd-shutdown checks for it at the last moment.
-    fs::rename(&tmp, &dest).map_err(|e| Error::io("cannot rename", &dest, e))
+    let dest = home.join("shutdown");
+    if fs::symlink_metadata(&dest).is_err() {
+        // Executable from the start: a link appears whole, where a copy would not.
+        fs::hard_link(program, &dest)
+            .map_err(|e| Error::io(&format!("cannot link {} to", program.display()), &dest, e))?;
+    }
+    mount(home, dir, "", MountFlags::BIND, "")
 }
 
 /// Whether this process was started as the shutdown program (by its name).
@@ -167,5 +173,41 @@ mod tests {
             ]
         );
         assert!(is_shutdown("/shutdown") && is_shutdown("shutdown") && !is_shutdown("/init"));
+    }
+
+    /// What systemd-shutdown looks for: an executable `shutdown` in a directory it can
+    /// pivot into, which is /init itself (a link, not a copy), and stays after /init's
+    /// own name is gone (the switch empties the initramfs).
+    #[test]
+    fn the_shutdown_program_is_init_itself_bound_where_systemd_looks() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let t = tempfile::tempdir().unwrap();
+        let (init, home, dir) = (
+            t.path().join("init"),
+            t.path().join("home"),
+            t.path().join("run/initramfs"),
+        );
+        fs::write(&init, b"\x7fELF pretend").unwrap();
+        fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).unwrap();
+        prepare(&init, &home, &dir).unwrap();
+        let shutdown = fs::metadata(dir.join("shutdown")).unwrap();
+        assert_eq!(
+            shutdown.ino(),
+            fs::metadata(&init).unwrap().ino(),
+            "a link to /init, not a copy"
+        );
+        assert!(shutdown.permissions().mode() & 0o111 != 0);
+        for d in ["oldroot", "proc", "sys", "dev", "run"] {
+            assert!(dir.join(d).is_dir(), "{d}");
+        }
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !unmount_order(&info, &dir.to_string_lossy()).is_empty(),
+            "{} is a mount",
+            dir.display()
+        );
+        fs::remove_file(&init).unwrap();
+        assert!(dir.join("shutdown").is_file(), "still there once /init is deleted");
+        unmount(&dir).unwrap();
     }
 }

@@ -56,14 +56,16 @@ fn empty_initramfs(new_root: &Path) {
         return;
     }
     let Ok(root_md) = fs::symlink_metadata("/") else { return };
-    remove_children(Path::new("/"), root_md.dev(), new_root);
+    // The shutdown program stays: it is bound at /run/initramfs (see shutdown.rs).
+    let keep = [new_root, Path::new(crate::shutdown::SHUTDOWN_HOME)];
+    remove_children(Path::new("/"), root_md.dev(), &keep);
 }
 
-fn remove_children(dir: &Path, dev: u64, keep: &Path) {
+fn remove_children(dir: &Path, dev: u64, keep: &[&Path]) {
     let Ok(entries) = fs::read_dir(dir) else { return };
     for e in entries.flatten() {
         let p = e.path();
-        if p == keep {
+        if keep.contains(&p.as_path()) {
             continue;
         }
         let Ok(md) = fs::symlink_metadata(&p) else { continue };
@@ -124,6 +126,32 @@ fn resolve_in_root(root: &Path, path: &str) -> std::result::Result<Option<fs::Me
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn emptying_the_initramfs_keeps_the_new_root_and_the_shutdown_program() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        for d in ["sysroot/usr", "shutdown-home/run", "lib/modules/k"] {
+            fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for f in [
+            "init",
+            "sysroot/usr/keep",
+            "shutdown-home/shutdown",
+            "lib/modules/k/a.ko",
+        ] {
+            fs::write(root.join(f), "x").unwrap();
+        }
+        let dev = fs::metadata(root).unwrap().dev();
+        remove_children(root, dev, &[&root.join("sysroot"), &root.join("shutdown-home")]);
+        let mut left: Vec<String> = fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["shutdown-home", "sysroot"]);
+        assert!(root.join("sysroot/usr/keep").exists() && root.join("shutdown-home/shutdown").exists());
+    }
 
     #[test]
     fn the_images_init_is_found_through_its_links_inside_the_new_root_only() {

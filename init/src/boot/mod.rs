@@ -196,7 +196,8 @@ impl Boot {
     fn hand_over(&self, src: &Source) -> Result<()> {
         // Our own switch: leave the way back for a clean unmount at shutdown.
         if !self.hosted {
-            if let Err(e) = crate::shutdown::prepare(Path::new("/init")) {
+            use crate::shutdown::{prepare, SHUTDOWN_DIR, SHUTDOWN_HOME};
+            if let Err(e) = prepare(Path::new("/init"), Path::new(SHUTDOWN_HOME), Path::new(SHUTDOWN_DIR)) {
                 self.warn(&format!(
                     "{e}: the store's filesystem will not be unmounted cleanly at shutdown"
                 ));
