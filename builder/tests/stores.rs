@@ -190,7 +190,7 @@ fn podman_store_resolves_docker_and_podman_spellings() {
     assert!(img
         .layers
         .iter()
-        .all(|l| l.dir.starts_with(s.root().join("overlay")) && l.link.is_some()));
+        .all(|l| l.dir.starts_with(s.root().join("overlay")) && l.short_link().is_some()));
 }
 
 #[test]
@@ -461,10 +461,7 @@ fn overlay2_fixture_really_has_whiteouts_and_opaque_dirs() {
         whiteout && opaque && base_has_it,
         "whiteout {whiteout}, opaque {opaque}, base file {base_has_it}"
     );
-    assert!(img
-        .layers
-        .iter()
-        .all(|l| l.link.as_ref().is_some_and(|k| k.len() == 26)));
+    assert!(img.layers.iter().all(|l| l.short_link().is_some_and(|k| k.len() == 26)));
 }
 
 fn layerboot(args: &[&str]) -> std::process::Output {

@@ -1,6 +1,7 @@
-//! Many-layer overlay2 images: the mount options name layers by their short `l/` links
-//! relative to the driver's home, so 130 layers fit in the one page mount(2) takes;
-//! beyond that the error says why and what to do. Mounted for real (needs root).
+//! Overlay2 images' mount options: a usual image's layers by their full names relative to
+//! the driver's home (no `link` files read); a many-layer one's by their short `l/`
+//! links, so 130 layers fit in the one page mount(2) takes; beyond that the error says
+//! why and what to do. Mounted for real (needs root).
 
 use std::fs;
 use std::path::Path;
@@ -21,12 +22,14 @@ fn image_with_layers(home: &Path, n: usize, links: bool) -> Image {
         fs::write(diff.join(format!("f{i}")), i.to_string()).unwrap();
         let link = format!("{:0>26}", format!("L{i}"));
         std::os::unix::fs::symlink(format!("../{cache_id}/diff"), home.join("l").join(&link)).unwrap();
+        if links {
+            fs::write(home.join(&cache_id).join("link"), &link).unwrap();
+        }
         layers.push(Layer {
             chain_id: String::new(),
             diff_id: String::new(),
             cache_id,
             dir: diff,
-            link: links.then_some(link),
         });
     }
     Image {
@@ -37,6 +40,40 @@ fn image_with_layers(home: &Path, n: usize, links: bool) -> Image {
         refs: vec![],
         namespace: None,
     }
+}
+
+/// Mounts `data` (relative to `home`) at `target`; the files seen there, and `f<top>`'s text.
+fn mount_and_look(home: &Path, target: &Path, data: &str, top: usize) -> (usize, String) {
+    let cwd = std::env::current_dir().unwrap();
+    std::env::set_current_dir(home).unwrap();
+    let mounted = mount(Path::new("overlay"), target, "overlay", MountFlags::empty(), data);
+    std::env::set_current_dir(cwd).unwrap();
+    mounted.unwrap();
+    let files = fs::read_dir(target).unwrap().count();
+    let text = fs::read_to_string(target.join(format!("f{top}"))).unwrap();
+    unmount(target).unwrap();
+    (files, text)
+}
+
+#[test]
+fn a_usual_image_is_mounted_by_full_names_without_reading_its_links() {
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("overlay2");
+    let img = image_with_layers(&home, 7, true);
+    // A damaged link file would be refused if read; it is not needed at all.
+    fs::write(home.join(&img.layers[0].cache_id).join("link"), "../../etc").unwrap();
+    let rw = t.path().join("layerboot-rw");
+    fs::create_dir_all(rw.join("upper")).unwrap();
+    fs::create_dir_all(rw.join("work")).unwrap();
+    let data = overlay_data(&img, &home, &rw.join("upper"), &rw.join("work")).unwrap();
+    assert!(
+        data.starts_with(&format!("lowerdir={}/diff:", img.layers[0].cache_id)) && !data.contains("l/"),
+        "{data}"
+    );
+    assert_eq!(
+        mount_and_look(&home, &t.path().join("root"), &data, 6),
+        (7, "6".to_string())
+    );
 }
 
 #[test]
@@ -54,16 +91,10 @@ fn a_130_layer_image_mounts_and_a_longer_one_is_refused_clearly() {
         data.len()
     );
 
-    let target = t.path().join("root");
-    let cwd = std::env::current_dir().unwrap();
-    std::env::set_current_dir(&home).unwrap();
-    let mounted = mount(Path::new("overlay"), &target, "overlay", MountFlags::empty(), &data);
-    std::env::set_current_dir(cwd).unwrap();
-    mounted.unwrap();
-    let files = fs::read_dir(&target).unwrap().count();
-    let top = fs::read_to_string(target.join("f129")).unwrap();
-    unmount(&target).unwrap();
-    assert_eq!((files, top.as_str()), (130, "129"));
+    assert_eq!(
+        mount_and_look(&home, &t.path().join("root"), &data, 129),
+        (130, "129".to_string())
+    );
 
     // Without the short links (a damaged store) the names are too long for one page.
     let img = image_with_layers(&t.path().join("other"), 130, false);

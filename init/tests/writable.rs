@@ -59,7 +59,6 @@ fn image(top: &Path, driver: Driver) -> Image {
         diff_id: String::new(),
         cache_id: "c".repeat(64),
         dir: top.to_path_buf(),
-        link: None,
     };
     Image {
         id: format!("sha256:{}", "a".repeat(64)),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{diff_ids, edit_distance, read, short_link, Backend, Driver, Engine, Image, ImageEntry, Layer};
+use super::{diff_ids, edit_distance, read, Backend, Driver, Engine, Image, ImageEntry, Layer};
 use crate::digest::{chain_ids, is_hex64, sha256_hex, sha256_of};
 use crate::error::{Error, Result};
 use crate::reference::Reference;
@@ -257,14 +257,10 @@ impl Docker<'_> {
                 cache_id.chars().take(80).collect::<String>()
             )));
         }
-        let (dir, link) = match self.driver {
-            Driver::Btrfs => (self.root.join("btrfs/subvolumes").join(&cache_id), None),
-            Driver::Vfs => (self.root.join("vfs/dir").join(&cache_id), None),
-            Driver::Overlay2 => {
-                let home = self.root.join("overlay2").join(&cache_id);
-                let link = short_link(&home);
-                (home.join("diff"), link)
-            }
+        let dir = match self.driver {
+            Driver::Btrfs => self.root.join("btrfs/subvolumes").join(&cache_id),
+            Driver::Vfs => self.root.join("vfs/dir").join(&cache_id),
+            Driver::Overlay2 => self.root.join("overlay2").join(&cache_id).join("diff"),
         };
         if !dir.is_dir() {
             return Err(Error::new(format!(
@@ -278,7 +274,6 @@ impl Docker<'_> {
             diff_id: diff_id.to_string(),
             cache_id,
             dir,
-            link,
         })
     }
 }

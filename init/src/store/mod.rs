@@ -54,8 +54,18 @@ pub struct Layer {
     pub cache_id: String,
     /// btrfs: the subvolume (whole tree); overlay2: the `diff` directory (changes only).
     pub dir: PathBuf,
-    /// overlay2: the short name under `overlay2/l/` that links to `dir`.
-    pub link: Option<String>,
+}
+
+impl Layer {
+    /// overlay2 (Docker's and podman's): the short name under the driver's `l/` that links
+    /// to `dir`, from the `link` file beside it, if it is a sane one (letters and digits:
+    /// it becomes part of the overlay's mount options). Read only when the full names do
+    /// not fit those options.
+    pub fn short_link(&self) -> Option<String> {
+        let raw = read_bounded(&self.dir.parent()?.join("link"), 256).ok()?;
+        let link = String::from_utf8(raw).ok()?.trim().to_string();
+        (!link.is_empty() && link.bytes().all(|b| b.is_ascii_alphanumeric())).then_some(link)
+    }
 }
 
 /// A resolved image: its ID, config, and layers **topmost first**.
@@ -259,7 +269,9 @@ pub(super) fn read(path: &Path) -> Result<Vec<u8>> {
 pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
     use std::io::Read;
     let file = fs::File::open(path).map_err(|e| Error::io("cannot read", path, e))?;
-    let mut data = Vec::new();
+    // Room for the usual store file (an ID, a config) in the first read: from an empty
+    // buffer, read_to_end starts with a 32-byte read and grows from there.
+    let mut data = Vec::with_capacity(8192);
     file.take(max + 1)
         .read_to_end(&mut data)
         .map_err(|e| Error::io("cannot read", path, e))?;
@@ -271,14 +283,6 @@ pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
         )));
     }
     Ok(data)
-}
-
-/// An overlay layer's short `l/` link name, if it has a sane one (a short name of
-/// letters and digits: it becomes part of the overlay's mount options).
-pub(super) fn short_link(layer_home: &Path) -> Option<String> {
-    let raw = read_bounded(&layer_home.join("link"), 256).ok()?;
-    let link = String::from_utf8(raw).ok()?.trim().to_string();
-    (!link.is_empty() && link.bytes().all(|b| b.is_ascii_alphanumeric())).then_some(link)
 }
 
 /// Levenshtein distance, to suggest the closest image name.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{edit_distance, read, short_link, Backend, Driver, Engine, Image, ImageEntry, Layer};
+use super::{edit_distance, read, Backend, Driver, Engine, Image, ImageEntry, Layer};
 use crate::digest::is_hex64;
 use crate::error::{Error, Result};
 use crate::reference::Reference;
@@ -218,7 +218,6 @@ impl Podman<'_> {
             if layer.flags.get("incomplete").and_then(|v| v.as_bool()) == Some(true) {
                 return Err(Error::new(format!("layer {id} of image {} is incomplete: podman was interrupted while writing or removing it (fix: podman pull / load the image again)", image.id)));
             }
-            let home = self.driver_home().join(&id);
             let dir = self.driver_home().join(layer_dir(self.driver, &id));
             if !dir.is_dir() {
                 return Err(Error::new(format!(
@@ -226,13 +225,11 @@ impl Podman<'_> {
                     dir.display()
                 )));
             }
-            let link = short_link(&home);
             layers.push(Layer {
                 chain_id: String::new(),
                 diff_id: String::new(),
                 cache_id: id.clone(),
                 dir,
-                link,
             });
             next = layer.parent.clone();
         }

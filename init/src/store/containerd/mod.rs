@@ -315,7 +315,6 @@ impl Containerd<'_> {
                 diff_id: i.map(|i| diff_ids[i].clone()).unwrap_or_default(),
                 cache_id: snap.id.to_string(),
                 dir,
-                link: None,
             });
             if layers.len() > chains.len() {
                 return Err(Error::new(format!(
