@@ -28,7 +28,9 @@ pub struct ModuleIndex {
     /// … and against these, whose literal start is shorter (`pci:v*d*sv*sd*bc01sc06i01*`,
     /// `acpi*:80860F14:*`), in file order.
     short: Vec<usize>,
-    builtin: BTreeSet<String>,
+    /// Sorted and unique: searched by bisection (the builder writes it sorted, so reading
+    /// it is one pass, not 186 tree insertions).
+    builtin: Vec<String>,
 }
 
 /// How many leading bytes of a modalias choose the patterns it is matched against: the
@@ -54,16 +56,16 @@ pub struct Step {
 
 /// `kernel/fs/btrfs/btrfs.ko.zst` → `btrfs`; `crc32c-intel` → `crc32c_intel`.
 pub fn module_name(path_or_name: &str) -> String {
-    let base = path_or_name.rsplit('/').next().unwrap_or(path_or_name);
-    // One allocation, no substring searcher: this runs for every line of the index at boot.
-    let end = base
-        .as_bytes()
-        .windows(3)
-        .position(|w| w == b".ko")
+    // On bytes, one allocation, no substring searcher: this runs for every line of
+    // modules.dep and modules.builtin at boot. '/', '.', '-' and '_' are ASCII, so the
+    // cuts and the swap keep the text valid UTF-8.
+    let bytes = path_or_name.as_bytes();
+    let base = &bytes[bytes.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1)..];
+    let end = (0..base.len().saturating_sub(2))
+        .find(|&i| base[i..i + 3] == *b".ko")
         .unwrap_or(base.len());
-    let mut name = String::with_capacity(end);
-    name.extend(base[..end].chars().map(|c| if c == '-' { '_' } else { c }));
-    name
+    let name: Vec<u8> = base[..end].iter().map(|&b| if b == b'-' { b'_' } else { b }).collect();
+    String::from_utf8(name).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 impl ModuleIndex {
@@ -138,6 +140,8 @@ impl ModuleIndex {
             .filter(|l| !l.trim().is_empty())
             .map(module_name)
             .collect();
+        idx.builtin.sort_unstable();
+        idx.builtin.dedup();
         idx
     }
 
@@ -146,7 +150,7 @@ impl ModuleIndex {
     }
 
     pub fn is_builtin(&self, name: &str) -> bool {
-        self.builtin.contains(&module_name(name))
+        self.builtin.binary_search(&module_name(name)).is_ok()
     }
 
     /// Whether module `name` can work on the CPU whose modalias (`/sys/devices/system/cpu/modalias`)
@@ -289,12 +293,18 @@ impl ModuleIndex {
                 soft.push('\n');
             }
         }
-        let alias: String = self
+        // Sorted by pattern: /init sorts the patterns it indexes as it reads them, and a
+        // sorted run costs it one pass instead of a sort (0.5 ms under emulation). Which
+        // modules an alias names does not depend on the order.
+        let mut lines: Vec<(&str, &str)> = self
             .aliases
             .iter()
             .filter(|a| names.contains(&module_name(self.module_of(a))))
-            .map(|a| format!("alias {} {}\n", self.pattern_of(a), self.module_of(a)))
+            .map(|a| (self.pattern_of(a), self.module_of(a)))
             .collect();
+        lines.sort_unstable();
+        lines.dedup();
+        let alias: String = lines.iter().map(|(p, m)| format!("alias {p} {m}\n")).collect();
         let builtin: String = self.builtin.iter().map(|m| format!("{m}\n")).collect();
         BTreeMap::from([
             ("modules.dep", dep),
@@ -426,6 +436,33 @@ kernel/drivers/virtio/virtio_ring.ko:
             ]
         );
         assert_eq!(order.last().unwrap().path, "kernel/fs/btrfs/btrfs.ko");
+    }
+
+    #[test]
+    fn module_names_come_from_paths_and_aliases_as_modprobe_spells_them() {
+        for (given, name) in [
+            ("kernel/fs/btrfs/btrfs.ko.zst", "btrfs"),
+            ("crc32c-intel", "crc32c_intel"),
+            ("kernel/drivers/ata/pata_it8213.ko", "pata_it8213"),
+            ("a/b/", ""),
+            (".ko", ""),
+            ("ko", "ko"),
+            ("x.k", "x.k"),
+            ("é-ü.ko.xz", "é_ü"),
+        ] {
+            assert_eq!(module_name(given), name, "{given}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The byte-wise cut agrees with the plain reading: the text after the last '/',
+        /// up to the first ".ko", with '-' as '_'.
+        #[test]
+        fn module_name_agrees_with_the_plain_reading(s in "[a-z/._é-]{0,24}") {
+            let base = s.rsplit('/').next().unwrap();
+            let plain = base[..base.find(".ko").unwrap_or(base.len())].replace('-', "_");
+            proptest::prop_assert_eq!(module_name(&s), plain);
+        }
     }
 
     #[test]
