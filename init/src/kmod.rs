@@ -26,8 +26,10 @@ pub struct ModuleIndex {
     /// patterns that begin as it does (`pci:v00008086`, `usb:v0BC2p20`) …
     by_key: Vec<([u8; KEY], usize)>,
     /// … and against these, whose literal start is shorter (`pci:v*d*sv*sd*bc01sc06i01*`,
-    /// `acpi*:80860F14:*`), in file order.
-    short: Vec<usize>,
+    /// `acpi*:80860F14:*`), by their first byte (0 for a pattern that starts with a
+    /// wildcard, which any text may match) and position: only those that begin with
+    /// the text's first byte are tried.
+    short: Vec<(u8, usize)>,
     /// Sorted and unique: searched by bisection (the builder writes it sorted, so reading
     /// it is one pass, not 186 tree insertions).
     builtin: Vec<String>,
@@ -130,11 +132,19 @@ impl ModuleIndex {
         for (i, a) in idx.aliases.iter().enumerate() {
             match idx.alias_text.as_bytes()[a.pattern.0..a.pattern.1].first_chunk::<KEY>() {
                 Some(key) if a.literal >= KEY => idx.by_key.push((*key, i)),
-                _ => idx.short.push(i),
+                _ => {
+                    let first = if a.literal == 0 {
+                        0
+                    } else {
+                        idx.alias_text.as_bytes()[a.pattern.0]
+                    };
+                    idx.short.push((first, i))
+                }
             }
         }
         // Keys copied out and positions unique: a plain sort, the cheapest there is.
         idx.by_key.sort_unstable();
+        idx.short.sort_unstable();
         idx.builtin = builtin
             .lines()
             .filter(|l| !l.trim().is_empty())
@@ -186,7 +196,15 @@ impl ModuleIndex {
         }
         // The patterns that can match: those that begin as the text does, and the short ones.
         let text = name_or_alias.as_bytes();
-        let mut candidates: Vec<usize> = self.short.clone();
+        let starting = |first: u8| {
+            let from = self.short.partition_point(|&(f, _)| f < first);
+            let to = self.short.partition_point(|&(f, _)| f <= first);
+            self.short[from..to].iter().map(|&(_, i)| i)
+        };
+        let mut candidates: Vec<usize> = starting(0).collect();
+        if let Some(&first) = text.first().filter(|&&b| b != 0) {
+            candidates.extend(starting(first));
+        }
         if let Some(start) = text.first_chunk::<KEY>() {
             let from = self.by_key.partition_point(|(key, _)| key < start);
             let to = self.by_key.partition_point(|(key, _)| key <= start);
