@@ -39,6 +39,9 @@ pub(super) fn graphdriver_stores(root: &Path) -> Vec<Driver> {
 
 fn detect(root: &Path) -> Option<Result<super::Detected>> {
     let found = graphdriver_stores(root);
+    if let [d] = found.as_slice() {
+        return Some(Ok((root.to_path_buf(), *d)));
+    }
     // With both present (a driver switch), Docker uses the one whose data dir is in use.
     let in_use: Vec<Driver> = found
         .iter()
@@ -47,7 +50,7 @@ fn detect(root: &Path) -> Option<Result<super::Detected>> {
         .collect();
     match (found.as_slice(), in_use.as_slice()) {
         ([], _) => None,
-        ([d], _) | (_, [d]) => Some(Ok((root.to_path_buf(), *d))),
+        (_, [d]) => Some(Ok((root.to_path_buf(), *d))),
         _ => Some(Err(Error::new(format!(
             "{} holds image stores of several drivers in use ({}); remove the ones the engine no longer uses",
             root.display(),
