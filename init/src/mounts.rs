@@ -73,6 +73,82 @@ pub fn mount(source: &Path, target: &Path, fstype: &str, flags: MountFlags, data
     })
 }
 
+/// `mount -t fstype -o options source target` with options as a user writes them
+/// (`rootflags=`, `toplayerflags=`): see [`UserOptions`]. `base` are the flags /init
+/// mounts with anyway (read-only, say), which the options add to.
+pub fn mount_with_options(
+    source: &Path,
+    target: &Path,
+    fstype: &str,
+    base: MountFlags,
+    options: &[String],
+) -> Result<()> {
+    let options = UserOptions::parse(options);
+    mount(source, target, fstype, options.flags(base), &options.data())
+}
+
+/// Mount options split as mount(8) splits them: the per-mount flags (`noatime`, `nodev`,
+/// `nosuid`, `noexec`, …) become mount flags, the rest goes to the filesystem as data.
+/// The kernel reads `ro`, `rw`, `sync` and the like from the data itself, but not the
+/// per-mount flags: btrfs refuses `noatime` as an unknown option, and initramfs-tools
+/// and dracut accept it in `rootflags=`.
+#[derive(Debug, PartialEq)]
+pub struct UserOptions {
+    set: MountFlags,
+    cleared: MountFlags,
+    data: Vec<String>,
+}
+
+impl UserOptions {
+    pub fn parse(options: &[String]) -> UserOptions {
+        let atime = MountFlags::NOATIME | MountFlags::RELATIME | MountFlags::STRICTATIME;
+        let mut o = UserOptions {
+            set: MountFlags::empty(),
+            cleared: MountFlags::empty(),
+            data: Vec::new(),
+        };
+        for option in options {
+            // (flags set, flags cleared): as with mount(8), a later word wins.
+            let (set, cleared) = match option.as_str() {
+                "nosuid" => (MountFlags::NOSUID, MountFlags::empty()),
+                "suid" => (MountFlags::empty(), MountFlags::NOSUID),
+                "nodev" => (MountFlags::NODEV, MountFlags::empty()),
+                "dev" => (MountFlags::empty(), MountFlags::NODEV),
+                "noexec" => (MountFlags::NOEXEC, MountFlags::empty()),
+                "exec" => (MountFlags::empty(), MountFlags::NOEXEC),
+                "nodiratime" => (MountFlags::NODIRATIME, MountFlags::empty()),
+                "diratime" => (MountFlags::empty(), MountFlags::NODIRATIME),
+                // One access-time policy at a time: the last one named.
+                "noatime" => (MountFlags::NOATIME, atime - MountFlags::NOATIME),
+                "relatime" => (MountFlags::RELATIME, atime - MountFlags::RELATIME),
+                "strictatime" => (MountFlags::STRICTATIME, atime - MountFlags::STRICTATIME),
+                "atime" => (MountFlags::empty(), MountFlags::NOATIME),
+                "norelatime" => (MountFlags::empty(), MountFlags::RELATIME),
+                "nostrictatime" => (MountFlags::empty(), MountFlags::STRICTATIME),
+                // fstab's words for "nothing special", which no filesystem takes as data.
+                "defaults" => continue,
+                _ => {
+                    o.data.push(option.clone());
+                    continue;
+                }
+            };
+            o.set = (o.set - cleared) | set;
+            o.cleared = (o.cleared - set) | cleared;
+        }
+        o
+    }
+
+    /// The flags to mount with: `base`, with the options' flags set or cleared.
+    pub fn flags(&self, base: MountFlags) -> MountFlags {
+        (base - self.cleared) | self.set
+    }
+
+    /// What goes to the filesystem, comma-separated.
+    pub fn data(&self) -> String {
+        self.data.join(",")
+    }
+}
+
 /// `mount --move source target`.
 pub fn move_mount(source: &Path, target: &Path) -> Result<()> {
     Mount::builder()
@@ -116,4 +192,41 @@ pub fn remount_read_only_and_detach(target: &Path) {
 pub fn unmount(target: &Path) -> Result<()> {
     sys_mount::unmount(target, UnmountFlags::empty())
         .map_err(|e| Error::new(format!("cannot unmount {}: {e}", target.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(options: &str) -> UserOptions {
+        UserOptions::parse(&options.split(',').map(str::to_string).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn per_mount_flags_become_flags_and_the_rest_stays_data() {
+        let o = parse("noatime,compress=zstd,nodev,defaults,ro,subvolid=5");
+        assert_eq!(o.flags(MountFlags::empty()), MountFlags::NOATIME | MountFlags::NODEV);
+        // `ro` the kernel reads from the data itself.
+        assert_eq!(o.data(), "compress=zstd,ro,subvolid=5");
+    }
+
+    #[test]
+    fn a_later_word_wins_and_base_flags_are_kept_unless_cleared() {
+        assert_eq!(parse("noatime,relatime").flags(MountFlags::empty()), MountFlags::RELATIME);
+        assert_eq!(parse("strictatime,noatime").flags(MountFlags::empty()), MountFlags::NOATIME);
+        assert_eq!(parse("nodev,dev").flags(MountFlags::empty()), MountFlags::empty());
+        assert_eq!(parse("dev,nodev").flags(MountFlags::empty()), MountFlags::NODEV);
+        assert_eq!(
+            parse("nosuid").flags(MountFlags::RDONLY | MountFlags::NOEXEC),
+            MountFlags::RDONLY | MountFlags::NOEXEC | MountFlags::NOSUID
+        );
+        assert_eq!(parse("exec").flags(MountFlags::NOEXEC), MountFlags::empty());
+        assert_eq!(parse("atime").flags(MountFlags::NOATIME), MountFlags::empty());
+    }
+
+    #[test]
+    fn no_options_is_no_data() {
+        let o = UserOptions::parse(&[]);
+        assert_eq!((o.flags(MountFlags::RDONLY), o.data()), (MountFlags::RDONLY, String::new()));
+    }
 }

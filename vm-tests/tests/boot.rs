@@ -157,12 +157,21 @@ fn btrfs_store_boots_the_image_with_a_fresh_snapshot_each_time() {
     let demo_id = ids.lines().find_map(|l| l.strip_prefix("DEMO_ID=")).unwrap();
     assert!(r["booted"].contains(demo_id), "{}", r["booted"]);
 
-    // Boot 2 picks the other tag from the command line, with the same initramfs.
-    let cmdline = format!("{base} docker_image=layerboot/demo:v2");
+    // Boot 2 picks the other tag from the command line, with the same initramfs, and
+    // per-mount flags in rootflags= as initramfs-tools users write them (btrfs refuses
+    // them as filesystem options: they must become mount flags).
+    let flagged = base.replace("rootflags=subvol=lb-rw", "rootflags=subvol=lb-rw,noatime,nodev");
+    let cmdline = format!("{flagged} docker_image=layerboot/demo:v2");
     let console = Qemu::new(vec![disk.clone()], cmdline, dir.join("boot2.log")).run();
     no_panic(&console);
     let r = report(&console);
     common_checks(&r, "vm-btrfs", "v2");
+    let options: Vec<&str> = r["root"].split([' ', ',']).collect();
+    assert!(
+        options.contains(&"noatime") && options.contains(&"nodev") && options.contains(&"subvol=/lb-rw"),
+        "rootflags=…,noatime,nodev on the root: {}",
+        r["root"]
+    );
 
     {
         let _m = LoopMount::new(&disk, &dir.join("mnt"), true);

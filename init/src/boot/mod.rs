@@ -25,7 +25,7 @@ use sys_mount::MountFlags;
 
 use crate::console::say;
 use crate::error::{Context, Error, Result};
-use crate::mounts::mount;
+use crate::mounts::{mount, mount_with_options};
 use crate::probe::BlockDevice;
 use crate::settings::{arg, legacy_image, parse_cmdline, Config, Settings, Upper, CONFIG_PATH, LEGACY_CONFIG_PATH};
 use crate::store::{Driver, Image, Store};
@@ -159,7 +159,7 @@ impl Boot {
             MountFlags::empty()
         };
         let options = store_options(&dev.fstype, &settings.root_flags);
-        mount(&dev.device.node, Path::new(STORE_MOUNT), &dev.fstype, flags, &options)
+        mount_with_options(&dev.device.node, Path::new(STORE_MOUNT), &dev.fstype, flags, &options)
             .context("mounting the image store partition (root=)")?;
         self.timeline.mark("store partition mounted");
         let store = Store::open(Path::new(STORE_MOUNT).join(&settings.docker_path))
@@ -285,12 +285,12 @@ fn read_config() -> Result<Config> {
 
 /// btrfs: mount the top level (subvolid=5), where `docker_path` and the writable layers
 /// live, unless the user named a subvolume id.
-fn store_options(fstype: &str, flags: &[String]) -> String {
+fn store_options(fstype: &str, flags: &[String]) -> Vec<String> {
     let mut opts: Vec<String> = flags.to_vec();
     if fstype == "btrfs" && !opts.iter().any(|o| o.starts_with("subvolid=")) {
         opts.push("subvolid=5".to_string());
     }
-    opts.join(",")
+    opts
 }
 
 /// `/run/layerboot/booted.json`: which image and layer this boot came from, for the booted
@@ -318,9 +318,9 @@ mod tests {
     fn btrfs_store_is_mounted_at_its_top_level() {
         assert_eq!(
             store_options("btrfs", &["compress=zstd".into()]),
-            "compress=zstd,subvolid=5"
+            ["compress=zstd", "subvolid=5"]
         );
-        assert_eq!(store_options("btrfs", &["subvolid=256".into()]), "subvolid=256");
-        assert_eq!(store_options("ext4", &[]), "");
+        assert_eq!(store_options("btrfs", &["subvolid=256".into()]), ["subvolid=256"]);
+        assert!(store_options("ext4", &[]).is_empty());
     }
 }

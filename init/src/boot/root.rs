@@ -12,7 +12,7 @@ use super::devices::Hardware;
 use super::{Boot, STORE_MOUNT};
 use crate::console::say;
 use crate::error::{Context, Error, Result};
-use crate::mounts::{mount, unmount};
+use crate::mounts::{mount, mount_with_options, unmount};
 use crate::probe::BlockDevice;
 use crate::settings::{arg, LayerMode, Settings};
 use crate::store::{Image, Store};
@@ -41,12 +41,12 @@ impl Boot {
             let dev = hw.wait_for(arg::TOPLAYER, spec, s.timeout)?;
             let fstype = super::filesystem_of(&dev, &s.toplayer_fstype, "toplayerfstype=")?;
             hw.ensure_filesystem(&fstype)?;
-            mount(
+            mount_with_options(
                 &dev.node,
                 Path::new(TOPLAYER_MOUNT),
                 &fstype,
                 MountFlags::RDONLY,
-                &s.toplayer_flags.join(","),
+                &s.toplayer_flags,
             )
             .context("mounting the top layer (toplayer=)")?;
             PathBuf::from(TOPLAYER_MOUNT)

@@ -13,7 +13,7 @@ use super::overlay::overlay_data;
 use crate::btrfs;
 use crate::copy::{copy_tree, CopyStats};
 use crate::error::{Error, Result};
-use crate::mounts::{mount, unmount};
+use crate::mounts::{mount, mount_with_options, unmount};
 use crate::settings::Upper;
 use crate::store::{Driver, Image, Store};
 
@@ -88,7 +88,7 @@ impl Kind {
                 let mut opts = vec![format!("subvol=/{name}")];
                 // subvolid= would name the store's subvolume, not the snapshot.
                 opts.extend(src.root_flags.iter().filter(|f| !f.starts_with("subvolid=")).cloned());
-                mount(src.device, target, "btrfs", ro, &opts.join(","))
+                mount_with_options(src.device, target, "btrfs", ro, &opts)
             }
             Kind::OverlayOnDisk | Kind::OverlayInMemory => mount_overlay(src.image, src.store, dir, target, ro),
         }
