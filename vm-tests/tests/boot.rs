@@ -49,7 +49,29 @@ fn layer_dirs(data_root: &Path, args: &[&str], reference: &str) -> Vec<(String, 
         .collect()
 }
 
-/// The image layers in the booted copy are file-for-file those of the pristine fixture.
+/// Every file's access time under `dir`: reading must not write them.
+fn access_times(dir: &Path) -> BTreeMap<String, (i64, i64)> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            out.insert(
+                p.strip_prefix(dir).unwrap().display().to_string(),
+                (md.atime(), md.atime_nsec()),
+            );
+            if md.is_dir() {
+                todo.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// The image layers in the booted copy are file-for-file those of the pristine fixture,
+/// and the image metadata /init read (tags, configs, layer records) kept even its access
+/// times: the store is read, never written.
 fn assert_store_untouched(driver: &str, disk: &Path, dir: &Path) {
     assert_layers_untouched(
         driver,
@@ -58,6 +80,21 @@ fn assert_store_untouched(driver: &str, disk: &Path, dir: &Path) {
         disk,
         dir,
         &["layerboot/demo:latest", "layerboot/demo:v2"],
+    );
+    let _m = LoopMount::new(disk, &dir.join("check"), true);
+    let meta = Path::new("var/lib/docker/image").join(driver);
+    let (pristine, booted) = (
+        access_times(&fixtures().join("mnt").join(driver).join(&meta)),
+        access_times(&dir.join("check").join(&meta)),
+    );
+    let touched: Vec<&String> = pristine
+        .iter()
+        .filter(|(k, v)| booted.get(*k) != Some(v))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        touched.is_empty(),
+        "{driver}: booting wrote the access times of {touched:?}"
     );
 }
 

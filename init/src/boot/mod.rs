@@ -152,11 +152,13 @@ impl Boot {
 
     /// Step 3: mounts the store's partition at its top level and finds the image in it.
     fn open_store(&self, settings: &Settings, dev: &StoreDevice, hw: &mut Hardware) -> Result<(Store, Image)> {
-        // With the upper on tmpfs the store partition is only read.
+        // Reading the store must not write it: no access times (on btrfs each would copy
+        // the store's metadata on write, and the flushes before the switch would wait for
+        // it). With the upper on tmpfs the store partition is only read.
         let flags = if settings.upper == Upper::Tmpfs {
-            MountFlags::RDONLY
+            MountFlags::RDONLY | MountFlags::NOATIME
         } else {
-            MountFlags::empty()
+            MountFlags::NOATIME
         };
         let options = store_options(&dev.fstype, &settings.root_flags);
         mount_with_options(&dev.device.node, Path::new(STORE_MOUNT), &dev.fstype, flags, &options)
