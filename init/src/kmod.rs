@@ -30,9 +30,10 @@ pub struct ModuleIndex {
     /// wildcard, which any text may match) and position: only those that begin with
     /// the text's first byte are tried.
     short: Vec<(u8, usize)>,
-    /// Sorted and unique: searched by bisection (the builder writes it sorted, so reading
-    /// it is one pass, not 186 tree insertions).
-    builtin: Vec<String>,
+    /// modules.builtin as read, its names sorted and unique only when first asked
+    /// (bisection then): a boot whose modules are all in modules.dep never asks.
+    builtin_text: String,
+    builtin: std::cell::OnceCell<Vec<String>>,
 }
 
 /// How many leading bytes of a modalias choose the patterns it is matched against: the
@@ -145,14 +146,23 @@ impl ModuleIndex {
         // Keys copied out and positions unique: a plain sort, the cheapest there is.
         idx.by_key.sort_unstable();
         idx.short.sort_unstable();
-        idx.builtin = builtin
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(module_name)
-            .collect();
-        idx.builtin.sort_unstable();
-        idx.builtin.dedup();
+        idx.builtin_text = builtin.to_string();
         idx
+    }
+
+    /// The built-in module names, sorted and unique.
+    fn builtin(&self) -> &[String] {
+        self.builtin.get_or_init(|| {
+            let mut names: Vec<String> = self
+                .builtin_text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(module_name)
+                .collect();
+            names.sort_unstable();
+            names.dedup();
+            names
+        })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -160,7 +170,7 @@ impl ModuleIndex {
     }
 
     pub fn is_builtin(&self, name: &str) -> bool {
-        self.builtin.binary_search(&module_name(name)).is_ok()
+        self.builtin().binary_search(&module_name(name)).is_ok()
     }
 
     /// Whether module `name` can work on the CPU whose modalias (`/sys/devices/system/cpu/modalias`)
@@ -323,7 +333,7 @@ impl ModuleIndex {
         lines.sort_unstable();
         lines.dedup();
         let alias: String = lines.iter().map(|(p, m)| format!("alias {p} {m}\n")).collect();
-        let builtin: String = self.builtin.iter().map(|m| format!("{m}\n")).collect();
+        let builtin: String = self.builtin().iter().map(|m| format!("{m}\n")).collect();
         BTreeMap::from([
             ("modules.dep", dep),
             ("modules.softdep", soft),
