@@ -281,11 +281,11 @@ fn main() {
         let (own, spread) = summary(&measured.iter().map(|r| r.own_work[i]).collect::<Vec<_>>());
         if icount {
             println!(
-                "/init's own work ({driver}): {own:.0} million guest instructions (median, spread {spread:.0}; goal <= 10: {})",
+                "/init's own work ({driver}): {own:.1} million guest instructions (median, spread {spread:.1}; goal <= 10: {})",
                 if own <= 10.0 { "met" } else { "MISSED" }
             );
         } else {
-            println!("/init's own work ({driver}): {own:.0} ms CPU (median, spread {spread:.0})");
+            println!("/init's own work ({driver}): {own:.1} ms CPU (median, spread {spread:.1})");
         }
     }
 }
