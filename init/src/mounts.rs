@@ -212,8 +212,14 @@ mod tests {
 
     #[test]
     fn a_later_word_wins_and_base_flags_are_kept_unless_cleared() {
-        assert_eq!(parse("noatime,relatime").flags(MountFlags::empty()), MountFlags::RELATIME);
-        assert_eq!(parse("strictatime,noatime").flags(MountFlags::empty()), MountFlags::NOATIME);
+        assert_eq!(
+            parse("noatime,relatime").flags(MountFlags::empty()),
+            MountFlags::RELATIME
+        );
+        assert_eq!(
+            parse("strictatime,noatime").flags(MountFlags::empty()),
+            MountFlags::NOATIME
+        );
         assert_eq!(parse("nodev,dev").flags(MountFlags::empty()), MountFlags::empty());
         assert_eq!(parse("dev,nodev").flags(MountFlags::empty()), MountFlags::NODEV);
         assert_eq!(
@@ -227,6 +233,9 @@ mod tests {
     #[test]
     fn no_options_is_no_data() {
         let o = UserOptions::parse(&[]);
-        assert_eq!((o.flags(MountFlags::RDONLY), o.data()), (MountFlags::RDONLY, String::new()));
+        assert_eq!(
+            (o.flags(MountFlags::RDONLY), o.data()),
+            (MountFlags::RDONLY, String::new())
+        );
     }
 }

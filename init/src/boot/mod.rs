@@ -166,12 +166,13 @@ impl Boot {
         self.timeline.mark("store partition mounted");
         let store = Store::open(Path::new(STORE_MOUNT).join(&settings.docker_path))
             .context("reading the image store (docker_path=)")?
-            .with_namespace(settings.namespace.clone());
+            .with_namespace(settings.namespace.clone())
+            .for_boot();
         let image = store
             .resolve(&settings.image)
             .context("finding the image to boot (docker_image=)")?;
         let found = format!(
-            "{} is {} ({} layers, {})",
+            "{} is {} ({} layers to mount, {})",
             settings.image,
             image.id,
             image.layers.len(),

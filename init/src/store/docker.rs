@@ -210,8 +210,9 @@ impl Docker<'_> {
             .map_err(|e| Error::new(format!("image config {} is not valid JSON: {e}", path.display())))?;
         let diff_ids = diff_ids(&config, &path)?;
         let chains = chain_ids(&diff_ids);
-        let mut layers = Vec::with_capacity(chains.len());
-        for (chain, diff) in chains.iter().zip(&diff_ids).rev() {
+        let wanted = self.layers_to_read(chains.len());
+        let mut layers = Vec::with_capacity(wanted);
+        for (chain, diff) in chains.iter().zip(&diff_ids).rev().take(wanted) {
             layers.push(self.layer(chain, diff)?);
         }
         let refs = repos
@@ -237,14 +238,18 @@ impl Docker<'_> {
     fn layer(&self, chain_id: &str, diff_id: &str) -> Result<Layer> {
         let chain_hex = sha256_hex(chain_id).expect("chain IDs are computed from validated diff IDs");
         let meta = self.image_dir().join("layerdb/sha256").join(chain_hex);
-        if !meta.is_dir() {
-            return Err(Error::new(format!(
-                "layer {chain_id} is missing: {} does not exist (the store is incomplete; \
-                 fix: docker pull / load the image again)",
-                meta.display()
-            )));
-        }
-        let recorded_diff = read_trimmed(&meta.join("diff"))?;
+        // The record's directory is looked at only when its `diff` cannot be read: one
+        // system call less per layer at boot.
+        let recorded_diff = match read_trimmed(&meta.join("diff")) {
+            Err(_) if !meta.is_dir() => {
+                return Err(Error::new(format!(
+                    "layer {chain_id} is missing: {} does not exist (the store is incomplete; \
+                     fix: docker pull / load the image again)",
+                    meta.display()
+                )))
+            }
+            read => read?,
+        };
         if recorded_diff != diff_id {
             return Err(Error::new(format!(
                 "{} says {recorded_diff}, but the image config expects {diff_id}",

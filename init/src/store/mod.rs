@@ -68,7 +68,8 @@ impl Layer {
     }
 }
 
-/// A resolved image: its ID, config, and layers **topmost first**.
+/// A resolved image: its ID, config, and layers **topmost first** (read by a
+/// [`Store::for_boot`] from a btrfs or vfs store: the top one alone).
 #[derive(Debug, Clone)]
 pub struct Image {
     pub id: String,
@@ -135,6 +136,8 @@ pub struct Store {
     engine: &'static Engine,
     /// containerd: search only this namespace (`layerboot.namespace=`, `--namespace`).
     namespace: Option<String>,
+    /// Read for a boot of a driver whose top layer is the whole tree: see [`Store::for_boot`].
+    top_only: bool,
 }
 
 impl Store {
@@ -158,6 +161,7 @@ impl Store {
                     driver,
                     engine,
                     namespace: None,
+                    top_only: false,
                 });
             }
         }
@@ -175,6 +179,25 @@ impl Store {
     pub fn with_namespace(mut self, namespace: Option<String>) -> Store {
         self.namespace = namespace.filter(|n| !n.is_empty());
         self
+    }
+
+    /// Reads images for a boot: with a driver whose top layer is the whole tree (btrfs,
+    /// vfs), the boot mounts that layer alone, so only its record and directory are read
+    /// and checked, and [`Image::layers`] holds it alone. The lower layers' records are
+    /// no business of a boot: on a btrfs store they were a dozen disk reads, each waiting
+    /// for the disk. Other drivers' images keep every layer (all are mounted).
+    pub fn for_boot(mut self) -> Store {
+        self.top_only = self.driver.top_is_whole_tree();
+        self
+    }
+
+    /// How many of an image's `layers` (topmost first) a reader reads and checks.
+    fn layers_to_read(&self, layers: usize) -> usize {
+        if self.top_only {
+            layers.min(1)
+        } else {
+            layers
+        }
     }
 
     pub fn root(&self) -> &Path {

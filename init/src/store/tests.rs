@@ -310,3 +310,31 @@ fn a_store_file_larger_than_any_real_one_is_a_named_error() {
     fs::write(&big, "{}").unwrap();
     assert_eq!(super::read(&big).unwrap(), b"{}");
 }
+
+#[test]
+fn a_boot_reads_only_the_top_layer_of_a_whole_tree_driver_and_every_overlay_layer() {
+    let (f, id) = Fixture::new();
+    // The lower layer's record and subvolume gone: Docker would call the store broken,
+    // but a boot mounts the top subvolume alone, which holds the whole tree.
+    fs::remove_dir_all(f.layer_meta(false)).unwrap();
+    fs::remove_dir(f.path().join(format!("btrfs/subvolumes/{}", hex(0x10)))).unwrap();
+    assert!(err(f.store().resolve("debian")).contains("is missing"));
+    let img = f.store().for_boot().resolve("debian").unwrap();
+    assert_eq!((img.id.as_str(), img.layers.len()), (id.as_str(), 1));
+    assert_eq!(img.layers[0].cache_id, hex(0x11));
+    // The top layer is still read and checked.
+    fs::remove_dir(f.path().join(format!("btrfs/subvolumes/{}", hex(0x11)))).unwrap();
+    assert!(err(f.store().for_boot().resolve("debian")).contains("has no data"));
+
+    // An overlay mounts every layer: a boot reads and checks them all.
+    let t = podman_fixture(&format!(
+        r#"[{{"id":"{}"}},{{"id":"{}","parent":"{}"}}]"#,
+        hex(1),
+        hex(2),
+        hex(1)
+    ));
+    let s = Store::open(t.path()).unwrap().for_boot();
+    assert_eq!(s.resolve("localhost/app:1").unwrap().layers.len(), 2);
+    fs::remove_dir(t.path().join(format!("overlay/{}/diff", hex(1)))).unwrap();
+    assert!(err(s.resolve("localhost/app:1")).contains("has no data"));
+}
