@@ -401,6 +401,37 @@ fn merged_view_equals_docker_export() {
     }
 }
 
+/// A boot reads the top layer alone of an image whose top layer is the whole tree, and
+/// every layer of an overlay image, judged by the image's own driver: one containerd
+/// store keeps its images with several snapshotters.
+#[test]
+fn a_boot_reads_the_top_of_a_whole_tree_image_and_every_overlay_layer() {
+    let cases = [
+        (store("btrfs"), "layerboot/demo:v2", Driver::Btrfs),
+        (store("overlay2"), "layerboot/demo:v2", Driver::Overlay2),
+        (
+            open_store("btrfs", "var/lib/containers/storage"),
+            "layerboot/demo:v2",
+            Driver::Btrfs,
+        ),
+        (containerd_store(), "layerboot/demo:v2", Driver::Overlay2),
+        (containerd_store(), "lb/ctr:btrfs", Driver::Btrfs),
+        (containerd_store(), "layerboot/tiny:1", Driver::Vfs),
+    ];
+    for (s, r, driver) in cases {
+        let (all, boot) = (s.resolve(r).unwrap(), s.clone().for_boot().resolve(r).unwrap());
+        let label = format!("{} {r}", s.engine().name);
+        assert!(all.layers.len() > 1 && all.driver == driver, "{label}");
+        let want = if driver.top_is_whole_tree() {
+            1
+        } else {
+            all.layers.len()
+        };
+        assert_eq!(boot.layers.len(), want, "{label}");
+        assert_eq!(boot.layers[0].dir, all.layers[0].dir, "{label}");
+    }
+}
+
 /// Docker's and podman's vfs drivers and containerd's native snapshotter keep every layer
 /// as a full copy: the top one alone is the image, and lower ones still hold what later
 /// layers deleted.

@@ -210,7 +210,7 @@ impl Docker<'_> {
             .map_err(|e| Error::new(format!("image config {} is not valid JSON: {e}", path.display())))?;
         let diff_ids = diff_ids(&config, &path)?;
         let chains = chain_ids(&diff_ids);
-        let wanted = self.layers_to_read(chains.len());
+        let wanted = self.layers_to_read(self.driver, chains.len());
         let mut layers = Vec::with_capacity(wanted);
         for (chain, diff) in chains.iter().zip(&diff_ids).rev().take(wanted) {
             layers.push(self.layer(chain, diff)?);

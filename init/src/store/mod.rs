@@ -136,8 +136,8 @@ pub struct Store {
     engine: &'static Engine,
     /// containerd: search only this namespace (`layerboot.namespace=`, `--namespace`).
     namespace: Option<String>,
-    /// Read for a boot of a driver whose top layer is the whole tree: see [`Store::for_boot`].
-    top_only: bool,
+    /// Read for a boot: see [`Store::for_boot`].
+    for_boot: bool,
 }
 
 impl Store {
@@ -161,7 +161,7 @@ impl Store {
                     driver,
                     engine,
                     namespace: None,
-                    top_only: false,
+                    for_boot: false,
                 });
             }
         }
@@ -187,13 +187,15 @@ impl Store {
     /// no business of a boot: on a btrfs store they were a dozen disk reads, each waiting
     /// for the disk. Other drivers' images keep every layer (all are mounted).
     pub fn for_boot(mut self) -> Store {
-        self.top_only = self.driver.top_is_whole_tree();
+        self.for_boot = true;
         self
     }
 
-    /// How many of an image's `layers` (topmost first) a reader reads and checks.
-    fn layers_to_read(&self, layers: usize) -> usize {
-        if self.top_only {
+    /// How many of the `layers` (topmost first) of an image kept by `driver` a reader
+    /// reads and checks. The image's driver, not the store's: a containerd store keeps
+    /// each image with its own snapshotter.
+    fn layers_to_read(&self, driver: Driver, layers: usize) -> usize {
+        if self.for_boot && driver.top_is_whole_tree() {
             layers.min(1)
         } else {
             layers

@@ -201,7 +201,7 @@ impl Podman<'_> {
         let all = self.json::<PodLayer>("layers")?;
         let mut layers = Vec::new();
         let mut next = image.layer.clone();
-        while let Some(id) = next.filter(|_| layers.len() < self.layers_to_read(usize::MAX)) {
+        while let Some(id) = next.filter(|_| layers.len() < self.layers_to_read(self.driver, usize::MAX)) {
             if !is_hex64(&id) || layers.len() > 500 {
                 return Err(Error::new(format!(
                     "{} names a malformed layer '{id}' (or a loop): expected 64 lowercase hex",

@@ -298,7 +298,7 @@ impl Containerd<'_> {
             })?;
         let mut layers = Vec::with_capacity(chains.len());
         let mut key = backend_key;
-        while !key.is_empty() && layers.len() < self.layers_to_read(usize::MAX) {
+        while !key.is_empty() && layers.len() < self.layers_to_read(driver, usize::MAX) {
             let snap = snapshot(&all, &key, &sdb_path)?;
             let dir = match driver {
                 Driver::Overlay2 => home.join("snapshots").join(snap.id.to_string()).join("fs"),
@@ -328,7 +328,7 @@ impl Containerd<'_> {
             }
             key = snap.parent;
         }
-        if layers.len() != self.layers_to_read(chains.len()) {
+        if layers.len() != self.layers_to_read(driver, chains.len()) {
             return Err(Error::new(format!(
                 "{}: image {} has {} layers but its snapshot chain {} (fix: unpack or pull the image again)",
                 sdb_path.display(),
