@@ -13,22 +13,29 @@ use std::time::Duration;
 
 use vm_tests::*;
 
-/// Every file under `dir`: type and mode, owner, size, mtime. Enough to see any write.
-fn tree(dir: &Path) -> BTreeMap<String, (u32, u32, u64, i64, i64)> {
-    let mut out = BTreeMap::new();
+/// Every file under `dir`, by its path relative to `dir`, with its metadata.
+fn files(dir: &Path) -> Vec<(String, fs::Metadata)> {
+    let mut out = Vec::new();
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {
         for e in fs::read_dir(&d).unwrap() {
             let p = e.unwrap().path();
             let md = fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(dir).unwrap().display().to_string();
-            out.insert(rel, (md.mode(), md.uid(), md.size(), md.mtime(), md.mtime_nsec()));
             if md.is_dir() {
-                todo.push(p);
+                todo.push(p.clone());
             }
+            out.push((p.strip_prefix(dir).unwrap().display().to_string(), md));
         }
     }
     out
+}
+
+/// Every file under `dir`: type and mode, owner, size, mtime. Enough to see any write.
+fn tree(dir: &Path) -> BTreeMap<String, (u32, u32, u64, i64, i64)> {
+    files(dir)
+        .into_iter()
+        .map(|(rel, md)| (rel, (md.mode(), md.uid(), md.size(), md.mtime(), md.mtime_nsec())))
+        .collect()
 }
 
 /// The layer directories of `reference` in the store at `data_root`, with the image's
@@ -51,22 +58,10 @@ fn layer_dirs(data_root: &Path, args: &[&str], reference: &str) -> Vec<(String, 
 
 /// Every file's access time under `dir`: reading must not write them.
 fn access_times(dir: &Path) -> BTreeMap<String, (i64, i64)> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let md = fs::symlink_metadata(&p).unwrap();
-            out.insert(
-                p.strip_prefix(dir).unwrap().display().to_string(),
-                (md.atime(), md.atime_nsec()),
-            );
-            if md.is_dir() {
-                todo.push(p);
-            }
-        }
-    }
-    out
+    files(dir)
+        .into_iter()
+        .map(|(rel, md)| (rel, (md.atime(), md.atime_nsec())))
+        .collect()
 }
 
 /// The image layers in the booted copy are file-for-file those of the pristine fixture,
