@@ -25,7 +25,7 @@ use sys_mount::MountFlags;
 
 use crate::console::say;
 use crate::error::{Context, Error, Result};
-use crate::mounts::{mount, mount_with_options};
+use crate::mounts::{mount, UserOptions};
 use crate::probe::BlockDevice;
 use crate::settings::{arg, legacy_image, parse_cmdline, Config, Settings, Upper, CONFIG_PATH, LEGACY_CONFIG_PATH};
 use crate::store::{Driver, Image, Store};
@@ -152,17 +152,16 @@ impl Boot {
 
     /// Step 3: mounts the store's partition at its top level and finds the image in it.
     fn open_store(&self, settings: &Settings, dev: &StoreDevice, hw: &mut Hardware) -> Result<(Store, Image)> {
-        // Reading the store must not write it: no access times (on btrfs each would copy
-        // the store's metadata on write, and the flushes before the switch would wait for
-        // it). With the upper on tmpfs the store partition is only read.
-        let flags = if settings.upper == Upper::Tmpfs {
-            MountFlags::RDONLY | MountFlags::NOATIME
-        } else {
-            MountFlags::NOATIME
-        };
-        let options = store_options(&dev.fstype, &settings.root_flags);
-        mount_with_options(&dev.device.node, Path::new(STORE_MOUNT), &dev.fstype, flags, &options)
-            .context("mounting the image store partition (root=)")?;
+        let options = UserOptions::parse(&store_options(&dev.fstype, &settings.root_flags));
+        let flags = store_flags(settings.upper, &options);
+        mount(
+            &dev.device.node,
+            Path::new(STORE_MOUNT),
+            &dev.fstype,
+            flags,
+            &options.data(),
+        )
+        .context("mounting the image store partition (root=)")?;
         self.timeline.mark("store partition mounted");
         let store = Store::open(Path::new(STORE_MOUNT).join(&settings.docker_path))
             .context("reading the image store (docker_path=)")?
@@ -296,6 +295,19 @@ fn store_options(fstype: &str, flags: &[String]) -> Vec<String> {
     opts
 }
 
+/// The store's mount flags: those of `rootflags=`, but reading the store must not write
+/// it, so never access times (on btrfs each would copy the store's metadata on write, and
+/// the flushes before the switch would wait for it), whatever atime policy `rootflags=`
+/// names for the root. With the upper on tmpfs the store partition is only read.
+fn store_flags(upper: Upper, options: &UserOptions) -> MountFlags {
+    let base = if upper == Upper::Tmpfs {
+        MountFlags::RDONLY
+    } else {
+        MountFlags::empty()
+    };
+    (options.flags(base) - MountFlags::RELATIME - MountFlags::STRICTATIME) | MountFlags::NOATIME
+}
+
 /// `/run/layerboot/booted.json`: which image and layer this boot came from, for the booted
 /// system, with every warning of the boot.
 fn write_boot_record(src: &Source, warnings: &[String]) {
@@ -316,6 +328,18 @@ pub fn cmdline() -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_store_never_gets_access_times_whatever_rootflags_say() {
+        let opts = |o: &[&str]| UserOptions::parse(&o.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        for words in [&[][..], &["relatime"], &["strictatime", "nodev"], &["atime"]] {
+            let flags = store_flags(Upper::Disk, &opts(words));
+            assert!(flags.contains(MountFlags::NOATIME), "{words:?}");
+            assert!(!flags.intersects(MountFlags::RELATIME | MountFlags::STRICTATIME | MountFlags::RDONLY));
+        }
+        assert!(store_flags(Upper::Disk, &opts(&["nodev"])).contains(MountFlags::NODEV));
+        assert!(store_flags(Upper::Tmpfs, &opts(&[])).contains(MountFlags::RDONLY | MountFlags::NOATIME));
+    }
 
     #[test]
     fn btrfs_store_is_mounted_at_its_top_level() {
