@@ -259,22 +259,86 @@ sync
 /// What the report puts in front of each of its lines.
 const REPORT_TAG: &str = "|lb| ";
 
-/// The `key: value` lines the guest printed between the report markers (anything the
-/// console printed before a line's tag, such as a login prompt, is dropped).
-pub fn report(console: &str) -> BTreeMap<String, String> {
-    let begin = console
-        .find("LAYERBOOT-REPORT-BEGIN")
+/// What the guest's report said: its `key: value` lines.
+#[derive(Debug)]
+pub struct Report(BTreeMap<String, String>);
+
+impl std::ops::Index<&str> for Report {
+    type Output = String;
+    fn index(&self, key: &str) -> &String {
+        self.0
+            .get(key)
+            .unwrap_or_else(|| panic!("the guest's report has no '{key}' line: {:#?}", self.0))
+    }
+}
+
+/// The `key: value` lines the guest printed between the first pair of report markers.
+pub fn report(console: &str) -> Report {
+    let lines = tagged_lines(console, REPORT_TAG);
+    let begin = lines
+        .iter()
+        .position(|l| l == "LAYERBOOT-REPORT-BEGIN")
         .unwrap_or_else(|| panic!("no report on the console:\n{}", tail(console, 80)));
-    let end = console[begin..]
-        .find("LAYERBOOT-REPORT-END")
+    let end = lines[begin..]
+        .iter()
+        .position(|l| l == "LAYERBOOT-REPORT-END")
         .map(|e| begin + e)
         .expect("report not finished");
-    console[begin..end]
-        .lines()
-        .filter_map(|l| l.split_once(REPORT_TAG).map(|(_, rest)| rest))
-        .filter_map(|l| l.trim_end_matches('\r').split_once(": "))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+    Report(
+        lines[begin + 1..end]
+            .iter()
+            .filter_map(|l| l.split_once(": "))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect(),
+    )
+}
+
+/// The lines a program in the guest wrote to the console with `tag` in front, without it
+/// (anything before the tag, such as a login prompt, is dropped).
+pub fn tagged_lines(console: &str, tag: &str) -> Vec<String> {
+    console_lines(console)
+        .into_iter()
+        .filter_map(|l| l.split_once(tag).map(|(_, rest)| rest.to_string()))
         .collect()
+}
+
+/// The console's lines, with every kernel message that landed inside a program's line
+/// taken out of it and put before it.
+///
+/// A program's write goes through the serial driver's buffer, a few bytes per interrupt,
+/// while the kernel writes its own messages to the port directly, whole. So a message
+/// printed at that moment splits the program's line in two (`|lb| modu[   50.123456]
+/// clocksource: …` then `les: …`), and the line's key is lost. A kernel message is never
+/// split itself: one starting a line is left alone.
+fn console_lines(console: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut cut: Option<String> = None; // the head of a line a kernel message split
+    for piece in console.split('\n') {
+        let mut line = cut.take().unwrap_or_default() + piece;
+        if let Some(at) = (1..line.len()).find(|&i| line.is_char_boundary(i) && starts_kernel_message(&line[i..])) {
+            if !starts_kernel_message(&line) {
+                lines.push(line.split_off(at).trim_end_matches('\r').to_string());
+                cut = Some(line);
+                continue;
+            }
+        }
+        lines.push(line.trim_end_matches('\r').to_string());
+    }
+    lines.extend(cut.map(|l| l.trim_end_matches('\r').to_string()));
+    lines
+}
+
+/// Whether `text` starts with the kernel's time stamp, as in `[   12.578544] `.
+fn starts_kernel_message(text: &str) -> bool {
+    let Some(rest) = text.strip_prefix('[') else {
+        return false;
+    };
+    let rest = rest.trim_start_matches(' ');
+    let Some((seconds, rest)) = rest.split_once('.') else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    digits(seconds) && rest.len() >= 8 && digits(&rest[..6]) && rest[6..].starts_with("] ")
 }
 
 #[cfg(test)]
@@ -290,5 +354,42 @@ mod tests {
             super::kernel_timestamp("systemd 252 running in system mode", "running in system mode"),
             None
         );
+    }
+
+    #[test]
+    fn a_kernel_message_inside_a_report_line_is_taken_out_of_it() {
+        let console = "|lb| LAYERBOOT-REPORT-BEGIN\r\n|lb| tag: v2\r\n|lb| modu[   50.123456] clocksource: timekeeping watchdog\r\nles: ext4 virtio_blk\r\n\
+                       [   51.000000] a kernel line of its own\r\n|lb| LAYERBOOT-REP[   52.000000] x\r\nORT-END\r\n";
+        let r = super::report(console);
+        assert_eq!(r["modules"], "ext4 virtio_blk");
+        assert_eq!(r["tag"], "v2");
+        assert_eq!(
+            super::console_lines(console)[2..5],
+            [
+                "[   50.123456] clocksource: timekeeping watchdog",
+                "|lb| modules: ext4 virtio_blk",
+                "[   51.000000] a kernel line of its own"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_line_that_only_looks_like_a_time_stamp_is_left_alone() {
+        let console = "|dp| [12.5] not a stamp\n|dp| a[ 1.123456]b\n[   12.578544] k [ 1.123456] quoted\n";
+        assert_eq!(
+            super::console_lines(console),
+            [
+                "|dp| [12.5] not a stamp",
+                "|dp| a[ 1.123456]b",
+                "[   12.578544] k [ 1.123456] quoted",
+                ""
+            ]
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "the guest's report has no 'modules' line")]
+    fn a_missing_report_line_is_named() {
+        let _ = &super::report("|lb| LAYERBOOT-REPORT-BEGIN\n|lb| tag: v2\n|lb| LAYERBOOT-REPORT-END\n")["modules"];
     }
 }

@@ -114,7 +114,7 @@ fn assert_layers_untouched(fixture: &str, data_root: &str, args: &[&str], disk: 
     }
 }
 
-fn common_checks(r: &BTreeMap<String, String>, hostname: &str, tag: &str) {
+fn common_checks(r: &Report, hostname: &str, tag: &str) {
     let boot = demo_boot_files();
     assert!(r["os"].contains("Debian GNU/Linux 12"), "{r:?}");
     assert_eq!(r["kernel"], boot.kernel_version, "the image's own kernel");
@@ -1498,11 +1498,7 @@ fn deploy_from_host(esp: &Path, reference: &str, extra: &[&str]) -> String {
 
 /// What a guest's own `layerboot` printed: the lines a test unit tagged `|dp| `.
 fn deploy_lines(console: &str) -> String {
-    console
-        .lines()
-        .filter_map(|l| l.split_once("|dp| ").map(|(_, rest)| rest.trim_end_matches('\r')))
-        .collect::<Vec<_>>()
-        .join("\n")
+    tagged_lines(console, "|dp| ").join("\n")
 }
 
 const GUEST_DEPLOY: &str = r#"#!/bin/sh
