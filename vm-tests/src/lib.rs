@@ -302,6 +302,12 @@ pub fn tagged_lines(console: &str, tag: &str) -> Vec<String> {
         .collect()
 }
 
+/// The console's text, with every kernel message that landed inside a program's line
+/// taken out of it (see [`console_lines`]), and no carriage returns.
+pub fn untangled(console: &str) -> String {
+    console_lines(console).join("\n")
+}
+
 /// The console's lines, with every kernel message that landed inside a program's line
 /// taken out of it and put before it.
 ///

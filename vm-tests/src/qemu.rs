@@ -280,7 +280,9 @@ impl Qemu<'_> {
     }
 
     /// Boots until the guest powers off (or reboots: -no-reboot ends QEMU then too) and
-    /// returns the serial console's text, which is also kept in `log`.
+    /// returns the serial console's text, which is also kept in `log` as it came; the text
+    /// returned has the kernel's messages taken out of the programs' lines they split
+    /// (see [`crate::untangled`]), so a test can look for a program's line whole.
     pub fn run(&self) -> String {
         let o = drive(
             self.command(),
@@ -290,14 +292,14 @@ impl Qemu<'_> {
             self.timeout,
         );
         match (o.stopped_at, o.exited) {
-            (Some(_), _) => o.console,
+            (Some(_), _) => crate::untangled(&o.console),
             (None, Some((status, err))) => {
                 assert!(
                     status.success(),
                     "qemu failed ({status}): {err}\nconsole:\n{}",
                     tail(&o.console, 40)
                 );
-                o.console
+                crate::untangled(&o.console)
             }
             (None, None) => panic!(
                 "the guest did not power off within {:?}; console ({}):\n{}",
