@@ -315,7 +315,8 @@ pub fn untangled(console: &str) -> String {
 /// while the kernel writes its own messages to the port directly, whole. So a message
 /// printed at that moment splits the program's line in two (`|lb| modu[   50.123456]
 /// clocksource: …` then `les: …`), and the line's key is lost. A kernel message is never
-/// split itself: one starting a line is left alone.
+/// split itself: one starting a line is left alone. (A program's line quoting a kernel
+/// line would be cut too: no guest script here prints dmesg's lines whole.)
 fn console_lines(console: &str) -> Vec<String> {
     let mut lines = Vec::new();
     let mut cut: Option<String> = None; // the head of a line a kernel message split
