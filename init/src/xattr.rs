@@ -30,9 +30,13 @@ pub fn set(path: &Path, name: &str, value: &[u8]) -> Result<()> {
         .map_err(|e| Error::io(&format!("cannot set {name} on"), path, e))
 }
 
-/// Copies every xattr (security.*, trusted.*, user.*) of `src` to `dest`, neither followed.
-/// An attribute the new root's filesystem refuses is a warning (returned), not a failure;
-/// a full disk or an I/O error is a failure.
+/// The prefix of layerboot's own xattrs (a layer's marks).
+pub const OWN_PREFIX: &[u8] = b"trusted.layerboot.";
+
+/// Copies every xattr (security.*, trusted.*, user.*) of `src` to `dest`, neither followed,
+/// but layerboot's own ([`OWN_PREFIX`]): a copied file never carries a layer's marks.
+/// An attribute the new root's filesystem refuses, or one of layerboot's, is a warning
+/// (returned), not a failure; a full disk or an I/O error is a failure.
 pub fn copy_all(src: &Path, dest: &Path, is_link: bool) -> Result<Vec<String>> {
     let s = CString::new(src.as_os_str().as_bytes()).map_err(|_| Error::new("NUL in path"))?;
     let d = CString::new(dest.as_os_str().as_bytes()).map_err(|_| Error::new("NUL in path"))?;
@@ -47,6 +51,12 @@ pub fn copy_all(src: &Path, dest: &Path, is_link: bool) -> Result<Vec<String>> {
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let n = CString::new(name).map_err(|_| Error::new("NUL in an xattr name"))?;
         let shown = String::from_utf8_lossy(name);
+        if name.starts_with(OWN_PREFIX) {
+            warnings.push(format!(
+                "did not copy xattr {shown}: layerboot's own marks are never copied"
+            ));
+            continue;
+        }
         // SAFETY: as above.
         let value = read_sized(|buf, len| unsafe { nix::libc::lgetxattr(s.as_ptr(), n.as_ptr(), buf.cast(), len) })
             .map_err(|e| Error::io(&format!("cannot read xattr {shown} of"), src, e))?;

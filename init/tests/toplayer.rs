@@ -144,6 +144,31 @@ fn copy_matches_cp_a_file_by_file() {
 }
 
 #[test]
+fn a_top_layer_never_carries_a_layers_marks() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, root) = (t.path().join("top"), t.path().join("root"));
+    fs::create_dir_all(src.join("etc")).unwrap();
+    fs::create_dir_all(&root).unwrap();
+    fs::write(src.join("etc/hostname"), "pc1").unwrap();
+    for (name, value) in [("trusted.layerboot.state", "complete 9"), ("user.note", "kept")] {
+        sh(Command::new("setfattr")
+            .args(["-n", name, "-v", value])
+            .arg(src.join("etc/hostname")));
+    }
+    let stats = copy_tree(&src, &root).unwrap();
+    let got = xattrs(&root.join("etc/hostname"));
+    assert!(
+        got.iter().any(|x| x.starts_with("user.note")) && !got.iter().any(|x| x.contains("layerboot")),
+        "{got:?}"
+    );
+    assert!(
+        stats.warnings.iter().any(|w| w.contains("trusted.layerboot.state")),
+        "{:?}",
+        stats.warnings
+    );
+}
+
+#[test]
 fn whiteouts_in_the_top_layer_delete_from_the_new_root() {
     let t = tempfile::tempdir().unwrap();
     let (src, root) = (t.path().join("top"), t.path().join("root"));

@@ -391,6 +391,35 @@ fn a_cut_keep_mode_copy_is_done_again() {
 }
 
 #[test]
+fn a_keep_mode_copy_never_empties_the_kept_layer_through_a_link() {
+    let (fs_, top) = store_with_image();
+    let m = &fs_.mnt;
+    boot(m, &image(&top, Driver::Btrfs), "b1", 1);
+    fs::create_dir_all(m.join("rw/home/user")).unwrap();
+    fs::write(m.join("rw/home/user/thesis.tex"), "years of work").unwrap();
+    // A top layer whose `usr/bin/zz` is the root (through its own link bin/zz → /, in a
+    // merged-/usr image), with an opaque marker there.
+    let host = m.join("host-top");
+    fs::create_dir_all(m.join("rw/usr/bin")).unwrap();
+    std::os::unix::fs::symlink("usr/bin", m.join("rw/bin")).unwrap();
+    fs::create_dir_all(host.join("bin")).unwrap();
+    std::os::unix::fs::symlink("/", host.join("bin/zz")).unwrap();
+    fs::create_dir_all(host.join("usr/bin/zz")).unwrap();
+    fs::write(host.join("usr/bin/zz/.wh..wh..opq"), "").unwrap();
+    let mut layers = Layers::open(m, "rw", 1, false, None).unwrap();
+    layers
+        .refresh_current(&mut |l: &Path| -> Result<Filled> {
+            layerboot_init::copy::copy_tree(&host, l).map(|_| Filled::Contents)
+        })
+        .unwrap();
+    assert_eq!(
+        fs::read_to_string(m.join("rw/home/user/thesis.tex")).unwrap(),
+        "years of work"
+    );
+    assert!(!Layers::open(m, "rw", 1, false, None).unwrap().current_interrupted());
+}
+
+#[test]
 fn what_a_cut_boot_made_before_marking_it_is_discarded_and_nothing_else() {
     let (fs_, top) = store_with_image();
     let m = &fs_.mnt;

@@ -9,9 +9,15 @@
 //!
 //! Deletions stay inside the new root too: a whiteout must name one real entry (`.wh.`,
 //! `.wh..` and `.wh...` would name the directory itself or its parent, which at the top
-//! is the store's partition), an opaque marker at the top layer's root (it would empty
-//! the whole image) is refused, and a recursive delete never enters another filesystem
-//! or btrfs subvolume. Each refusal is a warning naming the file, not a failed boot.
+//! is the store's partition), an opaque marker in a directory that is the new root (at
+//! the top layer's root, or below it through a link such as `usr/up` → `..`: it would
+//! empty the whole image, or a kept layer with all the machine wrote) is refused, and a
+//! recursive delete never enters another filesystem or btrfs subvolume. Each refusal is
+//! a warning naming the file, not a failed boot.
+//!
+//! The new root's own directory keeps its owner, mode and xattrs (on a snapshot they are
+//! the layer's, and its marks are xattrs): a top-layer directory that leads to it
+//! through a link copies its contents only.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -92,8 +98,10 @@ pub fn resolve_source(base: &Path, rel: &str) -> Result<PathBuf> {
 pub fn copy_tree(src: &Path, dest_root: &Path) -> Result<CopyStats> {
     let root = open_dir(None, dest_root)?;
     let md = fs::symlink_metadata(src).map_err(|e| Error::io("cannot read the top layer", src, e))?;
+    let root_st = fstat(root.as_raw_fd()).map_err(|e| Error::os(format!("cannot stat {}", dest_root.display()), e))?;
     let mut c = Copier {
         root,
+        root_id: (root_st.st_dev, root_st.st_ino),
         src_root: src.to_path_buf(),
         src_dev: md.dev(),
         hardlinks: HashMap::new(),
@@ -111,6 +119,8 @@ pub fn copy_tree(src: &Path, dest_root: &Path) -> Result<CopyStats> {
 
 struct Copier {
     root: OwnedFd,
+    /// (dev, ino) of the new root: a destination directory that is it, under any name.
+    root_id: (u64, u64),
     src_root: PathBuf,
     /// The top layer's filesystem: the copy never leaves it.
     src_dev: u64,
@@ -157,20 +167,25 @@ impl Copier {
             .collect::<std::io::Result<_>>()
             .map_err(|e| Error::io("cannot list", src, e))?;
         entries.sort();
+        let st = fstat(dir.as_raw_fd()).map_err(|e| {
+            Error::os(
+                format!("top layer: cannot stat {}", Path::new("/").join(rel).display()),
+                e,
+            )
+        })?;
         // Deletes below stay on this directory's filesystem (or btrfs subvolume).
-        let dev = fstat(dir.as_raw_fd())
-            .map_err(|e| {
-                Error::os(
-                    format!("top layer: cannot stat {}", Path::new("/").join(rel).display()),
-                    e,
-                )
-            })?
-            .st_dev;
+        let dev = st.st_dev;
         if entries.iter().any(|n| n == OPAQUE) {
             if rel.as_os_str().is_empty() {
                 self.warn(format!(
                     "top layer: ignored {}: an opaque marker at the top layer's root would empty the whole image (fix: put it in the directory to empty)",
                     self.src_root.join(OPAQUE).display()
+                ));
+            } else if (st.st_dev, st.st_ino) == self.root_id {
+                self.warn(format!(
+                    "top layer: ignored {}: {} leads to the new root itself through a link, and the marker would empty the whole image (fix: put it in the directory to empty, by its real path)",
+                    src.join(OPAQUE).display(),
+                    Path::new("/").join(rel).display()
                 ));
             } else {
                 self.remove_children(dir.as_raw_fd(), dev, rel)?;
@@ -234,9 +249,19 @@ impl Copier {
                 mkdirat(Some(dir), name, Mode::from_bits_truncate(0o700)).map_err(|e| fail("create directory", e))?;
             }
             self.copy_dir(src, rel)?;
-            // A directory symlink in the image stays a symlink; its target gets the metadata.
+            // A directory symlink in the image stays a symlink; its target gets the metadata,
+            // unless the target is the new root, whose own stay (see the module's comment).
             let target = self.dest_dir(rel)?;
-            self.set_attrs(target.as_raw_fd(), OsStr::new("."), src, md, &shown)?;
+            let st = fstat(target.as_raw_fd()).map_err(|e| fail("stat", e))?;
+            if (st.st_dev, st.st_ino) == self.root_id {
+                self.warn(format!(
+                    "top layer: copied only the contents of {}: {} leads to the new root itself through a link, whose owner, mode and xattrs stay",
+                    src.display(),
+                    shown.display()
+                ));
+            } else {
+                self.set_attrs(target.as_raw_fd(), OsStr::new("."), src, md, &shown)?;
+            }
             self.stats.dirs += 1;
             return Ok(());
         }
@@ -502,6 +527,66 @@ mod hostile_names {
         assert!(t.path().join("store/var/lib/docker/precious").exists());
         assert!(
             stats.warnings.len() == 1 && stats.warnings[0].contains("opaque marker at the top layer's root"),
+            "{:?}",
+            stats.warnings
+        );
+    }
+
+    /// A merged-/usr image: /bin → usr/bin.
+    fn merged_usr(root: &Path) {
+        fs::create_dir_all(root.join("usr/bin")).unwrap();
+        fs::write(root.join("usr/bin/sh"), "sh").unwrap();
+        std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
+    }
+
+    #[test]
+    fn an_opaque_marker_that_reaches_the_root_through_a_link_is_refused() {
+        // The link made by the top layer itself (copied first: `bin` sorts before `usr`),
+        // or one in the image; either way `usr/bin/zz` and `usr/up` are the new root.
+        for (link_at, target, marker_dir) in [("bin/zz", "/", "usr/bin/zz"), ("usr/up", "..", "usr/up")] {
+            let (t, src, root) = partition();
+            merged_usr(&root);
+            if link_at == "bin/zz" {
+                fs::create_dir_all(src.join("bin")).unwrap();
+                std::os::unix::fs::symlink(target, src.join(link_at)).unwrap();
+            } else {
+                std::os::unix::fs::symlink(target, root.join(link_at)).unwrap();
+            }
+            fs::create_dir_all(src.join(marker_dir)).unwrap();
+            fs::write(src.join(marker_dir).join(OPAQUE), "").unwrap();
+            fs::write(src.join(marker_dir).join("mine"), "host").unwrap();
+            let stats = copy_tree(&src, &root).unwrap();
+            assert!(
+                root.join("keep").exists() && root.join("etc/issue").exists() && root.join("usr/bin/sh").exists(),
+                "{marker_dir}: the new root was emptied"
+            );
+            assert_eq!(fs::read_to_string(root.join("mine")).unwrap(), "host", "{marker_dir}");
+            assert!(t.path().join("store/var/lib/docker/precious").exists());
+            assert!(
+                stats
+                    .warnings
+                    .iter()
+                    .any(|w| w.contains(OPAQUE) && w.contains("leads to the new root itself")),
+                "{marker_dir}: {:?}",
+                stats.warnings
+            );
+        }
+    }
+
+    #[test]
+    fn a_directory_that_leads_to_the_root_leaves_the_roots_mode_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_t, src, root) = partition();
+        merged_usr(&root);
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::create_dir_all(src.join("bin")).unwrap();
+        std::os::unix::fs::symlink("/", src.join("bin/zz")).unwrap();
+        fs::create_dir_all(src.join("usr/bin/zz")).unwrap();
+        fs::set_permissions(src.join("usr/bin/zz"), fs::Permissions::from_mode(0o700)).unwrap();
+        let stats = copy_tree(&src, &root).unwrap();
+        assert_eq!(fs::metadata(&root).unwrap().permissions().mode() & 0o7777, 0o755);
+        assert!(
+            stats.warnings.iter().any(|w| w.contains("copied only the contents")),
             "{:?}",
             stats.warnings
         );
