@@ -144,6 +144,38 @@ fn copy_matches_cp_a_file_by_file() {
 }
 
 #[test]
+fn a_sparse_file_keeps_its_holes_as_with_cp_a() {
+    use std::io::{Seek, SeekFrom, Write};
+    let t = tempfile::tempdir().unwrap();
+    let (src, ours, theirs) = (t.path().join("top"), t.path().join("ours"), t.path().join("theirs"));
+    for d in [&src, &ours, &theirs] {
+        fs::create_dir_all(d.join("var/log")).unwrap();
+    }
+    // 256 MiB, data at the start and in the middle, a hole at the end (as lastlog is).
+    let mut f = fs::File::create(src.join("var/log/lastlog")).unwrap();
+    f.write_all(b"head").unwrap();
+    f.seek(SeekFrom::Start(100 << 20)).unwrap();
+    f.write_all(b"middle").unwrap();
+    f.set_len(256 << 20).unwrap();
+    drop(f);
+    copy_tree(&src, &ours).unwrap();
+    sh(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", src.display()))
+        .arg(&theirs));
+    let (a, b) = (ours.join("var/log/lastlog"), theirs.join("var/log/lastlog"));
+    let (ma, mb) = (fs::metadata(&a).unwrap(), fs::metadata(&b).unwrap());
+    assert_eq!(ma.len(), 256 << 20);
+    assert!(
+        ma.blocks() <= mb.blocks().max(64),
+        "{} KiB allocated, cp -a: {} KiB",
+        ma.blocks() / 2,
+        mb.blocks() / 2
+    );
+    assert!(fs::read(&a).unwrap() == fs::read(&b).unwrap(), "the contents differ");
+}
+
+#[test]
 fn a_top_layer_never_carries_a_layers_marks() {
     let t = tempfile::tempdir().unwrap();
     let (src, root) = (t.path().join("top"), t.path().join("root"));

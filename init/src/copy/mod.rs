@@ -308,7 +308,8 @@ impl Copier {
             // SAFETY: a fresh descriptor from openat.
             let mut out = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
             let mut input = File::open(src).map_err(|e| Error::io("cannot read", src, e))?;
-            self.stats.bytes += std::io::copy(&mut input, &mut out).map_err(|e| Error::io("cannot copy", src, e))?;
+            self.stats.bytes +=
+                copy_data(&mut input, &mut out, md.len()).map_err(|e| Error::io("cannot copy", src, e))?;
             self.stats.files += 1;
         } else if ft.is_symlink() {
             let target = fs::read_link(src).map_err(|e| Error::io("cannot read link", src, e))?;
@@ -362,6 +363,34 @@ impl Copier {
         utimensat(Some(dir), name, &atime, &mtime, UtimensatFlags::NoFollowSymlink)
             .map_err(|e| fail("set the times of", e))
     }
+}
+
+/// Copies a file's data regions and leaves its holes holes, as `cp -a` does: a sparse
+/// file (`/var/log/lastlog`, a disk image) written out in full could fill the disk, and
+/// a full disk costs the kept layers (they are pruned to make room). Returns the bytes
+/// copied. A filesystem without holes reports the whole file as one data region.
+fn copy_data(input: &mut File, out: &mut File, size: u64) -> std::io::Result<u64> {
+    use nix::unistd::{lseek, Whence};
+    use std::io::{Read, Seek, SeekFrom};
+    let mut copied = 0;
+    let mut at = 0;
+    while at < size {
+        let data = match lseek(input.as_raw_fd(), at as i64, Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(Errno::ENXIO) => break, // only a hole from `at` to the end
+            Err(e) => return Err(e.into()),
+        };
+        let hole = lseek(input.as_raw_fd(), data as i64, Whence::SeekHole)? as u64;
+        input.seek(SeekFrom::Start(data))?;
+        out.seek(SeekFrom::Start(data))?;
+        // std copies file to file with copy_file_range (a reflink where it can).
+        copied += std::io::copy(&mut input.by_ref().take(hole - data), out)?;
+        at = hole;
+    }
+    // A trailing hole (and the size, if the file grew while copied, as written).
+    let end = out.stream_position()?;
+    out.set_len(size.max(end))?;
+    Ok(copied)
 }
 
 /// A path naming `name` in the open directory `dir`, for the path-only xattr calls.
