@@ -123,7 +123,7 @@ impl Layers {
                 }
                 None => {
                     return Err(Error::new(format!(
-                        "{} exists but layerboot did not make it (it has no {STATE_XATTR} mark), so layerboot will not \
+                        "{} exists but layerboot did not make it (it has no {STATE_XATTR} mark as layerboot writes them), so layerboot will not \
                          replace, rename or delete it. Nothing was changed (fix: move it elsewhere, or choose another \
                          writable layer name with layerboot.rw=)",
                         path.display()

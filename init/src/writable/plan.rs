@@ -8,6 +8,11 @@
 
 use std::collections::BTreeMap;
 
+/// The largest generation or slot number read from disk. A layer is made once a boot, so
+/// no machine comes near it; a larger number was not written by layerboot, and one more
+/// than the largest read (the next generation, a free slot) can never overflow.
+pub const MAX_NUMBER: u64 = u32::MAX as u64;
+
 /// What layerboot wrote on a layer it made (`trusted.layerboot.state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mark {
@@ -40,11 +45,20 @@ impl Mark {
         let text = std::str::from_utf8(raw).ok()?;
         match text.split_once(' ') {
             None if text == "making" => Some(Mark::Making),
-            Some(("complete", g)) => g.parse().ok().map(Mark::Complete),
-            Some(("refreshing", g)) => g.parse().ok().map(Mark::Refreshing),
+            Some(("complete", g)) => number(g).map(Mark::Complete),
+            Some(("refreshing", g)) => number(g).map(Mark::Refreshing),
             _ => None,
         }
     }
+}
+
+/// A generation or slot number as layerboot writes it: decimal digits, at most [`MAX_NUMBER`].
+fn number(s: &str) -> Option<u64> {
+    s.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| s.parse::<u64>().ok())
+        .flatten()
+        .filter(|&n| n <= MAX_NUMBER)
 }
 
 /// Where a generation lives at the partition's top level, for layer name NAME.
@@ -77,7 +91,7 @@ impl Slot {
             return Some(Slot::Current);
         }
         let rest = file.strip_prefix(name)?.strip_prefix('.')?;
-        let number = |s: &str| s.parse::<usize>().ok().filter(|&k| k >= 1 && !s.starts_with('0'));
+        let number = |s: &str| number(s).filter(|&k| k >= 1 && !s.starts_with('0')).map(|k| k as usize);
         match rest.split_once('.') {
             None if rest == "new" => Some(Slot::New),
             None if rest == "prev" => Some(Slot::Prev(1)),
@@ -268,6 +282,21 @@ mod tests {
             assert_eq!(Mark::decode(m.encode().as_bytes()), Some(m));
         }
         assert_eq!(Mark::decode(b"complete x"), None);
+        // Not written by layerboot: one more than these would overflow, and order wrongly.
+        for raw in [
+            "complete 18446744073709551615",
+            "refreshing 4294967296",
+            "complete +1",
+            "complete ",
+        ] {
+            assert_eq!(Mark::decode(raw.as_bytes()), None, "{raw}");
+        }
+        assert_eq!(Mark::decode(b"complete 4294967295"), Some(Mark::Complete(MAX_NUMBER)));
+        for other in ["rw.prev.18446744073709551615", "rw.trash.4294967296", "rw.prev.+2"] {
+            assert_eq!(Slot::parse("rw", other), None, "{other}");
+        }
+        let state = State::from([(Slot::Prev(1), Mark::Complete(MAX_NUMBER))]);
+        assert_eq!(next_generation(&state), MAX_NUMBER + 1);
     }
 
     /// One boot in the model, as the executor runs it, cut after `cut` steps if given.
