@@ -178,8 +178,12 @@ fn nested_subvolumes(root: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Whether `path` is a btrfs subvolume: its root directory has inode 256 on btrfs (on
+/// another filesystem any directory may have that number).
 pub fn is_subvolume(path: &Path) -> bool {
+    use nix::sys::statfs::{statfs, BTRFS_SUPER_MAGIC};
     fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && m.ino() == BTRFS_FIRST_FREE_OBJECTID)
+        && statfs(path).is_ok_and(|s| s.filesystem_type() == BTRFS_SUPER_MAGIC)
 }
 
 /// The ID of the subvolume whose root is `path` (`BTRFS_IOC_INO_LOOKUP` with no tree: the

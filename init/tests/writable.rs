@@ -5,6 +5,7 @@
 //! in `init/src/writable/plan.rs`; here the same plans run on a disk.
 
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -158,6 +159,29 @@ fn overlay_layers_are_plain_directories_rotated_the_same_way() {
     boot(&fs_.mnt, &img, "b2", 1);
     assert!(!fs_.mnt.join("rw/upper/file").exists() && fs_.mnt.join("rw.prev/upper/file").exists());
     assert_eq!(fs::read_dir(&lower).unwrap().count(), 0);
+}
+
+#[test]
+fn a_directory_numbered_like_a_subvolume_on_ext4_is_a_directory() {
+    let fs_ = LoopFs::new("mkfs.ext4", 64 << 20);
+    let parent = fs_.mnt.join("p");
+    fs::create_dir(&parent).unwrap();
+    // Subdirectories take the parent's group's next free inodes, in order.
+    let at_256 = (0..1000)
+        .map(|i| parent.join(i.to_string()))
+        .find(|d| {
+            fs::create_dir(d).unwrap();
+            fs::metadata(d).unwrap().ino() >= 256
+        })
+        .unwrap();
+    assert_eq!(fs::metadata(&at_256).unwrap().ino(), 256);
+    assert!(!is_subvolume(&at_256));
+    let btrfs = LoopFs::btrfs();
+    sh(Command::new("btrfs")
+        .args(["-q", "subvolume", "create"])
+        .arg(btrfs.mnt.join("sv")));
+    fs::create_dir(btrfs.mnt.join("dir")).unwrap();
+    assert!(is_subvolume(&btrfs.mnt.join("sv")) && !is_subvolume(&btrfs.mnt.join("dir")));
 }
 
 #[test]
