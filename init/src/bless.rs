@@ -179,6 +179,10 @@ pub fn run() -> Result<String> {
     let uuid = loader_variable("LoaderDevicePartUUID")
         .ok_or("the boot loader did not say which partition is the ESP (no LoaderDevicePartUUID)")?
         .to_ascii_lowercase();
+    // A GUID, nothing else: the variable's text becomes a path.
+    if !is_guid(&uuid) {
+        return Err(format!("LoaderDevicePartUUID '{uuid}' is not a partition GUID: not touching it").into());
+    }
     let device = PathBuf::from(format!("/dev/disk/by-partuuid/{uuid}"));
     if !device.exists() {
         return Err(format!(
@@ -193,6 +197,13 @@ pub fn run() -> Result<String> {
     let result = bless_at(esp, &entry);
     let _ = unmount(esp);
     result
+}
+
+/// `8-4-4-4-12` hex digits, as systemd-boot writes LoaderDevicePartUUID.
+fn is_guid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups.iter().all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// The device node a spec names, through udev's links (the booted system has udev).
@@ -223,7 +234,11 @@ fn device_of(spec: &str) -> Result<PathBuf> {
 pub fn bless_grubenv(esp: &Path, deployment: &str) -> Result<String> {
     let var = grubenv::tries_variable(deployment).ok_or("not a deployment id")?;
     let path = esp.join("layerboot/grubenv");
-    let block = fs::read(&path).map_err(|e| Error::io("cannot read", &path, e))?;
+    // One byte more than a block at most: a larger file is no block, and is not read whole.
+    let mut block = Vec::with_capacity(grubenv::SIZE + 1);
+    fs::File::open(&path)
+        .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, grubenv::SIZE as u64 + 1), &mut block))
+        .map_err(|e| Error::io("cannot read", &path, e))?;
     let mut vars = grubenv::parse(&block)?;
     if grubenv::get(&vars, &var) == Some("good") {
         return Ok(format!("layerboot: deployment {deployment} is blessed already"));
@@ -336,6 +351,25 @@ mod tests {
         );
         assert!(bless_grubenv(t.path(), "aaa").unwrap().contains("already"));
         assert!(bless_grubenv(t.path(), "../x").is_err());
+        // A huge file in its place is refused after one block's worth of reading, untouched.
+        let env = t.path().join("layerboot/grubenv");
+        fs::File::create(&env).unwrap().set_len(8 << 30).unwrap();
+        let e = bless_grubenv(t.path(), "aaa").unwrap_err().to_string();
+        assert!(e.contains("more than 1024 bytes"), "{e}");
+        assert_eq!(fs::metadata(&env).unwrap().len(), 8 << 30);
+    }
+
+    #[test]
+    fn only_a_guid_names_the_esp() {
+        assert!(is_guid("6c0ad6b0-5d1f-4a43-9f52-1a7e2b0c3d4e"));
+        for bad in [
+            "../../sda",
+            "6c0ad6b0-5d1f-4a43-9f52-1a7e2b0c3d4",
+            "6c0ad6b0/5d1f-4a43-9f52-1a7e2b0c3d4e",
+            "",
+        ] {
+            assert!(!is_guid(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -21,9 +21,12 @@ fn plain(s: &str) -> bool {
 /// all, so a rewrite gives back every other tool's variable byte for byte.
 pub fn parse(block: &[u8]) -> Result<Vec<(String, String)>> {
     if block.len() != SIZE || !block.starts_with(HEADER.as_bytes()) {
+        let size = match block.len() {
+            n if n > SIZE => format!("more than {SIZE} bytes"),
+            n => format!("{n} bytes"),
+        };
         return Err(Error::new(format!(
-            "not a GRUB environment block ({} bytes; one is {SIZE} bytes starting '# GRUB Environment Block')",
-            block.len()
+            "not a GRUB environment block ({size}; one is {SIZE} bytes starting '# GRUB Environment Block')"
         )));
     }
     // Not text: a rewrite could not give it back as it is, so it is not rewritten.
