@@ -22,13 +22,10 @@ pub fn switch_root(new_root: &Path, init: &str, args: &[String], env: &[String])
     // No sync() here: what must survive a power cut was flushed by what wrote it (the
     // writable layer's syncfs, fsync of the loader's files). A sync of everything waited
     // ~28 ms for a btrfs commit of what none of it needs.
+    let targets = api_mount_targets(new_root)?;
     make_private(Path::new("/"))?;
-    for m in API_MOUNTS {
-        let target = new_root.join(&m[1..]);
-        if !target.is_dir() {
-            fs::create_dir_all(&target).map_err(|e| Error::io("the new root has no", &target, e))?;
-        }
-        move_mount(Path::new(m), &target)?;
+    for (m, target) in API_MOUNTS.iter().zip(&targets) {
+        move_mount(Path::new(m), target)?;
     }
     chdir(new_root).map_err(|e| Error::io("cannot enter", new_root, e))?;
     empty_initramfs(new_root);
@@ -45,6 +42,31 @@ pub fn switch_root(new_root: &Path, init: &str, args: &[String], env: &[String])
     let envp: Vec<CString> = env.iter().map(|e| cstr(e)).collect::<Result<_>>()?;
     let err = execve(&path, &argv, &envp).unwrap_err();
     Err(Error::new(format!("cannot execute the image's init {init}: {err}")))
+}
+
+/// Where the API filesystems go in the new root: its own directories, made if missing.
+/// Checked all before any is moved. A link there (`/dev` → `/`) would be followed from
+/// the initramfs, and the mount land outside the new root: refused, by name.
+fn api_mount_targets(new_root: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let targets: Vec<_> = API_MOUNTS.iter().map(|m| new_root.join(&m[1..])).collect();
+    for (m, target) in API_MOUNTS.iter().zip(&targets) {
+        match fs::symlink_metadata(target) {
+            Ok(md) if !md.is_dir() => {
+                let what = match fs::read_link(target) {
+                    Ok(to) => format!("a link to {}", to.display()),
+                    Err(_) => "a file".to_string(),
+                };
+                return Err(Error::new(format!(
+                    "the image's {m} is not a directory but {what} (fix: make {m} a directory in the image)"
+                )));
+            }
+            _ => {}
+        }
+    }
+    for target in targets.iter().filter(|t| fs::symlink_metadata(t).is_err()) {
+        fs::create_dir(target).map_err(|e| Error::io("the new root has no", target, e))?;
+    }
+    Ok(targets)
 }
 
 /// Frees the initramfs's memory: deletes its files, staying on its own filesystem (so
@@ -153,6 +175,31 @@ mod tests {
         left.sort();
         assert_eq!(left, ["shutdown-home", "sysroot"]);
         assert!(root.join("sysroot/usr/keep").exists() && root.join("shutdown-home/shutdown").exists());
+    }
+
+    #[test]
+    fn the_api_filesystems_go_to_the_new_roots_own_directories() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        fs::create_dir(root.join("proc")).unwrap();
+        let targets = api_mount_targets(root).unwrap();
+        assert_eq!(targets, ["dev", "proc", "sys", "run"].map(|d| root.join(d)));
+        assert!(targets.iter().all(|d| d.is_dir()), "the missing ones were made");
+        for (name, make) in [("a link to /", true), ("a file", false)] {
+            let root = t.path().join(name);
+            fs::create_dir_all(root.join("proc")).unwrap();
+            if make {
+                std::os::unix::fs::symlink("/", root.join("run")).unwrap();
+            } else {
+                fs::write(root.join("run"), "").unwrap();
+            }
+            let e = api_mount_targets(&root).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("/run is not a directory but {name}")) && e.contains("fix:"),
+                "{e}"
+            );
+            assert!(!root.join("dev").exists(), "nothing is made before all are checked");
+        }
     }
 
     #[test]
