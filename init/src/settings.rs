@@ -288,15 +288,13 @@ impl Settings {
                  (letters, digits and . _ @ + -, not starting with '.'), e.g. layerboot-rw"
             )));
         }
-        let docker_path = get(arg::DOCKER_PATH)
-            .unwrap_or(DEFAULT_DOCKER_PATH)
-            .trim_matches('/')
-            .to_string();
-        if docker_path.split('/').any(|c| c == "..") {
+        let given = get(arg::DOCKER_PATH).unwrap_or(DEFAULT_DOCKER_PATH);
+        if given.split('/').any(|c| c == "..") {
             return Err(Error::new(format!(
-                "docker_path={docker_path} must stay inside the root partition (no '..')"
+                "docker_path={given} must stay inside the root partition (no '..')"
             )));
         }
+        let docker_path = plain_path(given);
         let image = nonempty(arg::DOCKER_IMAGE).map(str::to_string).ok_or_else(|| {
             Error::new("no image to boot: add docker_image=NAME:TAG to the kernel command line, or build the initramfs with `layerboot initramfs --image NAME:TAG`")
         })?;
@@ -309,12 +307,13 @@ impl Settings {
             .filter(|f| !f.is_empty())
             .map(str::to_string)
             .collect();
-        let toplayer_path = get(arg::TOPLAYER_PATH).unwrap_or("/").to_string();
-        if toplayer_path.split('/').any(|c| c == "..") {
+        let given = get(arg::TOPLAYER_PATH).unwrap_or("/");
+        if given.split('/').any(|c| c == "..") {
             return Err(Error::new(format!(
-                "toplayer_path={toplayer_path} must stay inside the top-layer device (no '..')"
+                "toplayer_path={given} must stay inside the top-layer device (no '..')"
             )));
         }
+        let toplayer_path = format!("/{}", plain_path(given));
         // Bounded: a huge value would wait for ever, or overflow a deadline into a panic.
         let number = |k: &str, default: u64, max: u64| -> Result<u64> {
             let unit = if k.ends_with("timeout") { " of seconds" } else { "" };
@@ -389,6 +388,16 @@ impl Settings {
     }
 }
 
+/// A path in a partition as its names alone: no empty or `.` parts, no slash at either
+/// end (`./var//lib/docker/` → `var/lib/docker`), so a check of its first name is a
+/// check of the directory it names. (`..` is refused before.)
+fn plain_path(path: &str) -> String {
+    path.split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,6 +470,38 @@ mod tests {
         assert_eq!(s.toplayer_path, "/hosts/pc1");
         assert_eq!(s.image, "arch:desktop");
         assert!(!s.read_only);
+    }
+
+    #[test]
+    fn paths_are_read_as_their_names_so_the_clash_checks_see_them() {
+        for (given, docker, top) in [
+            ("./layerboot-rw", "layerboot-rw", "/layerboot-rw"),
+            (".", "", "/"),
+            ("/./var//lib/./docker/", "var/lib/docker", "/var/lib/docker"),
+        ] {
+            let s = settings(
+                &format!("root=/dev/vda docker_image=x docker_path={given} toplayer_path={given}"),
+                &Config::default(),
+            )
+            .unwrap();
+            assert_eq!(
+                (s.docker_path.as_str(), s.toplayer_path.as_str()),
+                (docker, top),
+                "{given}"
+            );
+        }
+        // So the writable layer's generations can never be the store or hold it.
+        for given in ["./layerboot-rw", ".", "./"] {
+            let s = settings(
+                &format!("root=/dev/vda docker_image=x docker_path={given}"),
+                &Config::default(),
+            )
+            .unwrap();
+            assert!(
+                crate::writable::check_clear_of(&s.rw_name, "the image store", &s.docker_path).is_err(),
+                "{given}"
+            );
+        }
     }
 
     #[test]

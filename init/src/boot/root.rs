@@ -60,7 +60,7 @@ impl Boot {
             ))
         })?;
         if let Ok(on_store) = dir.strip_prefix(STORE_MOUNT) {
-            check_toplayer_clear_of_store(on_store, &s.docker_path)?;
+            check_toplayer_clear_of_store(on_store, &store_on_partition(s))?;
         }
         Ok(Some(dir))
     }
@@ -103,7 +103,11 @@ impl Boot {
         let (s, image) = (src.settings, src.image);
         // Before anything is touched: the layer's generations must not be the store or
         // the top layer, nor hold them.
-        check_clear_of(&s.rw_name, "the image store (docker_path=)", &s.docker_path)?;
+        check_clear_of(
+            &s.rw_name,
+            "the image store (docker_path=)",
+            &store_on_partition(s).to_string_lossy(),
+        )?;
         if let Some(on_store) = toplayer.and_then(|t| t.strip_prefix(STORE_MOUNT).ok()) {
             check_clear_of(
                 &s.rw_name,
@@ -200,15 +204,35 @@ fn mount_source<'a>(src: &Source<'a>) -> MountSource<'a> {
     }
 }
 
+/// Where the store really is on its partition, from the partition's top: docker_path=
+/// with its links followed (`store` → `layerboot-rw/x` is in the writable layer). As
+/// given if it cannot be resolved, or resolves off the partition (then nothing on it is
+/// the store).
+fn store_on_partition(s: &Settings) -> PathBuf {
+    real_place(Path::new(STORE_MOUNT), &s.docker_path)
+}
+
+/// `rel` under the mount point `mount`, its links followed, from the top of `mount`.
+fn real_place(mount: &Path, rel: &str) -> PathBuf {
+    match std::fs::canonicalize(mount.join(rel)) {
+        Ok(real) => match real.strip_prefix(mount) {
+            Ok(inside) => inside.to_path_buf(),
+            Err(_) => PathBuf::from(rel),
+        },
+        Err(_) => PathBuf::from(rel),
+    }
+}
+
 /// On the store's own device, the top layer (at `on_store`, from the partition's top)
 /// must not hold the store: `toplayer_path=/` would copy the whole store into the root.
-fn check_toplayer_clear_of_store(on_store: &Path, docker_path: &str) -> Result<()> {
-    if Path::new(docker_path).starts_with(on_store) {
+fn check_toplayer_clear_of_store(on_store: &Path, store: &Path) -> Result<()> {
+    if store.starts_with(on_store) {
         return Err(Error::new(format!(
-            "the top layer directory /{} holds the image store /{docker_path} (toplayer_path= on the store's own \
+            "the top layer directory /{} holds the image store /{} (toplayer_path= on the store's own \
              device): it would be copied into the new root (fix: keep the top layer in a directory of its own, e.g. \
              toplayer_path=/hosts/NAME)",
-            on_store.display()
+            on_store.display(),
+            store.display()
         )));
     }
     Ok(())
@@ -250,12 +274,22 @@ mod tests {
             ("var", "var/lib/docker"),
             ("var/lib/docker", "var/lib/docker"),
         ] {
-            let e = check_toplayer_clear_of_store(Path::new(top), store)
+            let e = check_toplayer_clear_of_store(Path::new(top), Path::new(store))
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("holds the image store") && e.contains("fix:"), "{top}: {e}");
         }
-        assert!(check_toplayer_clear_of_store(Path::new("toplayer"), "var/lib/docker").is_ok());
-        assert!(check_toplayer_clear_of_store(Path::new("var/lib/docker2"), "var/lib/docker").is_ok());
+        let store = Path::new("var/lib/docker");
+        assert!(check_toplayer_clear_of_store(Path::new("toplayer"), store).is_ok());
+        // The store's place is where its links lead: here inside the writable layer.
+        let t = tempfile::tempdir().unwrap();
+        let mount = t.path().canonicalize().unwrap();
+        std::fs::create_dir_all(mount.join("layerboot-rw/x")).unwrap();
+        std::os::unix::fs::symlink("layerboot-rw/x", mount.join("store")).unwrap();
+        let real = real_place(&mount, "store");
+        assert_eq!(real, Path::new("layerboot-rw/x"));
+        assert!(check_clear_of("layerboot-rw", "the image store", &real.to_string_lossy()).is_err());
+        assert_eq!(real_place(&mount, "missing"), Path::new("missing"));
+        assert!(check_toplayer_clear_of_store(Path::new("var/lib/docker2"), store).is_ok());
     }
 }
