@@ -293,7 +293,31 @@ pub(super) fn read(path: &Path) -> Result<Vec<u8>> {
 /// exhaust /init's memory) is a named error, not an allocation.
 pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
     use std::io::Read;
-    let file = fs::File::open(path).map_err(|e| Error::io("cannot read", path, e))?;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    // Only a regular file is opened: a FIFO would hold the boot for a writer that never
+    // comes, /dev/console never ends, and opening some devices acts (a watchdog arms).
+    // Checked before the open (links followed, as the open follows them), and the open
+    // cannot block even if the file changed in between.
+    let kind = fs::metadata(path)
+        .map_err(|e| Error::io("cannot read", path, e))?
+        .file_type();
+    if !kind.is_file() {
+        let what = match kind {
+            k if k.is_dir() => "a directory",
+            k if k.is_fifo() => "a FIFO",
+            k if k.is_char_device() || k.is_block_device() => "a device",
+            _ => "not a regular file",
+        };
+        return Err(Error::new(format!(
+            "{} is {what}, not a file: the store is corrupt (fix: repair or re-pull the image)",
+            path.display()
+        )));
+    }
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| Error::io("cannot read", path, e))?;
     // Room for the usual store file (an ID, a config) in the first read: from an empty
     // buffer, read_to_end starts with a 32-byte read and grows from there.
     let mut data = Vec::with_capacity(8192);
@@ -301,10 +325,14 @@ pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
         .read_to_end(&mut data)
         .map_err(|e| Error::io("cannot read", path, e))?;
     if data.len() as u64 > max {
+        let limit = if max >= 1 << 20 {
+            format!("{} MiB", max >> 20)
+        } else {
+            format!("{max} bytes")
+        };
         return Err(Error::new(format!(
-            "{} is larger than {} MiB, more than any store file of its kind: the store is corrupt (fix: repair or re-pull the image)",
-            path.display(),
-            max >> 20
+            "{} is larger than {limit}, more than any store file of its kind: the store is corrupt (fix: repair or re-pull the image)",
+            path.display()
         )));
     }
     Ok(data)

@@ -338,3 +338,35 @@ fn a_boot_reads_only_the_top_layer_of_a_whole_tree_driver_and_every_overlay_laye
     fs::remove_dir(t.path().join(format!("overlay/{}/diff", hex(1)))).unwrap();
     assert!(err(s.resolve("localhost/app:1")).contains("has no data"));
 }
+
+#[test]
+fn a_fifo_or_a_device_in_the_store_is_named_and_never_waited_on() {
+    for (kind, make) in [
+        (
+            "a FIFO",
+            &(|p: &Path| nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap())
+                as &dyn Fn(&Path),
+        ),
+        ("a device", &|p: &Path| {
+            std::os::unix::fs::symlink("/dev/null", p).unwrap()
+        }),
+        ("a directory", &|p: &Path| fs::create_dir(p).unwrap()),
+    ] {
+        let (f, _) = Fixture::new();
+        let cache_id = f.layer_meta(true).join("cache-id");
+        fs::remove_file(&cache_id).unwrap();
+        make(&cache_id);
+        let store = f.store();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(err(store.resolve("debian")));
+        });
+        let e = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{kind}: still reading after 10 s"));
+        assert!(
+            e.contains(&format!("is {kind}, not a file")) && e.contains("fix:"),
+            "{kind}: {e}"
+        );
+    }
+}
