@@ -34,7 +34,6 @@ fn image_with_layers(home: &Path, n: usize, links: bool) -> Image {
     }
     Image {
         id: format!("sha256:{}", "b".repeat(64)),
-        config: serde_json::json!({}),
         driver: Driver::Overlay2,
         layers,
         refs: vec![],

@@ -206,9 +206,7 @@ impl Docker<'_> {
                 path.display()
             )));
         }
-        let config: serde_json::Value = serde_json::from_slice(&data)
-            .map_err(|e| Error::new(format!("image config {} is not valid JSON: {e}", path.display())))?;
-        let diff_ids = diff_ids(&config, &path)?;
+        let diff_ids = diff_ids(&data, &path)?;
         let chains = chain_ids(&diff_ids);
         let wanted = self.layers_to_read(self.driver, chains.len());
         let mut layers = Vec::with_capacity(wanted);
@@ -223,7 +221,6 @@ impl Docker<'_> {
             .collect();
         Ok(Image {
             id: id.to_string(),
-            config,
             driver: self.driver,
             layers,
             refs,

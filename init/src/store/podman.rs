@@ -61,7 +61,14 @@ struct PodLayer {
     id: String,
     parent: Option<String>,
     #[serde(default)]
-    flags: serde_json::Map<String, serde_json::Value>,
+    flags: LayerFlags,
+}
+
+/// The one flag a boot reads; the others are skipped unbuilt (see `store::ImageConfig`).
+#[derive(Deserialize, Default)]
+struct LayerFlags {
+    #[serde(default)]
+    incomplete: bool,
 }
 
 reader!(Podman);
@@ -215,7 +222,7 @@ impl Podman<'_> {
                     layers_path.display()
                 ))
             })?;
-            if layer.flags.get("incomplete").and_then(|v| v.as_bool()) == Some(true) {
+            if layer.flags.incomplete {
                 return Err(Error::new(format!("layer {id} of image {} is incomplete: podman was interrupted while writing or removing it (fix: podman pull / load the image again)", image.id)));
             }
             let dir = self.driver_home().join(layer_dir(self.driver, &id));
@@ -235,7 +242,6 @@ impl Podman<'_> {
         }
         Ok(Image {
             id: format!("sha256:{}", image.id),
-            config: serde_json::Value::Null,
             driver: self.driver,
             layers,
             refs: image.names.clone(),

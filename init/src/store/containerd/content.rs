@@ -70,9 +70,9 @@ impl Containerd<'_> {
         Ok(data)
     }
 
-    /// The image config of `record`: through an index (this machine's platform, present
+    /// The image config of `record` (its digest and bytes): through an index (this machine's platform, present
     /// locally, no attestations) and a manifest.
-    pub(super) fn config_of(&self, record: &Record) -> Result<(String, serde_json::Value)> {
+    pub(super) fn config_of(&self, record: &Record) -> Result<(String, Vec<u8>)> {
         let mut digest = record.digest.clone();
         for _ in 0..4 {
             let data = self.blob(&digest, "manifest")?;
@@ -80,13 +80,7 @@ impl Containerd<'_> {
                 .map_err(|e| Error::new(format!("manifest {digest} of {} is not valid JSON: {e}", record.name)))?;
             if let Some(config) = doc.config {
                 let data = self.blob(&config.digest, "image config")?;
-                let value = serde_json::from_slice(&data).map_err(|e| {
-                    Error::new(format!(
-                        "image config {} of {} is not valid JSON: {e}",
-                        config.digest, record.name
-                    ))
-                })?;
-                return Ok((config.digest, value));
+                return Ok((config.digest, data));
             }
             let manifests = doc.manifests.unwrap_or_default();
             let arch = goarch();

@@ -344,7 +344,6 @@ impl Containerd<'_> {
             .collect();
         Ok(Image {
             id: record.digest.clone(),
-            config,
             driver,
             layers,
             refs,
