@@ -36,6 +36,8 @@ pub struct Db {
     data: Vec<u8>,
     page_size: usize,
     root: u64,
+    /// Elements this reader may still decode: see [`work_budget`].
+    budget: std::cell::Cell<u64>,
 }
 
 /// A bucket: a B+tree of keys, each holding a value or a nested bucket.
@@ -117,6 +119,7 @@ impl Db {
         }
         Ok(Db {
             path: path.to_path_buf(),
+            budget: std::cell::Cell::new(work_budget(data.len())),
             data,
             page_size,
             root,
@@ -156,6 +159,15 @@ impl Db {
             ))),
         }
     }
+}
+
+/// How many page elements one open database may decode in all. A real file is read a
+/// few times over at most; a crafted one can make each lookup decode a whole chain of
+/// full pages (65 535 elements each) and point every record at it: days of work in a
+/// 256 MiB file, a boot that never ends. Four readings of every element the file could
+/// hold, and never less than 16 million (well under a second).
+fn work_budget(file_bytes: usize) -> u64 {
+    (4 * (file_bytes / ELEMENT) as u64).max(16 << 20)
 }
 
 /// One element of a branch or leaf page.
@@ -273,6 +285,11 @@ impl<'a> Bucket<'a> {
             )));
         }
         let count = u16_at(page, 10) as usize;
+        let left = self.db.budget.get().checked_sub(count as u64).ok_or_else(|| {
+            self.db
+                .corrupt("reading it takes more work than a database of its size can need (crafted page references)")
+        })?;
+        self.db.budget.set(left);
         let mut out = Vec::with_capacity(count);
         for i in 0..count {
             let at = PAGE_HEADER + i * ELEMENT;
@@ -430,6 +447,27 @@ mod tests {
         b.data[4096 + PAGE_HEADER + 48] ^= 1;
         let db = Db::from_bytes(Path::new("t.db"), b.data).unwrap();
         assert_eq!(db.root().value("a").unwrap(), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn lookups_that_cost_more_than_the_file_could_need_stop_with_a_named_error() {
+        // One full leaf of 3500 elements, and lookups of it again and again: as if every
+        // record of a crafted file pointed at one heavy chain of pages.
+        let keys: Vec<[u8; 2]> = (0..3500u16).map(|i| i.to_be_bytes()).collect();
+        let elems: Vec<(u64, &[u8], &[u8])> = keys.iter().map(|k| (0, &k[..], &b""[..])).collect();
+        let mut b = Builder::new(1 << 16, 3);
+        b.meta(0, 2, 1);
+        b.meta(1, 2, 0);
+        b.page(2, &Builder::page_image(LEAF, &elems));
+        let db = Db::from_bytes(Path::new("heavy.db"), b.data).unwrap();
+        assert_eq!(db.budget.get(), 16 << 20, "a small file's floor");
+        db.budget.set(100 * 3500); // the floor's 4800 lookups, shortened for the test
+        let root = db.root();
+        let lookups = (0..).find(|_| root.value("absent").is_err()).unwrap();
+        assert_eq!(lookups, 100);
+        let e = root.value("absent").err().unwrap().to_string();
+        assert!(e.contains("heavy.db is corrupt") && e.contains("more work"), "{e}");
+        assert_eq!(work_budget(256 << 20), 4 << 24);
     }
 
     #[test]
