@@ -36,6 +36,14 @@ pub struct Kernel {
     pub modules: bool,
 }
 
+/// A kernel version as kernels name themselves (`6.1.0-50-amd64`, `6.6.8-arch1-1`,
+/// `5.15.0+rt~1`): the version goes into loader entries, file names and messages, so one
+/// with other characters (a newline would add lines to the boot entry) is not a kernel.
+pub fn plain_version(v: &str) -> bool {
+    !v.is_empty() && v != "." && v != ".." && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"._+~-".contains(&b))
+}
+
+/// The kernels an image holds, by their plain versions (see [`plain_version`]).
 pub fn kernels(view: &MergedView) -> Result<Vec<Kernel>> {
     let mut versions = std::collections::BTreeSet::new();
     for dir in ["/lib/modules", "/usr/lib/modules"] {
@@ -47,7 +55,7 @@ pub fn kernels(view: &MergedView) -> Result<Vec<Kernel>> {
         }
     }
     let mut out = Vec::new();
-    for version in versions {
+    for version in versions.into_iter().filter(|v| plain_version(v)) {
         let vmlinuz = [
             format!("/boot/vmlinuz-{version}"),
             format!("/usr/lib/modules/{version}/vmlinuz"),
@@ -170,4 +178,23 @@ fn show(store: &Store, reference: &str, as_json: bool) -> Result<()> {
         println!("kernel   {}  {vmlinuz}, {modules}", k.version);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kernel_version_with_odd_characters_is_no_kernel() {
+        let t = tempfile::tempdir().unwrap();
+        let boot = t.path().join("boot");
+        std::fs::create_dir_all(&boot).unwrap();
+        for v in ["6.1.0-50-amd64", "6.1.0\noptions systemd.debug_shell", "..", "a b", ""] {
+            std::fs::write(boot.join(format!("vmlinuz-{v}")), "kernel").unwrap();
+        }
+        let view = MergedView::from_dirs(vec![t.path().to_path_buf()]);
+        let found: Vec<String> = kernels(&view).unwrap().into_iter().map(|k| k.version).collect();
+        assert_eq!(found, ["6.1.0-50-amd64"]);
+        assert!(plain_version("6.6.8-arch1-1") && plain_version("5.15.0+rt~1"));
+    }
 }
