@@ -36,6 +36,9 @@ pub struct ModuleIndex {
     builtin: std::cell::OnceCell<Vec<String>>,
 }
 
+/// The soft dependencies kept per module and direction (real ones name a handful).
+const MAX_SOFTDEPS: usize = 32;
+
 /// How many leading bytes of a modalias choose the patterns it is matched against: the
 /// bus and the vendor for PCI (`pci:v00008086`) and USB (`usb:v0BC2p20`).
 const KEY: usize = 13;
@@ -108,11 +111,23 @@ impl ModuleIndex {
             let entry = idx.softdeps.entry(module_name(module)).or_default();
             let mut post = false;
             for w in words {
-                match w {
-                    "pre:" => post = false,
-                    "post:" => post = true,
-                    w if post => entry.1.push(w.to_string()),
-                    w => entry.0.push(w.to_string()),
+                let list = match w {
+                    "pre:" => {
+                        post = false;
+                        continue;
+                    }
+                    "post:" => {
+                        post = true;
+                        continue;
+                    }
+                    _ if post => &mut entry.1,
+                    _ => &mut entry.0,
+                };
+                // Each name once, and a real module's few: every name is matched against
+                // the aliases on each visit, so a crafted line of thousands made loading
+                // one module quadratic (seconds for 127 KB of index, days at its bound).
+                if list.len() < MAX_SOFTDEPS && !list.iter().any(|x| x == w) {
+                    list.push(w.to_string());
                 }
             }
         }
@@ -491,6 +506,30 @@ kernel/drivers/virtio/virtio_ring.ko:
             let plain = base[..base.find(".ko").unwrap_or(base.len())].replace('-', "_");
             proptest::prop_assert_eq!(module_name(&s), plain);
         }
+    }
+
+    #[test]
+    fn a_softdep_line_of_thousands_of_names_costs_a_few() {
+        let softdep = format!("softdep btrfs pre: {} post: a a b\n", "q ".repeat(100_000));
+        let distinct: String = (0..1000).map(|i| format!("q{i} ")).collect();
+        let softdep = format!("{softdep}softdep ext4 pre: {distinct}\n");
+        let alias: String = (0..4000).map(|i| format!("alias *{i} x\n")).collect();
+        let idx = ModuleIndex::parse(
+            "kernel/fs/btrfs/btrfs.ko:\nkernel/fs/ext4/ext4.ko:\n",
+            &softdep,
+            &alias,
+            "",
+        );
+        assert_eq!(
+            idx.softdeps["btrfs"],
+            (vec!["q".to_string()], vec!["a".to_string(), "b".to_string()])
+        );
+        assert_eq!(idx.softdeps["ext4"].0.len(), MAX_SOFTDEPS);
+        let names = |steps: Vec<Step>| steps.into_iter().map(|s| s.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(idx.load_order(&["btrfs".into(), "ext4".into()]).unwrap()),
+            ["btrfs", "ext4"]
+        );
     }
 
     #[test]
