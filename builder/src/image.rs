@@ -9,6 +9,10 @@ use layerboot_init::store::Store;
 use crate::inspect::{kernels, Kernel};
 use layerboot_init::error::{Error, OsCause, Result};
 
+/// The largest file of an image the builder reads whole (kernels are ~10 MiB, the
+/// largest modules and firmware files tens of MiB).
+pub const MAX_IMAGE_FILE: u64 = 256 << 20;
+
 pub struct SourceImage {
     pub view: MergedView,
     /// For messages: `image debian:12` or `root filesystem /`.
@@ -36,9 +40,18 @@ impl SourceImage {
         })
     }
 
-    /// The bytes of a file of the image (symlinks followed inside it), if it has one.
+    /// The bytes of a file of the image (symlinks followed inside it), if it has one. A
+    /// file over [`MAX_IMAGE_FILE`] (a sparse one costs its pusher nothing) is refused
+    /// before it is read.
     pub fn read(&self, path: &str) -> Result<Option<Vec<u8>>> {
         match self.view.lookup_follow(path)? {
+            Some(e) if e.metadata.is_file() && e.metadata.len() > MAX_IMAGE_FILE => Err(format!(
+                "{path} of {} is {} bytes, more than any kernel, module or firmware file ({MAX_IMAGE_FILE}) \
+                 (fix: check the image; remove the file)",
+                self.name,
+                e.metadata.len()
+            )
+            .into()),
             Some(e) if e.metadata.is_file() => std::fs::read(&e.host_path)
                 .map(Some)
                 .map_err(|err| Error::io("cannot read", &e.host_path, err)),
@@ -160,5 +173,20 @@ mod tests {
         let mut v = vec!["6.1.0-10-amd64", "6.1.0-9-amd64", "5.10.0-30-amd64"];
         v.sort_by_key(|s| super::version_key(s));
         assert_eq!(v, ["5.10.0-30-amd64", "6.1.0-9-amd64", "6.1.0-10-amd64"]);
+    }
+
+    #[test]
+    fn a_file_past_the_bound_is_refused_before_it_is_read() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("boot")).unwrap();
+        // Sparse: it costs its pusher nothing, and would cost the builder 1 GiB.
+        let big = std::fs::File::create(t.path().join("boot/vmlinuz-6.1.0")).unwrap();
+        big.set_len(1 << 30).unwrap();
+        let src = super::SourceImage::rootfs(t.path()).unwrap();
+        let e = src.read("/boot/vmlinuz-6.1.0").unwrap_err().to_string();
+        assert!(
+            e.contains("more than any kernel, module or firmware file") && e.contains("fix:"),
+            "{e}"
+        );
     }
 }

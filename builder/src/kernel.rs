@@ -31,8 +31,8 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let src = SourceImage::open(&args.store, &args.image, args.namespace.as_deref())?;
     let kernel = src.kernel(args.kver.as_deref(), |k| k.vmlinuz.is_some())?;
-    let from = src.host_path(kernel.vmlinuz.as_deref().unwrap())?;
-    let data = std::fs::read(&from).map_err(|e| Error::io("cannot read", &from, e))?;
+    let path = kernel.vmlinuz.as_deref().unwrap_or_default();
+    let data = src.read(path)?.ok_or_else(|| format!("the image has no {path}"))?;
     std::fs::create_dir_all(&args.output).map_err(|e| Error::io("cannot create", &args.output, e))?;
     let dest = args.output.join(format!("vmlinuz-{}", kernel.version));
     write_atomically(&dest, &data, 0o644)?;

@@ -9,7 +9,7 @@ use std::path::Path;
 use layerboot_init::coldplug::ModaliasWalker;
 use layerboot_init::kmod::{ModuleIndex, Step, INDEX_FILES};
 
-use crate::image::SourceImage;
+use crate::image::{SourceImage, MAX_IMAGE_FILE};
 use layerboot_init::error::{Error, Result};
 
 /// Drivers that find the disk on common PCs and VMs; /init loads those its devices'
@@ -256,23 +256,68 @@ fn strip_compression(path: &str) -> String {
 
 /// Compressed modules are stored decompressed: /init loads them with finit_module, and
 /// not every kernel can decompress modules itself.
+/// No more than [`MAX_IMAGE_FILE`] bytes come out: a small crafted frame can claim
+/// gigabytes.
 fn decompress(path: &str, raw: Vec<u8>) -> Result<Vec<u8>> {
-    use std::io::Read;
-    if path.ends_with(".zst") {
-        zstd::decode_all(&raw[..]).map_err(|e| Error::os(format!("cannot decompress {path}"), e))
-    } else if path.ends_with(".xz") {
-        let mut out = Vec::new();
-        lzma_rs::xz_decompress(&mut &raw[..], &mut out).map_err(|e| format!("{e:?}"))?;
-        Ok(out)
-    } else if path.ends_with(".gz") {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| Error::os(format!("cannot decompress {path}"), e))?;
-        Ok(out)
-    } else {
-        Ok(raw)
+    decompress_at_most(path, raw, MAX_IMAGE_FILE)
+}
+
+fn decompress_at_most(path: &str, raw: Vec<u8>, max: u64) -> Result<Vec<u8>> {
+    use std::io::{Read, Write};
+    /// A sink that refuses to grow past the limit (lzma-rs writes; it cannot be read).
+    struct Bounded {
+        out: Vec<u8>,
+        full: bool,
+        max: u64,
     }
+    impl Write for Bounded {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.out.len() as u64 + buf.len() as u64 > self.max {
+                self.full = true;
+                return Err(std::io::Error::other("too large"));
+            }
+            self.out.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let failed = |e: std::io::Error| Error::os(format!("cannot decompress {path}"), e);
+    let too_large = || -> Error {
+        format!("{path} decompresses to more than {max} bytes, more than any module (fix: check the image)").into()
+    };
+    let bounded = |mut r: Box<dyn Read + '_>| -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        r.by_ref()
+            .take(MAX_IMAGE_FILE + 1)
+            .read_to_end(&mut out)
+            .map_err(failed)?;
+        Ok(out)
+    };
+    let out = if path.ends_with(".zst") {
+        bounded(Box::new(zstd::stream::read::Decoder::new(&raw[..]).map_err(failed)?))?
+    } else if path.ends_with(".gz") {
+        bounded(Box::new(flate2::read::GzDecoder::new(&raw[..])))?
+    } else if path.ends_with(".xz") {
+        let mut sink = Bounded {
+            out: Vec::new(),
+            full: false,
+            max,
+        };
+        let done = lzma_rs::xz_decompress(&mut &raw[..], &mut sink);
+        if sink.full {
+            return Err(too_large());
+        }
+        done.map_err(|e| format!("cannot decompress {path}: {e:?}"))?;
+        sink.out
+    } else {
+        return Ok(raw);
+    };
+    if out.len() as u64 > max {
+        return Err(too_large());
+    }
+    Ok(out)
 }
 
 /// The `key=value` strings of a module's `.modinfo` section.
@@ -321,6 +366,35 @@ mod path_tests {
             "a\0b",
         ] {
             assert!(!super::plain_relative(bad), "{bad:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn a_module_that_decompresses_past_the_bound_is_refused_in_every_format() {
+        let zeros = vec![0u8; 2 << 20];
+        let zst = zstd::encode_all(&zeros[..], 1).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&zeros).unwrap();
+        let gz = gz.finish().unwrap();
+        let mut xz = Vec::new();
+        lzma_rs::xz_compress(&mut (&zeros[..]).take(zeros.len() as u64), &mut xz).unwrap();
+        for (name, raw) in [("m.ko.zst", zst), ("m.ko.gz", gz), ("m.ko.xz", xz)] {
+            assert_eq!(
+                decompress_at_most(name, raw.clone(), 4 << 20).unwrap().len(),
+                2 << 20,
+                "{name}"
+            );
+            let e = decompress_at_most(name, raw, 1 << 20).unwrap_err().to_string();
+            assert!(
+                e.contains("decompresses to more than 1048576 bytes") && e.contains("fix:"),
+                "{name}: {e}"
+            );
         }
     }
 }

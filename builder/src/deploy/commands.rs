@@ -346,8 +346,10 @@ pub fn plan_deploy(a: &DeployArgs, esp: &Path, store: &Path, namespace: Option<S
     let image = opened.resolve(&a.reference)?;
     let source = SourceImage::open(store, &image.id, namespace.as_deref())?;
     let kernel = source.kernel(a.kver.as_deref(), |k| k.vmlinuz.is_some() && k.modules)?;
-    let vmlinuz = source.host_path(kernel.vmlinuz.as_deref().unwrap_or_default())?;
-    let kernel_bytes = fs::read(&vmlinuz).map_err(|e| Error::io("cannot read", &vmlinuz, e))?;
+    let vmlinuz = kernel.vmlinuz.as_deref().unwrap_or_default();
+    let kernel_bytes = source
+        .read(vmlinuz)?
+        .ok_or_else(|| format!("the image has no {vmlinuz}"))?;
     let initramfs = build_initramfs(store, &image.id, namespace.as_deref(), &kernel.version, a)?;
 
     let deployments = list(esp)?;
