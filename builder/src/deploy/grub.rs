@@ -85,7 +85,11 @@ pub fn snippet(deployments: &[&Deployment]) -> String {
         let r = &d.record;
         let id = r.short_id();
         let var = format!("lb_{id}");
-        let title = format!("layerboot: {} ({id}, kernel {})", r.reference, r.kernel).replace('\'', "");
+        // Inside single quotes, on one line: no quote and no control character.
+        let title: String = format!("layerboot: {} ({id}, kernel {})", r.reference, r.kernel)
+            .chars()
+            .filter(|&c| c != '\'' && !c.is_control())
+            .collect();
         s += &format!("\nmenuentry '{title}' --id layerboot-{id} {{\n\tload_env -f {env} {var}\n");
         // One try used up, here, by the entry that boots.
         let mut first = true;

@@ -26,6 +26,9 @@ pub fn version(serial: u64) -> String {
 
 /// The text of one entry; paths are as the loader sees them (from the ESP's root).
 pub fn render(title: &str, serial: u64, kernel: &str, initrd: &str, options: &str) -> String {
+    // One line whatever the title holds (an image's reference, a kernel's version): a
+    // newline in it would add lines, and lines are what the loader obeys.
+    let title: String = title.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     format!(
         "title {title}\nsort-key {SORT_KEY}\nversion {}\nlinux {kernel}\ninitrd {initrd}\noptions {options}\n",
         version(serial)
@@ -82,6 +85,14 @@ pub fn without_default(loader_conf: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_title_is_one_line_whatever_it_holds() {
+        let text = render("demo\noptions init=/bin/sh\r", 7, "/k", "/i", "quiet");
+        assert_eq!(text.lines().filter(|l| l.starts_with("options")).count(), 1, "{text}");
+        assert!(text.starts_with("title demo options init=/bin/sh \n"), "{text}");
+        assert_eq!(read_version(&text), Some(7));
+    }
 
     #[test]
     fn an_entry_sorts_by_key_and_version_and_rollback_rewrites_the_version() {
