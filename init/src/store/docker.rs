@@ -235,26 +235,35 @@ impl Docker<'_> {
     fn layer(&self, chain_id: &str, diff_id: &str) -> Result<Layer> {
         let chain_hex = sha256_hex(chain_id).expect("chain IDs are computed from validated diff IDs");
         let meta = self.image_dir().join("layerdb/sha256").join(chain_hex);
-        // The record's directory is looked at only when its `diff` cannot be read: one
-        // system call less per layer at boot.
-        let recorded_diff = match read_trimmed(&meta.join("diff")) {
-            Err(_) if !meta.is_dir() => {
-                return Err(Error::new(format!(
-                    "layer {chain_id} is missing: {} does not exist (the store is incomplete; \
-                     fix: docker pull / load the image again)",
-                    meta.display()
-                )))
-            }
-            read => read?,
+        let missing = || {
+            Error::new(format!(
+                "layer {chain_id} is missing: {} does not exist (the store is incomplete; \
+                 fix: docker pull / load the image again)",
+                meta.display()
+            ))
         };
-        if recorded_diff != diff_id {
-            return Err(Error::new(format!(
-                "{} says {recorded_diff}, but the image config expects {diff_id}",
-                meta.join("diff").display()
-            )));
+        // The record's name is its chain ID, which the image's diff IDs give: its `diff`
+        // can only repeat what the name says. `inspect` still checks it; a boot skips the
+        // read (one cold disk read per layer). Docker writes a record in a temporary
+        // directory and renames it, so one that exists is whole. The record's directory
+        // is looked at only when a file in it cannot be read: one system call less.
+        if !self.for_boot {
+            let recorded_diff = match read_trimmed(&meta.join("diff")) {
+                Err(_) if !meta.is_dir() => return Err(missing()),
+                read => read?,
+            };
+            if recorded_diff != diff_id {
+                return Err(Error::new(format!(
+                    "{} says {recorded_diff}, but the image config expects {diff_id}",
+                    meta.join("diff").display()
+                )));
+            }
         }
         let cache_path = meta.join("cache-id");
-        let cache_id = read_trimmed(&cache_path)?;
+        let cache_id = match read_trimmed(&cache_path) {
+            Err(_) if !meta.is_dir() => return Err(missing()),
+            read => read?,
+        };
         if !is_hex64(&cache_id) {
             return Err(Error::new(format!(
                 "{} is corrupt: expected 64 lowercase hex digits, found {:?}",

@@ -209,6 +209,23 @@ fn diff_recorded_in_layerdb_must_match_the_config() {
 }
 
 #[test]
+fn a_boot_does_not_read_a_records_diff_but_still_names_a_missing_record() {
+    let (f, _) = Fixture::new();
+    let meta = f.layer_meta(true);
+    // The record's name is its chain ID: its `diff` only repeats it. `inspect` checks it.
+    fs::write(meta.join("diff"), format!("sha256:{}", hex(9))).unwrap();
+    assert!(err(f.store().resolve("debian")).contains("but the image config expects"));
+    let img = f.store().for_boot().resolve("debian").unwrap();
+    assert_eq!(img.layers[0].cache_id, hex(0x11));
+    fs::remove_file(meta.join("cache-id")).unwrap();
+    let e = err(f.store().for_boot().resolve("debian"));
+    assert!(e.contains("cannot read") && e.contains("cache-id"), "{e}");
+    fs::remove_dir_all(&meta).unwrap();
+    let e = err(f.store().for_boot().resolve("debian"));
+    assert!(e.contains("is missing") && e.contains("store is incomplete"), "{e}");
+}
+
+#[test]
 fn missing_layer_data_is_named() {
     let (f, _) = Fixture::new();
     fs::remove_dir(f.path().join(format!("btrfs/subvolumes/{}", hex(0x11)))).unwrap();
