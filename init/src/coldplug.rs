@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::Duration;
@@ -50,26 +50,37 @@ impl ModaliasWalker {
     /// reads than walking all of /sys/devices, which matters at boot under emulation.
     pub fn scan(&mut self, sys_bus: &Path) -> Vec<String> {
         let mut new = Vec::new();
-        let Ok(buses) = fs::read_dir(sys_bus) else { return new };
-        for bus in buses.flatten() {
-            if NO_MODALIAS.iter().any(|b| bus.file_name().as_bytes() == b.as_bytes()) {
+        // Each directory opened once, and listed and read through that descriptor: std's
+        // read_dir would take a second open for the reads, and walk each path from `/`.
+        let Some(mut buses) = open_dir(None, sys_bus.as_os_str().as_bytes()) else {
+            return new;
+        };
+        let buses_fd = buses.as_raw_fd();
+        let mut rel = Vec::with_capacity(64);
+        for bus in buses.iter().flatten() {
+            let bus = bus.file_name().to_bytes();
+            if bus.starts_with(b".") || NO_MODALIAS.iter().any(|b| bus == b.as_bytes()) {
                 continue;
             }
-            let acpi = bus.file_name().as_bytes() == b"acpi";
-            let dir = bus.path().join("devices");
-            let Ok(devices) = fs::read_dir(&dir) else { continue };
-            let Ok(dir) = fs::File::open(&dir) else { continue };
-            let mut rel = Vec::with_capacity(64);
-            for dev in devices.flatten() {
+            let acpi = bus == b"acpi";
+            rel.clear();
+            rel.extend_from_slice(bus);
+            rel.extend_from_slice(b"/devices");
+            let Some(mut devices) = open_dir(Some(buses_fd), &rel) else {
+                continue;
+            };
+            let devices_fd = devices.as_raw_fd();
+            for dev in devices.iter().flatten() {
+                let dev = dev.file_name().to_bytes();
                 // An ACPI object with no hardware ID is named `device:NN` by the kernel and
                 // has no modalias: most of the ACPI bus (33 of 56 devices in QEMU's PC).
-                if acpi && dev.file_name().as_bytes().starts_with(b"device:") {
+                if dev.starts_with(b".") || acpi && dev.starts_with(b"device:") {
                     continue;
                 }
                 rel.clear();
-                rel.extend_from_slice(dev.file_name().as_bytes());
+                rel.extend_from_slice(dev);
                 rel.extend_from_slice(b"/modalias");
-                if let Some(alias) = read_attribute(&dir, &rel) {
+                if let Some(alias) = read_attribute_at(devices_fd, &rel) {
                     self.add(alias.trim(), &mut new);
                 }
             }
@@ -96,18 +107,27 @@ impl ModaliasWalker {
 /// statx and a second read, and walk the whole path from `/` each time: for hundreds of
 /// attributes per boot that is measurable under emulation (TCG).
 pub fn read_attribute(dir: &fs::File, rel: &[u8]) -> Option<String> {
-    let fd = nix::fcntl::openat(
-        Some(dir.as_raw_fd()),
-        rel,
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .ok()?;
+    read_attribute_at(dir.as_raw_fd(), rel)
+}
+
+fn read_attribute_at(dir: RawFd, rel: &[u8]) -> Option<String> {
+    let fd = nix::fcntl::openat(Some(dir), rel, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).ok()?;
     // SAFETY: openat returned a fresh descriptor that nothing else owns.
     let mut file = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     let mut page = [0u8; 4096];
     let n = file.read(&mut page).ok()?;
     String::from_utf8(page[..n].to_vec()).ok()
+}
+
+/// A directory to list, opened at `rel` under `dir` (or the working directory).
+fn open_dir(dir: Option<RawFd>, rel: &[u8]) -> Option<nix::dir::Dir> {
+    nix::dir::Dir::openat(
+        dir,
+        rel,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()
 }
 
 /// The `MODALIAS=` of a kernel uevent message (`add@/devices/…\0ACTION=add\0…`).
