@@ -13,6 +13,7 @@ use crate::archive::{compress, Compression, Tree};
 use crate::image::{write_atomically, SourceImage};
 use crate::modules::{self, read_index};
 use layerboot_init::error::{Error, Result};
+use layerboot_init::kmod::{compile_aliases, COMPILED_ALIAS};
 
 #[derive(FromArgs)]
 #[argh(subcommand, name = "initramfs")]
@@ -149,7 +150,12 @@ pub fn run(args: Args) -> Result<()> {
         tree.file(&format!("{packed_dir}/{}", m.path), m.data.clone(), 0o644);
     }
     for (file, text) in &packed.index_files {
-        tree.file(&format!("{packed_dir}/{file}"), text.clone().into_bytes(), 0o644);
+        // modules.alias goes in compiled: /init then reads it without scanning its text.
+        let (file, bytes) = match *file {
+            "modules.alias" => (COMPILED_ALIAS, compile_aliases(text)),
+            _ => (*file, text.clone().into_bytes()),
+        };
+        tree.file(&format!("{packed_dir}/{file}"), bytes, 0o644);
     }
     for (path, bytes) in &packed.firmware {
         tree.file(path, bytes.clone(), 0o644);
