@@ -131,7 +131,8 @@ pub fn run(args: Args) -> Result<()> {
     tree.char_dev("dev/console", 5, 1, 0o600);
     tree.file("init", init, 0o755);
     tree.file("etc/initrd-release", initrd_release().into_bytes(), 0o644);
-    let config = config_for(&args, own, &kver, &image_init, &mut notes);
+    let mut config = config_for(&args, own, &kver, &image_init, &mut notes);
+    config.walk_acpi_bus = Some(!packed.acpi_drivers.is_empty());
     tree.file(
         "etc/layerboot.json",
         (serde_json::to_string_pretty(&config).unwrap() + "\n").into_bytes(),
@@ -281,6 +282,7 @@ fn config_for(args: &Args, own: Config, kver: &str, image_init: &str, notes: &mu
         kernel: Some(kver.to_string()),
         modules: own.modules,
         defaults,
+        walk_acpi_bus: None,
     }
 }
 

@@ -47,6 +47,9 @@ pub struct Selection {
     pub index_files: BTreeMap<&'static str, String>,
     /// `lib/firmware/...` path → bytes.
     pub firmware: BTreeMap<String, Vec<u8>>,
+    /// The packed modules that serve ACPI objects themselves ([`drives_acpi_objects`]):
+    /// only these need /init to read the ACPI bus's devices.
+    pub acpi_drivers: Vec<String>,
     pub notes: Vec<String>,
 }
 
@@ -149,6 +152,7 @@ pub fn pack(
     let mut firmware = BTreeMap::new();
     let mut notes = Vec::new();
     let mut names = BTreeSet::new();
+    let mut acpi_drivers = Vec::new();
     for step in steps {
         if !plain_relative(&step.path) {
             return Err(format!(
@@ -164,6 +168,9 @@ pub fn pack(
         })?;
         let data = decompress(&step.path, raw).map_err(|e| format!("cannot decompress module {}: {e}", step.path))?;
         let info = modinfo(&data).map_err(|e| format!("module {} is not a kernel module: {e}", step.path))?;
+        if drives_acpi_objects(&data) {
+            acpi_drivers.push(step.name.clone());
+        }
         let vermagic = info
             .iter()
             .find_map(|(k, v)| (*k == "vermagic").then_some(*v))
@@ -206,6 +213,7 @@ pub fn pack(
         modules,
         index_files,
         firmware,
+        acpi_drivers,
         notes,
     })
 }
@@ -339,6 +347,27 @@ pub fn modinfo(elf_bytes: &[u8]) -> Result<Vec<(&str, &str)>> {
         .collect())
 }
 
+/// Whether a module serves ACPI objects themselves: it registers a driver on the ACPI bus
+/// or a PNP driver (PNP devices have no modalias of their own: udev, and /init, load
+/// their drivers from the ACPI object's). Any other driver of a device the firmware's
+/// ACPI tables describe matches it on its own bus (a platform, I2C or SPI device), whose
+/// modalias is the same `acpi:` text. Told by the functions the module imports (also
+/// as `__NAME`, should a kernel rename them so); one that cannot be read counts as one
+/// that does.
+pub fn drives_acpi_objects(elf_bytes: &[u8]) -> bool {
+    const REGISTERS: [&str; 2] = ["acpi_bus_register_driver", "pnp_register_driver"];
+    let Ok(elf) = goblin::elf::Elf::parse(elf_bytes) else {
+        return true;
+    };
+    elf.syms.iter().any(|sym| {
+        sym.st_shndx == goblin::elf::section_header::SHN_UNDEF as usize
+            && elf
+                .strtab
+                .get_at(sym.st_name)
+                .is_some_and(|name| REGISTERS.contains(&name.trim_start_matches('_')))
+    })
+}
+
 fn find_firmware(src: &SourceImage, name: &str) -> Result<Option<(String, Vec<u8>)>> {
     for dir in ["/lib/firmware", "/usr/lib/firmware"] {
         for suffix in ["", ".xz", ".zst"] {
@@ -352,6 +381,11 @@ fn find_firmware(src: &SourceImage, name: &str) -> Result<Option<(String, Vec<u8
 
 #[cfg(test)]
 mod path_tests {
+    #[test]
+    fn a_module_that_cannot_be_read_has_the_acpi_bus_read() {
+        assert!(super::drives_acpi_objects(b"\x7fELF cut short"));
+    }
+
     #[test]
     fn module_and_firmware_paths_stay_below_their_directory() {
         for good in ["kernel/fs/btrfs/btrfs.ko", "updates/x.ko.zst", "rtl_nic/rtl8168g-2.fw"] {

@@ -172,6 +172,10 @@ fn archive_holds_init_config_console_and_every_modules_dependencies() {
         ["virtio_blk"],
         "coldplug needs the aliases"
     );
+    // sdhci_acpi serves ACPI-described SD hosts as platform devices: no packed module
+    // needs the ACPI bus read.
+    assert!(packed.iter().any(|p| p.ends_with("/sdhci-acpi.ko.zst")));
+    assert_eq!(config.walk_acpi_bus, Some(false));
     // Each module is its own zstd frame, which /init decompresses only if it loads it:
     // the image's own file, byte for byte.
     let img = Store::open(store("btrfs")).unwrap().resolve("layerboot/demo").unwrap();
@@ -185,6 +189,27 @@ fn archive_holds_init_config_console_and_every_modules_dependencies() {
         fs::read(original.host_path).unwrap(),
         zstd::decode_all(&a[&format!("{dir}/{btrfs_zst}")].data[..]).unwrap()
     );
+}
+
+/// An ACPI bus driver (`button`) or a PNP driver (`parport_pc`) matches only what
+/// coldplug reads on the ACPI bus: packing either has /init read it.
+#[test]
+fn a_driver_of_acpi_objects_has_init_read_the_acpi_bus() {
+    let t = tempfile::tempdir().unwrap();
+    for module in ["button", "parport_pc"] {
+        let out = t.path().join(format!("{module}.img"));
+        let args = [
+            "initramfs",
+            "--store",
+            &store("btrfs"),
+            "--image",
+            "layerboot/demo",
+            "--module",
+            module,
+        ];
+        ok(layerboot(&[&args[..], &["-o", out.to_str().unwrap()]].concat()));
+        assert_eq!(packed_config(&out).walk_acpi_bus, Some(true), "{module}");
+    }
 }
 
 #[test]

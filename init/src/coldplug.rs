@@ -39,12 +39,26 @@ const NO_MODALIAS: [&str; 13] = [
 ];
 
 /// Modaliases seen so far, so each is matched once.
-#[derive(Default)]
 pub struct ModaliasWalker {
     seen: BTreeSet<String>,
+    /// Whether [`scan`](Self::scan) reads the ACPI bus (see `Config::walk_acpi_bus`).
+    acpi_bus: bool,
+}
+
+impl Default for ModaliasWalker {
+    fn default() -> Self {
+        ModaliasWalker::new(true)
+    }
 }
 
 impl ModaliasWalker {
+    pub fn new(acpi_bus: bool) -> ModaliasWalker {
+        ModaliasWalker {
+            seen: BTreeSet::new(),
+            acpi_bus,
+        }
+    }
+
     /// Reads the modalias of every device on every bus (`/sys/bus/*/devices/*`, as
     /// `udevadm trigger` enumerates them) and returns those not seen before. Far fewer
     /// reads than walking all of /sys/devices, which matters at boot under emulation.
@@ -63,6 +77,9 @@ impl ModaliasWalker {
                 continue;
             }
             let acpi = bus == b"acpi";
+            if acpi && !self.acpi_bus {
+                continue;
+            }
             rel.clear();
             rel.extend_from_slice(bus);
             rel.extend_from_slice(b"/devices");
@@ -250,6 +267,26 @@ mod tests {
         link("pci", "pci0000:00/0000:00:05.0");
         assert_eq!(walker.scan(&bus), ["pci:v00008086d00002922sv0sd0bc01sc06i01"]);
         assert_eq!(walker.add_from_uevent("platform:serial8250"), None);
+
+        // An ACPI object with a hardware ID is read, unless no packed module serves ACPI
+        // objects themselves; the platform device the kernel made of it is read anyway.
+        w("LNXSYSTM:00/80860F14:00/modalias", "acpi:80860F14:PNP0D40:\n");
+        link("acpi", "LNXSYSTM:00/80860F14:00");
+        w("platform/80860F14:00/modalias", "acpi:80860F14:PNP0D40:\n");
+        link("platform", "platform/80860F14:00");
+        let found = ModaliasWalker::new(false).scan(&bus);
+        assert!(
+            found.contains(&"acpi:80860F14:PNP0D40:".to_string()),
+            "the platform device's: {found:?}"
+        );
+        assert_eq!(walker.scan(&bus), ["acpi:80860F14:PNP0D40:"]);
+        fs::remove_file(bus.join("platform/devices/80860F14:00")).unwrap();
+        let mut no_acpi = ModaliasWalker::new(false);
+        assert!(!no_acpi.scan(&bus).iter().any(|a| a.starts_with("acpi:")));
+        assert!(ModaliasWalker::new(true)
+            .scan(&bus)
+            .iter()
+            .any(|a| a.starts_with("acpi:")));
     }
 
     #[test]

@@ -30,7 +30,7 @@ impl Hardware {
             .ok();
         Ok(Hardware {
             modules: KernelModules::open(config)?,
-            walker: ModaliasWalker::default(),
+            walker: ModaliasWalker::new(config.walk_acpi_bus != Some(false)),
             uevents,
             kernel_time: Duration::ZERO,
         })
