@@ -196,18 +196,21 @@ fn archive_holds_init_config_console_and_every_modules_dependencies() {
 #[test]
 fn a_driver_of_acpi_objects_has_init_read_the_acpi_bus() {
     let t = tempfile::tempdir().unwrap();
+    let s = store("btrfs");
     for module in ["button", "parport_pc"] {
         let out = t.path().join(format!("{module}.img"));
-        let args = [
+        let o = out.to_str().unwrap();
+        ok(layerboot(&[
             "initramfs",
             "--store",
-            &store("btrfs"),
+            &s,
             "--image",
             "layerboot/demo",
             "--module",
             module,
-        ];
-        ok(layerboot(&[&args[..], &["-o", out.to_str().unwrap()]].concat()));
+            "-o",
+            o,
+        ]));
         assert_eq!(packed_config(&out).walk_acpi_bus, Some(true), "{module}");
     }
 }
