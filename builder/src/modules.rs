@@ -168,7 +168,7 @@ pub fn pack(
         })?;
         let data = decompress(&step.path, raw).map_err(|e| format!("cannot decompress module {}: {e}", step.path))?;
         let info = modinfo(&data).map_err(|e| format!("module {} is not a kernel module: {e}", step.path))?;
-        if drives_acpi_objects(&data) {
+        if drives_acpi_objects(&data, &info) {
             acpi_drivers.push(step.name.clone());
         }
         let vermagic = info
@@ -348,14 +348,18 @@ pub fn modinfo(elf_bytes: &[u8]) -> Result<Vec<(&str, &str)>> {
 }
 
 /// Whether a module serves ACPI objects themselves: it registers a driver on the ACPI bus
-/// or a PNP driver (PNP devices have no modalias of their own: udev, and /init, load
-/// their drivers from the ACPI object's). Any other driver of a device the firmware's
-/// ACPI tables describe matches it on its own bus (a platform, I2C or SPI device), whose
-/// modalias is the same `acpi:` text. Told by the functions the module imports (also
-/// as `__NAME`, should a kernel rename them so); one that cannot be read counts as one
-/// that does.
-pub fn drives_acpi_objects(elf_bytes: &[u8]) -> bool {
+/// or a PNP driver, or has PNP aliases at all (`floppy` has them for PNP0700, a PNP
+/// device, yet registers a platform driver). PNP devices have no modalias of their own:
+/// udev, and /init, load their drivers from the ACPI object's. Any other driver of a
+/// device the firmware's ACPI tables describe matches it on its own bus (a platform, I2C
+/// or SPI device), whose modalias is the same `acpi:` text. The register functions are
+/// told by what the module imports (also as `__NAME`, as kernels since 6.10 name the
+/// first); a module that cannot be read counts as one that serves them.
+pub fn drives_acpi_objects(elf_bytes: &[u8], info: &[(&str, &str)]) -> bool {
     const REGISTERS: [&str; 2] = ["acpi_bus_register_driver", "pnp_register_driver"];
+    if info.iter().any(|(k, v)| *k == "alias" && v.starts_with("pnp:")) {
+        return true;
+    }
     let Ok(elf) = goblin::elf::Elf::parse(elf_bytes) else {
         return true;
     };
@@ -383,7 +387,7 @@ fn find_firmware(src: &SourceImage, name: &str) -> Result<Option<(String, Vec<u8
 mod path_tests {
     #[test]
     fn a_module_that_cannot_be_read_has_the_acpi_bus_read() {
-        assert!(super::drives_acpi_objects(b"\x7fELF cut short"));
+        assert!(super::drives_acpi_objects(b"\x7fELF cut short", &[]));
     }
 
     #[test]
