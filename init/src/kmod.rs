@@ -427,21 +427,18 @@ pub const COMPILED_ALIAS: &str = "layerboot.alias";
 /// The table's first bytes; the `1` is its layout's version.
 const TABLE_MAGIC: &[u8; 8] = b"LBALIAS1";
 
-/// The bytes of one line's places in the table.
-const RECORD: usize = 16;
-
-/// The table: [`TABLE_MAGIC`], the number of lines, per line its pattern's start and end
-/// and its module's start and end, then the text. All numbers are little-endian u32s:
-/// four fixed fields need no format crate (any would decode field by field just the
-/// same). A pattern's literal start is found again when read, not trusted from the file.
+/// The table: [`TABLE_MAGIC`], the number of lines, per line its pattern's start and end,
+/// its module's start and end and the length of the pattern's literal start, then the
+/// text. All numbers are little-endian u32s: five fixed fields need no format crate (any
+/// would decode field by field just the same).
 pub fn compile_aliases(text: &str) -> Vec<u8> {
     let aliases = alias_lines(text);
-    let mut table = Vec::with_capacity(12 + RECORD * aliases.len() + text.len());
+    let mut table = Vec::with_capacity(12 + 20 * aliases.len() + text.len());
     let put = |t: &mut Vec<u8>, n: usize| t.extend_from_slice(&(n as u32).to_le_bytes());
     table.extend_from_slice(TABLE_MAGIC);
     put(&mut table, aliases.len());
     for a in &aliases {
-        for n in [a.pattern.0, a.pattern.1, a.module.0, a.module.1] {
+        for n in [a.pattern.0, a.pattern.1, a.module.0, a.module.1, a.literal] {
             put(&mut table, n);
         }
     }
@@ -450,9 +447,7 @@ pub fn compile_aliases(text: &str) -> Vec<u8> {
 }
 
 /// A [`compile_aliases`] table back as its text and lines. Every place is checked against
-/// the text, so a damaged table is an error, never a panic or a slice out of it; what a
-/// matcher relies on in a pattern (where its literal start ends) is read from the
-/// pattern itself.
+/// the text, so a damaged table is an error, never a panic or a wrong slice.
 fn decode_alias_table(mut table: Vec<u8>) -> std::result::Result<(String, Vec<Alias>), &'static str> {
     let number = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize;
     if table.len() < 12 || table[..8] != TABLE_MAGIC[..] {
@@ -460,26 +455,23 @@ fn decode_alias_table(mut table: Vec<u8>) -> std::result::Result<(String, Vec<Al
     }
     let count = number(&table, 8);
     let text_start = count
-        .checked_mul(RECORD)
+        .checked_mul(20)
         .and_then(|n| n.checked_add(12))
         .filter(|&n| n <= table.len())
         .ok_or("is cut short")?;
     let text = String::from_utf8(table.split_off(text_start)).map_err(|_| "holds an alias text that is not UTF-8")?;
     let mut aliases = Vec::with_capacity(count);
-    for record in table[12..].chunks_exact(RECORD) {
-        let (pattern, module) = (
-            (number(record, 0), number(record, 4)),
-            (number(record, 8), number(record, 12)),
-        );
-        let place = |(start, end): (usize, usize)| (start <= end).then(|| text.get(start..end)).flatten();
-        let (Some(p), Some(_)) = (place(pattern), place(module)) else {
-            return Err("places a line outside its text");
+    for record in table[12..].chunks_exact(20) {
+        let a = Alias {
+            pattern: (number(record, 0), number(record, 4)),
+            module: (number(record, 8), number(record, 12)),
+            literal: number(record, 16),
         };
-        aliases.push(Alias {
-            pattern,
-            module,
-            literal: literal_start(p.as_bytes()),
-        });
+        let place = |(start, end): (usize, usize)| start <= end && text.get(start..end).is_some();
+        if !place(a.pattern) || !place(a.module) || a.literal > a.pattern.1 - a.pattern.0 {
+            return Err("places a line outside its text");
+        }
+        aliases.push(a);
     }
     Ok((text, aliases))
 }
@@ -796,7 +788,7 @@ kernel/drivers/virtio/virtio_ring.ko:
             ("empty", Vec::new()),
             ("another version", [b"LBALIAS2", &good[8..]].concat()),
             ("cut in its header", good[..10].to_vec()),
-            ("cut in its lines", good[..12 + RECORD * count - 3].to_vec()),
+            ("cut in its lines", good[..12 + 20 * count - 3].to_vec()),
             (
                 "a count past the end",
                 [&good[..8], &u32::MAX.to_le_bytes()[..], &good[12..]].concat(),
@@ -810,7 +802,7 @@ kernel/drivers/virtio/virtio_ring.ko:
         field("a pattern past the text", 16, ALIAS.len() as u32 + 1);
         field("a pattern ending before it starts", 12, 20);
         field("a module past the text", 24, u32::MAX);
-        field("a second line's pattern past the text", 12 + RECORD + 4, u32::MAX);
+        field("a literal start longer than its pattern", 28, 1000);
         let mut not_utf8 = good.clone();
         *not_utf8.last_mut().unwrap() = 0xff;
         cases.push(("a text that is not UTF-8", not_utf8));
