@@ -66,9 +66,10 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub defaults: BTreeMap<String, String>,
     /// Whether coldplug reads the modaliases of the ACPI bus's devices: `false` when no
-    /// packed module serves ACPI objects themselves (an ACPI bus or PNP driver, or PNP aliases), as the
-    /// builder finds. The ACPI-described devices other drivers serve are also on their
-    /// own bus, with the same `acpi:` modalias. Absent: read (0.9 ms under emulation).
+    /// packed module serves ACPI objects themselves (an ACPI bus or PNP driver, or a module
+    /// with PNP aliases), as the builder finds. The ACPI-described devices other drivers
+    /// serve are also on their own bus, with the same `acpi:` modalias. Absent: read
+    /// (0.9 ms under emulation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub walk_acpi_bus: Option<bool>,
 }
