@@ -132,7 +132,7 @@ pub fn run(args: Args) -> Result<()> {
     tree.file("init", init, 0o755);
     tree.file("etc/initrd-release", initrd_release().into_bytes(), 0o644);
     let mut config = config_for(&args, own, &kver, &image_init, &mut notes);
-    config.walk_acpi_bus = Some(!packed.acpi_drivers.is_empty());
+    config.walk_acpi_bus = Some(packed.drives_acpi_objects);
     tree.file(
         "etc/layerboot.json",
         (serde_json::to_string_pretty(&config).unwrap() + "\n").into_bytes(),

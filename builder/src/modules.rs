@@ -47,9 +47,9 @@ pub struct Selection {
     pub index_files: BTreeMap<&'static str, String>,
     /// `lib/firmware/...` path → bytes.
     pub firmware: BTreeMap<String, Vec<u8>>,
-    /// The packed modules that serve ACPI objects themselves ([`drives_acpi_objects`]):
-    /// only these need /init to read the ACPI bus's devices.
-    pub acpi_drivers: Vec<String>,
+    /// Whether a packed module serves ACPI objects themselves ([`drives_acpi_objects`]):
+    /// only then does /init read the ACPI bus's devices.
+    pub drives_acpi_objects: bool,
     pub notes: Vec<String>,
 }
 
@@ -152,7 +152,7 @@ pub fn pack(
     let mut firmware = BTreeMap::new();
     let mut notes = Vec::new();
     let mut names = BTreeSet::new();
-    let mut acpi_drivers = Vec::new();
+    let mut acpi_objects_driven = false;
     for step in steps {
         if !plain_relative(&step.path) {
             return Err(format!(
@@ -168,9 +168,7 @@ pub fn pack(
         })?;
         let data = decompress(&step.path, raw).map_err(|e| format!("cannot decompress module {}: {e}", step.path))?;
         let info = modinfo(&data).map_err(|e| format!("module {} is not a kernel module: {e}", step.path))?;
-        if drives_acpi_objects(&data, &info) {
-            acpi_drivers.push(step.name.clone());
-        }
+        acpi_objects_driven |= drives_acpi_objects(&data, &info);
         let vermagic = info
             .iter()
             .find_map(|(k, v)| (*k == "vermagic").then_some(*v))
@@ -213,7 +211,7 @@ pub fn pack(
         modules,
         index_files,
         firmware,
-        acpi_drivers,
+        drives_acpi_objects: acpi_objects_driven,
         notes,
     })
 }
