@@ -224,29 +224,32 @@ const REPORT: &str = r#"#!/bin/sh
 # Prints what booted, for the VM tests, then leaves a marker to see if it survives a boot.
 # The report goes out in one write, so a login prompt printed at the same moment cannot
 # land inside it, and every line carries a tag, so one in front of it does no harm.
+# Values go through printf, never echo: dash's echo reads backslashes, and a loader's path
+# such as initrd=\layerboot\cc42... holds a `\c`, which would end the report's line there.
 . /etc/os-release
+kv() { printf '%s: %s\n' "$1" "$2"; }
 report() {
 echo "LAYERBOOT-REPORT-BEGIN"
-echo "os: $PRETTY_NAME"
-echo "kernel: $(uname -r)"
-echo "pid1: $(cat /proc/1/comm)"
-echo "root: $(findmnt -no FSTYPE,OPTIONS /)"
-echo "hostname: $(cat /proc/sys/kernel/hostname)"
-echo "tag: $(cat /etc/layerboot-tag)"
-echo "secret: $(stat -c '%a %u:%g' /etc/layerboot-secret)"
-echo "dotfile: $(cat /.layerboot-dotfile)"
-echo "symlink: $(readlink /etc/layerboot-link)"
-echo "fstab-mount: $(findmnt -no FSTYPE /mnt/layerboot-fstab)"
-echo "issue: $(test -e /etc/issue && echo present || echo deleted)"
-echo "marker: $(cat /var/tmp/layerboot-marker 2>/dev/null || echo none)"
-echo "booted: $(cat /run/layerboot/booted.json)"
-echo "cmdline: $(cat /proc/cmdline)"
-echo "modules: $(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
-echo "init-timing: $(dmesg | grep layerboot_init | grep -o -E '(switching to|root ready for) .*' | head -n 1)"
+kv os "$PRETTY_NAME"
+kv kernel "$(uname -r)"
+kv pid1 "$(cat /proc/1/comm)"
+kv root "$(findmnt -no FSTYPE,OPTIONS /)"
+kv hostname "$(cat /proc/sys/kernel/hostname)"
+kv tag "$(cat /etc/layerboot-tag)"
+kv secret "$(stat -c '%a %u:%g' /etc/layerboot-secret)"
+kv dotfile "$(cat /.layerboot-dotfile)"
+kv symlink "$(readlink /etc/layerboot-link)"
+kv fstab-mount "$(findmnt -no FSTYPE /mnt/layerboot-fstab)"
+kv issue "$(test -e /etc/issue && echo present || echo deleted)"
+kv marker "$(cat /var/tmp/layerboot-marker 2>/dev/null || echo none)"
+kv booted "$(cat /run/layerboot/booted.json)"
+kv cmdline "$(cat /proc/cmdline)"
+kv modules "$(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
+kv init-timing "$(dmesg | grep layerboot_init | grep -o -E '(switching to|root ready for) .*' | head -n 1)"
 if command -v docker >/dev/null; then
-echo "docker-root: $(findmnt -no SOURCE,FSTYPE /var/lib/docker)"
-echo "docker-load: $(tail -n 1 /run/layerboot-update.log 2>/dev/null || echo none)"
-echo "docker-images: $(docker images --format '{{.Repository}}:{{.Tag}}' | sort | tr '\n' ' ')"
+kv docker-root "$(findmnt -no SOURCE,FSTYPE /var/lib/docker)"
+kv docker-load "$(tail -n 1 /run/layerboot-update.log 2>/dev/null || echo none)"
+kv docker-images "$(docker images --format '{{.Repository}}:{{.Tag}}' | sort | tr '\n' ' ')"
 fi
 echo "LAYERBOOT-REPORT-END"
 }
@@ -392,6 +395,23 @@ mod tests {
                 ""
             ]
         );
+    }
+
+    #[test]
+    fn a_report_value_with_backslashes_stays_on_its_line() {
+        // The guest's /bin/sh is dash, as here; a loader's path in /proc/cmdline such as
+        // `initrd=\layerboot\cc42…` once ended the cmdline line at its `\c`.
+        let kv = super::REPORT
+            .lines()
+            .find(|l| l.starts_with("kv() "))
+            .expect("the report defines kv");
+        let script = format!("{kv}\nkv cmdline 'initrd=\\layerboot\\cc42\\n.img root=x'\nkv modules 'ext4'\n");
+        let out = std::process::Command::new("/bin/sh")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(text, "cmdline: initrd=\\layerboot\\cc42\\n.img root=x\nmodules: ext4\n");
     }
 
     #[test]
