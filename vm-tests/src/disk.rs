@@ -48,6 +48,10 @@ impl Loader {
 /// The loader's package from Debian's archive, unpacked with `dpkg-deb -x` (never
 /// installed on the host), cached under target/vm-tests/loaders.
 pub fn unpacked_loader(loader: Loader) -> PathBuf {
+    // Tests run in parallel, and two that need the same loader on a fresh machine would
+    // each empty the other's download and unpack directories.
+    static UNPACKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = UNPACKING.lock().unwrap_or_else(|e| e.into_inner());
     let dir = repo().join("target/vm-tests/loaders").join(loader.package());
     if dir.join(loader.efi()).exists() {
         return dir;
