@@ -142,6 +142,7 @@ pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<()> {
         .file_name()
         .ok_or_else(|| format!("{} is not a file name", path.display()))?;
     let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    remove_stale_temporaries(dir, &name.to_string_lossy());
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -166,8 +167,61 @@ pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     })
 }
 
+/// Removes what earlier writes of `name` into `dir` left when they were cut short: the
+/// `.NAME.tmpPID` files of processes that are gone. A power cut during a deploy leaves
+/// one (megabytes on a small ESP), and after the reboot its PID may well be this
+/// process's own, whose `create_new` would then fail. A file of a live process is
+/// another write under way, and is left alone.
+fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return; // the write itself will name the problem
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let gone = pid as u32 == std::process::id()
+            || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH);
+        if gone {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_write_cut_by_a_power_loss_leaves_nothing_that_stops_or_fills_the_next() {
+        let t = tempfile::tempdir().unwrap();
+        let file = |n: &str| t.path().join(n);
+        // Left by cut writes: one under this process's PID (PIDs repeat after a reboot),
+        // one of a PID no process can have; one of a live process (PID 1), one of another file.
+        let own = format!(".initramfs.img.tmp{}", std::process::id());
+        for n in [
+            own.as_str(),
+            ".initramfs.img.tmp99999999",
+            ".initramfs.img.tmp1",
+            ".vmlinuz.tmp99999999",
+        ] {
+            std::fs::write(file(n), "half a file").unwrap();
+        }
+        super::write_atomically(&file("initramfs.img"), b"whole", 0o644).unwrap();
+        assert_eq!(std::fs::read(file("initramfs.img")).unwrap(), b"whole");
+        let mut left: Vec<String> = std::fs::read_dir(t.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".initramfs.img.tmp1", ".vmlinuz.tmp99999999", "initramfs.img"]);
+    }
+
     #[test]
     fn kernel_versions_sort_numerically() {
         let mut v = vec!["6.1.0-10-amd64", "6.1.0-9-amd64", "5.10.0-30-amd64"];
