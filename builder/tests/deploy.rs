@@ -376,6 +376,55 @@ fn gc_keeps_the_newest_the_running_and_the_newest_good_and_unpins_the_default() 
 }
 
 #[test]
+fn a_second_command_waits_for_the_one_changing_the_esp() {
+    let (_t, esp, booted, s) = machine();
+    // Another command holds the ESP, as a deploy in progress does.
+    let held = nix::fcntl::Flock::lock(fs::File::open(&esp).unwrap(), nix::fcntl::FlockArg::LockExclusive).unwrap();
+    let mut second = Command::new(env!("CARGO_BIN_EXE_layerboot"))
+        .args([
+            "deploy",
+            "layerboot/demo",
+            "--esp",
+            esp.to_str().unwrap(),
+            "--root",
+            "LABEL=store",
+        ])
+        .args(["--store", &s, "--booted", booted.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let early = second.try_wait().unwrap();
+    let wrote = walk(&esp);
+    drop(held);
+    let out = second.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(early.is_none(), "it did not wait: {said}");
+    assert!(wrote.is_empty(), "it wrote while another held the ESP: {wrote:?}");
+    assert!(said.contains("waiting for another layerboot command"), "{said}");
+    assert!(out.status.success(), "{said}");
+    assert_eq!(status(&esp, &s, &booted).len(), 1);
+}
+
+#[test]
+fn a_command_on_an_esp_that_is_not_there_names_it() {
+    let (t, _esp, booted, _store) = machine();
+    let missing = t.path().join("not-mounted");
+    let said = err(layerboot(&[
+        "gc",
+        "--esp",
+        missing.to_str().unwrap(),
+        "--booted",
+        booted.to_str().unwrap(),
+    ]));
+    assert!(
+        said.contains("cannot open the ESP") && said.contains("not-mounted") && said.contains("fix:"),
+        "{said}"
+    );
+}
+
+#[test]
 fn deploy_needs_its_machine_named_off_a_layerboot_boot() {
     let t = tempfile::tempdir().unwrap();
     let none = t.path().join("no-booted.json");

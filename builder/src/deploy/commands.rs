@@ -18,6 +18,7 @@ use layerboot_init::store::Store;
 use serde_json::json;
 
 use super::grub;
+use super::lock;
 use super::systemd_boot::{self, Assessment, EntryName};
 use super::{default_of, list, next_serial, short_id, Deployment, Record, DEPLOYMENTS_DIR, INITRAMFS, KERNEL, RECORD};
 use crate::image::{write_atomically, SourceImage};
@@ -595,6 +596,7 @@ pub fn deploy(a: DeployArgs) -> Result<()> {
     let machine = a.machine();
     let booted = machine.booted().is_some();
     let esp = machine.esp()?;
+    let _lock = lock::lock(&esp)?;
     let (store, namespace) = machine.store()?;
     let deployments = list(&esp)?;
     // The same image again: only made the default.
@@ -832,6 +834,7 @@ pub fn rollback(a: RollbackArgs) -> Result<()> {
         booted: a.booted,
     };
     let esp = machine.esp()?;
+    let _lock = lock::lock(&esp)?;
     let all = list(&esp)?;
     let current = default_of(&all).ok_or("there is no deployment to roll back from")?;
     let previous = all
@@ -889,6 +892,7 @@ pub fn gc(a: GcArgs) -> Result<()> {
         booted: a.booted,
     };
     let esp = machine.esp()?;
+    let _lock = lock::lock(&esp)?;
     gc_deployments(&esp, a.keep_deployments, machine.booted().map(|b| b.image_id))
 }
 
@@ -980,6 +984,7 @@ pub fn bless(a: BlessArgs) -> Result<()> {
         .booted()
         .ok_or("this machine was not booted by layerboot (no /run/layerboot/booted.json): nothing to bless")?;
     let esp = machine.esp()?;
+    let _lock = lock::lock(&esp)?;
     let all = list(&esp)?;
     let d = all
         .iter()
@@ -1136,5 +1141,7 @@ pub fn upgrade(a: UpgradeArgs) -> Result<()> {
     let strs: Vec<&str> = argv.iter().map(String::as_str).collect();
     let args = <DeployArgs as FromArgs>::from_args(&["layerboot", "deploy"], &strs)
         .map_err(|e| Error::new(format!("redoing the deployment: {}", e.output)))?;
+    // deploy takes the ESP's lock and reads the deployments again under it; upgrade
+    // holds no lock, as a second flock of this process would wait for the first.
     deploy(args)
 }

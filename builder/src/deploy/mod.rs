@@ -15,6 +15,7 @@
 
 pub mod commands;
 pub mod grub;
+pub mod lock;
 pub mod systemd_boot;
 
 use std::fs;
