@@ -8,6 +8,8 @@ use layerboot_init::store::Store;
 
 use crate::inspect::{kernels, Kernel};
 use layerboot_init::error::{Error, OsCause, Result};
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg, OFlag};
 
 /// The largest file of an image the builder reads whole (kernels are ~10 MiB, the
 /// largest modules and firmware files tens of MiB).
@@ -141,14 +143,21 @@ pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| format!("{} is not a file name", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    // PID and time: a name no other write uses, even one cut by a power loss before a
+    // reboot that hands this process the same PID, or one in another PID namespace.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let tmp = dir.join(format!(".{}.tmp{}-{nanos}", name.to_string_lossy(), std::process::id()));
     remove_stale_temporaries(dir, &name.to_string_lossy());
     let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
+        let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(mode)
             .open(&tmp)?;
+        // Held until the file has its name: what tells a live write from a cut one.
+        let mut f = Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))?;
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -167,29 +176,44 @@ pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     })
 }
 
-/// Removes what earlier writes of `name` into `dir` left when they were cut short: the
-/// `.NAME.tmpPID` files of processes that are gone. A power cut during a deploy leaves
-/// one (megabytes on a small ESP), and after the reboot its PID may well be this
-/// process's own, whose `create_new` would then fail. A file of a live process is
-/// another write under way, and is left alone.
+/// Removes what earlier writes of `name` into `dir` left when they were cut short (by a
+/// power loss during a deploy, say: megabytes of initramfs on a small ESP). Each write
+/// holds an flock on its temporary file until the file is renamed, and the kernel drops
+/// it with the process, so a file nobody holds is left over, whatever its PID says; one
+/// that is held is another write under way, and is left alone. A write that has created
+/// its file but not yet locked it can lose it here: its rename then fails, and it says so.
 fn remove_stale_temporaries(dir: &Path, name: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
     let prefix = format!(".{name}.tmp");
     let Ok(entries) = std::fs::read_dir(dir) else {
         return; // the write itself will name the problem
     };
     for entry in entries.flatten() {
         let file_name = entry.file_name();
-        let Some(pid) = file_name
+        // `.NAME.tmpPID-NANOS`, or `.NAME.tmpPID` as earlier versions named it.
+        let ours = file_name
             .to_str()
             .and_then(|n| n.strip_prefix(&prefix))
-            .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
+            .is_some_and(|rest| {
+                let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+                match rest.split_once('-') {
+                    Some((pid, nanos)) => digits(pid) && digits(nanos),
+                    None => digits(rest),
+                }
+            });
+        if !ours {
             continue;
+        }
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
+            .open(entry.path());
+        let unheld = match opened {
+            Ok(f) => Flock::lock(f, FlockArg::LockExclusiveNonblock).is_ok(),
+            // A symlink under that name was never a write of ours.
+            Err(e) => e.raw_os_error() == Some(Errno::ELOOP as i32),
         };
-        let gone = pid as u32 == std::process::id()
-            || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH);
-        if gone {
+        if unheld {
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -199,27 +223,47 @@ fn remove_stale_temporaries(dir: &Path, name: &str) {
 mod tests {
     #[test]
     fn a_write_cut_by_a_power_loss_leaves_nothing_that_stops_or_fills_the_next() {
+        use nix::fcntl::{Flock, FlockArg};
         let t = tempfile::tempdir().unwrap();
         let file = |n: &str| t.path().join(n);
-        // Left by cut writes: one under this process's PID (PIDs repeat after a reboot),
-        // one of a PID no process can have; one of a live process (PID 1), one of another file.
+        // Left by cut writes: one named as earlier versions did, under this process's PID
+        // (PIDs repeat after a reboot), and one of a PID no process can have.
         let own = format!(".initramfs.img.tmp{}", std::process::id());
-        for n in [
-            own.as_str(),
-            ".initramfs.img.tmp99999999",
-            ".initramfs.img.tmp1",
-            ".vmlinuz.tmp99999999",
-        ] {
+        for n in [own.as_str(), ".initramfs.img.tmp99999999-12"] {
             std::fs::write(file(n), "half a file").unwrap();
+        }
+        // A symlink under such a name, never a write: removed, its target kept.
+        std::fs::write(file("target"), "kept").unwrap();
+        std::os::unix::fs::symlink(file("target"), file(".initramfs.img.tmp7")).unwrap();
+        // Not such leftovers: a write under way (it holds its file), another file's, and a
+        // name that only starts like one.
+        std::fs::write(file(".initramfs.img.tmp1-1"), "being written").unwrap();
+        let _live = Flock::lock(
+            std::fs::File::open(file(".initramfs.img.tmp1-1")).unwrap(),
+            FlockArg::LockExclusive,
+        )
+        .unwrap();
+        for n in [".vmlinuz.tmp99999999", ".initramfs.img.tmpx"] {
+            std::fs::write(file(n), "").unwrap();
         }
         super::write_atomically(&file("initramfs.img"), b"whole", 0o644).unwrap();
         assert_eq!(std::fs::read(file("initramfs.img")).unwrap(), b"whole");
+        assert_eq!(std::fs::read(file("target")).unwrap(), b"kept");
         let mut left: Vec<String> = std::fs::read_dir(t.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
-        assert_eq!(left, [".initramfs.img.tmp1", ".vmlinuz.tmp99999999", "initramfs.img"]);
+        assert_eq!(
+            left,
+            [
+                ".initramfs.img.tmp1-1",
+                ".initramfs.img.tmpx",
+                ".vmlinuz.tmp99999999",
+                "initramfs.img",
+                "target"
+            ]
+        );
     }
 
     #[test]
