@@ -377,8 +377,9 @@ fn gc_keeps_the_newest_the_running_and_the_newest_good_and_unpins_the_default() 
 
 #[test]
 fn a_second_command_waits_for_the_one_changing_the_esp() {
+    use std::io::{BufRead, BufReader};
     let (_t, esp, booted, s) = machine();
-    // Another command holds the ESP, as a deploy in progress does.
+    // Another command holds the ESP, as a deploy writing its files does.
     let held = nix::fcntl::Flock::lock(fs::File::open(&esp).unwrap(), nix::fcntl::FlockArg::LockExclusive).unwrap();
     let mut second = Command::new(env!("CARGO_BIN_EXE_layerboot"))
         .args([
@@ -394,15 +395,21 @@ fn a_second_command_waits_for_the_one_changing_the_esp() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    let early = second.try_wait().unwrap();
+    // It builds the initramfs first, then says it waits.
+    let mut said = String::new();
+    let mut stderr = BufReader::new(second.stderr.take().unwrap());
+    while !said.contains("waiting for another layerboot") {
+        assert!(
+            stderr.read_line(&mut said).unwrap() > 0,
+            "it ended without waiting: {said}"
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(second.try_wait().unwrap().is_none(), "it did not wait: {said}");
     let wrote = walk(&esp);
+    assert!(wrote.is_empty(), "it wrote while another held the ESP: {wrote:?}");
     drop(held);
     let out = second.wait_with_output().unwrap();
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(early.is_none(), "it did not wait: {said}");
-    assert!(wrote.is_empty(), "it wrote while another held the ESP: {wrote:?}");
-    assert!(said.contains("waiting for another layerboot command"), "{said}");
     assert!(out.status.success(), "{said}");
     assert_eq!(status(&esp, &s, &booted).len(), 1);
 }

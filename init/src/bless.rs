@@ -21,6 +21,7 @@ use sys_mount::MountFlags;
 
 use crate::bootcount::{Assessment, EntryName};
 use crate::error::{Error, Result};
+use crate::esp_lock;
 use crate::grubenv;
 use crate::mounts::{mount, unmount};
 use crate::settings::{arg, parse_cmdline};
@@ -153,6 +154,10 @@ pub fn prepare(run: &Path, new_root: &Path, init: &str, counting: &Counting, tim
     Ok(true)
 }
 
+/// How long the bless waits for a `layerboot` command changing the ESP (a deploy holds
+/// it for its writes only, seconds). Past it, this boot stays counted: one try is used.
+const LOCK_PATIENCE: Duration = Duration::from_secs(120);
+
 /// `layerboot-init --bless`, in the booted system: renames the counted entry on the ESP
 /// to its blessed name. Returns what it did, for the journal.
 pub fn run() -> Result<String> {
@@ -167,7 +172,8 @@ pub fn run() -> Result<String> {
             MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
             "",
         )?;
-        let result = bless_grubenv(mount_point, &deployment);
+        let result =
+            esp_lock::lock(mount_point, Some(LOCK_PATIENCE)).and_then(|_held| bless_grubenv(mount_point, &deployment));
         let _ = unmount(mount_point);
         return result;
     }
@@ -194,7 +200,7 @@ pub fn run() -> Result<String> {
     let esp = Path::new(ESP_MOUNT);
     let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
     mount(&device, esp, "vfat", flags, "")?;
-    let result = bless_at(esp, &entry);
+    let result = esp_lock::lock(esp, Some(LOCK_PATIENCE)).and_then(|_held| bless_at(esp, &entry));
     let _ = unmount(esp);
     result
 }

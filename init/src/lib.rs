@@ -24,6 +24,7 @@ pub mod copy;
 pub mod cost;
 pub mod digest;
 pub mod error;
+pub mod esp_lock;
 pub mod grubenv;
 pub mod kmod;
 pub mod lookup;

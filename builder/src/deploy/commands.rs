@@ -18,10 +18,10 @@ use layerboot_init::store::Store;
 use serde_json::json;
 
 use super::grub;
-use super::lock;
 use super::systemd_boot::{self, Assessment, EntryName};
 use super::{default_of, list, next_serial, short_id, Deployment, Record, DEPLOYMENTS_DIR, INITRAMFS, KERNEL, RECORD};
 use crate::image::{write_atomically, SourceImage};
+use layerboot_init::esp_lock;
 use layerboot_init::grubenv;
 
 const BOOTED_JSON: &str = "/run/layerboot/booted.json";
@@ -334,6 +334,22 @@ pub fn loader_of(esp: &Path) -> &'static str {
 }
 
 pub fn plan_deploy(a: &DeployArgs, esp: &Path, store: &Path, namespace: Option<String>, booted: bool) -> Result<Plan> {
+    let built = build_deployment(a, esp, store, namespace)?;
+    plan_writes(a, esp, store, built, booted)
+}
+
+/// What a deployment brings to the ESP, made off it: the image's kernel and an
+/// initramfs from its modules (seconds of work, done before the ESP is locked).
+pub struct Built {
+    loader: String,
+    image_id: String,
+    namespace: Option<String>,
+    kernel_version: String,
+    kernel_bytes: Vec<u8>,
+    initramfs: Vec<u8>,
+}
+
+pub fn build_deployment(a: &DeployArgs, esp: &Path, store: &Path, namespace: Option<String>) -> Result<Built> {
     let loader = a.loader.clone().unwrap_or_else(|| loader_of(esp).to_string());
     if loader != "systemd-boot" && loader != "grub" {
         return Err(format!(
@@ -352,13 +368,33 @@ pub fn plan_deploy(a: &DeployArgs, esp: &Path, store: &Path, namespace: Option<S
         .read(vmlinuz)?
         .ok_or_else(|| format!("the image has no {vmlinuz}"))?;
     let initramfs = build_initramfs(store, &image.id, namespace.as_deref(), &kernel.version, a)?;
+    Ok(Built {
+        loader,
+        image_id: image.id,
+        namespace,
+        kernel_version: kernel.version,
+        kernel_bytes,
+        initramfs,
+    })
+}
 
+/// The steps that put `built` on the ESP as its newest deployment, from the ESP's
+/// deployments as they are now (read under the ESP's lock, when deploying).
+pub fn plan_writes(a: &DeployArgs, esp: &Path, store: &Path, built: Built, booted: bool) -> Result<Plan> {
+    let Built {
+        loader,
+        image_id,
+        namespace,
+        kernel_version,
+        kernel_bytes,
+        initramfs,
+    } = built;
     let deployments = list(esp)?;
-    let id12 = short_id(&image.id).to_string();
+    let id12 = short_id(&image_id).to_string();
     let serial = next_serial(&deployments);
     let keep_mode = a.options(booted)?.iter().any(|o| o == &format!("{}=keep", arg::MODE));
     let rw_default = keep_mode.then(|| format!("layerboot-rw-{id12}"));
-    let mut options = with_fallback_arguments(a.options(booted)?, &image.id, rw_default);
+    let mut options = with_fallback_arguments(a.options(booted)?, &image_id, rw_default);
     if loader == "grub" {
         if !options.iter().any(|o| o.starts_with(&format!("{}=", arg::ESP))) {
             return Err(
@@ -373,8 +409,8 @@ pub fn plan_deploy(a: &DeployArgs, esp: &Path, store: &Path, namespace: Option<S
     let dir = esp.join(DEPLOYMENTS_DIR).join(&id12);
     let record = Record {
         reference: a.reference.clone(),
-        image_id: image.id.clone(),
-        kernel: kernel.version.clone(),
+        image_id: image_id.clone(),
+        kernel: kernel_version.clone(),
         serial,
         created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         store: store.to_path_buf(),
@@ -459,7 +495,7 @@ pub fn plan_deploy(a: &DeployArgs, esp: &Path, store: &Path, namespace: Option<S
     };
     let loader_path = |f: &str| format!("/{DEPLOYMENTS_DIR}/{id12}/{f}");
     let text = systemd_boot::render(
-        &format!("layerboot: {} ({id12}, kernel {})", a.reference, kernel.version),
+        &format!("layerboot: {} ({id12}, kernel {})", a.reference, kernel_version),
         serial,
         &loader_path(KERNEL),
         &loader_path(INITRAMFS),
@@ -596,13 +632,21 @@ pub fn deploy(a: DeployArgs) -> Result<()> {
     let machine = a.machine();
     let booted = machine.booted().is_some();
     let esp = machine.esp()?;
-    let _lock = lock::lock(&esp)?;
     let (store, namespace) = machine.store()?;
-    let deployments = list(&esp)?;
-    // The same image again: only made the default.
     let resolved = Store::open(&store)?
         .with_namespace(a.namespace.clone().or(namespace.clone()))
         .resolve(&a.reference)?;
+    let deployed = |all: &[Deployment]| all.iter().any(|d| d.record.image_id == resolved.id);
+    // The kernel and initramfs are made before the ESP is locked: a bless waiting on
+    // the lock then waits for the writes only, not for seconds of building.
+    let built = if deployed(&list(&esp)?) {
+        None
+    } else {
+        Some(build_deployment(&a, &esp, &store, namespace.clone())?)
+    };
+    let _lock = esp_lock::lock(&esp, None)?;
+    let deployments = list(&esp)?;
+    // The same image again: only made the default.
     if let Some(same) = deployments.iter().find(|d| d.record.image_id == resolved.id) {
         make_default(&deployments, same)?;
         println!(
@@ -612,7 +656,12 @@ pub fn deploy(a: DeployArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let plan = plan_deploy(&a, &esp, &store, namespace, booted)?;
+    // Removed by a gc that ran while this one waited: built now, under the lock.
+    let built = match built {
+        Some(b) => b,
+        None => build_deployment(&a, &esp, &store, namespace.clone())?,
+    };
+    let plan = plan_writes(&a, &esp, &store, built, booted)?;
     for step in &plan.steps {
         step.run()?;
     }
@@ -834,7 +883,7 @@ pub fn rollback(a: RollbackArgs) -> Result<()> {
         booted: a.booted,
     };
     let esp = machine.esp()?;
-    let _lock = lock::lock(&esp)?;
+    let _lock = esp_lock::lock(&esp, None)?;
     let all = list(&esp)?;
     let current = default_of(&all).ok_or("there is no deployment to roll back from")?;
     let previous = all
@@ -892,7 +941,7 @@ pub fn gc(a: GcArgs) -> Result<()> {
         booted: a.booted,
     };
     let esp = machine.esp()?;
-    let _lock = lock::lock(&esp)?;
+    let _lock = esp_lock::lock(&esp, None)?;
     gc_deployments(&esp, a.keep_deployments, machine.booted().map(|b| b.image_id))
 }
 
@@ -984,7 +1033,7 @@ pub fn bless(a: BlessArgs) -> Result<()> {
         .booted()
         .ok_or("this machine was not booted by layerboot (no /run/layerboot/booted.json): nothing to bless")?;
     let esp = machine.esp()?;
-    let _lock = lock::lock(&esp)?;
+    let _lock = esp_lock::lock(&esp, None)?;
     let all = list(&esp)?;
     let d = all
         .iter()

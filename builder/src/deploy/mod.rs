@@ -15,7 +15,6 @@
 
 pub mod commands;
 pub mod grub;
-pub mod lock;
 pub mod systemd_boot;
 
 use std::fs;
