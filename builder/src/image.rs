@@ -135,7 +135,7 @@ fn version_key(v: &str) -> Vec<(u64, String)> {
 /// Writes `data` to `path` atomically: a temporary file beside it, fsync, rename, fsync.
 pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -143,21 +143,33 @@ pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| format!("{} is not a file name", path.display()))?;
+    remove_stale_temporaries(dir, &name.to_string_lossy());
     // PID and time: a name no other write uses, even one cut by a power loss before a
     // reboot that hands this process the same PID, or one in another PID namespace.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let tmp = dir.join(format!(".{}.tmp{}-{nanos}", name.to_string_lossy(), std::process::id()));
-    remove_stale_temporaries(dir, &name.to_string_lossy());
+    let temporary = || {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        dir.join(format!(".{}.tmp{}-{nanos}", name.to_string_lossy(), std::process::id()))
+    };
+    let mut tmp = temporary();
     let result = (|| {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // Held until the file has its name: what tells a live write from a cut one.
-        let mut f = Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))?;
+        let mut attempts = 0;
+        let mut f = loop {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&tmp)?;
+            // Held until the file has its name: what tells a live write from a cut one.
+            let f = Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))?;
+            // Another write's clean-up may have taken it before the lock: a new name.
+            attempts += 1;
+            if f.metadata()?.nlink() > 0 || attempts == 3 {
+                break f;
+            }
+            tmp = temporary();
+        };
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -206,10 +218,12 @@ fn remove_stale_temporaries(dir: &Path, name: &str) {
         }
         let opened = std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
+            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY).bits())
             .open(entry.path());
         let unheld = match opened {
-            Ok(f) => Flock::lock(f, FlockArg::LockExclusiveNonblock).is_ok(),
+            // Shared: it fails just as well against a writer's exclusive lock, and works
+            // on a read-only descriptor where flock is emulated (NFS).
+            Ok(f) => Flock::lock(f, FlockArg::LockSharedNonblock).is_ok(),
             // A symlink under that name was never a write of ours.
             Err(e) => e.raw_os_error() == Some(Errno::ELOOP as i32),
         };

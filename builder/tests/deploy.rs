@@ -378,6 +378,7 @@ fn gc_keeps_the_newest_the_running_and_the_newest_good_and_unpins_the_default() 
 #[test]
 fn a_second_command_waits_for_the_one_changing_the_esp() {
     use std::io::{BufRead, BufReader};
+    use std::time::Duration;
     let (_t, esp, booted, s) = machine();
     // Another command holds the ESP, as a deploy writing its files does.
     let held = nix::fcntl::Flock::lock(fs::File::open(&esp).unwrap(), nix::fcntl::FlockArg::LockExclusive).unwrap();
@@ -391,26 +392,41 @@ fn a_second_command_waits_for_the_one_changing_the_esp() {
             "LABEL=store",
         ])
         .args(["--store", &s, "--booted", booted.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // Its standard error, line by line as it comes, and whole at the end.
+    let (lines, said) = std::sync::mpsc::channel();
+    let stderr = second.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line.clone());
+            all += &line;
+            all.push('\n');
+        }
+        all
+    });
     // It builds the initramfs first, then says it waits.
-    let mut said = String::new();
-    let mut stderr = BufReader::new(second.stderr.take().unwrap());
-    while !said.contains("waiting for another layerboot") {
-        assert!(
-            stderr.read_line(&mut said).unwrap() > 0,
-            "it ended without waiting: {said}"
-        );
+    loop {
+        match said.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) if line.contains("waiting for another layerboot") => break,
+            Ok(_) => {}
+            Err(_) => {
+                let _ = second.kill();
+                panic!("it never said it waits: {}", reader.join().unwrap());
+            }
+        }
     }
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    assert!(second.try_wait().unwrap().is_none(), "it did not wait: {said}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(second.try_wait().unwrap().is_none(), "it did not wait");
     let wrote = walk(&esp);
     assert!(wrote.is_empty(), "it wrote while another held the ESP: {wrote:?}");
     drop(held);
-    let out = second.wait_with_output().unwrap();
-    assert!(out.status.success(), "{said}");
+    let done = second.wait().unwrap();
+    let said = reader.join().unwrap();
+    assert!(done.success(), "{said}");
     assert_eq!(status(&esp, &s, &booted).len(), 1);
 }
 

@@ -334,7 +334,7 @@ pub fn loader_of(esp: &Path) -> &'static str {
 }
 
 pub fn plan_deploy(a: &DeployArgs, esp: &Path, store: &Path, namespace: Option<String>, booted: bool) -> Result<Plan> {
-    let built = build_deployment(a, esp, store, namespace)?;
+    let built = build_deployment(a, &a.reference, esp, store, namespace)?;
     plan_writes(a, esp, store, built, booted)
 }
 
@@ -349,7 +349,14 @@ pub struct Built {
     initramfs: Vec<u8>,
 }
 
-pub fn build_deployment(a: &DeployArgs, esp: &Path, store: &Path, namespace: Option<String>) -> Result<Built> {
+/// `image`: what to build from, `a.reference` or the ID it was resolved to already.
+pub fn build_deployment(
+    a: &DeployArgs,
+    image: &str,
+    esp: &Path,
+    store: &Path,
+    namespace: Option<String>,
+) -> Result<Built> {
     let loader = a.loader.clone().unwrap_or_else(|| loader_of(esp).to_string());
     if loader != "systemd-boot" && loader != "grub" {
         return Err(format!(
@@ -360,7 +367,7 @@ pub fn build_deployment(a: &DeployArgs, esp: &Path, store: &Path, namespace: Opt
     }
     let namespace = a.namespace.clone().or(namespace);
     let opened = Store::open(store)?.with_namespace(namespace.clone());
-    let image = opened.resolve(&a.reference)?;
+    let image = opened.resolve(image)?;
     let source = SourceImage::open(store, &image.id, namespace.as_deref())?;
     let kernel = source.kernel(a.kver.as_deref(), |k| k.vmlinuz.is_some() && k.modules)?;
     let vmlinuz = kernel.vmlinuz.as_deref().unwrap_or_default();
@@ -638,11 +645,12 @@ pub fn deploy(a: DeployArgs) -> Result<()> {
         .resolve(&a.reference)?;
     let deployed = |all: &[Deployment]| all.iter().any(|d| d.record.image_id == resolved.id);
     // The kernel and initramfs are made before the ESP is locked: a bless waiting on
-    // the lock then waits for the writes only, not for seconds of building.
-    let built = if deployed(&list(&esp)?) {
-        None
-    } else {
-        Some(build_deployment(&a, &esp, &store, namespace.clone())?)
+    // the lock then waits for the writes only, not for seconds of building. This look
+    // is only a guess (a bless may rename an entry as it reads); the one that counts is
+    // under the lock. Built from the resolved ID: a tag moved meanwhile changes nothing.
+    let built = match list(&esp) {
+        Ok(all) if !deployed(&all) => Some(build_deployment(&a, &resolved.id, &esp, &store, namespace.clone())?),
+        _ => None,
     };
     let _lock = esp_lock::lock(&esp, None)?;
     let deployments = list(&esp)?;
@@ -656,10 +664,10 @@ pub fn deploy(a: DeployArgs) -> Result<()> {
         );
         return Ok(());
     }
-    // Removed by a gc that ran while this one waited: built now, under the lock.
+    // Not built yet (removed by a gc that ran while this one waited, say): built now.
     let built = match built {
         Some(b) => b,
-        None => build_deployment(&a, &esp, &store, namespace.clone())?,
+        None => build_deployment(&a, &resolved.id, &esp, &store, namespace.clone())?,
     };
     let plan = plan_writes(&a, &esp, &store, built, booted)?;
     for step in &plan.steps {
