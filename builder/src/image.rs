@@ -193,7 +193,7 @@ pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<()> {
 /// holds an flock on its temporary file until the file is renamed, and the kernel drops
 /// it with the process, so a file nobody holds is left over, whatever its PID says; one
 /// that is held is another write under way, and is left alone. A write that has created
-/// its file but not yet locked it can lose it here: its rename then fails, and it says so.
+/// its file but not yet locked it can lose it here; it sees that (no links) and starts again.
 fn remove_stale_temporaries(dir: &Path, name: &str) {
     use std::os::unix::fs::OpenOptionsExt;
     let prefix = format!(".{name}.tmp");
