@@ -643,19 +643,20 @@ pub fn deploy(a: DeployArgs) -> Result<()> {
     let resolved = Store::open(&store)?
         .with_namespace(a.namespace.clone().or(namespace.clone()))
         .resolve(&a.reference)?;
-    let deployed = |all: &[Deployment]| all.iter().any(|d| d.record.image_id == resolved.id);
     // The kernel and initramfs are made before the ESP is locked: a bless waiting on
     // the lock then waits for the writes only, not for seconds of building. This look
     // is only a guess (a bless may rename an entry as it reads); the one that counts is
     // under the lock. Built from the resolved ID: a tag moved meanwhile changes nothing.
     let built = match list(&esp) {
-        Ok(all) if !deployed(&all) => Some(build_deployment(&a, &resolved.id, &esp, &store, namespace.clone())?),
+        Ok(all) if deployment_of(&all, &resolved.id).is_none() => {
+            Some(build_deployment(&a, &resolved.id, &esp, &store, namespace.clone())?)
+        }
         _ => None,
     };
     let _lock = esp_lock::lock(&esp, None)?;
     let deployments = list(&esp)?;
     // The same image again: only made the default.
-    if let Some(same) = deployments.iter().find(|d| d.record.image_id == resolved.id) {
+    if let Some(same) = deployment_of(&deployments, &resolved.id) {
         make_default(&deployments, same)?;
         println!(
             "{} is already deployed as {}: it is the default now",
@@ -684,6 +685,11 @@ pub fn deploy(a: DeployArgs) -> Result<()> {
         plan.record.tries
     );
     gc_deployments(&esp, a.keep_deployments, machine.booted().map(|b| b.image_id))
+}
+
+/// The deployment of the image `id` (a full ID), if there is one.
+fn deployment_of<'a>(all: &'a [Deployment], id: &str) -> Option<&'a Deployment> {
+    all.iter().find(|d| d.record.image_id == id)
 }
 
 /// The state a deployment made the default again starts in: a bad one gets its tries back.
@@ -1043,16 +1049,13 @@ pub fn bless(a: BlessArgs) -> Result<()> {
     let esp = machine.esp()?;
     let _lock = esp_lock::lock(&esp, None)?;
     let all = list(&esp)?;
-    let d = all
-        .iter()
-        .find(|d| d.record.image_id == booted.image_id)
-        .ok_or_else(|| {
-            format!(
-                "the running image {} is not a deployment on {}",
-                booted.image_id,
-                esp.display()
-            )
-        })?;
+    let d = deployment_of(&all, &booted.image_id).ok_or_else(|| {
+        format!(
+            "the running image {} is not a deployment on {}",
+            booted.image_id,
+            esp.display()
+        )
+    })?;
     if d.is_grub() {
         let verdict = if good {
             Assessment::Good
@@ -1144,7 +1147,7 @@ pub fn upgrade(a: UpgradeArgs) -> Result<()> {
     let esp = machine.esp()?;
     let all = list(&esp)?;
     let base = match machine.booted() {
-        Some(b) => all.iter().find(|d| d.record.image_id == b.image_id),
+        Some(b) => deployment_of(&all, &b.image_id),
         None => default_of(&all),
     }
     .ok_or("no deployment to upgrade: `layerboot deploy REF` first")?;
