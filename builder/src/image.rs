@@ -249,6 +249,8 @@ mod tests {
         // A symlink under such a name, never a write: removed, its target kept.
         std::fs::write(file("target"), "kept").unwrap();
         std::os::unix::fs::symlink(file("target"), file(".initramfs.img.tmp7")).unwrap();
+        // A FIFO under such a name: opening it must not wait for a writer.
+        nix::unistd::mkfifo(&file(".initramfs.img.tmp8-8"), nix::sys::stat::Mode::S_IRWXU).unwrap();
         // Not such leftovers: a write under way (it holds its file), another file's, and a
         // name that only starts like one.
         std::fs::write(file(".initramfs.img.tmp1-1"), "being written").unwrap();
