@@ -340,7 +340,7 @@ pub fn plan_deploy(a: &DeployArgs, esp: &Path, store: &Path, namespace: Option<S
 
 /// What a deployment brings to the ESP, made off it: the image's kernel and an
 /// initramfs from its modules (seconds of work, done before the ESP is locked).
-pub struct Built {
+struct Built {
     loader: String,
     image_id: String,
     namespace: Option<String>,
@@ -350,13 +350,7 @@ pub struct Built {
 }
 
 /// `image`: what to build from, `a.reference` or the ID it was resolved to already.
-pub fn build_deployment(
-    a: &DeployArgs,
-    image: &str,
-    esp: &Path,
-    store: &Path,
-    namespace: Option<String>,
-) -> Result<Built> {
+fn build_deployment(a: &DeployArgs, image: &str, esp: &Path, store: &Path, namespace: Option<String>) -> Result<Built> {
     let loader = a.loader.clone().unwrap_or_else(|| loader_of(esp).to_string());
     if loader != "systemd-boot" && loader != "grub" {
         return Err(format!(
@@ -387,7 +381,7 @@ pub fn build_deployment(
 
 /// The steps that put `built` on the ESP as its newest deployment, from the ESP's
 /// deployments as they are now (read under the ESP's lock, when deploying).
-pub fn plan_writes(a: &DeployArgs, esp: &Path, store: &Path, built: Built, booted: bool) -> Result<Plan> {
+fn plan_writes(a: &DeployArgs, esp: &Path, store: &Path, built: Built, booted: bool) -> Result<Plan> {
     let Built {
         loader,
         image_id,
