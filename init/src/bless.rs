@@ -27,7 +27,7 @@ use crate::mounts::{mount, unmount};
 use crate::settings::{arg, parse_cmdline};
 
 /// The Boot Loader Interface's vendor GUID, for the loader's EFI variables.
-const LOADER_GUID: &str = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
+pub const LOADER_GUID: &str = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
 const EFIVARS: &str = "/sys/firmware/efi/efivars";
 pub const UNIT: &str = "layerboot-bless.service";
 /// Where /init leaves a copy of itself for the unit (and for the shutdown, linked).
@@ -85,12 +85,19 @@ impl Counting {
     }
 }
 
-fn loader_variable_path(name: &str) -> PathBuf {
-    Path::new(EFIVARS).join(format!("{name}-{LOADER_GUID}"))
+/// A loader variable's file name in efivarfs.
+pub fn loader_variable_name(name: &str) -> String {
+    format!("{name}-{LOADER_GUID}")
 }
 
-/// The unit that blesses the boot once it is good; `timeout` zero: it never reboots.
-pub fn unit(counting: &Counting, timeout: Duration) -> String {
+fn loader_variable_path(name: &str) -> PathBuf {
+    Path::new(EFIVARS).join(loader_variable_name(name))
+}
+
+/// The unit that blesses the boot once it is good. It only blesses: the reboot of a boot
+/// that never gets good is the post-switch helper's deadline (`deadline.rs`), which a
+/// failed `boot-complete.target` or emergency mode cannot cancel as they cancel this job.
+pub fn unit(counting: &Counting) -> String {
     let condition = match counting {
         Counting::Loader => format!(
             "ConditionPathExists={}\n",
@@ -98,60 +105,89 @@ pub fn unit(counting: &Counting, timeout: Duration) -> String {
         ),
         Counting::Grub { .. } => String::new(),
     };
-    let reboot = if timeout.is_zero() {
-        String::new()
-    } else {
-        format!(
-            "# Not good within layerboot.bless_timeout= (the start job waits for the whole boot): reboot,\n\
-             # which uses up one more of the entry's tries.\nJobTimeoutSec={}\nJobTimeoutAction=reboot\n",
-            timeout.as_secs()
-        )
-    };
     format!(
         "# Written by layerboot's /init for this boot only (it lives in /run).\n\
          [Unit]\nDescription=layerboot: mark this boot good for the boot loader\nDefaultDependencies=no\n\
          Requires=boot-complete.target\nAfter=local-fs.target boot-complete.target multi-user.target\n\
-         Conflicts=shutdown.target\nBefore=shutdown.target\n{condition}{reboot}\n\
+         Conflicts=shutdown.target\nBefore=shutdown.target\n{condition}\n\
          [Service]\nType=oneshot\nRemainAfterExit=yes\nStandardOutput=journal+console\n\
          ExecStart={PROGRAM} --bless\n"
     )
 }
 
-/// Whether the image's init at `init` (inside `new_root`) is systemd.
-fn is_systemd(new_root: &Path, init: &str) -> bool {
-    let at = new_root.join(init.trim_start_matches('/'));
-    let target = fs::read_link(&at).unwrap_or(at);
-    target.file_name().is_some_and(|n| n == "systemd")
+/// The unit that stops the deadline when a shutdown starts (a person's reboot or
+/// poweroff must stay what it is). Wanted by `shutdown.target`, which every reboot,
+/// poweroff, halt and kexec starts; the deadline's own reboot starts it too, too late
+/// to stop that one.
+pub const STAND_DOWN_UNIT: &str = "layerboot-deadline-stop.service";
+
+pub fn stand_down_unit() -> String {
+    format!(
+        "# Written by layerboot's /init for this boot only (it lives in /run).\n\
+         [Unit]\nDescription=layerboot: a shutdown stops this boot's reboot deadline\nDefaultDependencies=no\n\n\
+         [Service]\nType=oneshot\nExecStart={PROGRAM} --stand-down shutdown\n"
+    )
 }
 
-/// Before the switch: the unit, when this boot may be counted and the image runs
-/// systemd. Returns whether it was set up.
-pub fn prepare(run: &Path, new_root: &Path, init: &str, counting: &Counting, timeout: Duration) -> Result<bool> {
-    if !is_systemd(new_root, init) {
-        if matches!(counting, Counting::Grub { .. }) {
-            log::info!(
-                "layerboot: boot counted, but {init} is not systemd: bless it from the image's own boot scripts \
-                 (`layerboot bless`, see the README)"
-            );
-        }
-        return Ok(false);
+/// A drop-in for `emergency.service` and `rescue.service`: the console says when the
+/// machine reboots and how to stay, before the shell asks for a password.
+pub fn notice_dropin() -> String {
+    format!(
+        "# Written by layerboot's /init for this boot only (it lives in /run).\n\
+         [Service]\nExecStartPre=-{PROGRAM} --deadline-notice\n"
+    )
+}
+
+/// Whether the image's init at `init` (inside `new_root`) is systemd: its links followed
+/// inside the new root at every level, as the exec after the switch follows them.
+pub fn is_systemd(new_root: &Path, init: &str) -> bool {
+    match crate::switch::path_in_root(new_root, init) {
+        Ok(Some(target)) => target.file_name().is_some_and(|n| n == "systemd"),
+        _ => false,
     }
+}
+
+/// Before the switch, for a boot the loader may count: /init's copy for the helper and
+/// the units, the bless unit, and with a `deadline`, what stops it at shutdown and what
+/// names it in emergency and rescue mode. Written whatever the init: other inits ignore
+/// `/run/systemd/system`. Returns whether the image's init is systemd (else its own
+/// boot scripts must bless: `layerboot bless`).
+pub fn prepare(run: &Path, new_root: &Path, init: &str, counting: &Counting, deadline: bool) -> Result<bool> {
     let program = run.join(PROGRAM.trim_start_matches("/run/"));
     let units = run.join("systemd/system");
-    let wants = units.join("multi-user.target.wants");
-    fs::create_dir_all(&wants).map_err(|e| Error::io("cannot create", &wants, e))?;
+    let write = |rel: &str, text: String| {
+        let path = units.join(rel);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
+        }
+        fs::write(&path, text).map_err(|e| Error::io("cannot write", &path, e))
+    };
+    let want = |target: &str, unit: &str| {
+        let wants = units.join(format!("{target}.wants"));
+        fs::create_dir_all(&wants).map_err(|e| Error::io("cannot create", &wants, e))?;
+        let link = wants.join(unit);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(format!("../{unit}"), &link).map_err(|e| Error::io("cannot link", &link, e))
+    };
     if !program.exists() {
+        fs::create_dir_all(program.parent().unwrap_or(run))
+            .map_err(|e| Error::io("cannot create", program.parent().unwrap_or(run), e))?;
         // The shutdown's copy of /init is on the same tmpfs: a link costs no memory.
         let shutdown = run.join("initramfs/shutdown");
         fs::hard_link(&shutdown, &program)
             .or_else(|_| fs::copy("/init", &program).map(drop))
             .map_err(|e| Error::io("cannot copy /init to", &program, e))?;
     }
-    fs::write(units.join(UNIT), unit(counting, timeout)).map_err(|e| Error::io("cannot write", units.join(UNIT), e))?;
-    let link = wants.join(UNIT);
-    let _ = fs::remove_file(&link);
-    std::os::unix::fs::symlink(format!("../{UNIT}"), &link).map_err(|e| Error::io("cannot link", &link, e))?;
-    Ok(true)
+    write(UNIT, unit(counting))?;
+    want("multi-user.target", UNIT)?;
+    if deadline {
+        write(STAND_DOWN_UNIT, stand_down_unit())?;
+        want("shutdown.target", STAND_DOWN_UNIT)?;
+        for service in ["emergency.service", "rescue.service"] {
+            write(&format!("{service}.d/layerboot-deadline.conf"), notice_dropin())?;
+        }
+    }
+    Ok(is_systemd(new_root, init))
 }
 
 /// How long the bless waits for a `layerboot` command changing the ESP (a deploy holds
@@ -411,23 +447,89 @@ mod tests {
     }
 
     #[test]
-    fn the_unit_waits_for_a_good_boot_and_reboots_a_stuck_one() {
-        let u = unit(&Counting::Loader, Duration::from_secs(600));
+    fn the_unit_waits_for_a_good_boot_and_only_blesses() {
+        let u = unit(&Counting::Loader);
         for line in [
             "Requires=boot-complete.target",
             "After=local-fs.target boot-complete.target multi-user.target",
-            "JobTimeoutSec=600",
-            "JobTimeoutAction=reboot",
             "ExecStart=/run/layerboot/layerboot-init --bless",
         ] {
             assert!(u.lines().any(|l| l == line), "{line} in\n{u}");
         }
         assert!(u.contains("ConditionPathExists=/sys/firmware/efi/efivars/LoaderBootCountPath-"));
+        // The reboot is the helper's: a job timeout dies with the job (emergency mode).
+        assert!(!u.contains("JobTimeout"), "{u}");
         let grub = Counting::Grub {
             deployment: "abc".into(),
             esp: "LABEL=ESP".into(),
         };
-        assert!(!unit(&grub, Duration::ZERO).contains("JobTimeout"));
-        assert!(!unit(&grub, Duration::ZERO).contains("Condition"));
+        assert!(!unit(&grub).contains("Condition"));
+    }
+
+    fn merged_usr_image(root: &Path) {
+        use std::os::unix::fs::symlink;
+        // Debian's merged /usr with absolute links: /sbin -> /usr/sbin,
+        // /usr/sbin/init -> /lib/systemd/systemd, /lib -> /usr/lib.
+        fs::create_dir_all(root.join("usr/sbin")).unwrap();
+        fs::create_dir_all(root.join("usr/lib/systemd")).unwrap();
+        fs::create_dir_all(root.join("usr/lib/sysvinit")).unwrap();
+        symlink("/usr/sbin", root.join("sbin")).unwrap();
+        symlink("/usr/lib", root.join("lib")).unwrap();
+        symlink("/lib/systemd/systemd", root.join("usr/sbin/init")).unwrap();
+        fs::write(root.join("usr/lib/systemd/systemd"), "").unwrap();
+        fs::write(root.join("usr/lib/sysvinit/init"), "").unwrap();
+        symlink("/lib/sysvinit/init", root.join("usr/sbin/sysv")).unwrap();
+    }
+
+    #[test]
+    fn systemd_is_found_through_absolute_links_inside_the_image_only() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        merged_usr_image(&root);
+        assert!(
+            is_systemd(&root, "/sbin/init"),
+            "through /sbin -> /usr/sbin, then an absolute link"
+        );
+        assert!(!is_systemd(&root, "/sbin/sysv"));
+        assert!(!is_systemd(&root, "/sbin/missing"));
+        // An absolute link is the image's path, never the host's or the initramfs's.
+        std::os::unix::fs::symlink("/run/systemd", root.join("usr/sbin/elsewhere")).unwrap();
+        assert!(!is_systemd(&root, "/sbin/elsewhere"));
+    }
+
+    #[test]
+    fn an_armed_deadline_gets_its_units_whatever_the_init() {
+        let t = tempfile::tempdir().unwrap();
+        let (run, root) = (t.path().join("run"), t.path().join("root"));
+        merged_usr_image(&root);
+        fs::create_dir_all(run.join("initramfs")).unwrap();
+        fs::write(run.join("initramfs/shutdown"), "program").unwrap();
+        // sysvinit: the units are written all the same (sysvinit ignores them).
+        assert!(!prepare(&run, &root, "/sbin/sysv", &Counting::Loader, true).unwrap());
+        let units = run.join("systemd/system");
+        assert_eq!(
+            fs::read_to_string(run.join("layerboot/layerboot-init")).unwrap(),
+            "program"
+        );
+        assert!(units.join("multi-user.target.wants").join(UNIT).exists());
+        let stop = fs::read_to_string(units.join("shutdown.target.wants").join(STAND_DOWN_UNIT)).unwrap();
+        assert!(
+            stop.contains("ExecStart=/run/layerboot/layerboot-init --stand-down shutdown"),
+            "{stop}"
+        );
+        for s in ["emergency", "rescue"] {
+            let d = fs::read_to_string(units.join(format!("{s}.service.d/layerboot-deadline.conf"))).unwrap();
+            assert!(
+                d.contains("ExecStartPre=-/run/layerboot/layerboot-init --deadline-notice"),
+                "{d}"
+            );
+        }
+        // No deadline (bless_timeout=0): the bless unit alone.
+        let run2 = t.path().join("run2");
+        fs::create_dir_all(run2.join("initramfs")).unwrap();
+        fs::write(run2.join("initramfs/shutdown"), "program").unwrap();
+        assert!(prepare(&run2, &root, "/sbin/init", &Counting::Loader, false).unwrap());
+        assert!(run2.join("systemd/system").join(UNIT).exists());
+        assert!(!run2.join("systemd/system/shutdown.target.wants").exists());
     }
 }

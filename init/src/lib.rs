@@ -8,10 +8,13 @@
 //! - [`btrfs`], [`writable`], [`copy`], [`mounts`]: the fresh writable root and the top layer;
 //! - [`switch`], [`console`]: handing over to the image's init, and failing readably;
 //! - [`shutdown`]: the way back at shutdown, to unmount the root and the store cleanly;
+//! - [`bless`], [`deadline`], [`after_switch`]: boot assessment: the bless, the reboot
+//!   deadline of a counted boot, and the helper /init leaves behind to keep it;
 //! - [`arena`]: /init's allocator, which never gives memory back before the exec;
 //! - [`cost`]: /init's own CPU time apart from the kernel work it asks for;
 //! - [`boot`]: the sequence that ties them together. `src/main.rs` only guards PID 1.
 
+pub mod after_switch;
 pub mod arena;
 pub mod bless;
 pub mod bolt;
@@ -22,6 +25,7 @@ pub mod coldplug;
 pub mod console;
 pub mod copy;
 pub mod cost;
+pub mod deadline;
 pub mod digest;
 pub mod error;
 pub mod esp_lock;

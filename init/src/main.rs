@@ -24,15 +24,43 @@ fn main() {
         }));
         layerboot_init::shutdown::run(args.get(1).map_or("poweroff", String::as_str));
     }
-    if args.get(1).map(String::as_str) == Some("--bless") {
-        match layerboot_init::bless::run() {
-            Ok(said) => console::say(&said),
-            Err(e) => {
-                console::say(&format!("layerboot: cannot bless this boot: {e}"));
+    let run_dir = std::path::Path::new(layerboot_init::deadline::RUN_DIR);
+    match args.get(1).map(String::as_str) {
+        // The post-switch helper /init leaves behind (after_switch.rs).
+        Some(layerboot_init::after_switch::FLAG) => layerboot_init::after_switch::run(&args[2..]),
+        // The bless unit, once the boot is good: a good boot stops the deadline even when
+        // the loader's mark cannot be written (that boot then stays counted, as it says).
+        Some("--bless") => {
+            let blessed = layerboot_init::bless::run();
+            let _ = layerboot_init::deadline::stand_down(run_dir, "the boot is good (bless unit)");
+            match blessed {
+                Ok(said) => console::say(&said),
+                Err(e) => {
+                    console::say(&format!("layerboot: cannot bless this boot: {e}"));
+                    std::process::exit(1);
+                }
+            }
+            std::process::exit(0);
+        }
+        // The shutdown's unit: a shutdown someone asked for stays what it is.
+        Some("--stand-down") => {
+            let reason = args.get(2).map_or("stopped", String::as_str);
+            if let Err(e) = layerboot_init::deadline::stand_down(run_dir, reason) {
+                console::say(&format!("layerboot: cannot stop the reboot deadline: {e}"));
                 std::process::exit(1);
             }
+            std::process::exit(0);
         }
-        std::process::exit(0);
+        // Emergency and rescue mode's drop-in: when the machine reboots, and how to stay.
+        Some("--deadline-notice") => {
+            let now =
+                nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(Duration::ZERO, Duration::from);
+            if let Some(notice) = layerboot_init::deadline::notice_from(run_dir, now) {
+                console::say(&notice);
+            }
+            std::process::exit(0);
+        }
+        _ => {}
     }
     if args.get(1).map(String::as_str) == Some("--mount-root") {
         let Some(target) = args.get(2).filter(|t| t.starts_with('/')) else {

@@ -18,7 +18,15 @@ use crate::mounts::{make_private, move_mount};
 
 const API_MOUNTS: [&str; 4] = ["/dev", "/proc", "/sys", "/run"];
 
-pub fn switch_root(new_root: &Path, init: &str, args: &[String], env: &[String]) -> Result<Infallible> {
+/// `after`: the post-switch helper's plan, left behind as the last step (after the
+/// chroot, so it starts in the image's namespace, just before its init).
+pub fn switch_root(
+    new_root: &Path,
+    init: &str,
+    args: &[String],
+    env: &[String],
+    after: Option<&crate::after_switch::Plan>,
+) -> Result<Infallible> {
     // No sync() here: what must survive a power cut was flushed by what wrote it (the
     // writable layer's syncfs, fsync of the loader's files). A sync of everything waited
     // ~28 ms for a btrfs commit of what none of it needs.
@@ -32,6 +40,11 @@ pub fn switch_root(new_root: &Path, init: &str, args: &[String], env: &[String])
     move_mount(Path::new("."), Path::new("/"))?;
     chroot(".").map_err(|e| Error::new(format!("cannot chroot into the new root: {e}")))?;
     chdir("/").map_err(|e| Error::new(format!("cannot chdir to / in the new root: {e}")))?;
+    if let Some(plan) = after.filter(|p| !p.is_empty()) {
+        if let Err(e) = crate::after_switch::spawn(Path::new(crate::bless::PROGRAM), plan) {
+            crate::console::say(&format!("layerboot: warning: {e}: this boot has no reboot deadline"));
+        }
+    }
 
     let cstr = |s: &str| CString::new(s).map_err(|_| Error::new(format!("NUL byte in {s:?}")));
     let path = cstr(init)?;
@@ -127,6 +140,26 @@ pub fn check_init(new_root: &Path, init: &str) -> Result<()> {
         None => Err(Error::new(format!(
             "the image has no {init} (fix: install an init system in the image, e.g. systemd-sysv, or set init=)"
         ))),
+    }
+}
+
+/// Where `path` inside `root` leads, its symlinks followed inside `root` at every level
+/// (as [`resolve_in_root`]), as a path of this namespace; None if it leads nowhere.
+pub fn path_in_root(root: &Path, path: &str) -> std::result::Result<Option<std::path::PathBuf>, Errno> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let dir = fs::File::open(root).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT);
+    match openat2(dir.as_raw_fd(), path, how) {
+        Ok(fd) => {
+            // SAFETY: openat2 returned a new descriptor that nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            Ok(fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok())
+        }
+        Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

@@ -1027,6 +1027,24 @@ pub struct BlessArgs {
 }
 
 pub fn bless(a: BlessArgs) -> Result<()> {
+    let good = a.verdict == "good";
+    let booted_here = a.booted.is_none();
+    mark_running(a)?;
+    // A good boot stops this boot's reboot deadline (the post-switch helper /init left),
+    // through its stop file: on a sysvinit or OpenRC image, this is the only bless.
+    if good && booted_here {
+        let run = Path::new(layerboot_init::deadline::RUN_DIR);
+        if layerboot_init::deadline::stand_down(run, "the boot is good (layerboot bless)")
+            .map_err(|e| Error::io("cannot stop the reboot deadline in", run, e))?
+        {
+            println!("this boot's reboot deadline is stopped");
+        }
+    }
+    Ok(())
+}
+
+/// Marks the running deployment good or bad, on its loader's terms.
+fn mark_running(a: BlessArgs) -> Result<()> {
     let machine = Machine {
         esp: a.esp,
         store: None,

@@ -48,6 +48,8 @@ pub struct Boot {
     hosted: bool,
     /// What went wrong without stopping the boot, for the console and booted.json.
     warnings: std::cell::RefCell<Vec<String>>,
+    /// What the post-switch helper does (the reboot deadline), decided in `hand_over`.
+    after_switch: crate::after_switch::Plan,
 }
 
 /// The partition that holds the store, and what filesystem it is.
@@ -65,6 +67,7 @@ impl Boot {
             new_root: PathBuf::from(NEW_ROOT),
             hosted: false,
             warnings: Default::default(),
+            after_switch: Default::default(),
         }
     }
 
@@ -88,7 +91,7 @@ impl Boot {
         let settings = self.mount_root()?;
         let args: Vec<String> = std::env::args().skip(1).collect();
         let env: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
-        crate::switch::switch_root(&self.new_root, &settings.init, &args, &env)
+        crate::switch::switch_root(&self.new_root, &settings.init, &args, &env, Some(&self.after_switch))
     }
 
     /// Everything up to the switch: the image's fresh writable root, with the top layer,
@@ -195,7 +198,7 @@ impl Boot {
 
     /// Step 5: what the booted system and its shutdown get from us, and the image's init
     /// checked (a missing one would panic the kernel after the switch).
-    fn hand_over(&self, src: &Source) -> Result<()> {
+    fn hand_over(&mut self, src: &Source) -> Result<()> {
         // Our own switch: leave the way back for a clean unmount at shutdown.
         if !self.hosted {
             use crate::shutdown::{prepare, SHUTDOWN_DIR, SHUTDOWN_HOME};
@@ -206,27 +209,51 @@ impl Boot {
             }
         }
         if !self.hosted {
-            let s = src.settings;
-            let uefi = Path::new("/sys/firmware/efi").is_dir();
-            let counting = crate::bless::Counting::of(&cmdline(), uefi);
-            match counting
-                .map(|c| crate::bless::prepare(Path::new("/run"), &self.new_root, &s.init, &c, s.bless_timeout))
-            {
-                Some(Ok(true)) => log::info!(
-                    "layerboot: {} blesses this boot once it is good, if the boot loader counts it",
-                    crate::bless::UNIT
-                ),
-                None | Some(Ok(false)) => {}
-                Some(Err(e)) => self.warn(&format!(
-                    "{e}: this boot cannot bless itself, so the boot loader will count it as failed"
-                )),
-            }
+            self.after_switch = self.arm_deadline(src.settings);
         }
         write_boot_record(src, &self.warnings.borrow());
         self.timeline.mark("boot record written");
         crate::switch::check_init(&self.new_root, &src.settings.init)?;
         self.timeline.mark("init checked");
         Ok(())
+    }
+}
+
+impl Boot {
+    /// For a boot the loader counts: the bless unit and, unless `bless_timeout=0`, the
+    /// reboot deadline the post-switch helper keeps (`deadline.rs`), for every init.
+    fn arm_deadline(&self, s: &Settings) -> crate::after_switch::Plan {
+        use crate::after_switch::{CountedBy, Plan};
+        use crate::bless::Counting;
+        let uefi = Path::new("/sys/firmware/efi").is_dir();
+        let Some(counting) = Counting::of(&cmdline(), uefi) else {
+            return Plan::default();
+        };
+        let deadline = !s.bless_timeout.is_zero();
+        match crate::bless::prepare(Path::new("/run"), &self.new_root, &s.init, &counting, deadline) {
+            Ok(true) => log::info!(
+                "layerboot: {} blesses this boot once it is good, if the boot loader counts it",
+                crate::bless::UNIT
+            ),
+            Ok(false) => log::info!(
+                "layerboot: {} is not systemd: if the boot loader counts this boot, bless it from the image's \
+                 own boot scripts (`layerboot bless`, see the README)",
+                s.init
+            ),
+            Err(e) => {
+                self.warn(&format!(
+                    "{e}: this boot cannot bless itself, so the boot loader will count it as failed"
+                ));
+                return Plan::default();
+            }
+        }
+        let by = match counting {
+            Counting::Loader => CountedBy::Loader,
+            Counting::Grub { .. } => CountedBy::Grub,
+        };
+        Plan {
+            deadline: deadline.then_some((s.bless_timeout, by)),
+        }
     }
 }
 
