@@ -18,9 +18,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     // systemd-shutdown runs our copy at /run/initramfs/shutdown as PID 1 (see shutdown.rs).
     if args.first().is_some_and(|a| layerboot_init::shutdown::is_shutdown(a)) {
-        std::panic::set_hook(Box::new(|info| {
+        let verb = args.get(1).map_or("poweroff", String::as_str).to_string();
+        std::panic::set_hook(Box::new(move |info| {
             console::say(&format!("layerboot: shutdown: internal error: {info}"));
-            nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF).ok();
+            nix::sys::reboot::reboot(layerboot_init::shutdown::after_panic(&verb)).ok();
         }));
         layerboot_init::shutdown::run(args.get(1).map_or("poweroff", String::as_str));
     }

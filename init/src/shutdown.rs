@@ -126,27 +126,68 @@ pub fn run(verb: &str) -> ! {
         ));
     }
     nix::unistd::sync();
-    let mode = match verb {
-        "reboot" => RebootMode::RB_AUTOBOOT,
-        "halt" => RebootMode::RB_HALT_SYSTEM,
-        "kexec" => RebootMode::RB_KEXEC,
-        "poweroff" => RebootMode::RB_POWER_OFF,
-        other => {
-            say(&format!("layerboot: shutdown: unknown verb '{other}': powering off"));
-            RebootMode::RB_POWER_OFF
-        }
-    };
-    let err = reboot(mode).unwrap_err();
-    say(&format!("layerboot: shutdown: {verb} failed ({err}): powering off"));
-    let _ = reboot(RebootMode::RB_POWER_OFF);
+    if !["poweroff", "halt", "kexec", "reboot"].contains(&verb) {
+        say(&format!("layerboot: shutdown: unknown verb '{verb}': rebooting"));
+    }
+    let mut modes = actions(verb).into_iter().peekable();
+    while let Some(mode) = modes.next() {
+        let err = reboot(mode).unwrap_err();
+        let then = match modes.peek() {
+            Some(next) => format!("trying {next:?}"),
+            None => "halted".to_string(),
+        };
+        say(&format!("layerboot: shutdown: {verb}: {mode:?} failed ({err}): {then}"));
+    }
     loop {
         std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// What the kernel is asked for at the end of a shutdown with `verb`, in order, each
+/// only if the one before failed (then /init waits, halted). Only `poweroff` powers off:
+/// a failed kexec reboots, and an unknown verb reboots too, as a machine that comes back
+/// can be reached and one that is off needs a person.
+pub fn actions(verb: &str) -> Vec<RebootMode> {
+    match verb {
+        "poweroff" => vec![RebootMode::RB_POWER_OFF],
+        "halt" => vec![RebootMode::RB_HALT_SYSTEM],
+        "kexec" => vec![RebootMode::RB_KEXEC, RebootMode::RB_AUTOBOOT],
+        "reboot" => vec![RebootMode::RB_AUTOBOOT],
+        _ => vec![RebootMode::RB_AUTOBOOT],
+    }
+}
+
+/// What the shutdown's panic hook asks the kernel for: a reboot, unless the machine was
+/// being powered off.
+pub fn after_panic(verb: &str) -> RebootMode {
+    if verb == "poweroff" {
+        RebootMode::RB_POWER_OFF
+    } else {
+        RebootMode::RB_AUTOBOOT
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only `poweroff` ever powers the machine off: a failed reboot or kexec, an unknown
+    /// verb and a panic reboot (a machine that comes back can be reached; one that is off
+    /// needs a person), and a failed halt stays halted.
+    #[test]
+    fn only_poweroff_powers_off_and_a_failed_reboot_or_kexec_reboots() {
+        use RebootMode::*;
+        assert_eq!(actions("reboot"), [RB_AUTOBOOT]);
+        assert_eq!(actions("kexec"), [RB_KEXEC, RB_AUTOBOOT]);
+        assert_eq!(actions("poweroff"), [RB_POWER_OFF]);
+        assert_eq!(actions("halt"), [RB_HALT_SYSTEM]);
+        assert_eq!(actions("suspend"), [RB_AUTOBOOT]);
+        assert_eq!(actions(""), [RB_AUTOBOOT]);
+        assert_eq!(after_panic("poweroff"), RB_POWER_OFF);
+        for verb in ["reboot", "kexec", "halt", "", "x"] {
+            assert_eq!(after_panic(verb), RB_AUTOBOOT, "{verb}");
+        }
+    }
 
     #[test]
     fn the_old_root_is_unmounted_deepest_first_and_nothing_else() {
