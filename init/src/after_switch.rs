@@ -123,6 +123,8 @@ extern "C" fn on_term(_: nix::libc::c_int) {
 /// The helper's life: `layerboot-init --after-switch ARGS`. Exits 0 on SIGTERM or when
 /// its work is done; a deadline that passes ends in a reboot instead.
 pub fn run(args: &[String]) -> ! {
+    // This process lives on: memory it no longer needs goes back, unlike /init's.
+    crate::arena::retire();
     let plan = match Plan::parse(args) {
         Ok(plan) => plan,
         Err(e) => crate::console::usage(&e.to_string()),
@@ -302,12 +304,13 @@ impl Output {
         }
     }
 
-    /// To the console and the kernel log.
+    /// To the console, and to the kernel log at debug level (for the journal, without
+    /// the console showing it twice).
     fn say(&self, msg: &str) {
         if let Some(mut c) = self.console.as_ref() {
             let _ = writeln!(c, "{msg}");
         }
-        self.record(4, msg);
+        self.record(7, msg);
     }
 
     /// To the kernel log only.

@@ -28,6 +28,13 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 pub struct BootAllocator;
 
+/// From now on, everything comes from the system allocator and is freed: for a process
+/// that lives on (the post-switch helper), where never freeing would grow without end.
+/// What the arena handed out stays valid.
+pub fn retire() {
+    NEXT.store(ARENA_SIZE, Ordering::SeqCst);
+}
+
 fn base() -> usize {
     SPACE.0.get() as usize
 }
@@ -125,6 +132,13 @@ mod tests {
             assert_ne!(p2, p);
             assert_eq!(std::slice::from_raw_parts(p2, 10), [9; 10]);
             a.dealloc(p2, Layout::from_size_align(100, 1).unwrap());
+            // Retired (the helper that lives on): the system's memory, freed again; what
+            // the arena gave out stays readable.
+            retire();
+            let r = a.alloc(l);
+            assert!(!r.is_null() && !in_arena(r));
+            a.dealloc(r, l);
+            assert_eq!(std::slice::from_raw_parts(q2, 64)[0], 7);
         }
     }
 

@@ -148,10 +148,12 @@ pub fn is_systemd(new_root: &Path, init: &str) -> bool {
 }
 
 /// Before the switch, for a boot the loader may count: /init's copy for the helper and
-/// the units, the bless unit, and with a `deadline`, what stops it at shutdown and what
-/// names it in emergency and rescue mode. Written whatever the init: other inits ignore
-/// `/run/systemd/system`. Returns whether the image's init is systemd (else its own
-/// boot scripts must bless: `layerboot bless`).
+/// the units; for a systemd image, the bless unit and, with a `deadline`, what stops it
+/// at shutdown and what names it in emergency and rescue mode. Nothing in
+/// `/run/systemd/system` for other inits: that directory is how every program tells
+/// that systemd runs (`sd_booted()`), and Debian's init scripts would hand every
+/// service to a `systemctl` with no systemd. Returns whether the image's init is
+/// systemd (else its own boot scripts must bless: `layerboot bless`).
 pub fn prepare(run: &Path, new_root: &Path, init: &str, counting: &Counting, deadline: bool) -> Result<bool> {
     let program = run.join(PROGRAM.trim_start_matches("/run/"));
     let units = run.join("systemd/system");
@@ -178,6 +180,9 @@ pub fn prepare(run: &Path, new_root: &Path, init: &str, counting: &Counting, dea
             .or_else(|_| fs::copy("/init", &program).map(drop))
             .map_err(|e| Error::io("cannot copy /init to", &program, e))?;
     }
+    if !is_systemd(new_root, init) {
+        return Ok(false);
+    }
     write(UNIT, unit(counting))?;
     want("multi-user.target", UNIT)?;
     if deadline {
@@ -187,7 +192,7 @@ pub fn prepare(run: &Path, new_root: &Path, init: &str, counting: &Counting, dea
             write(&format!("{service}.d/layerboot-deadline.conf"), notice_dropin())?;
         }
     }
-    Ok(is_systemd(new_root, init))
+    Ok(true)
 }
 
 /// How long the bless waits for a `layerboot` command changing the ESP (a deploy holds
@@ -498,19 +503,22 @@ mod tests {
     }
 
     #[test]
-    fn an_armed_deadline_gets_its_units_whatever_the_init() {
+    fn an_armed_deadline_gets_its_units_on_systemd_and_only_there() {
         let t = tempfile::tempdir().unwrap();
         let (run, root) = (t.path().join("run"), t.path().join("root"));
         merged_usr_image(&root);
         fs::create_dir_all(run.join("initramfs")).unwrap();
         fs::write(run.join("initramfs/shutdown"), "program").unwrap();
-        // sysvinit: the units are written all the same (sysvinit ignores them).
+        // sysvinit: the helper's program, and no /run/systemd/system (sd_booted() would
+        // say systemd runs, and the init scripts would call systemctl).
         assert!(!prepare(&run, &root, "/sbin/sysv", &Counting::Loader, true).unwrap());
-        let units = run.join("systemd/system");
         assert_eq!(
             fs::read_to_string(run.join("layerboot/layerboot-init")).unwrap(),
             "program"
         );
+        assert!(!run.join("systemd").exists());
+        assert!(prepare(&run, &root, "/sbin/init", &Counting::Loader, true).unwrap());
+        let units = run.join("systemd/system");
         assert!(units.join("multi-user.target.wants").join(UNIT).exists());
         let stop = fs::read_to_string(units.join("shutdown.target.wants").join(STAND_DOWN_UNIT)).unwrap();
         assert!(
