@@ -474,3 +474,32 @@ fn what_a_cut_boot_made_before_marking_it_is_discarded_and_nothing_else() {
     assert!(Layers::open(dir.path(), "rw", 1, false, None).is_err());
     assert!(dir.path().join("rw.new/upper/notes").exists());
 }
+
+#[test]
+fn a_cut_between_the_overlay_layers_mkdirs_is_discarded_not_refused() {
+    // Making NAME.new, then its upper/ and work/: on ext4 a journal commit can land
+    // between any two mkdirs, and the cut leaves an unmarked NAME.new with any of them.
+    for left in [&[][..], &["upper"], &["work"], &["upper", "work"]] {
+        let fs_ = LoopFs::new("mkfs.ext4", 64 << 20);
+        let (m, lower) = (&fs_.mnt, fs_.mnt.join("lower"));
+        fs::create_dir(&lower).unwrap();
+        let img = image(&lower, Driver::Overlay2);
+        boot(m, &img, "b1", 1);
+        fs::create_dir(m.join("rw.new")).unwrap();
+        for d in left {
+            fs::create_dir(m.join("rw.new").join(d)).unwrap();
+        }
+        let layers = Layers::open(m, "rw", 1, false, None);
+        assert!(layers.is_ok(), "{left:?}: {}", layers.err().unwrap());
+        let warnings = boot(m, &img, "b2", 1);
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("discarded an unfinished writable layer")),
+            "{left:?}: {warnings:?}"
+        );
+        assert_eq!(names(m), ["rw", "rw.prev"], "{left:?}");
+        assert_eq!((id(&m.join("rw")), id(&m.join("rw.prev"))), ("b2".into(), "b1".into()));
+    }
+}
+

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use sys_mount::MountFlags;
 
 use super::overlay::overlay_data;
+use super::plan::{make_steps, MakeStep};
 use crate::btrfs;
 use crate::copy::{copy_tree, CopyStats};
 use crate::error::{Error, Result};
@@ -43,24 +44,31 @@ impl Kind {
         }
     }
 
-    /// Makes the empty layer `dir` for `image`: its snapshot, or its `upper/` and `work/`.
+    /// Makes the empty layer `dir` for `image` in one go, unmarked: the upper in memory.
     pub fn prepare(self, image: &Image, dir: &Path) -> Result<()> {
-        match self {
-            Kind::Snapshot => {
+        make_steps(self == Kind::Snapshot)
+            .into_iter()
+            .filter(|&step| step != MakeStep::Mark)
+            .try_for_each(|step| self.make(image, dir, step))
+    }
+
+    /// One step of making the empty layer `dir` for `image` ([`make_steps`] orders them):
+    /// its snapshot or its directory, then its `upper/` and `work/`. The mark is the
+    /// caller's.
+    pub fn make(self, image: &Image, dir: &Path, step: MakeStep) -> Result<()> {
+        let create = |d: &Path| fs::create_dir(d).map_err(|e| Error::io("cannot create", d, e));
+        match (step, self) {
+            (MakeStep::Top, Kind::Snapshot) => {
                 let top = image
                     .layers
                     .first()
                     .ok_or_else(|| Error::new(format!("image {} has no layers to boot", image.id)))?;
                 btrfs::snapshot(&top.dir, dir)
             }
-            Kind::OverlayOnDisk | Kind::OverlayInMemory => {
-                let create = |d: &Path| fs::create_dir(d).map_err(|e| Error::io("cannot create", d, e));
-                if self == Kind::OverlayOnDisk {
-                    create(dir)?;
-                }
-                create(&dir.join("upper"))?;
-                create(&dir.join("work"))
-            }
+            (MakeStep::Top, Kind::OverlayOnDisk) => create(dir),
+            // Its directory is the tmpfs itself.
+            (MakeStep::Top, Kind::OverlayInMemory) | (MakeStep::Mark, _) => Ok(()),
+            (MakeStep::Dir(d), _) => create(&dir.join(d)),
         }
     }
 

@@ -5,7 +5,7 @@
 use std::fs;
 use std::path::Path;
 
-use super::plan::{Mark, Slot};
+use super::plan::{self, Mark, Slot};
 use crate::btrfs;
 use crate::error::Result;
 
@@ -59,19 +59,20 @@ pub(super) fn unmarked_leftover(path: &Path, origin: Option<&Path>) -> bool {
     if fs::symlink_metadata(path).map(|m| !m.is_dir()).unwrap_or(true) {
         return false;
     }
-    match names(path).as_deref() {
-        Some([]) => return true,
-        Some([a, b])
-            if a == "upper"
-                && b == "work"
-                && [a, b].iter().all(|d| {
-                    fs::symlink_metadata(path.join(d)).is_ok_and(|m| m.is_dir())
-                        && names(&path.join(d)).is_some_and(|n| n.is_empty())
-                }) =>
-        {
-            return true
-        }
-        _ => {}
+    // Every entry one of the layer's own directories, and empty.
+    let dirs: Option<Vec<&str>> = names(path).and_then(|entries| {
+        entries
+            .iter()
+            .map(|n| {
+                let d = plan::LAYER_DIRS.iter().find(|d| *d == n)?;
+                let p = path.join(d);
+                (fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) && names(&p).is_some_and(|n| n.is_empty()))
+                    .then_some(*d)
+            })
+            .collect()
+    });
+    if dirs.is_some_and(|d| plan::unmarked_leftover(&d)) {
+        return true;
     }
     match (origin, btrfs::subvolume_uuids(path)) {
         (Some(origin), Ok((_, parent))) => {

@@ -36,7 +36,7 @@ pub use kind::{Kind, MountSource};
 pub use marks::{layer_image, write_mark, STATE_XATTR};
 use marks::{read_mark, unmarked_leftover, IMAGE_XATTR};
 pub use overlay::overlay_data;
-use plan::{Mark, Slot, State, Step};
+use plan::{MakeStep, Mark, Slot, State, Step};
 
 /// What filling a new layer wrote: whether it must be flushed before it is marked complete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,10 +201,18 @@ impl Layers {
     pub fn make_fresh(&mut self, image: &Image, fill: &mut dyn FnMut(&Path) -> Result<Filled>) -> Result<()> {
         let new = self.path(Slot::New);
         let generation = plan::next_generation(&self.state);
-        Kind::of(Upper::Disk, image.driver).prepare(image, &new)?;
-        self.state.insert(Slot::New, Mark::Making);
-        set_xattr(&new, STATE_XATTR, Mark::Making.encode().as_bytes())?;
-        set_xattr(&new, IMAGE_XATTR, image.id.as_bytes())?;
+        let kind = Kind::of(Upper::Disk, image.driver);
+        // In the model's order: a cut between any two steps leaves what the next boot's
+        // `open` discards.
+        for step in plan::make_steps(kind == Kind::Snapshot) {
+            if step != MakeStep::Mark {
+                kind.make(image, &new, step)?;
+                continue;
+            }
+            self.state.insert(Slot::New, Mark::Making);
+            set_xattr(&new, STATE_XATTR, Mark::Making.encode().as_bytes())?;
+            set_xattr(&new, IMAGE_XATTR, image.id.as_bytes())?;
+        }
         log::debug!("fresh layer made: {}", new.display());
         // With no top layer, this flush would only commit the two marks: on btrfs that is
         // the snapshot's first change, a commit costing 9 ms of CPU under emulation.

@@ -105,6 +105,41 @@ impl Slot {
 /// The marked layers of one name.
 pub type State = BTreeMap<Slot, Mark>;
 
+/// The empty directories an overlay layer holds when it is made: its upper and work dirs.
+pub const LAYER_DIRS: [&str; 2] = ["upper", "work"];
+
+/// One step of making a new layer `NAME.new`, before it is filled. [`make_steps`] gives
+/// their order; the executor (`Layers::make_fresh`) runs exactly those, and the model
+/// below cuts between any two of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MakeStep {
+    /// The layer's top directory: a btrfs snapshot of the image, or an empty directory.
+    Top,
+    /// The `making` mark on it (and the image it is made from).
+    Mark,
+    /// An empty directory inside it (one of [`LAYER_DIRS`]).
+    Dir(&'static str),
+}
+
+/// How a new layer is made: a snapshot is whole at once; an overlay layer's directory is
+/// marked before anything is made in it, so a cut leaves either an unmarked empty
+/// directory or a marked one, whatever it holds.
+pub fn make_steps(snapshot: bool) -> Vec<MakeStep> {
+    let mut steps = vec![MakeStep::Top, MakeStep::Mark];
+    if !snapshot {
+        steps.extend(LAYER_DIRS.iter().map(|&d| MakeStep::Dir(d)));
+    }
+    steps
+}
+
+/// Whether an unmarked `NAME.new` whose entries are the empty directories `dirs` is what
+/// a boot cut before its mark left: any of [`LAYER_DIRS`], each once, or none. (Since
+/// the mark comes first, only none; the others are what a boot of layerboot before that
+/// order could leave, between its mkdirs.)
+pub fn unmarked_leftover(dirs: &[&str]) -> bool {
+    dirs.iter().all(|d| LAYER_DIRS.contains(d)) && dirs.iter().enumerate().all(|(i, d)| !dirs[..i].contains(d))
+}
+
 /// One file-system operation of a rotation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -301,7 +336,18 @@ mod tests {
 
     /// One boot in the model, as the executor runs it, cut after `cut` steps if given.
     /// Returns whether it finished. `fresh` false: a `mode=keep` boot of the current layer.
-    fn boot(state: &mut State, keep: usize, fresh: bool, cut: Option<usize>, installed: &mut Vec<u64>) -> bool {
+    ///
+    /// `unmarked` is an unmarked `NAME.new` on the disk, by the empty directories it holds:
+    /// what a cut before [`MakeStep::Mark`] leaves. `Err` if the next boot would stop at it.
+    fn boot(
+        state: &mut State,
+        unmarked: &mut Option<Vec<&'static str>>,
+        snapshot: bool,
+        keep: usize,
+        fresh: bool,
+        cut: Option<usize>,
+        installed: &mut Vec<u64>,
+    ) -> Result<bool, String> {
         let mut done = 0;
         let mut step = |state: &mut State, f: &mut dyn FnMut(&mut State)| -> bool {
             if cut == Some(done) {
@@ -311,37 +357,65 @@ mod tests {
             done += 1;
             true
         };
+        // Layers::open: an unmarked NAME.new is marked `making` if a cut boot left it,
+        // and stops the boot otherwise (it may be someone's).
+        if let Some(dirs) = unmarked.clone() {
+            if !unmarked_leftover(&dirs) {
+                return Err(format!("the boot stops at an unmarked NAME.new holding {dirs:?}"));
+            }
+            if !step(state, &mut |st| {
+                st.insert(Slot::New, Mark::Making);
+            }) {
+                return Ok(false);
+            }
+            *unmarked = None;
+        }
         for s in recover(state, keep) {
             if !step(state, &mut |st| apply(st, s)) {
-                return false;
+                return Ok(false);
             }
         }
         if !fresh {
             if let Some(Mark::Complete(g) | Mark::Refreshing(g)) = state.get(&Slot::Current).copied() {
-                return step(state, &mut |st| {
+                return Ok(step(state, &mut |st| {
                     st.insert(Slot::Current, Mark::Refreshing(g));
                 }) && step(state, &mut |st| {
                     st.insert(Slot::Current, Mark::Complete(g));
-                });
+                }));
             }
         }
         let gen = next_generation(state);
+        // Making NAME.new: what is on the disk after each step, marked or not.
+        let (mut top, mut marked, mut dirs) = (false, false, Vec::new());
+        for m in make_steps(snapshot) {
+            if !step(state, &mut |st| match m {
+                MakeStep::Top => top = true,
+                MakeStep::Dir(d) => dirs.push(d),
+                MakeStep::Mark => {
+                    st.insert(Slot::New, Mark::Making);
+                    marked = true;
+                }
+            }) {
+                if top && !marked {
+                    *unmarked = Some(dirs);
+                }
+                return Ok(false);
+            }
+        }
         if !step(state, &mut |st| {
-            st.insert(Slot::New, Mark::Making);
-        }) || !step(state, &mut |st| {
             st.insert(Slot::New, Mark::Complete(gen));
         }) {
-            return false;
+            return Ok(false);
         }
         for (i, s) in install(state, keep).into_iter().enumerate() {
             if !step(state, &mut |st| apply(st, s)) {
-                return false;
+                return Ok(false);
             }
             if i == 0 {
                 installed.push(gen);
             }
         }
-        true
+        Ok(true)
     }
 
     fn gens(state: &State, f: impl Fn(&Slot) -> bool) -> Vec<u64> {
@@ -357,22 +431,27 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
-        /// Any sequence of boots, each maybe cut after any step, each keep N: after every
+        /// Any sequence of boots, each maybe cut after any step (making `NAME.new` before
+        /// its mark included), each keep N: no boot stops at what a cut left, after every
         /// cut NAME is a complete layer, the newest layer ever swapped in still exists
         /// (keep ≥ 1), and after every finished boot the kept ones are the `keep` newest
         /// that were ever swapped in, in order, with nothing half-made left.
         #[test]
         fn every_crash_point_keeps_the_newest_booted_layer(
-            boots in proptest::collection::vec((0usize..4, any::<bool>(), proptest::option::of(0usize..12)), 1..12)
+            snapshot in any::<bool>(),
+            boots in proptest::collection::vec((0usize..4, any::<bool>(), proptest::option::of(0usize..14)), 1..12)
         ) {
             let mut state = State::new();
+            let mut unmarked = None;
             let mut installed: Vec<u64> = Vec::new();
             for (keep, fresh, cut) in boots {
                 let before_newest = installed.last().copied();
                 // Generations on disk that were swapped in at some point: what may be kept.
                 let alive: Vec<u64> = gens(&state, |_| true).into_iter().filter(|g| installed.contains(g)).collect();
                 let generations_before = installed.len();
-                let finished = boot(&mut state, keep, fresh, cut, &mut installed);
+                let finished = boot(&mut state, &mut unmarked, snapshot, keep, fresh, cut, &mut installed);
+                prop_assert!(finished.is_ok(), "{}: {state:?}", finished.unwrap_err());
+                let finished = finished.unwrap();
                 if let Some(newest) = before_newest {
                     let cur = state.get(&Slot::Current).copied();
                     prop_assert!(matches!(cur, Some(Mark::Complete(_)) | Some(Mark::Refreshing(_))), "NAME is {cur:?} in {state:?}");
@@ -419,6 +498,20 @@ mod tests {
                 (Slot::Prev(1), Mark::Complete(4)),
                 (Slot::Prev(2), Mark::Complete(3))
             ])
+        );
+        // Unmarked, what a cut left before the mark: an empty directory (snapshot: the
+        // image's) or, from a layerboot that made upper/ and work/ first, any of them.
+        for dirs in [&[][..], &["upper"], &["work"], &["work", "upper"]] {
+            assert!(unmarked_leftover(dirs), "{dirs:?}");
+        }
+        for dirs in [&["upper", "upper"][..], &["upper", "mine"], &["home"]] {
+            assert!(!unmarked_leftover(dirs), "{dirs:?}");
+        }
+        assert_eq!(make_steps(true), [MakeStep::Top, MakeStep::Mark]);
+        assert_eq!(
+            make_steps(false)[..2],
+            [MakeStep::Top, MakeStep::Mark],
+            "marked before it holds anything"
         );
         // A half-made one, or a complete one that was never swapped in, is discarded.
         for m in [Mark::Making, Mark::Complete(6)] {
