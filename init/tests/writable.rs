@@ -503,3 +503,64 @@ fn a_cut_between_the_overlay_layers_mkdirs_is_discarded_not_refused() {
     }
 }
 
+#[test]
+fn a_full_disk_prunes_other_names_kept_generations_never_their_current_layer() {
+    let (fs_, top) = store_with_image();
+    let m = &fs_.mnt;
+    let img = image(&top, Driver::Btrfs);
+    let mib = |n: usize| vec![7u8; n << 20];
+    // Another deployment's layer (layerboot.mode=keep: one name per deployment): its
+    // current layer is its kept state, its .prev an older generation.
+    for (b, size) in [("o1", 10), ("o2", 80)] {
+        let mut layers = Layers::open(m, "rw-other", 1, false, None).unwrap();
+        layers.recover().unwrap();
+        layers
+            .make_fresh_or_prune(&img, &mut |_: &Path| Ok(Filled::Metadata))
+            .unwrap();
+        fs::write(m.join("rw-other").join(b), mib(size)).unwrap();
+    }
+    assert_eq!(names(m), ["rw-other", "rw-other.prev"]);
+    // Marked like a kept generation, but no layer of that name is on the disk: it may be
+    // a deployment's own layer named so. Never deleted.
+    fs::rename(m.join("rw-other.prev"), m.join("rw-gone.prev")).unwrap();
+    let fill = |size: usize| {
+        move |l: &Path| -> Result<Filled> {
+            fs::write(l.join("big"), vec![1u8; size])
+                .map_err(|e| layerboot_init::Error::io("cannot write", l.join("big"), e))?;
+            Ok(Filled::Contents)
+        }
+    };
+    let mut layers = Layers::open(m, "rw-other", 1, false, None).unwrap();
+    layers.recover().unwrap();
+    layers
+        .make_fresh_or_prune(&img, &mut |_: &Path| Ok(Filled::Metadata))
+        .unwrap();
+    fs::write(m.join("rw-other").join("o3"), mib(10)).unwrap();
+    // Now: rw-other (10 MiB, its current state), rw-other.prev (80), rw-gone.prev (10)
+    // of 256. This name keeps nothing: a 130 MiB top layer fits only if rw-other.prev goes.
+    let mut layers = Layers::open(m, "rw", 1, false, None).unwrap();
+    layers.make_fresh_or_prune(&img, &mut fill(130 << 20)).unwrap();
+    assert!(
+        layers
+            .warnings
+            .iter()
+            .any(|w| w.contains("partition is full") && w.contains("rw-other.prev")),
+        "{:?}",
+        layers.warnings
+    );
+    assert!(!m.join("rw-other.prev").exists());
+    assert!(
+        m.join("rw-other/o3").exists(),
+        "another deployment's current layer is its state"
+    );
+    assert!(
+        m.join("rw-gone.prev/o1").exists(),
+        "not a kept generation of a layer on the disk"
+    );
+    // Too big whatever is deleted: ENOSPC, and the other layers are still there.
+    let mut layers = Layers::open(m, "rw", 1, false, None).unwrap();
+    let e = layers.make_fresh_or_prune(&img, &mut fill(300 << 20)).unwrap_err();
+    assert_eq!(e.errno(), Some(nix::errno::Errno::ENOSPC), "{e}");
+    assert!(m.join("rw-other/o3").exists() && m.join("rw-gone.prev/o1").exists());
+    assert!(m.join("rw/big").exists() && !m.join("rw.new").exists());
+}

@@ -241,22 +241,50 @@ impl Layers {
     }
 
     /// [`make_fresh`](Self::make_fresh); when the disk is full, discards the new layer,
-    /// deletes every kept generation (never `NAME`), waits for btrfs to free their space,
-    /// and tries once more. Still full: the error, with ENOSPC, for the caller to fall
+    /// deletes this name's kept generations (never `NAME`), waits for btrfs to free their
+    /// space, and tries again; still full, the same with other names' kept generations
+    /// ([`Layers::others_kept`]; never their own layer, which with `layerboot.mode=keep` is
+    /// a deployment's state). Still full: the error, with ENOSPC, for the caller to fall
     /// back on a layer in memory.
     pub fn make_fresh_or_prune(&mut self, image: &Image, fill: &mut dyn FnMut(&Path) -> Result<Filled>) -> Result<()> {
-        let first = self.make_fresh(image, fill);
-        let Err(e) = first else { return Ok(()) };
+        let Err(mut e) = self.make_fresh(image, fill) else {
+            return Ok(());
+        };
         self.discard_new();
-        if e.errno() != Some(Errno::ENOSPC) {
-            return Err(e);
+        for own in [true, false] {
+            if e.errno() != Some(Errno::ENOSPC) {
+                return Err(e);
+            }
+            let pruned = if own {
+                self.prune_own(&e)
+            } else {
+                self.prune_others(&e)?
+            };
+            if !pruned {
+                continue;
+            }
+            match self.make_fresh(image, fill) {
+                Ok(()) => return Ok(()),
+                Err(next) => {
+                    self.discard_new();
+                    e = next;
+                }
+            }
         }
+        Err(e)
+    }
+
+    /// Deletes this name's kept generations for room: whether there were any.
+    fn prune_own(&mut self, e: &Error) -> bool {
         let old: Vec<Slot> = self
             .state
             .keys()
             .copied()
             .filter(|s| matches!(s, Slot::Prev(_) | Slot::Trash(_)))
             .collect();
+        if old.is_empty() {
+            return false;
+        }
         self.warn(format!(
             "the store's partition is full ({e}): deleted the new layer and {} kept generation(s) of {} to make room, and tried again",
             old.len(),
@@ -270,17 +298,80 @@ impl Layers {
                 self.warn(e.to_string());
             }
         }
-        self.sync()?;
+        self.settle_freed(&freed);
+        true
+    }
+
+    /// Deletes other names' kept generations for room: whether there were any.
+    fn prune_others(&mut self, e: &Error) -> Result<bool> {
+        let old = self.others_kept()?;
+        if old.is_empty() {
+            return Ok(false);
+        }
+        let shown: Vec<String> = old.iter().map(|p| p.display().to_string()).collect();
+        self.warn(format!(
+            "the store's partition is full ({e}): deleted the kept generations of other writable layers to make room, \
+             and tried again: {} (their own layers, each a deployment's state, are never deleted)",
+            shown.join(", ")
+        ));
+        let mut freed = Vec::new();
+        for path in old {
+            freed.extend(btrfs::subvolume_id(&path).ok());
+            if let Err(e) = remove_layer(&path) {
+                self.warn(
+                    e.context("could not delete another writable layer's kept generation")
+                        .to_string(),
+                );
+            }
+        }
+        self.settle_freed(&freed);
+        Ok(true)
+    }
+
+    /// After deletes for room: flushes, and waits for btrfs's cleaner to free `freed`.
+    fn settle_freed(&mut self, freed: &[u64]) {
+        if let Err(e) = self.sync() {
+            self.warn(format!("{e}; trying anyway"));
+        }
         if !freed.is_empty() {
-            if let Err(e) = btrfs::wait_until_cleaned(&self.root, &freed, Duration::from_secs(30)) {
+            if let Err(e) = btrfs::wait_until_cleaned(&self.root, freed, Duration::from_secs(30)) {
                 self.warn(format!("{e}; trying anyway"));
             }
         }
-        let second = self.make_fresh(image, fill);
-        if second.is_err() {
-            self.discard_new();
+    }
+
+    /// Other layer names' kept generations at the partition's top level (`X.prev`,
+    /// `X.prev.K`, `X.trash.K`, X not this name), each only if layerboot marked it, if a
+    /// complete layer `X` is on the disk (it is one of X's generations, not a layer named
+    /// so), and if it has no generations of its own. Never a layer `X` itself.
+    pub fn others_kept(&self) -> Result<Vec<PathBuf>> {
+        let mut files = Vec::new();
+        for entry in fs::read_dir(&self.root).map_err(|e| Error::io("cannot list", &self.root, e))? {
+            let entry = entry.map_err(|e| Error::io("cannot list", &self.root, e))?;
+            files.extend(entry.file_name().into_string().ok());
         }
-        second
+        let mut kept = Vec::new();
+        for file in &files {
+            let Some((base, slot)) = plan::kept_generation(file) else {
+                continue;
+            };
+            let named = |name: &str| {
+                files
+                    .iter()
+                    .any(|f| Slot::parse(name, f).is_some_and(|s| s != Slot::Current))
+            };
+            let layer_on_disk = files.iter().any(|f| f == base)
+                && read_mark(&self.root.join(base), Slot::Current).is_some_and(|m| m.generation().is_some());
+            if base == self.name || !layer_on_disk || named(file) {
+                continue;
+            }
+            let path = self.root.join(file);
+            if read_mark(&path, slot).is_some() {
+                kept.push(path);
+            }
+        }
+        kept.sort();
+        Ok(kept)
     }
 
     /// Removes a failed `NAME.new` now, to give its space back (the next boot would anyway).

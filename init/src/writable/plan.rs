@@ -102,6 +102,22 @@ impl Slot {
     }
 }
 
+/// The layer name and slot of `file` if it names a kept generation (`X.prev`, `X.prev.K`
+/// or `X.trash.K`) of some layer name X.
+pub fn kept_generation(file: &str) -> Option<(&str, Slot)> {
+    let numbered = file
+        .rsplit_once('.')
+        .and_then(|(head, _)| head.strip_suffix(".prev").or_else(|| head.strip_suffix(".trash")));
+    [file.strip_suffix(".prev"), numbered]
+        .into_iter()
+        .flatten()
+        .filter(|base| !base.is_empty())
+        .find_map(|base| match Slot::parse(base, file) {
+            Some(slot @ (Slot::Prev(_) | Slot::Trash(_))) => Some((base, slot)),
+            _ => None,
+        })
+}
+
 /// The marked layers of one name.
 pub type State = BTreeMap<Slot, Mark>;
 
@@ -329,6 +345,20 @@ mod tests {
         assert_eq!(Mark::decode(b"complete 4294967295"), Some(Mark::Complete(MAX_NUMBER)));
         for other in ["rw.prev.18446744073709551615", "rw.trash.4294967296", "rw.prev.+2"] {
             assert_eq!(Slot::parse("rw", other), None, "{other}");
+        }
+        assert_eq!(kept_generation("a.b.prev"), Some(("a.b", Slot::Prev(1))));
+        assert_eq!(kept_generation("rw-1.prev.3"), Some(("rw-1", Slot::Prev(3))));
+        assert_eq!(kept_generation("rw.trash.2"), Some(("rw", Slot::Trash(2))));
+        for other in [
+            "rw",
+            "rw.new",
+            "rw.prev.1",
+            "rw.trash",
+            ".prev",
+            "rw.prev.x",
+            "rw.pre-layerboot",
+        ] {
+            assert_eq!(kept_generation(other), None, "{other}");
         }
         let state = State::from([(Slot::Prev(1), Mark::Complete(MAX_NUMBER))]);
         assert_eq!(next_generation(&state), MAX_NUMBER + 1);
