@@ -7,6 +7,7 @@ pkgs=(
   qemu-system-x86 qemu-utils ovmf                              # the VM boot tests
   file zstd cpio kmod fdisk attr xz-utils gzip busybox-static  # busybox: the rescue-shell test
   shellcheck dracut-core                                       # the distro hooks (hooks/)
+  grub-common                                                  # grub-script-check: the GRUB snippets deploy writes
   lintian makepkg libarchive-tools                             # the packages (packaging/)
 )
 missing=()

@@ -19,7 +19,10 @@ use serde_json::json;
 
 use super::grub;
 use super::systemd_boot::{self, Assessment, EntryName};
-use super::{default_of, list, next_serial, short_id, Deployment, Record, DEPLOYMENTS_DIR, INITRAMFS, KERNEL, RECORD};
+use super::{
+    check_tries, default_of, entry_name_parts, list, next_serial, short_id, Deployment, FileSum, Files, Record,
+    DEPLOYMENTS_DIR, INITRAMFS, KERNEL, RECORD,
+};
 use crate::image::{write_atomically, SourceImage};
 use layerboot_init::esp_lock;
 use layerboot_init::grubenv;
@@ -123,7 +126,7 @@ pub struct DeployArgs {
     /// grub: the ESP as the booted system finds it (layerboot.esp=, e.g. LABEL=ESP), to bless its boots
     #[argh(option)]
     esp_device: Option<String>,
-    /// tries a new deployment gets before the loader falls back (default 3; 0: no counting)
+    /// tries a new deployment gets before the loader falls back: 1 to 16 (default 3; 0: no counting)
     #[argh(option, default = "3")]
     tries: u32,
     /// how many deployments to keep (default 3)
@@ -176,8 +179,16 @@ impl DeployArgs {
         }
     }
 
-    /// The kernel command line of the new entry (without `docker_image=`).
-    fn options(&self, booted: bool) -> Result<Vec<String>> {
+    /// What a deploy checks of its arguments before it builds anything.
+    fn check(&self) -> Result<()> {
+        check_tries(self.tries).map_err(|why| {
+            format!("--tries {why} (fix: --tries 1 to 16, or 0 for an entry that is not counted)").into()
+        })
+    }
+
+    /// The kernel command line of the new entry (without `docker_image=`), for the
+    /// store at `store`.
+    fn options(&self, booted: bool, store: &Path) -> Result<Vec<String>> {
         let mut out: Vec<String> = Vec::new();
         if booted && self.root.is_none() {
             let line = fs::read_to_string("/proc/cmdline").map_err(|e| Error::io("cannot read", "/proc/cmdline", e))?;
@@ -211,6 +222,17 @@ impl DeployArgs {
         }
         if let Some(extra) = &self.options {
             out.extend(extra.split_whitespace().map(str::to_string));
+        }
+        // A store named on the command line is found at boot where it lies on its
+        // partition, not at the default (`/mnt/docker` is `docker_path=docker`).
+        let has_docker_path = out.iter().any(|a| a.split('=').next() == Some(arg::DOCKER_PATH));
+        if self.store.is_some() && !has_docker_path {
+            let rootflags = out
+                .iter()
+                .find_map(|a| a.strip_prefix(&format!("{}=", arg::ROOT_FLAGS)))
+                .map(str::to_string);
+            let derived = docker_path_of(store, rootflags.as_deref())?;
+            out.push(format!("{}={derived}", arg::DOCKER_PATH));
         }
         Ok(out)
     }
@@ -281,7 +303,7 @@ pub enum Step {
 impl Step {
     pub fn run(&self) -> Result<()> {
         match self {
-            Step::CreateDir(d) => fs::create_dir_all(d).map_err(|e| Error::io("cannot create", d, e)),
+            Step::CreateDir(d) => create_dirs(d).map(drop),
             Step::Write { path, data } => {
                 write_atomically(path, data, 0o644)?;
                 sync_dir(path.parent().unwrap_or(Path::new("/")))
@@ -302,6 +324,36 @@ impl Step {
     }
 }
 
+/// `create_dir_all`, durable: every directory it makes is flushed, and so is the parent
+/// of the topmost one. On FAT, flushing a new directory writes only the sector of its
+/// short (8.3) name: the long name's slot, in its parent, is written with the parent.
+/// Returns the directories flushed, parents first.
+pub fn create_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    let Some(topmost) = missing.last() else {
+        return Ok(Vec::new());
+    };
+    for d in missing.iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) => return Err(Error::io("cannot create", d, e)),
+        }
+    }
+    let parent = topmost
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let flushed: Vec<PathBuf> = std::iter::once(parent)
+        .chain(missing.iter().rev().copied())
+        .map(Path::to_path_buf)
+        .collect();
+    for d in &flushed {
+        sync_dir(d)?;
+    }
+    Ok(flushed)
+}
+
 /// A rename is durable once its directory is flushed (vfat included).
 fn sync_dir(dir: &Path) -> Result<()> {
     fs::File::open(dir)
@@ -313,6 +365,8 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// its kernel read, its initramfs built in memory, the ESP's space checked.
 pub struct Plan {
     pub record: Record,
+    /// The deployment's name: its directory's, its entry's.
+    pub name: String,
     pub steps: Vec<Step>,
     /// Said to the user after the steps ran.
     pub notes: Vec<String>,
@@ -334,6 +388,7 @@ pub fn loader_of(esp: &Path) -> &'static str {
 }
 
 pub fn plan_deploy(a: &DeployArgs, esp: &Path, store: &Path, namespace: Option<String>, booted: bool) -> Result<Plan> {
+    a.check()?;
     let built = build_deployment(a, &a.reference, esp, store, namespace)?;
     plan_writes(a, esp, store, built, booted)
 }
@@ -392,10 +447,12 @@ fn plan_writes(a: &DeployArgs, esp: &Path, store: &Path, built: Built, booted: b
     } = built;
     let deployments = list(esp)?;
     let id12 = short_id(&image_id).to_string();
-    let serial = next_serial(&deployments);
-    let keep_mode = a.options(booted)?.iter().any(|o| o == &format!("{}=keep", arg::MODE));
+    let name = deployment_name(esp, &image_id)?;
+    let serial = next_serial(&deployments)?;
+    let given = a.options(booted, store)?;
+    let keep_mode = given.iter().any(|o| o == &format!("{}=keep", arg::MODE));
     let rw_default = keep_mode.then(|| format!("layerboot-rw-{id12}"));
-    let mut options = with_fallback_arguments(a.options(booted)?, &image_id, rw_default);
+    let mut options = with_fallback_arguments(given, &image_id, rw_default);
     if loader == "grub" {
         if !options.iter().any(|o| o.starts_with(&format!("{}=", arg::ESP))) {
             return Err(
@@ -404,10 +461,10 @@ fn plan_writes(a: &DeployArgs, esp: &Path, store: &Path, built: Built, booted: b
                     .into(),
             );
         }
-        options.push(format!("{}={id12}", arg::GRUB_DEPLOYMENT));
+        options.push(format!("{}={name}", arg::GRUB_DEPLOYMENT));
     }
     let options = options.join(" ");
-    let dir = esp.join(DEPLOYMENTS_DIR).join(&id12);
+    let dir = esp.join(DEPLOYMENTS_DIR).join(&name);
     let record = Record {
         reference: a.reference.clone(),
         image_id: image_id.clone(),
@@ -420,8 +477,13 @@ fn plan_writes(a: &DeployArgs, esp: &Path, store: &Path, built: Built, booted: b
         initramfs_args: a.initramfs_args(),
         tries: a.tries,
         loader: loader.clone(),
+        // Recorded before the entry is written: what finishing a cut deploy checks.
+        files: Some(Files {
+            vmlinuz: FileSum::of(&kernel_bytes),
+            initramfs: FileSum::of(&initramfs),
+        }),
     };
-    record.check(&id12).map_err(|why| {
+    record.check(&name).map_err(|why| {
         format!(
             "cannot deploy {}: {why} (fix: drop that argument from --options)",
             a.reference
@@ -476,6 +538,7 @@ fn plan_writes(a: &DeployArgs, esp: &Path, store: &Path, built: Built, booted: b
         steps.extend(grub_steps(esp, &deployments, Some(&new), &[])?);
         return Ok(Plan {
             record,
+            name,
             steps,
             notes: vec![format!(
                 "GRUB boots deployments once its grub.cfg sources {} with the ESP as $root \
@@ -491,17 +554,10 @@ fn plan_writes(a: &DeployArgs, esp: &Path, store: &Path, built: Built, booted: b
         Assessment::Trying { left: a.tries, done: 0 }
     };
     let entry = EntryName {
-        id: systemd_boot::entry_id(serial, &id12),
+        id: systemd_boot::entry_id(serial, &name),
         assessment,
     };
-    let loader_path = |f: &str| format!("/{DEPLOYMENTS_DIR}/{id12}/{f}");
-    let text = systemd_boot::render(
-        &format!("layerboot: {} ({id12}, kernel {})", a.reference, kernel_version),
-        serial,
-        &loader_path(KERNEL),
-        &loader_path(INITRAMFS),
-        &options,
-    );
+    let text = entry_text(&record, &name, serial);
     let mut steps = vec![
         Step::CreateDir(dir.clone()),
         Step::CreateDir(entry_dir.clone()),
@@ -545,7 +601,59 @@ fn plan_writes(a: &DeployArgs, esp: &Path, store: &Path, built: Built, booted: b
             }
         }
     }
-    Ok(Plan { record, steps, notes })
+    Ok(Plan {
+        record,
+        name,
+        steps,
+        notes,
+    })
+}
+
+/// The text of the systemd-boot entry of `record`'s deployment `name` at `serial`.
+fn entry_text(record: &Record, name: &str, serial: u64) -> String {
+    let loader_path = |f: &str| format!("/{DEPLOYMENTS_DIR}/{name}/{f}");
+    systemd_boot::render(
+        &record.image_id,
+        &format!(
+            "layerboot: {} ({}, kernel {})",
+            record.reference,
+            record.short_id(),
+            record.kernel
+        ),
+        serial,
+        &loader_path(KERNEL),
+        &loader_path(INITRAMFS),
+        &record.options,
+    )
+}
+
+/// The name of `image_id`'s deployment on `esp`: its first 12 hex digits, or more when
+/// a record of another image (or one that cannot be read) holds that directory: two IDs
+/// with the same first 12 digits never share one.
+fn deployment_name(esp: &Path, image_id: &str) -> Result<String> {
+    let hex =
+        layerboot_init::digest::sha256_hex(image_id).ok_or_else(|| format!("'{image_id}' is not sha256:<64 hex>"))?;
+    for len in (12..=64).step_by(4) {
+        let name = &hex[..len];
+        let record = esp.join(DEPLOYMENTS_DIR).join(name).join(RECORD);
+        let taken = match fs::read(&record) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Ok(b) => serde_json::from_slice::<Record>(&b).map_or(true, |r| r.image_id != image_id),
+            Err(_) => true,
+        };
+        if !taken {
+            return Ok(name.to_string());
+        }
+        eprintln!(
+            "note: {} holds another image's deployment (or one that cannot be read): {image_id} is deployed under a longer name",
+            record.parent().unwrap_or(&record).display()
+        );
+    }
+    Err(format!(
+        "every name of {image_id} under {} is taken by a record of another image (fix: remove the directories that are not deployments)",
+        esp.join(DEPLOYMENTS_DIR).display()
+    )
+    .into())
 }
 
 /// GRUB's two files after a change: the grubenv with each deployment's state (`with`
@@ -562,12 +670,12 @@ fn grub_steps(esp: &Path, all: &[Deployment], with: Option<&Deployment>, without
         kept.push(w);
     }
     for gone in without {
-        if let Some(var) = grubenv::tries_variable(gone.record.short_id()) {
+        if let Some(var) = grubenv::tries_variable(&gone.name()) {
             env.retain(|(k, _)| k != &var);
         }
     }
     if let Some(w) = with {
-        let var = grubenv::tries_variable(w.record.short_id()).ok_or("a deployment's id is not plain hex")?;
+        let var = grubenv::tries_variable(&w.name()).ok_or("a deployment's name is not plain hex")?;
         grubenv::set(&mut env, &var, &grub::value(w.assessment.unwrap_or(Assessment::Good)));
     }
     Ok(vec![
@@ -617,6 +725,90 @@ fn build_initramfs(store: &Path, image_id: &str, ns: Option<&str>, kver: &str, a
     built
 }
 
+/// Filesystems /init mounts a store partition of, as it mounts them: the whole
+/// partition (a btrfs at its top level, `subvolid=5`).
+const STORE_FILESYSTEMS: [&str; 5] = ["btrfs", "ext4", "ext3", "ext2", "xfs"];
+
+/// `docker_path=` for the store at `store`, as this machine has it mounted: the mount's
+/// root within its partition (field 4 of `/proc/self/mountinfo`) plus the path below the
+/// mount point. `rootflags`: the entry's, which may mount another subvolume.
+pub fn docker_path_of(store: &Path, rootflags: Option<&str>) -> Result<String> {
+    let fix = "(fix: --docker-path with the data root's path from the top of its partition, e.g. --docker-path var/lib/docker)";
+    let cannot = |why: String| -> Error {
+        format!(
+            "cannot tell docker_path= for the store {}: {why} {fix}",
+            store.display()
+        )
+        .into()
+    };
+    if rootflags.is_some_and(|f| f.split(',').any(|o| o.starts_with("subvol"))) {
+        return Err(cannot(
+            "rootflags= names a subvolume, which the path is relative to".into(),
+        ));
+    }
+    let real = fs::canonicalize(store).map_err(|e| cannot(e.to_string()))?;
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").map_err(|e| cannot(format!("/proc/self/mountinfo: {e}")))?;
+    docker_path_in(&mountinfo, &real).map_err(cannot)
+}
+
+/// [`docker_path_of`] for the canonical path `store`, from a `mountinfo` text.
+pub fn docker_path_in(mountinfo: &str, store: &Path) -> std::result::Result<String, String> {
+    // The mount `store` lies on: the deepest mount point above it, the last one mounted there.
+    let mut best: Option<(PathBuf, String, String)> = None;
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        let (Some(root), Some(point), Some(fstype)) = (fields.get(3), fields.get(4), fields.get(dash + 1)) else {
+            continue;
+        };
+        let point = PathBuf::from(unescape_mountinfo(point));
+        if store.starts_with(&point)
+            && best
+                .as_ref()
+                .is_none_or(|(p, _, _)| point.components().count() >= p.components().count())
+        {
+            best = Some((point, unescape_mountinfo(root), fstype.to_string()));
+        }
+    }
+    let (point, root, fstype) = best.ok_or("no mount holds it")?;
+    if !STORE_FILESYSTEMS.contains(&fstype.as_str()) {
+        return Err(format!(
+            "it is on a {fstype} mount at {}, not on a partition /init mounts ({})",
+            point.display(),
+            STORE_FILESYSTEMS.join(", ")
+        ));
+    }
+    let below = store.strip_prefix(&point).map_err(|e| e.to_string())?;
+    let path = Path::new(&root).join(below);
+    let path = path.to_string_lossy().trim_matches('/').to_string();
+    if path.split('/').any(|c| c == "..") || path.contains(|c: char| c.is_whitespace() || c == '"') {
+        return Err(format!(
+            "its path '{path}' on the partition cannot be a kernel argument"
+        ));
+    }
+    Ok(if path.is_empty() { "/".into() } else { path })
+}
+
+/// A mountinfo field with its octal escapes (`\040` for a space, …) read back.
+fn unescape_mountinfo(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// A mounted FAT filesystem that holds a boot loader's files.
 fn is_esp(dir: &Path) -> bool {
     const MSDOS_SUPER_MAGIC: i64 = 0x4d44; // linux/magic.h; nix does not name it
@@ -630,6 +822,7 @@ fn free_bytes(dir: &Path) -> Result<u64> {
 }
 
 pub fn deploy(a: DeployArgs) -> Result<()> {
+    a.check()?;
     let machine = a.machine();
     let booted = machine.booted().is_some();
     let esp = machine.esp()?;
@@ -642,22 +835,45 @@ pub fn deploy(a: DeployArgs) -> Result<()> {
     // is only a guess (a bless may rename an entry as it reads); the one that counts is
     // under the lock. Built from the resolved ID: a tag moved meanwhile changes nothing.
     let built = match list(&esp) {
-        Ok(all) if deployment_of(&all, &resolved.id).is_none() => {
+        Ok(all) if deployment_of(&all, &resolved.id).is_none_or(|d| files_damaged(d).is_some()) => {
             Some(build_deployment(&a, &resolved.id, &esp, &store, namespace.clone())?)
         }
         _ => None,
     };
     let _lock = esp_lock::lock(&esp, None)?;
     let deployments = list(&esp)?;
-    // The same image again: only made the default.
     if let Some(same) = deployment_of(&deployments, &resolved.id) {
-        make_default(&deployments, same)?;
-        println!(
-            "{} is already deployed as {}: it is the default now",
-            a.reference,
-            same.record.short_id()
-        );
-        return Ok(());
+        match files_damaged(same) {
+            // The same image again: only made the default.
+            None if !same.is_unfinished() => {
+                make_default(&deployments, same)?;
+                println!(
+                    "{} is already deployed as {}: it is the default now",
+                    a.reference,
+                    same.name()
+                );
+                return Ok(());
+            }
+            // A deploy of it was cut after its record: its files are as recorded, and
+            // only its entry is written.
+            None => {
+                make_default(&deployments, same)?;
+                println!(
+                    "deployed {} as {} (kernel {}, {} tries), finishing a deploy that was cut: it boots next",
+                    a.reference,
+                    same.name(),
+                    same.record.kernel,
+                    same.record.tries
+                );
+                return gc_deployments(&esp, a.keep_deployments, machine.booted().map(|b| b.image_id));
+            }
+            // Its files are written again, as by a new deploy.
+            Some(why) => eprintln!(
+                "note: the deploy of {} as {} was cut, and {why}: its files are written again",
+                a.reference,
+                same.name()
+            ),
+        }
     }
     // Not built yet (removed by a gc that ran while this one waited, say): built now.
     let built = match built {
@@ -673,12 +889,29 @@ pub fn deploy(a: DeployArgs) -> Result<()> {
     }
     println!(
         "deployed {} as {} (kernel {}, {} tries): it boots next",
-        a.reference,
-        plan.record.short_id(),
-        plan.record.kernel,
-        plan.record.tries
+        a.reference, plan.name, plan.record.kernel, plan.record.tries
     );
     gc_deployments(&esp, a.keep_deployments, machine.booted().map(|b| b.image_id))
+}
+
+/// What keeps a cut deploy's files from being finished as they are: the kernel or the
+/// initramfs not as its record says, or a record from before sizes and digests were
+/// recorded. `None` for a finished deployment (its entry boots those files already).
+fn files_damaged(d: &Deployment) -> Option<String> {
+    if !d.is_unfinished() {
+        return None;
+    }
+    match &d.record.files {
+        None => Some("its record has no sizes and digests to check its files against".into()),
+        Some(files) => files.check(&d.dir).err(),
+    }
+}
+
+/// Whether the loader's `LoaderEntrySelected` (an entry's id, without counter) is `d`'s entry.
+fn selects(selected: &str, d: &Deployment) -> bool {
+    let id = selected.strip_suffix(".conf").unwrap_or(selected);
+    let id = EntryName::parse(&format!("{id}.conf")).map_or(id.to_string(), |n| n.id);
+    entry_name_parts(&id).is_some_and(|(_, name)| name == d.name())
 }
 
 /// The deployment of the image `id` (a full ID), if there is one.
@@ -699,7 +932,7 @@ fn renewed(a: Option<Assessment>, tries: u32) -> Assessment {
 fn make_default(all: &[Deployment], d: &Deployment) -> Result<()> {
     if d.is_grub() {
         let mut raised = d.clone();
-        raised.record.serial = next_serial(all);
+        raised.record.serial = next_serial(all)?;
         raised.version = raised.record.serial;
         raised.assessment = Some(renewed(d.assessment, d.record.tries));
         let mut steps = vec![Step::Write {
@@ -709,21 +942,29 @@ fn make_default(all: &[Deployment], d: &Deployment) -> Result<()> {
         steps.extend(grub_steps(&esp_of(d), all, Some(&raised), &[])?);
         return steps.iter().try_for_each(Step::run);
     }
+    let serial = next_serial(all)?;
     let Some((path, name)) = &d.entry else {
-        return Err(format!(
-            "deployment {} has no boot entry left (fix: deploy {} again after `layerboot gc`)",
-            d.record.short_id(),
-            d.record.reference
-        )
-        .into());
+        // Unfinished (a deploy cut before its entry, whose files the caller checked):
+        // the entry it was to get.
+        let dir = systemd_boot::entries_dir(&esp_of(d));
+        create_dirs(&dir)?;
+        let entry = EntryName {
+            id: systemd_boot::entry_id(serial, &d.name()),
+            assessment: renewed(None, d.record.tries),
+        };
+        write_atomically(
+            &dir.join(entry.file_name()),
+            entry_text(&d.record, &d.name(), serial).as_bytes(),
+            0o644,
+        )?;
+        return sync_dir(&dir);
     };
     // A new file under a new name, then the old one removed: FAT has no atomic
     // replace, so an entry is never rewritten in place. A cut in between leaves two
     // entries of one deployment, the newer first; the next change removes the other.
-    let serial = next_serial(all);
     let text = fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
     let raised = EntryName {
-        id: systemd_boot::entry_id(serial, d.record.short_id()),
+        id: systemd_boot::entry_id(serial, &d.name()),
         assessment: renewed(Some(name.assessment), d.record.tries),
     };
     let dir = path.parent().unwrap_or(Path::new("/"));
@@ -778,7 +1019,7 @@ pub fn status(a: StatusArgs) -> Result<()> {
     for d in &all {
         let present = store.as_ref().map(|s| s.resolve(&d.record.image_id).is_ok());
         rows.push(json!({
-            "id": d.record.short_id(),
+            "id": d.name(),
             "image_id": d.record.image_id,
             "reference": d.record.reference,
             "kernel": d.record.kernel,
@@ -786,13 +1027,13 @@ pub fn status(a: StatusArgs) -> Result<()> {
             "state": d.state(),
             "default": default.as_deref() == Some(&d.record.image_id),
             "booted": booted.as_ref().is_some_and(|b| b.image_id == d.record.image_id),
-            "selected_by_loader": selected.as_ref().is_some_and(|s| s.contains(&format!("-{}", d.record.short_id()))),
+            "selected_by_loader": selected.as_ref().is_some_and(|s| selects(s, d)),
             "image_in_store": present,
         }));
         if present == Some(false) {
             warnings.push(format!(
                 "deployment {} ({}): its image is gone from the store; it cannot boot (fix: pull it again, or `layerboot gc`)",
-                d.record.short_id(),
+                d.name(),
                 d.record.reference
             ));
         }
@@ -807,12 +1048,12 @@ pub fn status(a: StatusArgs) -> Result<()> {
     // The loader's word beside booted.json's: they differ when the entry was edited at
     // the menu (another docker_image=), or the loader started an entry layerboot did not write.
     if let (Some(b), Some(sel)) = (&booted, &selected) {
-        let started = all.iter().find(|d| sel.contains(&format!("-{}", d.record.short_id())));
+        let started = all.iter().find(|d| selects(sel, d));
         match started {
             Some(d) if d.record.image_id != b.image_id => warnings.push(format!(
                 "the boot loader started deployment {} ({}), but image {} booted (its entry's docker_image= \
                  was changed at the menu?)",
-                d.record.short_id(),
+                d.name(),
                 d.record.reference,
                 b.image_id
             )),
@@ -901,7 +1142,7 @@ pub fn rollback(a: RollbackArgs) -> Result<()> {
         .ok_or_else(|| {
             format!(
                 "there is no good deployment older than {} ({}) to roll back to",
-                current.record.short_id(),
+                current.name(),
                 current.record.reference
             )
         })?;
@@ -910,7 +1151,7 @@ pub fn rollback(a: RollbackArgs) -> Result<()> {
     if store.resolve(&previous.record.image_id).is_err() {
         return Err(format!(
             "cannot roll back to {} ({}): its image {} is gone from the store (fix: pull it again, then retry)",
-            previous.record.short_id(),
+            previous.name(),
             previous.record.reference,
             previous.record.image_id
         )
@@ -919,9 +1160,9 @@ pub fn rollback(a: RollbackArgs) -> Result<()> {
     make_default(&all, previous)?;
     println!(
         "rolled back: {} ({}) boots next, instead of {} ({})",
-        previous.record.short_id(),
+        previous.name(),
         previous.record.reference,
-        current.record.short_id(),
+        current.name(),
         current.record.reference
     );
     Ok(())
@@ -956,7 +1197,15 @@ pub fn gc(a: GcArgs) -> Result<()> {
 /// Which deployments `gc` removes: beyond the `keep` newest, never the running one, the
 /// one that boots next, nor the newest good one.
 pub fn doomed(all: &[Deployment], keep: usize, booted_id: Option<&str>) -> Vec<Deployment> {
-    let mut by_age: Vec<&Deployment> = all.iter().collect();
+    // Unfinished ones first, and they count for none of the kept: a cut deploy's record
+    // is no fallback.
+    let running = |d: &&Deployment| Some(d.record.image_id.as_str()) == booted_id;
+    let mut out: Vec<Deployment> = all
+        .iter()
+        .filter(|d| d.is_unfinished() && !running(d))
+        .cloned()
+        .collect();
+    let mut by_age: Vec<&Deployment> = all.iter().filter(|d| !d.is_unfinished() || running(d)).collect();
     by_age.sort_by_key(|d| std::cmp::Reverse(d.version.max(d.record.serial)));
     let newest_good = by_age.iter().find(|d| d.is_good()).map(|d| d.record.image_id.clone());
     let next = default_of(all).map(|d| d.record.image_id.clone());
@@ -966,7 +1215,6 @@ pub fn doomed(all: &[Deployment], keep: usize, booted_id: Option<&str>) -> Vec<D
     };
     let kept_protected = by_age.iter().filter(|d| protected(d)).count();
     let mut room = keep.saturating_sub(kept_protected);
-    let mut out = Vec::new();
     for d in by_age {
         if protected(d) {
             continue;
@@ -1006,7 +1254,7 @@ fn gc_deployments(esp: &Path, keep: usize, booted_id: Option<String>) -> Result<
             sync_dir(entry.parent().unwrap_or(Path::new("/")))?;
         }
         fs::remove_dir_all(&d.dir).map_err(|e| Error::io("cannot remove", &d.dir, e))?;
-        println!("removed deployment {} ({})", d.record.short_id(), d.record.reference);
+        println!("removed deployment {} ({})", d.name(), d.record.reference);
     }
     Ok(())
 }
@@ -1081,14 +1329,19 @@ fn mark_running(a: BlessArgs) -> Result<()> {
         }
         println!(
             "deployment {} ({}) is marked {}",
-            d.record.short_id(),
+            d.name(),
             d.record.reference,
             if good { "good" } else { "bad" }
         );
         return Ok(());
     }
     let Some((path, name)) = &d.entry else {
-        return Err(format!("deployment {} has no boot entry", d.record.short_id()).into());
+        return Err(format!(
+            "deployment {} has no boot entry: a deploy of it was cut (fix: `layerboot deploy {}` finishes it)",
+            d.name(),
+            d.record.reference
+        )
+        .into());
     };
     let done = match name.assessment {
         Assessment::Trying { done, .. } | Assessment::Bad { done } => done,
@@ -1100,7 +1353,7 @@ fn mark_running(a: BlessArgs) -> Result<()> {
         Assessment::Bad { done }
     };
     if name.assessment == verdict {
-        println!("deployment {} is {} already", d.record.short_id(), d.state());
+        println!("deployment {} is {} already", d.name(), d.state());
         return Ok(());
     }
     let to = path.with_file_name(
@@ -1122,7 +1375,7 @@ fn mark_running(a: BlessArgs) -> Result<()> {
     sync_dir(path.parent().unwrap_or(Path::new("/")))?;
     println!(
         "deployment {} ({}) is marked {}",
-        d.record.short_id(),
+        d.name(),
         d.record.reference,
         if good { "good" } else { "bad" }
     );
@@ -1169,14 +1422,14 @@ pub fn upgrade(a: UpgradeArgs) -> Result<()> {
         .with_namespace(ns.clone())
         .resolve(&base.record.reference)?;
     if now.id == base.record.image_id {
-        println!("{} is up to date ({})", base.record.reference, base.record.short_id());
+        println!("{} is up to date ({})", base.record.reference, base.name());
         return Ok(());
     }
     println!(
         "{} now names {} (deployed: {})",
         base.record.reference,
         short_id(&now.id),
-        base.record.short_id()
+        base.name()
     );
     if a.check {
         return Ok(());
@@ -1216,4 +1469,105 @@ pub fn upgrade(a: UpgradeArgs) -> Result<()> {
     // deploy takes the ESP's lock and reads the deployments again under it; upgrade
     // holds no lock, as a second flock of this process would wait for the first.
     deploy(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_directory_a_deploy_makes_is_flushed_in_its_parent() {
+        let t = tempfile::tempdir().unwrap();
+        let esp = t.path().join("esp");
+        fs::create_dir(&esp).unwrap();
+        let entries = esp.join("loader/entries");
+        assert_eq!(
+            create_dirs(&entries).unwrap(),
+            [esp.clone(), esp.join("loader"), entries.clone()],
+            "each new directory, and the parent of the topmost"
+        );
+        assert!(entries.is_dir());
+        assert_eq!(
+            create_dirs(&entries).unwrap(),
+            Vec::<PathBuf>::new(),
+            "nothing made, nothing to flush"
+        );
+        let id = esp.join("layerboot/abcdefabcdef");
+        assert_eq!(create_dirs(&id).unwrap(), [esp.clone(), esp.join("layerboot"), id]);
+    }
+
+    const MOUNTINFO: &str = "\
+22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
+40 22 0:35 / /mnt rw,relatime shared:20 - btrfs /dev/vdb rw,subvolid=5,subvol=/
+41 40 0:35 /@docker /mnt/docker rw,relatime shared:21 - btrfs /dev/vdb rw,subvolid=256,subvol=/@docker
+42 22 0:40 / /tmp rw,nosuid shared:22 - tmpfs tmpfs rw
+43 22 254:2 /srv/my\\040store /media/my\\040disk rw shared:23 - xfs /dev/vdc rw
+";
+
+    #[test]
+    fn docker_path_is_where_the_store_lies_on_its_partition() {
+        let p = |s: &str| docker_path_in(MOUNTINFO, Path::new(s));
+        assert_eq!(p("/mnt/var/lib/docker").unwrap(), "var/lib/docker");
+        assert_eq!(
+            p("/mnt/docker").unwrap(),
+            "@docker",
+            "a mounted subvolume: its path from the top level"
+        );
+        assert_eq!(p("/mnt/docker/engine").unwrap(), "@docker/engine");
+        assert_eq!(p("/mnt").unwrap(), "/", "the partition's top level itself");
+        assert_eq!(p("/var/lib/docker").unwrap(), "var/lib/docker");
+        assert!(p("/media/my disk/x")
+            .unwrap_err()
+            .contains("cannot be a kernel argument"));
+        let e = p("/tmp/docker").unwrap_err();
+        assert!(e.contains("tmpfs"), "{e}");
+        let e = docker_path_of(Path::new("/"), Some("subvol=@rw,compress=zstd"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--docker-path") && e.contains("fix:"), "{e}");
+    }
+
+    fn deployment(image: char, version: u64, assessment: Option<Assessment>) -> Deployment {
+        let image_id = format!("sha256:{}", image.to_string().repeat(64));
+        Deployment {
+            dir: PathBuf::from("/esp/layerboot").join(&image_id[7..19]),
+            record: Record {
+                reference: format!("img:{image}"),
+                image_id,
+                kernel: "6.1.0".into(),
+                serial: version,
+                created: 0,
+                store: "/s".into(),
+                namespace: None,
+                options: String::new(),
+                initramfs_args: vec![],
+                tries: 3,
+                loader: "systemd-boot".into(),
+                files: None,
+            },
+            entry: None,
+            stale_entries: Vec::new(),
+            assessment,
+            version,
+        }
+    }
+
+    #[test]
+    fn gc_removes_unfinished_deployments_first_and_keeps_the_fallbacks() {
+        let trying = Some(Assessment::Trying { left: 3, done: 0 });
+        // In list's order: the default first, unfinished last.
+        let all = [
+            deployment('c', 3, trying),
+            deployment('b', 2, Some(Assessment::Good)),
+            deployment('a', 1, Some(Assessment::Good)),
+            deployment('d', 4, None), // a deploy cut after its record: the newest serial
+        ];
+        let names = |v: Vec<Deployment>| v.into_iter().map(|d| d.record.reference).collect::<Vec<_>>();
+        assert_eq!(names(doomed(&all, 3, None)), ["img:d"], "the three that boot are kept");
+        assert_eq!(names(doomed(&all, 2, None)), ["img:d", "img:a"]);
+        // The running one is never removed, unfinished or not.
+        let running = all[3].record.image_id.clone();
+        assert_eq!(default_of(&all).unwrap().record.reference, "img:c");
+        assert_eq!(names(doomed(&all, 3, Some(&running))), ["img:a"]);
+    }
 }

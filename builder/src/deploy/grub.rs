@@ -19,7 +19,7 @@ use layerboot_init::bootcount::Assessment;
 use layerboot_init::error::{Error, Result};
 use layerboot_init::grubenv;
 
-use super::{Deployment, Record, DEPLOYMENTS_DIR, INITRAMFS, KERNEL};
+use super::{Deployment, DEPLOYMENTS_DIR, INITRAMFS, KERNEL};
 
 pub fn env_path(esp: &Path) -> PathBuf {
     esp.join(DEPLOYMENTS_DIR).join("grubenv")
@@ -39,16 +39,17 @@ pub fn read_env(esp: &Path) -> Result<Vec<(String, String)>> {
     }
 }
 
-/// What the grubenv says of `record`; `None`: it has no variable (no menu entry).
-pub fn assessment(env: &[(String, String)], record: &Record) -> Option<Assessment> {
-    let value = grubenv::get(env, &grubenv::tries_variable(record.short_id())?)?;
+/// What the grubenv says of the deployment `name` with `tries`; `None`: it has no
+/// variable (no menu entry).
+pub fn assessment(env: &[(String, String)], name: &str, tries: u32) -> Option<Assessment> {
+    let value = grubenv::get(env, &grubenv::tries_variable(name)?)?;
     Some(match value {
         "good" => Assessment::Good,
-        "0" => Assessment::Bad { done: record.tries },
+        "0" => Assessment::Bad { done: tries },
         n => match n.parse::<u32>() {
             Ok(left) => Assessment::Trying {
                 left,
-                done: record.tries.saturating_sub(left),
+                done: tries.saturating_sub(left),
             },
             Err(_) => Assessment::Bad { done: 0 },
         },
@@ -64,6 +65,22 @@ pub fn value(a: Assessment) -> String {
     }
 }
 
+/// `word` as GRUB's lexer reads it back (grub-core/script/yylex.l): bare when it holds
+/// only characters that are never special to it (no `|&<>;$` metacharacter, quote,
+/// blank, brace, `#` or wildcard), else in single quotes, inside which every character
+/// is itself (a quote itself is closed, escaped and reopened: `'\''`).
+pub fn quote(word: &str) -> String {
+    let bare = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@+%".contains(c));
+    if bare {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
 /// The snippet for `deployments` (GRUB's only), newest first.
 pub fn snippet(deployments: &[&Deployment]) -> String {
     let mut ds: Vec<&&Deployment> = deployments.iter().filter(|d| d.is_grub()).collect();
@@ -75,7 +92,7 @@ pub fn snippet(deployments: &[&Deployment]) -> String {
          load_env -f {env}\nset lb_default=\"\"\n"
     );
     for d in &ds {
-        let id = d.record.short_id();
+        let id = d.name();
         s += &format!(
             "if [ -z \"${{lb_default}}\" -a -n \"${{lb_{id}}}\" -a \"${{lb_{id}}}\" != \"0\" ]; then set lb_default=layerboot-{id}; fi\n"
         );
@@ -83,7 +100,7 @@ pub fn snippet(deployments: &[&Deployment]) -> String {
     s += "if [ -n \"${lb_default}\" ]; then set default=\"${lb_default}\"; fi\n";
     for d in &ds {
         let r = &d.record;
-        let id = r.short_id();
+        let id = d.name();
         let var = format!("lb_{id}");
         // Inside single quotes, on one line: no quote and no control character.
         let title: String = format!("layerboot: {} ({id}, kernel {})", r.reference, r.kernel)
@@ -104,9 +121,11 @@ pub fn snippet(deployments: &[&Deployment]) -> String {
         if !first {
             s += "\tfi\n";
         }
+        // Each kernel argument one word, whatever GRUB's lexer would make of it bare.
+        let options: Vec<String> = r.options.split(' ').filter(|a| !a.is_empty()).map(quote).collect();
         s += &format!(
             "\tlinux /{DEPLOYMENTS_DIR}/{id}/{KERNEL} {}\n\tinitrd /{DEPLOYMENTS_DIR}/{id}/{INITRAMFS}\n}}\n",
-            r.options
+            options.join(" ")
         );
     }
     s
@@ -115,6 +134,7 @@ pub fn snippet(deployments: &[&Deployment]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::deploy::Record;
 
     fn deployment(id: char, serial: u64, tries: u32) -> Deployment {
         let image_id = format!("sha256:{}", id.to_string().repeat(64));
@@ -131,8 +151,9 @@ mod tests {
                 initramfs_args: vec![],
                 tries,
                 loader: "grub".into(),
+                files: None,
             },
-            dir: PathBuf::from("/esp/layerboot/x"),
+            dir: PathBuf::from("/esp/layerboot").join(id.to_string().repeat(12)),
             entry: None,
             stale_entries: Vec::new(),
             assessment: None,
@@ -144,6 +165,7 @@ mod tests {
     fn the_snippet_picks_the_newest_with_tries_and_counts_in_the_entry() {
         let (old, new) = (deployment('a', 1, 0), deployment('b', 2, 3));
         let s = snippet(&[&old, &new]);
+        grub_script_check(&s);
         let b = s.find("lb_default=layerboot-bbbbbbbbbbbb").unwrap();
         let a = s.find("lb_default=layerboot-aaaaaaaaaaaa").unwrap();
         assert!(b < a, "newest first:\n{s}");
@@ -177,20 +199,92 @@ mod tests {
         assert!(r.check("../../../EFI").is_err());
     }
 
+    /// `grub-script-check` (grub-common) accepts `snippet`, as GRUB's own parser would.
+    pub(crate) fn grub_script_check(snippet: &str) {
+        use std::io::Write;
+        let mut child = std::process::Command::new("grub-script-check")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("grub-script-check runs (fix: apt-get install grub-common)");
+        child.stdin.take().unwrap().write_all(snippet.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "grub-script-check refused it: {}{}\n{snippet}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The words of one line of GRUB script as GRUB's lexer reads them (yylex.l): blanks
+    /// split words, `'…'` is literal, `\\x` is `x`; an unquoted metacharacter is no word.
+    fn grub_words(line: &str) -> Vec<String> {
+        let (mut words, mut word, mut in_word) = (Vec::new(), String::new(), false);
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                ' ' | '\t' => {
+                    if in_word {
+                        words.push(std::mem::take(&mut word));
+                    }
+                    in_word = false;
+                    continue;
+                }
+                '\'' => word.extend(chars.by_ref().take_while(|&c| c != '\'')),
+                '\\' => word.push(chars.next().unwrap()),
+                '|' | '&' | '<' | '>' | ';' | '$' | '{' | '}' | '"' | '*' | '?' | '[' | '#' => {
+                    panic!("{c:?} unquoted in {line}")
+                }
+                c => word.push(c),
+            }
+            in_word = true;
+        }
+        if in_word {
+            words.push(word);
+        }
+        words
+    }
+
+    #[test]
+    fn every_kernel_argument_reaches_grubs_linux_command_as_it_is() {
+        let mut d = deployment('a', 1, 3);
+        let args = [
+            "root=LABEL=s",
+            "rw",
+            "a|b",
+            "x&y",
+            "in<out>",
+            "glob=*?[ab]",
+            "#hash",
+            "~user",
+            "docker_image=sha256:aaaa",
+        ];
+        d.record.options = args.join(" ");
+        assert_eq!(d.record.check("aaaaaaaaaaaa"), Ok(()), "none of these needs refusing");
+        let s = snippet(&[&d]);
+        grub_script_check(&s);
+        let line = s.lines().find(|l| l.trim_start().starts_with("linux ")).unwrap();
+        let words = grub_words(line.trim_start());
+        assert_eq!(words[..2], ["linux", "/layerboot/aaaaaaaaaaaa/vmlinuz"]);
+        assert_eq!(words[2..], args, "{line}");
+    }
+
     #[test]
     fn the_grubenv_states_read_back() {
-        let r = deployment('a', 1, 3).record;
+        let r = |env: &[(String, String)]| assessment(env, "aaaaaaaaaaaa", 3);
         let env = |v: &str| vec![("lb_aaaaaaaaaaaa".to_string(), v.to_string())];
-        assert_eq!(assessment(&env("good"), &r), Some(Assessment::Good));
-        assert_eq!(assessment(&env("2"), &r), Some(Assessment::Trying { left: 2, done: 1 }));
-        assert_eq!(assessment(&env("0"), &r), Some(Assessment::Bad { done: 3 }));
-        assert_eq!(assessment(&[], &r), None);
+        assert_eq!(r(&env("good")), Some(Assessment::Good));
+        assert_eq!(r(&env("2")), Some(Assessment::Trying { left: 2, done: 1 }));
+        assert_eq!(r(&env("0")), Some(Assessment::Bad { done: 3 }));
+        assert_eq!(r(&[]), None);
         for a in [
             Assessment::Good,
             Assessment::Trying { left: 2, done: 1 },
             Assessment::Bad { done: 3 },
         ] {
-            assert_eq!(assessment(&env(&value(a)), &r), Some(a));
+            assert_eq!(r(&env(&value(a))), Some(a));
         }
     }
 }
