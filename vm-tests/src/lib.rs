@@ -220,6 +220,31 @@ pub fn write_toplayer(dir: &Path, hostname: &str) {
     w("usr/local/sbin/layerboot-report", REPORT, 0o755);
 }
 
+/// The report of the top layer `top` (which powers off) waits for the bless unit.
+pub fn report_after_bless(top: &Path) {
+    let dropin = top.join("etc/systemd/system/layerboot-report.service.d");
+    fs::create_dir_all(&dropin).unwrap();
+    fs::write(
+        dropin.join("after-bless.conf"),
+        "[Unit]\nAfter=layerboot-bless.service\n",
+    )
+    .unwrap();
+}
+
+/// A fixture image's full ID (`sha256:…`), by its name in `images.env` (`DEMO_ID`, …).
+pub fn image_id(key: &str) -> String {
+    let env = fs::read_to_string(fixtures().join("images.env")).unwrap();
+    env.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in images.env"))
+        .to_string()
+}
+
+/// Its first 12 hex digits, as deployments are named.
+pub fn image_id12(key: &str) -> String {
+    image_id(key)[7..19].to_string()
+}
+
 const REPORT: &str = r#"#!/bin/sh
 # Prints what booted, for the VM tests, then leaves a marker to see if it survives a boot.
 # The report goes out in one write, so a login prompt printed at the same moment cannot

@@ -1330,14 +1330,7 @@ fn falls_back_from_a_failing_deployment(loader: vm_tests::disk::Loader) {
     {
         let m = LoopMount::new(&store, &dir.join("mnt"), false);
         write_toplayer(&m.0.join("toplayer"), "vm-deploy");
-        // The report (which powers off) waits for the blessing.
-        let dropin = m.0.join("toplayer/etc/systemd/system/layerboot-report.service.d");
-        fs::create_dir_all(&dropin).unwrap();
-        fs::write(
-            dropin.join("after-bless.conf"),
-            "[Unit]\nAfter=layerboot-bless.service\n",
-        )
-        .unwrap();
+        report_after_bless(&m.0.join("toplayer"));
     }
     let esp = dir.join("esp");
     fs::create_dir_all(&esp).unwrap();
@@ -1388,14 +1381,7 @@ fn falls_back_from_a_failing_deployment(loader: vm_tests::disk::Loader) {
     }
     let r = report(&consoles[2]);
     common_checks(&r, "vm-deploy", "latest");
-    let env = fs::read_to_string(fixtures().join("images.env")).unwrap();
-    let full = |k: &str| {
-        env.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .unwrap()
-            .to_string()
-    };
-    let (v1, v2) = (full("DEMO_ID"), full("DEMO_V2_ID"));
+    let (v1, v2) = (image_id("DEMO_ID"), image_id("DEMO_V2_ID"));
     let (id1, id2) = (&v1[7..19], &v2[7..19]);
     assert!(
         r["cmdline"].contains(&format!("docker_image={v1}")),
@@ -1584,9 +1570,7 @@ fn a_machine_deploys_rolls_back_and_survives_a_deploy_cut_by_a_power_loss() {
     gpt_disk_with_esp_tree(&disk, &store, &esp, vm_tests::disk::Loader::SystemdBoot);
     fs::remove_file(&store).unwrap();
 
-    let env = fs::read_to_string(fixtures().join("images.env")).unwrap();
-    let id = |k: &str| env.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap()[7..19].to_string();
-    let (id1, id2) = (id("DEMO_ID"), id("DEMO_V2_ID"));
+    let (id1, id2) = (image_id12("DEMO_ID"), image_id12("DEMO_V2_ID"));
     let boot = |n: u32| {
         let console = Qemu {
             timeout: Duration::from_secs(900),
