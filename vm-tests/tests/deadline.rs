@@ -221,7 +221,7 @@ fn a_deployment_stuck_in_emergency_mode_reboots_and_falls_back() {
     deploy(
         "layerboot/demo:v2",
         "/toplayer-bad",
-        "console=ttyS0 layerboot.rescue_timeout=0 layerboot.bless_timeout=100",
+        "console=ttyS0 layerboot.rescue_timeout=0 layerboot.bless_timeout=150",
     );
     let disk = dir.join("disk.img");
     gpt_disk_with_esp_tree(&disk, &store, &esp, Loader::SystemdBoot);
@@ -249,7 +249,7 @@ fn a_deployment_stuck_in_emergency_mode_reboots_and_falls_back() {
         tail(&stuck, 40)
     );
     assert!(
-        stuck.contains("not blessed within layerboot.bless_timeout=100: rebooting"),
+        stuck.contains("not blessed within layerboot.bless_timeout=150: rebooting"),
         "{}",
         tail(&stuck, 40)
     );
