@@ -209,28 +209,33 @@ fn deploy_bless_fall_back_redeploy_and_roll_back() {
 }
 
 #[test]
-fn a_deploy_cut_after_any_step_leaves_the_previous_default_booting() {
+fn a_deploy_cut_after_any_step_leaves_the_previous_default_booting_and_the_next_deploy_finishes_it() {
     let t = tempfile::tempdir().unwrap();
     let base = t.path().join("base");
     fs::create_dir(&base).unwrap();
     deploy(&base, "layerboot/demo", &["--tries", "0"]);
-    let v1 = image_id("DEMO_ID");
+    let (v1, v2) = (image_id("DEMO_ID"), image_id("DEMO_V2_ID"));
     let init = Path::new(env!("CARGO_BIN_EXE_layerboot")).with_file_name("layerboot-init");
-    let mut k = 0;
-    loop {
-        let esp = t.path().join(format!("esp{k}"));
+    let copy = |from: &Path, to: &Path| {
         assert!(Command::new("cp")
             .arg("-a")
-            .arg(&base)
-            .arg(&esp)
+            .arg(from)
+            .arg(to)
             .status()
             .unwrap()
             .success());
+    };
+    let mut k = 0;
+    loop {
+        let esp = t.path().join(format!("esp{k}"));
+        copy(&base, &esp);
         let s = docker_store();
         let argv = [
             "layerboot/demo:v2",
             "--root",
             "LABEL=store",
+            "--options",
+            "console=ttyS0",
             "--init",
             init.to_str().unwrap(),
         ];
@@ -242,29 +247,166 @@ fn a_deploy_cut_after_any_step_leaves_the_previous_default_booting() {
         }
         let all = list(&esp).unwrap();
         let default = default_of(&all).unwrap();
-        if k < total {
-            assert_eq!(default.record.image_id, v1, "cut after {k} of {total} steps");
-        } else {
+        if k == total {
             assert_eq!(default.record.reference, "layerboot/demo:v2");
-            // Every file the entry names is there.
-            let text = fs::read_to_string(&default.entry.as_ref().unwrap().0).unwrap();
-            for l in text
-                .lines()
-                .filter(|l| l.starts_with("linux ") || l.starts_with("initrd "))
-            {
-                let p = esp.join(l.split_once(' ').unwrap().1.trim_start_matches('/'));
-                assert!(p.is_file(), "{}", p.display());
-            }
+            assert_entry_files_are_there(&esp, default);
             break;
         }
+        assert_eq!(default.record.image_id, v1, "cut after {k} of {total} steps");
         // No temporary file is left behind by a finished step.
         let leftovers: Vec<_> = walk(&esp)
             .into_iter()
             .filter(|p| Path::new(p).file_name().unwrap().to_string_lossy().contains(".tmp"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+        let booted = t.path().join("booted.json");
+        booted_json(&booted, &v1);
+        let recorded = esp.join("layerboot").join(&v2[7..19]).join("deployment.json").is_file();
+        if recorded {
+            // Its record, no entry: a deploy was cut there, and status says so.
+            let st = status(&esp, &s, &booted);
+            assert_eq!(st.len(), 2, "cut after {k}: {st:?}");
+            assert_eq!(
+                st[1].1, "unfinished (a deploy was cut): the next deploy finishes it, or gc removes it",
+                "cut after {k}"
+            );
+            // gc removes it first, and keeps the one that boots.
+            let gone = t.path().join(format!("gc{k}"));
+            copy(&esp, &gone);
+            let said = ok(layerboot(&[
+                "gc",
+                "--esp",
+                gone.to_str().unwrap(),
+                "--booted",
+                booted.to_str().unwrap(),
+            ]));
+            assert!(said.contains(&format!("removed deployment {}", &v2[7..19])), "{said}");
+            assert!(!gone.join("layerboot").join(&v2[7..19]).exists());
+            assert_eq!(status(&gone, &s, &booted).len(), 1);
+        }
+        // The next deploy of that image finishes (or redoes) what the cut one left.
+        let said = deploy(&esp, "layerboot/demo:v2", &[]);
+        assert!(
+            said.contains(&format!("deployed layerboot/demo:v2 as {}", &v2[7..19])),
+            "cut after {k}: {said}"
+        );
+        let all = list(&esp).unwrap();
+        assert_eq!(all.len(), 2, "cut after {k}");
+        let default = default_of(&all).unwrap();
+        assert_eq!(default.record.image_id, v2, "cut after {k}");
+        assert_eq!(default.state(), "trying, 3 tries left", "cut after {k}");
+        assert_entry_files_are_there(&esp, default);
+        assert_eq!(entries(&esp).len(), 2, "cut after {k}: {:?}", entries(&esp));
         k += 1;
     }
+}
+
+/// Every file the deployment's entry names is on the ESP, as its record says.
+fn assert_entry_files_are_there(esp: &Path, d: &layerboot::deploy::Deployment) {
+    let text = fs::read_to_string(&d.entry.as_ref().unwrap().0).unwrap();
+    for l in text
+        .lines()
+        .filter(|l| l.starts_with("linux ") || l.starts_with("initrd "))
+    {
+        let p = esp.join(l.split_once(' ').unwrap().1.trim_start_matches('/'));
+        assert!(p.is_file(), "{}", p.display());
+    }
+    if let Some(files) = &d.record.files {
+        files.check(&d.dir).unwrap();
+    }
+}
+
+#[test]
+fn a_cut_deploys_files_that_are_not_as_recorded_are_written_again() {
+    let (_t, esp, _booted, s) = machine();
+    deploy(&esp, "layerboot/demo", &["--tries", "0"]);
+    let v2 = image_id("DEMO_V2_ID");
+    let dir = esp.join("layerboot").join(&v2[7..19]);
+    let init = Path::new(env!("CARGO_BIN_EXE_layerboot")).with_file_name("layerboot-init");
+    let argv = [
+        "layerboot/demo:v2",
+        "--root",
+        "LABEL=store",
+        "--init",
+        init.to_str().unwrap(),
+    ];
+    let args = DeployArgs::from_args(&["layerboot", "deploy"], &argv).unwrap();
+    // Cut after its record (every step but the entry), then each kind of damage.
+    let cut = |esp: &Path| {
+        let plan = plan_deploy(&args, esp, Path::new(&s), None, false).unwrap();
+        let n = plan.steps.len();
+        for step in &plan.steps[..n - 1] {
+            step.run().unwrap();
+        }
+    };
+    let damages: [(&str, &dyn Fn()); 3] = [
+        ("a short initramfs", &|| {
+            let p = dir.join("initramfs.img");
+            let data = fs::read(&p).unwrap();
+            fs::write(&p, &data[..data.len() / 2]).unwrap();
+        }),
+        ("another kernel of the same size", &|| {
+            let p = dir.join("vmlinuz");
+            let mut data = fs::read(&p).unwrap();
+            let last = data.len() - 1;
+            data[last] ^= 0xff;
+            fs::write(&p, data).unwrap();
+        }),
+        ("a record from before sizes and digests", &|| {
+            let p = dir.join("deployment.json");
+            let mut r: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+            r.as_object_mut()
+                .unwrap()
+                .remove("files")
+                .expect("deploy records its files");
+            fs::write(&p, r.to_string()).unwrap();
+        }),
+    ];
+    for (what, damage) in damages {
+        cut(&esp);
+        damage();
+        let out = layerboot(&[
+            "deploy",
+            "layerboot/demo:v2",
+            "--esp",
+            esp.to_str().unwrap(),
+            "--store",
+            &s,
+            "--root",
+            "LABEL=store",
+        ]);
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        ok(out);
+        assert!(
+            said.contains("was cut") && said.contains("written again"),
+            "{what}: {said}"
+        );
+        let all = list(&esp).unwrap();
+        let d = default_of(&all).unwrap();
+        assert_eq!(d.record.image_id, v2, "{what}");
+        d.record.files.as_ref().expect("recorded again").check(&d.dir).unwrap();
+        assert_entry_files_are_there(&esp, d);
+        // Back to a cut state for the next damage.
+        fs::remove_file(&d.entry.as_ref().unwrap().0).unwrap();
+    }
+}
+
+/// `grub-script-check` (grub-common) accepts the snippet, as GRUB's own parser would.
+fn grub_script_check(snippet: &str) {
+    use std::io::Write;
+    let mut child = Command::new("grub-script-check")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("grub-script-check runs (fix: apt-get install grub-common)");
+    child.stdin.take().unwrap().write_all(snippet.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "grub-script-check refused it: {}\n{snippet}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn walk(dir: &Path) -> Vec<String> {
@@ -347,7 +489,7 @@ fn gc_keeps_the_newest_the_running_and_the_newest_good_and_unpins_the_default() 
         fs::write(
             esp.join("loader/entries")
                 .join(format!("layerboot-000000-{}.conf", &id[7..19])),
-            "title old\nsort-key layerboot\nversion 000000\n",
+            format!("# written by layerboot deploy for {id}\ntitle old\nsort-key layerboot\nversion 000000\n"),
         )
         .unwrap();
     }
@@ -458,6 +600,14 @@ fn deploy_needs_its_machine_named_off_a_layerboot_boot() {
         err(layerboot(&[&base[..], more].concat()))
     };
     assert!(deploy(&[]).contains("--esp is needed"));
+    // Tries are bounded (GRUB's snippet has a line per try), first of all.
+    for tries in ["17", "200000"] {
+        let e = deploy(&["--esp", esp, "--store", &s, "--root", "LABEL=store", "--tries", tries]);
+        assert!(
+            e.contains(&format!("--tries {tries}")) && e.contains("16") && e.contains("fix:"),
+            "{e}"
+        );
+    }
     assert!(deploy(&["--esp", esp]).contains("--store is needed"));
     assert!(deploy(&["--esp", esp, "--store", &s]).contains("--root is needed"));
     // Nothing that could end a boot loader's line or entry gets into one.
@@ -518,6 +668,7 @@ fn grub_deployments_count_in_their_grubenv_and_fall_back_in_the_snippet() {
         ]
     );
     let snippet = fs::read_to_string(esp.join("layerboot/grub.cfg")).unwrap();
+    grub_script_check(&snippet);
     let first = snippet.find(&format!("lb_default=layerboot-{id2}")).unwrap();
     assert!(
         first < snippet.find(&format!("lb_default=layerboot-{id1}")).unwrap(),
@@ -564,6 +715,7 @@ fn grub_deployments_count_in_their_grubenv_and_fall_back_in_the_snippet() {
     let said = ok(on_machine("rollback", &esp, &booted));
     assert!(said.contains(&format!("{id1} (layerboot/demo) boots next")), "{said}");
     let snippet = fs::read_to_string(esp.join("layerboot/grub.cfg")).unwrap();
+    grub_script_check(&snippet);
     assert!(
         snippet.find(&format!("lb_default=layerboot-{id1}")).unwrap()
             < snippet.find(&format!("lb_default=layerboot-{id2}")).unwrap(),
@@ -659,4 +811,189 @@ fn an_entry_left_twice_by_a_cut_counts_once_and_goes_with_the_next_change() {
     deploy(&esp, "layerboot/demo", &[]);
     let names = entries(&esp);
     assert_eq!(names.iter().filter(|n| n.contains(id1)).count(), 1, "{names:?}");
+}
+
+#[test]
+fn one_bad_file_on_the_esp_stops_no_command_and_a_hand_written_entry_stays() {
+    let (_t, esp, booted, s) = machine();
+    let (v1, v2) = (image_id("DEMO_ID"), image_id("DEMO_V2_ID"));
+    let (id1, id2) = (&v1[7..19], &v2[7..19]);
+    deploy(&esp, "layerboot/demo", &["--tries", "0"]);
+    let dir = esp.join("loader/entries");
+    // What a damaged FAT or a person may leave: a directory named as an entry, an entry
+    // that is not UTF-8, and an entry written by hand for debugging, from layerboot's.
+    fs::create_dir(dir.join(format!("layerboot-000090-{id2}.conf"))).unwrap();
+    fs::write(dir.join(format!("layerboot-000091-{id1}+2.conf")), b"title \xff\xfe\n").unwrap();
+    let own = fs::read_to_string(dir.join(format!("layerboot-000001-{id1}.conf"))).unwrap();
+    let debug = dir.join(format!("layerboot-debug-{id1}.conf"));
+    fs::write(
+        &debug,
+        own.replace("version 000001", "version 000099") + "# init=/bin/sh\n",
+    )
+    .unwrap();
+    booted_json(&booted, &v1);
+
+    let st = status(&esp, &s, &booted);
+    assert_eq!(st, [("layerboot/demo".into(), "good".into(), true, true)]);
+    let out = layerboot(&[
+        "status",
+        "--esp",
+        esp.to_str().unwrap(),
+        "--booted",
+        booted.to_str().unwrap(),
+    ]);
+    let note = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(
+        note.contains("not a readable boot entry") && note.contains("000090"),
+        "{note}"
+    );
+    deploy(&esp, "layerboot/demo:v2", &[]);
+    ok(layerboot(&[
+        "bless",
+        "--esp",
+        esp.to_str().unwrap(),
+        "--booted",
+        booted.to_str().unwrap(),
+    ]));
+    ok(on_machine("rollback", &esp, &booted));
+    assert_eq!(status(&esp, &s, &booted)[0].0, "layerboot/demo");
+    deploy(&esp, "layerboot/demo:v2", &[]);
+    ok(layerboot(&[
+        "upgrade",
+        "--esp",
+        esp.to_str().unwrap(),
+        "--store",
+        &s,
+        "--booted",
+        booted.to_str().unwrap(),
+    ]));
+    ok(layerboot(&[
+        "gc",
+        "--keep-deployments",
+        "1",
+        "--esp",
+        esp.to_str().unwrap(),
+        "--booted",
+        booted.to_str().unwrap(),
+    ]));
+    assert!(
+        debug.is_file(),
+        "a hand-written entry is never layerboot's: {:?}",
+        entries(&esp)
+    );
+    assert!(
+        fs::read_to_string(&debug).unwrap().contains("version 000099"),
+        "and never rewritten"
+    );
+    // The deployment it copied is still the machine's own, with one entry.
+    let names = entries(&esp);
+    let own: Vec<_> = names
+        .iter()
+        .filter(|n| n.starts_with("layerboot-0") && n.contains(id1) && !n.contains("000091"))
+        .collect();
+    assert_eq!(own.len(), 1, "{names:?}");
+}
+
+#[test]
+fn two_images_with_the_same_first_12_digits_get_two_deployments() {
+    let (_t, esp, booted, s) = machine();
+    let v2 = image_id("DEMO_V2_ID");
+    let id2 = &v2[7..19];
+    deploy(&esp, "layerboot/demo", &["--tries", "0"]);
+    // Another image whose ID starts with the same 12 digits holds ESP/layerboot/<id12>,
+    // as its deploy left it (record, files, entry).
+    let v1 = image_id("DEMO_ID");
+    let twin = format!("sha256:{id2}{}", "0".repeat(52));
+    assert_ne!(twin, v2);
+    let twin_dir = esp.join("layerboot").join(id2);
+    fs::create_dir_all(&twin_dir).unwrap();
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&fs::read(esp.join("layerboot").join(&v1[7..19]).join("deployment.json")).unwrap())
+            .unwrap();
+    record["image_id"] = twin.clone().into();
+    record["reference"] = "twin".into();
+    record["serial"] = 5.into();
+    record["options"] = format!("root=LABEL=store rw docker_image={twin}").into();
+    record.as_object_mut().unwrap().remove("files");
+    fs::write(twin_dir.join("deployment.json"), record.to_string()).unwrap();
+    fs::write(twin_dir.join("vmlinuz"), "twin's kernel").unwrap();
+    fs::write(
+        esp.join("loader/entries").join(format!("layerboot-000005-{id2}.conf")),
+        format!(
+            "# written by layerboot deploy for {twin}\ntitle twin\nsort-key layerboot\nversion 000005\n\
+             linux /layerboot/{id2}/vmlinuz\noptions root=LABEL=store docker_image={twin}\n"
+        ),
+    )
+    .unwrap();
+    booted_json(&booted, &v1);
+    assert_eq!(status(&esp, &s, &booted).len(), 2);
+
+    let said = deploy(&esp, "layerboot/demo:v2", &["--keep-deployments", "5"]);
+    let long = &v2[7..23];
+    assert!(said.contains(&format!("as {long}")), "{said}");
+    assert_eq!(
+        fs::read_to_string(twin_dir.join("vmlinuz")).unwrap(),
+        "twin's kernel",
+        "the twin is untouched"
+    );
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&fs::read(twin_dir.join("deployment.json")).unwrap()).unwrap()
+            ["image_id"],
+        twin.as_str()
+    );
+    let st = status(&esp, &s, &booted);
+    let refs: Vec<&str> = st.iter().map(|d| d.0.as_str()).collect();
+    assert_eq!(refs, ["layerboot/demo:v2", "twin", "layerboot/demo"]);
+    let entry = entries(&esp)
+        .into_iter()
+        .find(|n| n.contains(long))
+        .expect("its own entry");
+    let text = fs::read_to_string(esp.join("loader/entries").join(entry)).unwrap();
+    assert!(text.contains(&format!("linux /layerboot/{long}/vmlinuz")), "{text}");
+    // Deploying it again finds it under its long name.
+    let said = deploy(&esp, "layerboot/demo:v2", &["--keep-deployments", "5"]);
+    assert!(said.contains("already deployed"), "{said}");
+}
+
+#[test]
+fn a_store_named_on_the_command_line_gets_its_docker_path_from_its_mount() {
+    let (t, esp, _booted, _s) = machine();
+    // The store's partition mounted at its var/lib, as /mnt/docker would be.
+    let mnt = t.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let lib = fixtures().join("mnt/overlay2/var/lib");
+    assert!(Command::new("mount")
+        .arg("--bind")
+        .arg(&lib)
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success());
+    let store = mnt.join("docker");
+    let run = |extra: &[&str]| {
+        let mut a = vec![
+            "deploy",
+            "layerboot/demo",
+            "--esp",
+            esp.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "--root",
+            "LABEL=store",
+        ];
+        a.extend(extra);
+        layerboot(&a)
+    };
+    let refused = run(&["--rootflags", "subvol=@"]);
+    let done = run(&[]);
+    let _ = Command::new("umount").arg(&mnt).status();
+    let e = err(refused);
+    assert!(
+        e.contains("docker_path") && e.contains("--docker-path") && e.contains("fix:"),
+        "{e}"
+    );
+    ok(done);
+    let entry = fs::read_to_string(esp.join("loader/entries").join(&entries(&esp)[0])).unwrap();
+    assert!(entry.contains(" docker_path=var/lib/docker "), "{entry}");
 }
