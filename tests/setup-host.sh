@@ -6,6 +6,7 @@ pkgs=(
   debootstrap docker.io podman containerd btrfs-progs e2fsprogs dosfstools mtools jq  # the fixture stores
   qemu-system-x86 qemu-utils ovmf                              # the VM boot tests
   file zstd cpio kmod fdisk attr xz-utils gzip busybox-static  # busybox: the rescue-shell test
+  strace                                                       # the deploy test that sees its fsyncs
   shellcheck dracut-core                                       # the distro hooks (hooks/)
   grub-common                                                  # grub-script-check: the GRUB snippets deploy writes
   lintian makepkg libarchive-tools                             # the packages (packaging/)

@@ -997,3 +997,41 @@ fn a_store_named_on_the_command_line_gets_its_docker_path_from_its_mount() {
     let entry = fs::read_to_string(esp.join("loader/entries").join(&entries(&esp)[0])).unwrap();
     assert!(entry.contains(" docker_path=var/lib/docker "), "{entry}");
 }
+
+#[test]
+fn every_directory_a_deploy_makes_on_the_esp_is_flushed_with_its_parent() {
+    let (t, esp, _booted, s) = machine();
+    let v1 = image_id("DEMO_ID");
+    let trace = t.path().join("trace");
+    let out = Command::new("strace")
+        .args(["-f", "-y", "-e", "trace=fsync,fdatasync", "-o"])
+        .arg(&trace)
+        .arg(env!("CARGO_BIN_EXE_layerboot"))
+        .args([
+            "deploy",
+            "layerboot/demo",
+            "--esp",
+            esp.to_str().unwrap(),
+            "--store",
+            &s,
+        ])
+        .args(["--root", "LABEL=store"])
+        .output()
+        .expect("strace runs (fix: apt-get install strace)");
+    ok(out);
+    let trace = fs::read_to_string(trace).unwrap();
+    // On FAT a new directory's long name lies in its parent: each parent is flushed.
+    for dir in [
+        esp.clone(),
+        esp.join("layerboot"),
+        esp.join("layerboot").join(&v1[7..19]),
+        esp.join("loader"),
+        esp.join("loader/entries"),
+    ] {
+        assert!(
+            trace.contains(&format!("<{}>)", dir.display())),
+            "{} is never flushed:\n{trace}",
+            dir.display()
+        );
+    }
+}
