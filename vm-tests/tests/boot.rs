@@ -1496,6 +1496,13 @@ const GUEST_DEPLOY: &str = r#"#!/bin/sh
 count=/run/layerboot/store/layerboot-test-boots
 n=$(( $(cat $count 2>/dev/null || echo 0) + 1 ))
 echo $n > $count
+if [ "$n" = 1 ]; then
+  # This boot's report now (its own sync comes before the deploy): the power is cut as
+  # soon as the deploy returns, with no periodic writeback, so only what the deploy
+  # flushed itself is on the ESP (its FAT directories' long names included).
+  /usr/local/sbin/layerboot-report
+  echo 0 > /proc/sys/vm/dirty_writeback_centisecs
+fi
 sync
 case "$n" in
 1|3) out=$(layerboot deploy layerboot/demo:v2 2>&1) ;;
@@ -1507,6 +1514,10 @@ out="$out
 $(layerboot status 2>&1)
 $(layerboot status --json 2>&1 | grep '"loader_entry_selected"')"
 printf '%s\n' "$out" | sed 's/^/|dp| /' > /dev/console
+if [ "$n" = 1 ]; then
+  echo "|dp| cutting the power as soon as the deploy returned" > /dev/console
+  echo b > /proc/sysrq-trigger
+fi
 if [ "$n" = 3 ]; then
   echo "|dp| cutting the power once the deploy of layerboot/demo:sysv starts writing" > /dev/console
   layerboot deploy layerboot/demo:sysv >/dev/null 2>&1 &
@@ -1517,9 +1528,31 @@ if [ "$n" = 3 ]; then
 fi
 "#;
 
+/// Adds 8.3-only files (one directory slot each) to the ESP directory `dir`, as staged on
+/// the host, until the next name written into it takes two slots straddling a sector
+/// (16 slots of 32 bytes): a deploy's new directory then has its long-name slot in one
+/// sector and its short entry in the next, and flushing only the short one's sector loses
+/// the long name.
+fn pad_so_the_next_long_name_straddles_a_sector(dir: &Path) {
+    // ".", "..", then each name: one short entry, and 13 characters a long-name slot
+    // unless it is an upper-case 8.3 name.
+    let slots = |name: &str| {
+        let short = name.len() <= 8 && name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+        1 + if short { 0 } else { name.len().div_ceil(13) }
+    };
+    let taken: usize = 2 + fs::read_dir(dir)
+        .unwrap()
+        .map(|e| slots(&e.unwrap().file_name().to_string_lossy()))
+        .sum::<usize>();
+    for k in 0..(15 + 16 - taken % 16) % 16 {
+        fs::write(dir.join(format!("PAD{k}")), "").unwrap();
+    }
+}
+
 /// The machine deploys, rolls back and redeploys by itself, with the `layerboot` of its
 /// top layer and the defaults of its own boot (store, kernel arguments, ESP); a power
-/// cut in the middle of a deploy leaves the previous default booting.
+/// cut right after a deploy returns keeps it whole, and a cut in the middle of a deploy
+/// leaves the previous default booting.
 #[test]
 fn a_machine_deploys_rolls_back_and_survives_a_deploy_cut_by_a_power_loss() {
     use vm_tests::disk::{esp_tree, gpt_disk_with_esp_tree};
@@ -1566,6 +1599,7 @@ fn a_machine_deploys_rolls_back_and_survives_a_deploy_cut_by_a_power_loss() {
     fs::create_dir_all(&esp).unwrap();
     let data_root = fixture_store("overlay2");
     deploy_from_host(&esp, "layerboot/demo", &["--options", "console=ttyS0"]);
+    pad_so_the_next_long_name_straddles_a_sector(&esp.join("layerboot"));
     let disk = dir.join("disk.img");
     gpt_disk_with_esp_tree(&disk, &store, &esp, vm_tests::disk::Loader::SystemdBoot);
     fs::remove_file(&store).unwrap();
@@ -1586,6 +1620,32 @@ fn a_machine_deploys_rolls_back_and_survives_a_deploy_cut_by_a_power_loss() {
     let (console, said) = boot(1);
     common_checks(&report(&console), "vm-self", "latest");
     assert!(said.contains(&format!("deployed layerboot/demo:v2 as {id2}")), "{said}");
+    assert!(
+        said.contains("cutting the power as soon as the deploy returned"),
+        "{said}"
+    );
+    // What the cut left on the ESP, read from the host: a clean FAT, and v2's directory
+    // under its long name with its files (its long-name slot sat in the sector before).
+    let cut = dir.join("esp-cut");
+    esp_tree(&disk, &cut);
+    let fsck = Command::new("fsck.fat")
+        .arg("-n")
+        .arg(cut.with_extension("esp.img"))
+        .output()
+        .unwrap();
+    let fsck_said = String::from_utf8_lossy(&fsck.stdout);
+    assert!(fsck.status.success(), "fsck.fat -n after the cut:\n{fsck_said}");
+    for f in ["vmlinuz", "initramfs.img", "deployment.json"] {
+        assert!(
+            cut.join("layerboot").join(&id2).join(f).is_file(),
+            "{f} of {id2} after the cut"
+        );
+    }
+    assert!(
+        cut.join(format!("loader/entries/layerboot-000002-{id2}+3.conf"))
+            .is_file(),
+        "v2's entry after the cut"
+    );
     assert!(
         said.lines()
             .any(|l| l.starts_with("> ") && l.contains("layerboot/demo:v2") && l.ends_with("trying, 3 tries left")),
@@ -1636,7 +1696,7 @@ fn a_machine_deploys_rolls_back_and_survives_a_deploy_cut_by_a_power_loss() {
         before
             .lines()
             .filter(|l| l.contains("layerboot/demo:sysv"))
-            .all(|l| l.ends_with("no entry")),
+            .all(|l| l.ends_with("the next deploy finishes it, or gc removes it")),
         "{said}"
     );
     // Redone, with one deployment kept beside the protected ones (the booted v2 and the new
