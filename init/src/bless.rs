@@ -206,13 +206,7 @@ pub fn run() -> Result<String> {
     if let Some(Counting::Grub { deployment, esp }) = Counting::of(&cmdline, false) {
         let device = device_of(&esp)?;
         let mount_point = Path::new(ESP_MOUNT);
-        mount(
-            &device,
-            mount_point,
-            "vfat",
-            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
-            "",
-        )?;
+        mount_esp(&device, mount_point, ESP_FSTYPE)?;
         let result =
             esp_lock::lock(mount_point, Some(LOCK_PATIENCE)).and_then(|_held| bless_grubenv(mount_point, &deployment));
         let _ = unmount(mount_point);
@@ -224,13 +218,8 @@ pub fn run() -> Result<String> {
         format!("LoaderBootCountPath '{loader_path}' is not an entry in /loader/entries: not touching it")
     })?;
     let uuid = loader_variable("LoaderDevicePartUUID")
-        .ok_or("the boot loader did not say which partition is the ESP (no LoaderDevicePartUUID)")?
-        .to_ascii_lowercase();
-    // A GUID, nothing else: the variable's text becomes a path.
-    if !is_guid(&uuid) {
-        return Err(format!("LoaderDevicePartUUID '{uuid}' is not a partition GUID: not touching it").into());
-    }
-    let device = PathBuf::from(format!("/dev/disk/by-partuuid/{uuid}"));
+        .ok_or("the boot loader did not say which partition is the ESP (no LoaderDevicePartUUID)")?;
+    let device = loader_device(&uuid)?;
     if !device.exists() {
         return Err(format!(
             "the ESP {} is not there (fix: check that udev runs in the image)",
@@ -239,22 +228,48 @@ pub fn run() -> Result<String> {
         .into());
     }
     let esp = Path::new(ESP_MOUNT);
-    let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
-    mount(&device, esp, "vfat", flags, "")?;
+    mount_esp(&device, esp, ESP_FSTYPE)?;
     let result = esp_lock::lock(esp, Some(LOCK_PATIENCE)).and_then(|_held| bless_at(esp, &entry));
     let _ = unmount(esp);
     result
 }
 
+/// The ESP's filesystem.
+pub const ESP_FSTYPE: &str = "vfat";
+
+/// Mounts the ESP `device` at `at` as the bless service and the `layerboot` commands do:
+/// nosuid, nodev, noexec. `fstype`: [`ESP_FSTYPE`] (a test mounts another).
+pub fn mount_esp(device: &Path, at: &Path, fstype: &str) -> Result<()> {
+    mount(
+        device,
+        at,
+        fstype,
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        "",
+    )
+}
+
 /// `8-4-4-4-12` hex digits, as systemd-boot writes LoaderDevicePartUUID.
-fn is_guid(s: &str) -> bool {
+pub fn is_guid(s: &str) -> bool {
     let groups: Vec<&str> = s.split('-').collect();
     groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
         && groups.iter().all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// The device node a spec names, through udev's links (the booted system has udev).
-fn device_of(spec: &str) -> Result<PathBuf> {
+/// The node of the partition the loader's `LoaderDevicePartUUID` names, through udev's
+/// links: a GUID, nothing else, as the variable's text becomes a path. Nothing is looked at.
+pub fn loader_device(uuid: &str) -> Result<PathBuf> {
+    let uuid = uuid.to_ascii_lowercase();
+    if !is_guid(&uuid) {
+        return Err(format!("LoaderDevicePartUUID '{uuid}' is not a partition GUID: not touching it").into());
+    }
+    Ok(PathBuf::from(format!("/dev/disk/by-partuuid/{uuid}")))
+}
+
+/// The device node a `layerboot.esp=` spec names (`LABEL=`, `UUID=`, `PARTUUID=`,
+/// `PARTLABEL=`, `/dev/…`), through udev's links; never one with `..` in it. Nothing is
+/// looked at.
+pub fn device_path(spec: &str) -> Result<PathBuf> {
     let link = |dir: &str, v: &str| PathBuf::from(format!("/dev/disk/{dir}/{v}"));
     let path = match spec.split_once('=') {
         Some(("LABEL", v)) => link("by-label", v),
@@ -270,10 +285,62 @@ fn device_of(spec: &str) -> Result<PathBuf> {
             .into())
         }
     };
-    if path.components().any(|c| c == std::path::Component::ParentDir) || !path.exists() {
+    if path.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(format!("{}={spec}: a device path with '..' in it is refused", arg::ESP).into());
+    }
+    Ok(path)
+}
+
+/// The device node a `layerboot.esp=` spec names, which must be there (the booted system
+/// has udev).
+pub fn device_of(spec: &str) -> Result<PathBuf> {
+    let path = device_path(spec)?;
+    if !path.exists() {
         return Err(format!("the ESP {spec} ({}) is not there ({}=)", path.display(), arg::ESP).into());
     }
     Ok(path)
+}
+
+/// Who named this boot's ESP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EspNamedBy {
+    /// `layerboot.esp=` on the kernel command line (a GRUB deployment's entry has it).
+    CommandLine,
+    /// The boot loader's `LoaderDevicePartUUID` (systemd-boot sets it).
+    Loader,
+}
+
+impl std::fmt::Display for EspNamedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EspNamedBy::CommandLine => write!(f, "{}= on the kernel command line", arg::ESP),
+            EspNamedBy::Loader => f.write_str("the boot loader's LoaderDevicePartUUID"),
+        }
+    }
+}
+
+/// Which device is this boot's ESP, and who named it: `layerboot.esp=` from the kernel
+/// command line (`cmdline_esp`; what the entry says, and the only word GRUB leaves), else
+/// the loader's `LoaderDevicePartUUID` (`loader_uuid`). `None` when neither names one; an
+/// error when the one that counts is malformed (never a fallback past it). Pure: nothing
+/// is looked at, so the caller checks that the node is there.
+pub fn esp_device(cmdline_esp: Option<&str>, loader_uuid: Option<&str>) -> Result<Option<(PathBuf, EspNamedBy)>> {
+    if let Some(spec) = cmdline_esp {
+        return Ok(Some((device_path(spec)?, EspNamedBy::CommandLine)));
+    }
+    match loader_uuid {
+        Some(uuid) => Ok(Some((loader_device(uuid)?, EspNamedBy::Loader))),
+        None => Ok(None),
+    }
+}
+
+/// [`esp_device`] for the running boot: its `/proc/cmdline` and the loader's variable.
+pub fn this_boots_esp() -> Result<Option<(PathBuf, EspNamedBy)>> {
+    let cmdline = parse_cmdline(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    esp_device(
+        cmdline.get(arg::ESP).map(String::as_str),
+        loader_variable("LoaderDevicePartUUID").as_deref(),
+    )
 }
 
 /// Sets the deployment's variable in layerboot's grubenv on the ESP at `esp` to `good`,
@@ -417,6 +484,64 @@ mod tests {
         ] {
             assert!(!is_guid(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_esp_is_named_by_the_command_line_then_the_loader_and_never_past_a_bad_name() {
+        let guid = "6C0AD6B0-5D1F-4A43-9F52-1A7E2B0C3D4E";
+        let by_partuuid = PathBuf::from("/dev/disk/by-partuuid/6c0ad6b0-5d1f-4a43-9f52-1a7e2b0c3d4e");
+        // Neither: nothing names it.
+        assert_eq!(esp_device(None, None).unwrap(), None);
+        // The loader's variable alone: its partition, lower-cased as udev names it.
+        assert_eq!(
+            esp_device(None, Some(guid)).unwrap(),
+            Some((by_partuuid.clone(), EspNamedBy::Loader))
+        );
+        // layerboot.esp= says which, even when the loader names one too.
+        for (spec, node) in [
+            ("LABEL=ESP", "/dev/disk/by-label/ESP"),
+            ("UUID=ABCD-1234", "/dev/disk/by-uuid/abcd-1234"),
+            (
+                "PARTUUID=6C0AD6B0-5D1F-4A43-9F52-1A7E2B0C3D4E",
+                by_partuuid.to_str().unwrap(),
+            ),
+            ("PARTLABEL=EFI system", "/dev/disk/by-partlabel/EFI system"),
+            ("/dev/vda1", "/dev/vda1"),
+        ] {
+            assert_eq!(
+                esp_device(Some(spec), Some(guid)).unwrap(),
+                Some((PathBuf::from(node), EspNamedBy::CommandLine)),
+                "{spec}"
+            );
+        }
+        // A variable that is no GUID is refused, never made a path.
+        for bad in ["../../sda", "6c0ad6b0-5d1f-4a43-9f52-1a7e2b0c3d4", "/dev/sda1", ""] {
+            let e = esp_device(None, Some(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains("LoaderDevicePartUUID") && e.contains("not a partition GUID"),
+                "{bad}: {e}"
+            );
+        }
+        // A bad layerboot.esp= is refused, not passed over for the loader's word.
+        for bad in [
+            "LABEL=../../sda",
+            "/dev/../etc/shadow",
+            "PARTLABEL=a/../../b",
+            "sda1",
+            "FOO=bar",
+        ] {
+            let e = esp_device(Some(bad), Some(guid)).unwrap_err().to_string();
+            assert!(e.contains("layerboot.esp="), "{bad}: {e}");
+        }
+        assert!(esp_device(Some("LABEL=../x"), None)
+            .unwrap_err()
+            .to_string()
+            .contains("'..'"));
+        assert_eq!(EspNamedBy::Loader.to_string(), "the boot loader's LoaderDevicePartUUID");
+        assert_eq!(
+            EspNamedBy::CommandLine.to_string(),
+            "layerboot.esp= on the kernel command line"
+        );
     }
 
     #[test]
