@@ -3,7 +3,10 @@
 //!
 //! On a machine booted by layerboot the defaults come from the boot itself: the store
 //! from `/run/layerboot/booted.json`, the kernel arguments from `/proc/cmdline` minus the
-//! one-offs, the ESP where `bootctl --print-esp-path` (or /efi, /boot/efi, /boot) has it. Elsewhere (a host with the disk
+//! one-offs, the ESP where `bootctl --print-esp-path` (or /efi, /boot/efi, /boot) has it,
+//! or, when nothing has it mounted, the one the boot came from (`layerboot.esp=` or the
+//! loader's `LoaderDevicePartUUID`, as the bless service finds it), mounted by the
+//! command for itself until it ends. Elsewhere (a host with the disk
 //! mounted, a first install) `--store`, `--esp` and `--root` are required: nothing is
 //! taken from the host's own boot.
 
@@ -24,6 +27,7 @@ use super::{
     DEPLOYMENTS_DIR, INITRAMFS, KERNEL, RECORD,
 };
 use crate::image::{write_atomically, SourceImage};
+use layerboot_init::bless::{self as bless_service, EspNamedBy};
 use layerboot_init::esp_lock;
 use layerboot_init::grubenv;
 
@@ -44,6 +48,125 @@ pub struct Machine {
     pub booted: Option<PathBuf>,
 }
 
+/// Where a command mounts the ESP when nothing has it mounted, followed by the command's
+/// PID: one directory per command, so that two at once never stack their mounts (the
+/// bless service's is `/run/layerboot/esp`). All mount the same filesystem, so its root
+/// is one inode and the ESP's `flock` (`esp_lock`) holds across them.
+const ESP_MOUNT_PREFIX: &str = "/run/layerboot/esp-cli-";
+/// What the README and the errors tell a user to keep the ESP mounted.
+const ESP_FSTAB_FIX: &str = "add the ESP to the top layer's /etc/fstab, e.g. \
+     `PARTUUID=<its GUID>  /boot/efi  vfat  umask=0077  0  2`, or pass --esp";
+
+/// The ESP a command works on, by its mount point. When the command mounted it itself,
+/// dropping this unmounts it: when the command ends, on an error too (every lock on it
+/// is dropped first, as it was taken after).
+pub struct Esp {
+    path: PathBuf,
+    mounted: bool,
+}
+
+impl Esp {
+    /// An ESP mounted already (by the system, or given with --esp).
+    fn at(path: &Path) -> Esp {
+        Esp {
+            path: path.to_path_buf(),
+            mounted: false,
+        }
+    }
+
+    /// Mounts `device` (`fstype`, nosuid, nodev, noexec) at `dir`, for as long as the
+    /// returned value lives.
+    fn mount(device: &Path, dir: &Path, fstype: &str) -> Result<Esp> {
+        bless_service::mount_esp(device, dir, fstype).inspect_err(|_| {
+            let _ = fs::remove_dir(dir);
+        })?;
+        Ok(Esp {
+            path: dir.to_path_buf(),
+            mounted: true,
+        })
+    }
+}
+
+impl std::ops::Deref for Esp {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for Esp {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Esp {
+    fn drop(&mut self) {
+        if !self.mounted {
+            return;
+        }
+        match layerboot_init::mounts::unmount(&self.path) {
+            Ok(()) => {
+                let _ = fs::remove_dir(&self.path);
+            }
+            Err(e) => eprintln!(
+                "layerboot: {e} (fix: `umount {}` once nothing uses it)",
+                self.path.display()
+            ),
+        }
+    }
+}
+
+/// Mounts the ESP this boot came from (`named`: `bless::this_boots_esp`'s answer) at
+/// `dir`, when nothing has it mounted. Returns it with the line that says so.
+pub fn mount_named_esp(
+    named: Result<Option<(PathBuf, EspNamedBy)>>,
+    dir: &Path,
+    fstype: &str,
+) -> Result<(Esp, String)> {
+    let unmounted = "the ESP is not mounted (not where bootctl, /efi, /boot/efi or /boot has it)";
+    let (device, by) = named
+        .map_err(|e| {
+            format!("{unmounted}, and the one this machine booted from cannot be told: {e} (fix: {ESP_FSTAB_FIX})")
+        })?
+        .ok_or_else(|| {
+            format!(
+                "{unmounted}, and neither {}= nor the boot loader (LoaderDevicePartUUID) names the one \
+                 this machine booted from (fix: {ESP_FSTAB_FIX})",
+                arg::ESP
+            )
+        })?;
+    if !device.exists() {
+        return Err(format!(
+            "{unmounted}, and {} (named by {by}) is not there (fix: check that udev runs; or {ESP_FSTAB_FIX})",
+            device.display()
+        )
+        .into());
+    }
+    let esp = Esp::mount(&device, dir, fstype).map_err(|e| {
+        let fix = match e.errno() {
+            Some(nix::errno::Errno::EPERM | nix::errno::Errno::EACCES) => "run as root".to_string(),
+            Some(nix::errno::Errno::ENODEV) => format!("load the kernel's {fstype} module: modprobe {fstype}"),
+            _ => ESP_FSTAB_FIX.to_string(),
+        };
+        Error::new(format!(
+            "{unmounted}, and mounting {} (named by {by}) at {} failed: {} (fix: {fix})",
+            device.display(),
+            dir.display(),
+            e.errno()
+                .map_or_else(|| e.message().to_string(), |n| n.desc().to_string())
+        ))
+        .with_errno(e.errno())
+    })?;
+    let note = format!(
+        "layerboot: the ESP was not mounted: mounted {} (named by {by}) at {} for this command \
+         (add it to /etc/fstab to keep it mounted)",
+        device.display(),
+        dir.display()
+    );
+    Ok((esp, note))
+}
+
 /// What `booted.json` says of the running boot.
 struct Booted {
     image_id: String,
@@ -62,9 +185,12 @@ impl Machine {
         })
     }
 
-    fn esp(&self) -> Result<PathBuf> {
+    /// The ESP, mounted: `--esp`; else, on a machine booted by layerboot, where bootctl or
+    /// /efi, /boot/efi, /boot have it; else the one this boot came from, mounted by this
+    /// command for itself (saying so) until it ends.
+    fn esp(&self) -> Result<Esp> {
         if let Some(esp) = &self.esp {
-            return Ok(esp.clone());
+            return Ok(Esp::at(esp));
         }
         if self.booted().is_none() {
             return Err(
@@ -83,14 +209,20 @@ impl Machine {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .filter(|p| !p.is_empty())
             .map(PathBuf::from);
-        by_bootctl
-            .or_else(|| {
-                ["/efi", "/boot/efi", "/boot"]
-                    .iter()
-                    .map(PathBuf::from)
-                    .find(|p| is_esp(p))
-            })
-            .ok_or_else(|| "no mounted ESP found at /efi, /boot/efi or /boot (fix: mount it, or pass --esp)".into())
+        let mounted = by_bootctl.or_else(|| {
+            ["/efi", "/boot/efi", "/boot"]
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| is_esp(p))
+        });
+        if let Some(esp) = mounted {
+            return Ok(Esp::at(&esp));
+        }
+        // Not mounted: the one this boot came from, as the bless service finds it.
+        let dir = PathBuf::from(format!("{ESP_MOUNT_PREFIX}{}", std::process::id()));
+        let (esp, note) = mount_named_esp(bless_service::this_boots_esp(), &dir, bless_service::ESP_FSTYPE)?;
+        eprintln!("{note}");
+        Ok(esp)
     }
 
     fn store(&self) -> Result<(PathBuf, Option<String>)> {
@@ -112,7 +244,7 @@ pub struct DeployArgs {
     #[argh(positional)]
     reference: String,
     #[argh(option)]
-    /// the ESP holding the deployments (default on a layerboot-booted machine: bootctl's)
+    /// the ESP holding the deployments (default on a layerboot-booted machine: the mounted one, else the booted one, mounted for the command)
     esp: Option<PathBuf>,
     #[argh(option)]
     /// the engine's data root (default on a layerboot-booted machine: the booted store)
@@ -1468,12 +1600,108 @@ pub fn upgrade(a: UpgradeArgs) -> Result<()> {
         .map_err(|e| Error::new(format!("redoing the deployment: {}", e.output)))?;
     // deploy takes the ESP's lock and reads the deployments again under it; upgrade
     // holds no lock, as a second flock of this process would wait for the first.
-    deploy(args)
+    let done = deploy(args);
+    // An ESP this command mounted stays mounted until the deploy is done.
+    drop(esp);
+    done
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unmounted_esp_that_cannot_be_told_is_an_error_naming_the_fstab_fix() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("esp-cli-1");
+        let bad_guid = layerboot_init::bless::esp_device(None, Some("../../sda"));
+        for (named, says) in [
+            (
+                Ok(None),
+                "neither layerboot.esp= nor the boot loader (LoaderDevicePartUUID) names",
+            ),
+            (bad_guid, "LoaderDevicePartUUID '../../sda' is not a partition GUID"),
+            (
+                Ok(Some((t.path().join("gone"), EspNamedBy::Loader))),
+                "is not there (fix: check that udev runs",
+            ),
+        ] {
+            let e = mount_named_esp(named, &dir, "vfat").err().unwrap().to_string();
+            assert!(e.starts_with("the ESP is not mounted"), "{e}");
+            assert!(e.contains(says), "{e}");
+            assert!(e.contains("/etc/fstab") && e.contains("--esp"), "{e}");
+            assert!(!dir.exists(), "nothing mounted, nothing left");
+        }
+    }
+
+    /// Whether `dir` is a mount point, as /proc/self/mountinfo has it.
+    fn is_mount_point(dir: &Path) -> bool {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .any(|p| Path::new(&unescape_mountinfo(p)) == dir)
+    }
+
+    #[test]
+    fn an_esp_mounted_for_a_command_is_locked_there_and_unmounted_after_it_on_error_too() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("esp-cli-1");
+        // The host may have no vfat: tmpfs stands in for it (its source is only a name).
+        let device = t.path().join("device");
+        fs::write(&device, "").unwrap();
+        let named = || Ok(Some((device.clone(), EspNamedBy::Loader)));
+        let command = |fail: bool| -> Result<String> {
+            let (esp, note) = mount_named_esp(named(), &dir, "tmpfs")?;
+            assert!(is_mount_point(&esp), "{} is mounted", esp.display());
+            // The ESP's lock works on that mount: a second holder waits, then gives up.
+            let _held = esp_lock::lock(&esp, None)?;
+            let other = esp_lock::lock(&esp, Some(std::time::Duration::ZERO));
+            assert!(other.err().unwrap().to_string().contains("gave up"));
+            fs::write(esp.join("written"), "").map_err(|e| Error::io("cannot write", esp.join("written"), e))?;
+            if fail {
+                return Err("the command failed".into());
+            }
+            Ok(note)
+        };
+        match command(false) {
+            Ok(note) => assert_eq!(
+                note,
+                format!(
+                    "layerboot: the ESP was not mounted: mounted {} (named by the boot loader's \
+                     LoaderDevicePartUUID) at {} for this command (add it to /etc/fstab to keep it mounted)",
+                    device.display(),
+                    dir.display()
+                )
+            ),
+            Err(e) if matches!(e.errno(), Some(nix::errno::Errno::EPERM | nix::errno::Errno::EACCES)) => {
+                assert!(e.to_string().contains("(fix: run as root)"), "{e}");
+                eprintln!("skipped: mounting needs root here ({e})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert!(
+            !is_mount_point(&dir) && !dir.exists(),
+            "unmounted and removed after the command"
+        );
+        let e = command(true).err().unwrap().to_string();
+        assert_eq!(e, "the command failed");
+        assert!(
+            !is_mount_point(&dir) && !dir.exists(),
+            "unmounted and removed after a failed command"
+        );
+        // A mount that fails leaves no directory and names the fix.
+        if !fs::read_to_string("/proc/filesystems").unwrap().contains("\tvfat\n") {
+            let e = mount_named_esp(named(), &dir, "vfat").err().unwrap().to_string();
+            assert!(
+                e.contains(&format!("mounting {} (named by the boot loader's", device.display()))
+                    && e.contains("(fix: load the kernel's vfat module: modprobe vfat)"),
+                "{e}"
+            );
+            assert!(!dir.exists());
+        }
+    }
 
     #[test]
     fn every_directory_a_deploy_makes_is_flushed_in_its_parent() {
