@@ -15,6 +15,11 @@
 //! recursive delete never enters another filesystem or btrfs subvolume. Each refusal is
 //! a warning naming the file, not a failed boot.
 //!
+//! Both trees are walked by descriptor, so no path is ever longer than a name: a top
+//! layer deeper than PATH_MAX copies, and a whiteout deletes a tree of any depth with one
+//! descriptor (see `whiteout.rs`). Directories deeper than [`COPY_DEPTH_MAX`] in the top
+//! layer, or [`REMOVE_DEPTH_MAX`] below a deleted one, are left with a warning.
+//!
 //! The new root's own directory keeps its owner, mode and xattrs (on a snapshot they are
 //! the layer's, and its marks are xattrs): a top-layer directory that leads to it
 //! through a link copies its contents only.
@@ -38,8 +43,16 @@ use crate::error::{Error, Result};
 
 mod whiteout;
 
+pub use whiteout::REMOVE_DEPTH_MAX;
+
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
+
+/// How deep the top layer is copied, in directories below its root. Each level holds two
+/// descriptors (its source and its destination) and /init has 1,024: a directory deeper
+/// than this is not copied, with a warning naming it. Paths are never the limit: both
+/// trees are walked by descriptor, so a top layer deeper than PATH_MAX copies.
+pub const COPY_DEPTH_MAX: usize = 256;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CopyStats {
@@ -113,7 +126,9 @@ pub fn copy_tree(src: &Path, dest_root: &Path) -> Result<CopyStats> {
             src.display()
         )));
     }
-    c.copy_dir(src, Path::new(""))?;
+    let src_dir = open_dir(None, src)?;
+    let dest = c.dest_dir(Path::new(""))?;
+    c.copy_dir(&src_dir, src, &dest, Path::new(""), 0)?;
     Ok(c.stats)
 }
 
@@ -131,10 +146,19 @@ struct Copier {
 
 /// A directory's descriptor, at `dirfd` (relative paths) or the working directory.
 pub(crate) fn open_dir(dirfd: Option<RawFd>, path: &Path) -> Result<OwnedFd> {
+    open_dir_with(dirfd, path, OFlag::empty())
+}
+
+/// The directory `name` in `dir`, not followed if it is a symlink (ELOOP).
+fn open_subdir(dir: RawFd, name: &OsStr) -> Result<OwnedFd> {
+    open_dir_with(Some(dir), Path::new(name), OFlag::O_NOFOLLOW)
+}
+
+fn open_dir_with(dirfd: Option<RawFd>, path: &Path, flags: OFlag) -> Result<OwnedFd> {
     let fd = openat(
         dirfd,
         path,
-        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC | flags,
         Mode::empty(),
     )
     .map_err(|e| Error::io("cannot open directory", path, e))?;
@@ -159,13 +183,25 @@ impl Copier {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
-    fn copy_dir(&mut self, src: &Path, rel: &Path) -> Result<()> {
-        let dir = self.dest_dir(rel)?;
-        let mut entries: Vec<_> = fs::read_dir(src)
-            .map_err(|e| Error::io("cannot list", src, e))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<std::io::Result<_>>()
-            .map_err(|e| Error::io("cannot list", src, e))?;
+    /// Copies the contents of the top-layer directory open as `src_dir` (at `src`, for
+    /// messages) into the destination directory open as `dir` (at `rel` in the new root),
+    /// `depth` directories below the top layer's root.
+    fn copy_dir(&mut self, src_dir: &OwnedFd, src: &Path, dir: &OwnedFd, rel: &Path, depth: usize) -> Result<()> {
+        let listing = nix::dir::Dir::openat(
+            Some(src_dir.as_raw_fd()),
+            ".",
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("cannot list", src, e))?;
+        let mut entries: Vec<std::ffi::OsString> = Vec::new();
+        for entry in listing {
+            let entry = entry.map_err(|e| Error::io("cannot list", src, e))?;
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
+            if name != "." && name != ".." {
+                entries.push(name.to_os_string());
+            }
+        }
         entries.sort();
         let st = fstat(dir.as_raw_fd()).map_err(|e| {
             Error::os(
@@ -212,7 +248,8 @@ impl Copier {
                 continue;
             }
             let s = src.join(&name);
-            let md = fs::symlink_metadata(&s).map_err(|e| Error::io("cannot stat", &s, e))?;
+            let md = fs::symlink_metadata(proc_path(src_dir.as_raw_fd(), &name))
+                .map_err(|e| Error::io("cannot stat", &s, e))?;
             // One filesystem: something mounted inside the top layer is not part of it.
             if md.is_dir() && md.dev() != self.src_dev {
                 self.warn(format!(
@@ -221,7 +258,8 @@ impl Copier {
                 ));
                 continue;
             }
-            self.copy_entry(&s, &md, dir.as_raw_fd(), &name, &rel.join(&name))?;
+            let at = (src_dir.as_raw_fd(), dir.as_raw_fd());
+            self.copy_entry(&s, &md, at, &name, &rel.join(&name), depth)?;
         }
         Ok(())
     }
@@ -231,7 +269,21 @@ impl Copier {
         self.stats.warnings.push(msg);
     }
 
-    fn copy_entry(&mut self, src: &Path, md: &fs::Metadata, dir: RawFd, name: &OsStr, rel: &Path) -> Result<()> {
+    /// Copies `name` of the top-layer directory `src_dir` into the destination directory
+    /// `dir` (`at`), `depth` directories below the top layer's root. `src` (the source's
+    /// path) is for messages only: it may be longer than PATH_MAX.
+    fn copy_entry(
+        &mut self,
+        src: &Path,
+        md: &fs::Metadata,
+        at: (RawFd, RawFd),
+        name: &OsStr,
+        rel: &Path,
+        depth: usize,
+    ) -> Result<()> {
+        let (src_dir, dir) = at;
+        // The source's xattrs are read by this path, which is never long.
+        let from = proc_path(src_dir, name);
         let shown = Path::new("/").join(rel);
         let fail = |what: &str, e: Errno| Error::os(format!("top layer: cannot {what} {}", shown.display()), e);
         let existing = nix::sys::stat::fstatat(Some(dir), name, AtFlags::AT_SYMLINK_NOFOLLOW).ok();
@@ -240,6 +292,13 @@ impl Copier {
         let ft = md.file_type();
 
         if ft.is_dir() {
+            if depth >= COPY_DEPTH_MAX {
+                self.warn(format!(
+                    "top layer: did not copy {}: it is deeper than {COPY_DEPTH_MAX} directories (fix: move it higher in the top layer)",
+                    src.display()
+                ));
+                return Ok(());
+            }
             let existing_is_link =
                 existing.is_some_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK);
             if existing.is_some() && !existing_is_dir && !existing_is_link {
@@ -248,10 +307,28 @@ impl Copier {
             if existing.is_none() || !(existing_is_dir || existing_is_link) {
                 mkdirat(Some(dir), name, Mode::from_bits_truncate(0o700)).map_err(|e| fail("create directory", e))?;
             }
-            self.copy_dir(src, rel)?;
-            // A directory symlink in the image stays a symlink; its target gets the metadata,
-            // unless the target is the new root, whose own stay (see the module's comment).
-            let target = self.dest_dir(rel)?;
+            // A directory symlink in the image stays a symlink, and is followed as the
+            // booted system would follow it: resolved by its path inside the new root.
+            let target = match open_subdir(dir, name) {
+                Ok(target) => target,
+                Err(e) if matches!(e.errno(), Some(Errno::ELOOP | Errno::ENOTDIR)) => match self.dest_dir(rel) {
+                    Err(e) if e.errno() == Some(Errno::ENAMETOOLONG) => {
+                        self.warn(format!(
+                            "top layer: did not copy {}: {} is a link in the image deeper than PATH_MAX, which cannot be \
+                             followed by its path (fix: replace the link by its directory in the top layer)",
+                            src.display(),
+                            shown.display()
+                        ));
+                        return Ok(());
+                    }
+                    r => r?,
+                },
+                Err(e) => return Err(e.context(format!("top layer: {}", shown.display()))),
+            };
+            let source = open_subdir(src_dir, name).map_err(|e| e.context(format!("top layer: {}", src.display())))?;
+            self.copy_dir(&source, src, &target, rel, depth + 1)?;
+            // The target gets the metadata, unless it is the new root, whose own stay
+            // (see the module's comment).
             let st = fstat(target.as_raw_fd()).map_err(|e| fail("stat", e))?;
             if (st.st_dev, st.st_ino) == self.root_id {
                 self.warn(format!(
@@ -260,7 +337,7 @@ impl Copier {
                     shown.display()
                 ));
             } else {
-                self.set_attrs(target.as_raw_fd(), OsStr::new("."), src, md, &shown)?;
+                self.set_attrs(target.as_raw_fd(), OsStr::new("."), &from, md, &shown)?;
             }
             self.stats.dirs += 1;
             return Ok(());
@@ -283,19 +360,30 @@ impl Copier {
                     first.parent().unwrap_or(Path::new("")),
                     first.file_name().unwrap_or_default(),
                 );
-                let from = self.dest_dir(parent)?;
-                linkat(
-                    Some(from.as_raw_fd()),
-                    Path::new(file),
-                    Some(dir),
-                    Path::new(name),
-                    AtFlags::empty(),
-                )
-                .map_err(|e| fail("hard-link", e))?;
-                self.stats.links += 1;
-                return Ok(());
+                match self.dest_dir(parent) {
+                    Ok(first_dir) => {
+                        linkat(
+                            Some(first_dir.as_raw_fd()),
+                            Path::new(file),
+                            Some(dir),
+                            Path::new(name),
+                            AtFlags::empty(),
+                        )
+                        .map_err(|e| fail("hard-link", e))?;
+                        self.stats.links += 1;
+                        return Ok(());
+                    }
+                    // Its first copy is found by its path from the new root.
+                    Err(e) if e.errno() == Some(Errno::ENAMETOOLONG) => self.warn(format!(
+                        "top layer: copied {} as a file of its own, not as a hard link to {}: that path is longer than PATH_MAX",
+                        shown.display(),
+                        Path::new("/").join(&first).display()
+                    )),
+                    Err(e) => return Err(e),
+                }
+            } else {
+                self.hardlinks.insert((md.dev(), md.ino()), rel.to_path_buf());
             }
-            self.hardlinks.insert((md.dev(), md.ino()), rel.to_path_buf());
         }
         if ft.is_file() {
             let fd = openat(
@@ -307,7 +395,15 @@ impl Copier {
             .map_err(|e| fail("create", e))?;
             // SAFETY: a fresh descriptor from openat.
             let mut out = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-            let mut input = File::open(src).map_err(|e| Error::io("cannot read", src, e))?;
+            let input = openat(
+                Some(src_dir),
+                name,
+                OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::io("cannot read", src, e))?;
+            // SAFETY: a fresh descriptor from openat.
+            let mut input = File::from(unsafe { OwnedFd::from_raw_fd(input) });
             // As cp decides it: fewer blocks than the size needs means holes (the check
             // spares the usual file the extra system calls of the copy by regions).
             let copied = if md.blocks() * 512 < md.len() {
@@ -318,8 +414,9 @@ impl Copier {
             self.stats.bytes += copied.map_err(|e| Error::io("cannot copy", src, e))?;
             self.stats.files += 1;
         } else if ft.is_symlink() {
-            let target = fs::read_link(src).map_err(|e| Error::io("cannot read link", src, e))?;
-            symlinkat(target.as_path(), Some(dir), name).map_err(|e| fail("create symlink", e))?;
+            let target =
+                nix::fcntl::readlinkat(Some(src_dir), name).map_err(|e| Error::io("cannot read link", src, e))?;
+            symlinkat(Path::new(&target), Some(dir), name).map_err(|e| fail("create symlink", e))?;
             self.stats.links += 1;
         } else {
             let kind = if ft.is_char_device() {
@@ -335,7 +432,7 @@ impl Copier {
                 .map_err(|e| fail("create node", e))?;
             self.stats.other += 1;
         }
-        self.set_attrs(dir, name, src, md, &shown)
+        self.set_attrs(dir, name, &from, md, &shown)
     }
 
     /// Owner, then mode (chown clears set-id bits), xattrs, then times (last: the others touch ctime only).
