@@ -152,7 +152,8 @@ impl Copier {
             let st = fstat(up.as_raw_fd()).map_err(fail)?;
             if (st.st_dev, st.st_ino) != parent.id {
                 return Err(Error::new(format!(
-                    "top layer: cannot delete {}: its directory moved while it was deleted",
+                    "top layer: cannot delete {}: its directory moved while it was deleted (fix: boot again; nothing \
+                     else should change the new root while /init makes it)",
                     path.display()
                 )));
             }
