@@ -148,14 +148,19 @@ pub fn gpt_disk_with_esp_tree(disk: &Path, store_fs: &Path, tree: &Path, loader:
     assemble(disk, store_fs, &img, &work);
 }
 
-/// The ESP of a disk `gpt_disk*` wrote, copied out into the directory `out`.
-pub fn esp_tree(disk: &Path, out: &Path) {
-    let img = out.with_extension("esp.img");
+/// The ESP partition of a disk `gpt_disk*` wrote, copied out as the image `img`.
+pub fn esp_image(disk: &Path, img: &Path) {
     run(Command::new("dd")
         .arg(format!("if={}", disk.display()))
         .arg(format!("of={}", img.display()))
         .args(["bs=1M", "skip=1", "status=none"])
         .arg(format!("count={ESP_MIB}")));
+}
+
+/// The ESP of a disk `gpt_disk*` wrote, copied out into the directory `out`.
+pub fn esp_tree(disk: &Path, out: &Path) {
+    let img = out.with_extension("esp.img");
+    esp_image(disk, &img);
     let _ = fs::remove_dir_all(out);
     fs::create_dir_all(out).unwrap();
     run(Command::new("mcopy")

@@ -1528,6 +1528,39 @@ if [ "$n" = 3 ]; then
 fi
 "#;
 
+/// `fsck.fat -n` of the ESP of `disk` (copied out to `img`) finds nothing but what any
+/// power cut leaves on a mounted FAT: the dirty bit (and the boot sector's backup
+/// without it) and a stale free-cluster count. An orphaned long name, a lost cluster or a
+/// damaged directory would be another line.
+fn assert_fat_whole_but_for_a_power_cut(disk: &Path, img: &Path) {
+    vm_tests::disk::esp_image(disk, img);
+    let fsck = Command::new("fsck.fat").arg("-n").arg(img).output().unwrap();
+    let said = String::from_utf8_lossy(&fsck.stdout).into_owned() + &String::from_utf8_lossy(&fsck.stderr);
+    let harmless = [
+        "fsck.fat ",
+        "There are differences between boot sector and its backup.",
+        "This is mostly harmless. Differences: (offset:original/backup)",
+        "  65:01/00",
+        "  Not automatically fixing this.",
+        "Dirty bit is set. Fs was not properly unmounted and some data may be corrupt.",
+        " Automatically removing dirty bit.",
+        "Free cluster summary wrong",
+        "  Auto-correcting.",
+        "Leaving filesystem unchanged.",
+    ];
+    let summary = format!("{}: ", img.display());
+    let problems: Vec<&str> = said
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with(&summary))
+        .filter(|l| !harmless.iter().any(|h| l.starts_with(h)))
+        .collect();
+    assert!(
+        problems.is_empty() && fsck.status.code().is_some_and(|c| c <= 1),
+        "fsck.fat -n after the cut found {problems:?}:\n{said}"
+    );
+    fs::remove_file(img).unwrap();
+}
+
 /// Adds 8.3-only files (one directory slot each) to the ESP directory `dir`, as staged on
 /// the host, until the next name written into it takes two slots straddling a sector
 /// (16 slots of 32 bytes): a deploy's new directory then has its long-name slot in one
@@ -1628,13 +1661,7 @@ fn a_machine_deploys_rolls_back_and_survives_a_deploy_cut_by_a_power_loss() {
     // under its long name with its files (its long-name slot sat in the sector before).
     let cut = dir.join("esp-cut");
     esp_tree(&disk, &cut);
-    let fsck = Command::new("fsck.fat")
-        .arg("-n")
-        .arg(cut.with_extension("esp.img"))
-        .output()
-        .unwrap();
-    let fsck_said = String::from_utf8_lossy(&fsck.stdout);
-    assert!(fsck.status.success(), "fsck.fat -n after the cut:\n{fsck_said}");
+    assert_fat_whole_but_for_a_power_cut(&disk, &dir.join("esp-cut.img"));
     for f in ["vmlinuz", "initramfs.img", "deployment.json"] {
         assert!(
             cut.join("layerboot").join(&id2).join(f).is_file(),
