@@ -77,7 +77,9 @@ impl Plan {
         for a in args {
             match a.split_once('=') {
                 Some(("deadline", v)) => {
-                    timeout = Some(Duration::from_secs(v.parse().map_err(|_| format!("{FLAG}: bad {a}"))?))
+                    let secs: u64 = v.parse().map_err(|_| format!("{FLAG}: bad {a}"))?;
+                    // The bound /init's settings put on bless_timeout= (a day): no overflow.
+                    timeout = Some(Duration::from_secs(secs.min(crate::settings::MAX_WAIT_S)))
                 }
                 Some(("counted-by", "loader")) => by = Some(CountedBy::Loader),
                 Some(("counted-by", "grub")) => by = Some(CountedBy::Grub),
@@ -95,6 +97,9 @@ impl Plan {
 /// Leaves the helper behind: forks, and the child executes `program` with the plan.
 /// Called by the switch after the chroot, as the last step before the image's init.
 pub fn spawn(program: &Path, plan: &Plan) -> Result<()> {
+    // The child could only _exit(127), unseen: say it now instead.
+    nix::unistd::access(program, nix::unistd::AccessFlags::X_OK)
+        .map_err(|e| Error::new(format!("the post-switch helper {} cannot run: {e}", program.display())))?;
     let cstr = |s: &str| CString::new(s).map_err(|_| Error::new(format!("NUL byte in {s:?}")));
     let path = cstr(&program.to_string_lossy())?;
     let mut argv = vec![cstr(NAME)?, cstr(FLAG)?];
@@ -178,7 +183,11 @@ fn monotonic() -> Duration {
 fn keep_deadline(timeout: Duration, by: CountedBy, sys: Option<&OwnedFd>, out: &Output) {
     let here = Path::new("/");
     let mut d = Deadline::new(monotonic() + timeout, deadline::GRACE);
-    if let Err(e) = std::fs::write(here.join(deadline::DUE_FILE), deadline::due_text(d.due, timeout)) {
+    let loader = by == CountedBy::Loader;
+    if let Err(e) = std::fs::write(
+        here.join(deadline::DUE_FILE),
+        deadline::due_text(d.due, timeout, loader),
+    ) {
         out.log(&format!("layerboot: cannot write the deadline's due file: {e}"));
     }
     out.log(&format!(
@@ -188,13 +197,19 @@ fn keep_deadline(timeout: Duration, by: CountedBy, sys: Option<&OwnedFd>, out: &
     while !TERMINATED.load(Ordering::SeqCst) {
         match d.step(monotonic(), deadline::stop_reason(here).as_deref()) {
             Step::Wait => std::thread::sleep(Duration::from_millis(500)),
+            // systemd-boot does not count a blessed entry's boots: no warning, no reboot
+            // (as far as efivarfs, mounted by the image's init, tells already).
+            Step::Warn(_) if loader && loader_counts(sys, false) == Some(false) => {
+                out.log("layerboot: the boot loader does not count this boot: no reboot deadline");
+                return;
+            }
             Step::Warn(left) => out.say(&deadline::notice(Some(left), timeout)),
             Step::StandDown(reason) => {
                 out.log(&format!("layerboot: the reboot deadline is stopped: {reason}"));
                 return;
             }
             Step::AskInit => {
-                if by == CountedBy::Loader && counted_by_loader(sys) == Some(false) {
+                if loader && loader_counts(sys, true) == Some(false) {
                     out.say("layerboot: this boot is not blessed, but the boot loader does not count it: no reboot");
                     return;
                 }
@@ -243,9 +258,9 @@ fn bounded_sync(bound: Duration) {
 const EFIVARFS_MAGIC: FsType = FsType(0xde5e_81e4);
 
 /// Whether systemd-boot counts this boot (`LoaderBootCountPath` set), through sysfs's
-/// descriptor; efivarfs is mounted for the look if the image's init did not. None: it
-/// cannot be told, and the boot is taken as counted.
-fn counted_by_loader(sys: Option<&OwnedFd>) -> Option<bool> {
+/// descriptor; with `mount`, efivarfs is mounted for the look if the image's init did
+/// not. None: it cannot be told, and the boot is taken as counted.
+fn loader_counts(sys: Option<&OwnedFd>, mount: bool) -> Option<bool> {
     let sys = sys?;
     const EFIVARS: &str = "firmware/efi/efivars";
     let variable = format!(
@@ -277,6 +292,9 @@ fn counted_by_loader(sys: Option<&OwnedFd>) -> Option<bool> {
     if mounted() {
         return Some(exists());
     }
+    if !mount {
+        return None;
+    }
     // The mount point is named from sysfs's directory, outside the helper's root.
     fchdir(sys.as_raw_fd()).ok()?;
     let flags = nix::mount::MsFlags::MS_RDONLY
@@ -306,8 +324,10 @@ impl Output {
         let open = |p: &str| {
             OpenOptions::new()
                 .write(true)
-                // The console must not become the helper's controlling terminal.
-                .custom_flags(nix::libc::O_NOCTTY)
+                // The console must not become the helper's controlling terminal, and a
+                // console nobody drains (flow control, a stuck serial line) must not
+                // stop a reboot: a write that would block is dropped.
+                .custom_flags(nix::libc::O_NOCTTY | nix::libc::O_NONBLOCK)
                 .open(p)
                 .ok()
         };
@@ -356,6 +376,14 @@ mod tests {
         };
         assert_eq!(Plan::parse(&grub.to_args()).unwrap(), grub);
         assert!(Plan::parse(&[]).unwrap().is_empty());
+        // A huge deadline is bounded as bless_timeout= is: no overflow in the helper.
+        let huge: Vec<String> = ["deadline=18446744073709551615", "counted-by=grub"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            Plan::parse(&huge).unwrap().deadline,
+            Some((Duration::from_secs(crate::settings::MAX_WAIT_S), CountedBy::Grub))
+        );
         for bad in [
             &["deadline=90"][..],
             &["deadline=0", "counted-by=grub"],

@@ -1,17 +1,18 @@
-//! Blessing a boot that systemd-boot counts, without installing anything in the image.
+//! Blessing a boot that its boot loader counts, without installing anything in the image.
 //!
 //! Before the switch, /init leaves a copy of itself in `/run/layerboot/` and, for a
-//! systemd image booted through UEFI, a unit under `/run/systemd/system` (our /run becomes
-//! the image's). The unit runs only if the boot is counted: systemd-boot set
-//! `LoaderBootCountPath` (checked by the unit's condition, once systemd has mounted
-//! efivarfs, which the initramfs does not need), or the entry is a GRUB deployment's
-//! (`layerboot.grub=`). Once the boot is good (`boot-complete.target` and
-//! `multi-user.target` reached) it runs `layerboot-init --bless`, which mounts the ESP and
-//! renames systemd-boot's entry to its name without a counter, or sets the deployment's
-//! variable in layerboot's grubenv to `good`. A boot that does not get there within
-//! `layerboot.bless_timeout=` is rebooted by systemd (the start job's timeout), and uses
-//! up one more try. Images with `systemd-bless-boot` rename the same file: whichever
-//! comes second finds it renamed and is content.
+//! systemd image booted through UEFI or from a GRUB deployment, a unit under
+//! `/run/systemd/system` (our /run becomes the image's). The unit runs only if the boot
+//! is counted: systemd-boot set `LoaderBootCountPath` (checked by the unit's condition,
+//! once systemd has mounted efivarfs, which the initramfs does not need), or the entry is
+//! a GRUB deployment's (`layerboot.grub=`). Once the boot is good (`boot-complete.target`
+//! and `multi-user.target` reached) it runs `layerboot-init --bless`, which stops the
+//! boot's reboot deadline (`deadline.rs`), mounts the ESP and renames systemd-boot's
+//! entry to its name without a counter, or sets the deployment's variable in layerboot's
+//! grubenv to `good`. A boot that does not get there within `layerboot.bless_timeout=`
+//! is rebooted by the post-switch helper, and uses up one more try. Images with
+//! `systemd-bless-boot` rename the same file: whichever comes second finds it renamed
+//! and is content.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -143,6 +144,12 @@ pub fn notice_dropin() -> String {
 pub fn is_systemd(new_root: &Path, init: &str) -> bool {
     match crate::switch::path_in_root(new_root, init) {
         Ok(Some(target)) => target.file_name().is_some_and(|n| n == "systemd"),
+        // Kernels before 5.6 have no openat2: the links resolved by hand, inside the image.
+        Err(nix::errno::Errno::ENOSYS) => crate::lookup::MergedView::from_dirs(vec![new_root.to_path_buf()])
+            .lookup_follow(init)
+            .ok()
+            .flatten()
+            .is_some_and(|e| e.image_path.rsplit('/').next() == Some("systemd")),
         _ => false,
     }
 }
@@ -174,7 +181,8 @@ pub fn prepare(run: &Path, new_root: &Path, init: &str, counting: &Counting, dea
     if !program.exists() {
         fs::create_dir_all(program.parent().unwrap_or(run))
             .map_err(|e| Error::io("cannot create", program.parent().unwrap_or(run), e))?;
-        // The shutdown's copy of /init is on the same tmpfs: a link costs no memory.
+        // /run/initramfs is a bind of the initramfs, so the link fails (EXDEV) after a
+        // switch, and /init is copied; a link is tried for /run trees that allow it.
         let shutdown = run.join("initramfs/shutdown");
         fs::hard_link(&shutdown, &program)
             .or_else(|_| fs::copy("/init", &program).map(drop))

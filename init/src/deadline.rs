@@ -20,7 +20,8 @@ use std::time::Duration;
 
 /// The directory every file of the deadline lives in; the helper's own root.
 pub const RUN_DIR: &str = "/run/layerboot";
-/// When the reboot is due: `due=SECONDS timeout=SECONDS`, seconds of CLOCK_MONOTONIC.
+/// When the reboot is due: `due=SECONDS timeout=SECONDS counted-by=loader|grub`,
+/// seconds of CLOCK_MONOTONIC.
 pub const DUE_FILE: &str = "deadline";
 /// Its presence stops the deadline; it holds the reason.
 pub const STOP_FILE: &str = "deadline-stop";
@@ -53,7 +54,9 @@ pub struct Deadline {
     pub due: Duration,
     grace: Duration,
     warned: bool,
-    asked: bool,
+    /// When init was asked for a reboot: the grace counts from then, not from `due`
+    /// (a helper that wakes late, a VM paused, must still give init its grace).
+    asked_at: Option<Duration>,
     forced: bool,
 }
 
@@ -63,7 +66,7 @@ impl Deadline {
             due,
             grace,
             warned: false,
-            asked: false,
+            asked_at: None,
             forced: false,
         }
     }
@@ -72,8 +75,8 @@ impl Deadline {
     /// asked to reboot, nothing stops it: the shutdown that reboot starts writes the stop
     /// file too, and a hung shutdown must still end in a reboot.
     pub fn step(&mut self, now: Duration, stop: Option<&str>) -> Step {
-        if self.asked {
-            if !self.forced && now >= self.due + self.grace {
+        if let Some(asked_at) = self.asked_at {
+            if !self.forced && now >= asked_at + self.grace {
                 self.forced = true;
                 return Step::Force;
             }
@@ -83,7 +86,7 @@ impl Deadline {
             return Step::StandDown(reason.to_string());
         }
         if now >= self.due {
-            self.asked = true;
+            self.asked_at = Some(now);
             return Step::AskInit;
         }
         if !self.warned && now + WARN_AHEAD >= self.due {
@@ -94,9 +97,11 @@ impl Deadline {
     }
 }
 
-/// The due file's text.
-pub fn due_text(due: Duration, timeout: Duration) -> String {
-    format!("due={} timeout={}\n", due.as_secs(), timeout.as_secs())
+/// The due file's text; `loader`: systemd-boot counts the boot, if it set
+/// `LoaderBootCountPath` (else GRUB's grubenv does).
+pub fn due_text(due: Duration, timeout: Duration, loader: bool) -> String {
+    let by = if loader { "loader" } else { "grub" };
+    format!("due={} timeout={} counted-by={by}\n", due.as_secs(), timeout.as_secs())
 }
 
 /// The due file's `due=` and `timeout=`, if it is one.
@@ -129,13 +134,14 @@ pub fn stop_reason(run: &Path) -> Option<String> {
 }
 
 /// Stops the deadline of this boot, if one runs, with `reason`: the bless, a shutdown or
-/// a person. Returns whether there was one to stop.
+/// a person. Written whether or not the helper's due file is there (the helper may have
+/// failed to write it); returns whether a deadline was known to run.
 pub fn stand_down(run: &Path, reason: &str) -> std::io::Result<bool> {
-    if !run.join(DUE_FILE).exists() {
+    if !run.is_dir() {
         return Ok(false);
     }
     fs::write(run.join(STOP_FILE), format!("{reason}\n"))?;
-    Ok(true)
+    Ok(run.join(DUE_FILE).exists())
 }
 
 /// What the console says when emergency or rescue mode starts (or the reboot comes
@@ -146,22 +152,28 @@ pub fn notice(remaining: Option<Duration>, timeout: Duration) -> String {
         _ => "is rebooting now".to_string(),
     };
     format!(
-        "layerboot: this boot has not been blessed within layerboot.bless_timeout={}: the machine {when}, \
+        "layerboot: this boot is not blessed yet (layerboot.bless_timeout={}): the machine {when}, \
          and the boot loader counts a failed try (it falls back once the tries are used up).\n\
          layerboot: to stay and repair it: {STAY_COMMAND} (a good boot stops it itself: `layerboot bless`)",
         timeout.as_secs()
     )
 }
 
-/// The notice for a process that is not the helper (emergency mode's drop-in), from the
-/// due file in `run`; `now` is CLOCK_MONOTONIC. None when no deadline runs or it stopped.
-pub fn notice_from(run: &Path, now: Duration) -> Option<String> {
+/// The notice for emergency or rescue mode (their drop-in), from the due file in `run`;
+/// `now` is CLOCK_MONOTONIC, `loader_counts` whether systemd-boot set
+/// `LoaderBootCountPath`. None when no deadline runs, it stopped, or nobody counts the
+/// boot (the helper will not reboot it).
+pub fn notice_from(run: &Path, now: Duration, loader_counts: bool) -> Option<String> {
     let text = fs::read_to_string(run.join(DUE_FILE)).ok()?;
     let (due, timeout) = parse_due(&text)?;
-    if stop_reason(run).is_some() {
+    let by_loader = text.split_whitespace().any(|f| f == "counted-by=loader");
+    if stop_reason(run).is_some() || (by_loader && !loader_counts) {
         return None;
     }
-    Some(notice(due.checked_sub(now), timeout))
+    Some(format!(
+        "layerboot: emergency or rescue mode: {}",
+        notice(due.checked_sub(now), timeout).trim_start_matches("layerboot: ")
+    ))
 }
 
 #[cfg(test)]
@@ -188,22 +200,28 @@ mod tests {
     fn a_stop_before_the_deadline_stands_it_down_with_its_reason() {
         let mut d = Deadline::new(S(300), S(120));
         assert_eq!(d.step(S(299), Some("blessed")), Step::StandDown("blessed".into()));
-        // A boot that sleeps through its deadline (a late look) still asks first, never forces.
+        // A helper that wakes long past its deadline (a VM paused) asks first, and gives
+        // init its whole grace from then.
         let mut late = Deadline::new(S(300), S(120));
         assert_eq!(late.step(S(10_000), None), Step::AskInit);
-        assert_eq!(late.step(S(10_001), None), Step::Force);
+        assert_eq!(late.step(S(10_001), None), Step::Wait);
+        assert_eq!(late.step(S(10_120), None), Step::Force);
     }
 
     #[test]
     fn the_stop_file_is_read_by_presence_and_its_first_line() {
         let t = tempfile::tempdir().unwrap();
         assert_eq!(stop_reason(t.path()), None);
+        let nowhere = t.path().join("none");
         assert!(
-            !stand_down(t.path(), "blessed").unwrap(),
-            "no deadline runs: nothing written"
+            !stand_down(&nowhere, "blessed").unwrap(),
+            "no run directory: nothing written"
         );
-        assert_eq!(stop_reason(t.path()), None);
-        fs::write(t.path().join(DUE_FILE), due_text(S(90), S(60))).unwrap();
+        assert!(!nowhere.exists());
+        // No due file (the helper could not write it): stopped all the same.
+        assert!(!stand_down(t.path(), "blessed").unwrap());
+        assert_eq!(stop_reason(t.path()).as_deref(), Some("blessed"));
+        fs::write(t.path().join(DUE_FILE), due_text(S(90), S(60), true)).unwrap();
         assert!(stand_down(t.path(), "blessed").unwrap());
         assert_eq!(stop_reason(t.path()).as_deref(), Some("blessed"));
         fs::write(t.path().join(STOP_FILE), "").unwrap();
@@ -217,15 +235,23 @@ mod tests {
     #[test]
     fn the_notice_names_the_time_left_and_how_to_stay() {
         let t = tempfile::tempdir().unwrap();
-        assert_eq!(notice_from(t.path(), S(10)), None, "no deadline runs");
-        fs::write(t.path().join(DUE_FILE), due_text(S(130), S(100))).unwrap();
-        let n = notice_from(t.path(), S(57)).unwrap();
+        assert_eq!(notice_from(t.path(), S(10), true), None, "no deadline runs");
+        fs::write(t.path().join(DUE_FILE), due_text(S(130), S(100), true)).unwrap();
+        let n = notice_from(t.path(), S(57), true).unwrap();
+        assert!(n.starts_with("layerboot: emergency or rescue mode: "), "{n}");
         assert!(n.contains("reboots in 73 s") && n.contains("bless_timeout=100"), "{n}");
         assert!(n.contains(STAY_COMMAND), "{n}");
-        assert!(notice_from(t.path(), S(200)).unwrap().contains("rebooting now"));
+        assert!(notice_from(t.path(), S(200), true).unwrap().contains("rebooting now"));
+        // systemd-boot does not count this boot: the helper will not reboot it, so no word.
+        assert_eq!(notice_from(t.path(), S(57), false), None);
+        fs::write(t.path().join(DUE_FILE), due_text(S(130), S(100), false)).unwrap();
+        assert!(
+            notice_from(t.path(), S(57), false).is_some(),
+            "GRUB's count is not the loader's"
+        );
         fs::write(t.path().join(STOP_FILE), "blessed\n").unwrap();
-        assert_eq!(notice_from(t.path(), S(57)), None, "stopped: nothing to say");
+        assert_eq!(notice_from(t.path(), S(57), true), None, "stopped: nothing to say");
         assert_eq!(parse_due("due=x timeout=1"), None);
-        assert_eq!(parse_due(&due_text(S(5), S(6))), Some((S(5), S(6))));
+        assert_eq!(parse_due(&due_text(S(5), S(6), false)), Some((S(5), S(6))));
     }
 }

@@ -32,8 +32,9 @@ fn main() {
         // The bless unit, once the boot is good: a good boot stops the deadline even when
         // the loader's mark cannot be written (that boot then stays counted, as it says).
         Some("--bless") => {
-            let blessed = layerboot_init::bless::run();
+            // First: the bless may wait for the ESP's lock, and the boot is good already.
             let _ = layerboot_init::deadline::stand_down(run_dir, "the boot is good (bless unit)");
+            let blessed = layerboot_init::bless::run();
             match blessed {
                 Ok(said) => console::say(&said),
                 Err(e) => {
@@ -56,7 +57,12 @@ fn main() {
         Some("--deadline-notice") => {
             let now =
                 nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(Duration::ZERO, Duration::from);
-            if let Some(notice) = layerboot_init::deadline::notice_from(run_dir, now) {
+            let counts = std::path::Path::new(&format!(
+                "/sys/firmware/efi/efivars/{}",
+                layerboot_init::bless::loader_variable_name("LoaderBootCountPath")
+            ))
+            .exists();
+            if let Some(notice) = layerboot_init::deadline::notice_from(run_dir, now, counts) {
                 console::say(&notice);
             }
             std::process::exit(0);

@@ -39,6 +39,9 @@ pub mod arg {
     /// the ESP holding that grubenv (GRUB tells the system neither).
     pub const GRUB_DEPLOYMENT: &str = "layerboot.grub";
     pub const ESP: &str = "layerboot.esp";
+    /// GRUB deployments: `1` when GRUB counted this boot (the deployment was not good
+    /// yet): only then does a boot that never gets good reboot (`deadline.rs`).
+    pub const GRUB_COUNTED: &str = "layerboot.counted";
 }
 pub const DEFAULT_DOCKER_PATH: &str = "var/lib/docker";
 pub const DEFAULT_RW_NAME: &str = "layerboot-rw";

@@ -284,6 +284,48 @@ echo "written in an earlier boot" > /var/tmp/layerboot-marker
 sync
 "#;
 
+/// What every test's booted machine reports the same way: its image's own OS, kernel and
+/// init, the top layer's files, a fresh writable layer, and coldplug's modules.
+pub fn common_checks(r: &Report, hostname: &str, tag: &str) {
+    let boot = demo_boot_files();
+    assert!(r["os"].contains("Debian GNU/Linux 12"), "{r:?}");
+    assert_eq!(r["kernel"], boot.kernel_version, "the image's own kernel");
+    assert_eq!(r["hostname"], hostname, "from the top layer");
+    assert_eq!(r["tag"], tag, "which image booted");
+    assert_eq!(r["secret"], "600 1000:1000", "top-layer owner and mode kept");
+    assert_eq!(r["dotfile"], "dotfile", "top-level dotfile copied");
+    assert_eq!(r["symlink"], "/etc/hostname", "symlink copied as a symlink");
+    assert_eq!(r["fstab-mount"], "tmpfs", "the top layer's /etc/fstab took effect");
+    assert_eq!(
+        r["issue"], "deleted",
+        "a .wh. file in the top layer deletes the image's file"
+    );
+    assert_eq!(r["marker"], "none", "a file written in the previous boot must be gone");
+    if tag != "sysv" {
+        assert_eq!(r["pid1"], "systemd", "the image's own init");
+    }
+    // Coldplug loaded what this machine's devices need, and nothing else.
+    let modules: Vec<&str> = r["modules"].split_whitespace().collect();
+    assert!(
+        modules.contains(&"virtio_blk") && modules.contains(&"virtio_pci"),
+        "{modules:?}"
+    );
+    assert!(
+        !modules.contains(&"nvme") && !modules.contains(&"ahci"),
+        "no NVMe or AHCI here: {modules:?}"
+    );
+    assert!(
+        r["init-timing"].contains("init's own work"),
+        "stage timings in dmesg: {}",
+        r["init-timing"]
+    );
+    assert!(
+        r["init-timing"].contains("ms of it in its own code"),
+        "own work split into code and kernel: {}",
+        r["init-timing"]
+    );
+}
+
 /// What the report puts in front of each of its lines.
 const REPORT_TAG: &str = "|lb| ";
 

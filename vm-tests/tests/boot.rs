@@ -114,46 +114,6 @@ fn assert_layers_untouched(fixture: &str, data_root: &str, args: &[&str], disk: 
     }
 }
 
-fn common_checks(r: &Report, hostname: &str, tag: &str) {
-    let boot = demo_boot_files();
-    assert!(r["os"].contains("Debian GNU/Linux 12"), "{r:?}");
-    assert_eq!(r["kernel"], boot.kernel_version, "the image's own kernel");
-    assert_eq!(r["hostname"], hostname, "from the top layer");
-    assert_eq!(r["tag"], tag, "which image booted");
-    assert_eq!(r["secret"], "600 1000:1000", "top-layer owner and mode kept");
-    assert_eq!(r["dotfile"], "dotfile", "top-level dotfile copied");
-    assert_eq!(r["symlink"], "/etc/hostname", "symlink copied as a symlink");
-    assert_eq!(r["fstab-mount"], "tmpfs", "the top layer's /etc/fstab took effect");
-    assert_eq!(
-        r["issue"], "deleted",
-        "a .wh. file in the top layer deletes the image's file"
-    );
-    assert_eq!(r["marker"], "none", "a file written in the previous boot must be gone");
-    if tag != "sysv" {
-        assert_eq!(r["pid1"], "systemd", "the image's own init");
-    }
-    // Coldplug loaded what this machine's devices need, and nothing else.
-    let modules: Vec<&str> = r["modules"].split_whitespace().collect();
-    assert!(
-        modules.contains(&"virtio_blk") && modules.contains(&"virtio_pci"),
-        "{modules:?}"
-    );
-    assert!(
-        !modules.contains(&"nvme") && !modules.contains(&"ahci"),
-        "no NVMe or AHCI here: {modules:?}"
-    );
-    assert!(
-        r["init-timing"].contains("init's own work"),
-        "stage timings in dmesg: {}",
-        r["init-timing"]
-    );
-    assert!(
-        r["init-timing"].contains("ms of it in its own code"),
-        "own work split into code and kernel: {}",
-        r["init-timing"]
-    );
-}
-
 #[test]
 fn log_pids_reads_the_pid_of_each_kernel_log_line() {
     let console = "[ 1.0] layerboot_init::boot::timeline[285]: layerboot: x\n[ 2.0] layerboot_init::writable[1]: fresh\nlayerboot_init::x";
@@ -725,39 +685,6 @@ fn containerd_store_boots_from_both_snapshotters() {
         &dir,
         &["layerboot/demo:v2"],
     );
-}
-
-/// An image whose init is sysvinit, not systemd: layerboot assumes nothing of the init.
-/// The report comes from the image's own init scripts (`/etc/rc.local`, run by
-/// initscripts' rc.local service), which then power the machine off.
-#[test]
-fn a_sysvinit_image_boots_and_reports_from_its_init_scripts() {
-    let dir = test_dir("sysvinit");
-    let disk = copy_store_disk("overlay2", &dir);
-    {
-        let m = LoopMount::new(&disk, &dir.join("mnt"), false);
-        let top = m.0.join("toplayer");
-        write_toplayer(&top, "vm-sysv");
-        let rc_local = top.join("etc/rc.local");
-        fs::write(
-            &rc_local,
-            "#!/bin/sh\n/usr/local/sbin/layerboot-report\nexec poweroff -f\n",
-        )
-        .unwrap();
-        fs::set_permissions(&rc_local, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    }
-    let cmdline = "root=LABEL=lb-overlay docker_image=layerboot/demo:sysv toplayer=LABEL=lb-overlay toplayer_path=/toplayer layerboot.rescue_timeout=0";
-    let console = Qemu::new(vec![disk], cmdline, dir.join("boot.log")).run();
-    no_panic(&console);
-    let r = report(&console);
-    common_checks(&r, "vm-sysv", "sysv");
-    assert_eq!(r["pid1"], "init", "sysvinit's init is PID 1");
-    assert!(
-        console.contains("INIT: version"),
-        "sysvinit's banner:\n{}",
-        tail(&console, 30)
-    );
-    assert!(r["root"].starts_with("overlay "), "{}", r["root"]);
 }
 
 /// Bind mounts of the host's /proc, /sys and /dev into a tree to chroot into, undone

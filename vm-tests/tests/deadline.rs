@@ -1,6 +1,7 @@
 //! The reboot deadline of a counted boot (`init/src/deadline.rs`): a boot that never gets
 //! good reboots on its own, from emergency mode under systemd and from a hung boot script
-//! under sysvinit, and a blessed boot keeps running past its deadline. Disks and ESPs are
+//! under sysvinit, and a blessed boot keeps running past its deadline. The blessed
+//! sysvinit boot is also the suite's boot of an image whose init is not systemd. Disks and ESPs are
 //! prepared on the host; each QEMU run is one boot (a reboot ends it).
 
 use std::fs;
@@ -64,7 +65,7 @@ fn sysv_disk(dir: &Path, rc_local: &str) -> PathBuf {
 }
 
 const SYSV_CMDLINE: &str = "root=LABEL=lb-overlay docker_image=layerboot/demo:sysv toplayer=LABEL=lb-overlay \
-     toplayer_path=/toplayer layerboot.rescue_timeout=0 layerboot.grub=0123456789ab layerboot.esp=/dev/vdb";
+     toplayer_path=/toplayer layerboot.rescue_timeout=0 layerboot.grub=0123456789ab layerboot.esp=/dev/vdb layerboot.counted=1";
 
 /// A sysvinit boot whose boot script blesses it, then waits until well past the
 /// deadline: it is not rebooted, the helper stood down and is gone, and while it ran it
@@ -123,8 +124,16 @@ exec poweroff -f
     assert!(said("due").parse::<u64>().is_ok_and(|d| d >= 180), "{}", said("due"));
     assert!(said("stopped").contains("the boot is good"), "{}", said("stopped"));
     assert_eq!(said("helpers left"), "0", "the helper exited once stood down");
+    // The image's init is sysvinit, not systemd: layerboot assumes nothing of the init.
     let r = report(&console);
+    common_checks(&r, "vm-sysv-deadline", "sysv");
     assert_eq!(r["pid1"], "init", "sysvinit's init is PID 1");
+    assert!(
+        console.contains("INIT: version"),
+        "sysvinit's banner:\n{}",
+        tail(&console, 30)
+    );
+    assert!(r["root"].starts_with("overlay "), "{}", r["root"]);
     assert!(
         !rebooted(&console),
         "a blessed boot is not rebooted:\n{}",
@@ -244,7 +253,8 @@ fn a_deployment_stuck_in_emergency_mode_reboots_and_falls_back() {
         tail(&stuck, 40)
     );
     assert!(
-        stuck.contains("the machine reboots in") && stuck.contains("touch /run/layerboot/deadline-stop"),
+        stuck.contains("layerboot: emergency or rescue mode: this boot is not blessed yet")
+            && stuck.contains("touch /run/layerboot/deadline-stop"),
         "emergency mode names the reboot and how to stay:\n{}",
         tail(&stuck, 40)
     );

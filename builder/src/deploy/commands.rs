@@ -1407,12 +1407,10 @@ pub struct BlessArgs {
 }
 
 pub fn bless(a: BlessArgs) -> Result<()> {
-    let good = a.verdict == "good";
-    let booted_here = a.booted.is_none();
-    mark_running(a)?;
     // A good boot stops this boot's reboot deadline (the post-switch helper /init left),
-    // through its stop file: on a sysvinit or OpenRC image, this is the only bless.
-    if good && booted_here {
+    // through its stop file, first: the mark may wait for the ESP's lock, or fail, and
+    // the boot is good either way. On a sysvinit or OpenRC image this is the only bless.
+    if a.verdict == "good" && a.booted.is_none() {
         let run = Path::new(layerboot_init::deadline::RUN_DIR);
         if layerboot_init::deadline::stand_down(run, "the boot is good (layerboot bless)")
             .map_err(|e| Error::io("cannot stop the reboot deadline in", run, e))?
@@ -1420,7 +1418,7 @@ pub fn bless(a: BlessArgs) -> Result<()> {
             println!("this boot's reboot deadline is stopped");
         }
     }
-    Ok(())
+    mark_running(a)
 }
 
 /// Marks the running deployment good or bad, on its loader's terms.

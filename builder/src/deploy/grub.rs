@@ -108,13 +108,16 @@ pub fn snippet(deployments: &[&Deployment]) -> String {
             .filter(|&c| c != '\'' && !c.is_control())
             .collect();
         s += &format!("\nmenuentry '{title}' --id layerboot-{id} {{\n\tload_env -f {env} {var}\n");
-        // One try used up, here, by the entry that boots.
+        // One try used up, here, by the entry that boots; the booted system is told it was
+        // counted, so that a boot that never gets good reboots (a good one's would not).
+        s += "\tset lb_counted=layerboot.counted=0\n";
         let mut first = true;
         for left in (1..=r.tries).rev() {
             let kw = if first { "if" } else { "elif" };
             first = false;
             s += &format!(
-                "\t{kw} [ \"${{{var}}}\" = \"{left}\" ]; then set {var}={}; save_env -f {env} {var}\n",
+                "\t{kw} [ \"${{{var}}}\" = \"{left}\" ]; then set {var}={}; save_env -f {env} {var}; \
+                 set lb_counted=layerboot.counted=1\n",
                 left - 1
             );
         }
@@ -124,7 +127,7 @@ pub fn snippet(deployments: &[&Deployment]) -> String {
         // Each kernel argument one word, whatever GRUB's lexer would make of it bare.
         let options: Vec<String> = r.options.split(' ').filter(|a| !a.is_empty()).map(quote).collect();
         s += &format!(
-            "\tlinux /{DEPLOYMENTS_DIR}/{id}/{KERNEL} {}\n\tinitrd /{DEPLOYMENTS_DIR}/{id}/{INITRAMFS}\n}}\n",
+            "\tlinux /{DEPLOYMENTS_DIR}/{id}/{KERNEL} {} $lb_counted\n\tinitrd /{DEPLOYMENTS_DIR}/{id}/{INITRAMFS}\n}}\n",
             options.join(" ")
         );
     }
@@ -179,6 +182,21 @@ mod tests {
         }
         assert!(entry.contains("save_env -f /layerboot/grubenv lb_bbbbbbbbbbbb"));
         assert!(entry.contains("linux /layerboot/bbbbbbbbbbbb/vmlinuz root=LABEL=s rw"));
+        // The booted system learns whether this boot was counted: only a counted one that
+        // never gets good reboots (a good deployment's would come back to itself).
+        assert!(entry.contains("\tset lb_counted=layerboot.counted=0\n"), "{entry}");
+        assert_eq!(
+            entry
+                .matches("save_env -f /layerboot/grubenv lb_bbbbbbbbbbbb; set lb_counted=layerboot.counted=1")
+                .count(),
+            3
+        );
+        assert!(
+            entry
+                .lines()
+                .any(|l| l.starts_with("\tlinux ") && l.ends_with(" $lb_counted")),
+            "{entry}"
+        );
         // An uncounted deployment's entry saves nothing.
         let a_entry = &s[s.find("--id layerboot-aaaaaaaaaaaa").unwrap()..];
         assert!(!a_entry.contains("save_env"), "{a_entry}");
@@ -266,6 +284,8 @@ mod tests {
         let s = snippet(&[&d]);
         grub_script_check(&s);
         let line = s.lines().find(|l| l.trim_start().starts_with("linux ")).unwrap();
+        // The last word is GRUB's own variable: whether it counted this boot.
+        let line = line.strip_suffix(" $lb_counted").unwrap_or_else(|| panic!("{line}"));
         let words = grub_words(line.trim_start());
         assert_eq!(words[..2], ["linux", "/layerboot/aaaaaaaaaaaa/vmlinuz"]);
         assert_eq!(words[2..], args, "{line}");

@@ -226,10 +226,15 @@ impl Boot {
         use crate::after_switch::{CountedBy, Plan};
         use crate::bless::Counting;
         let uefi = Path::new("/sys/firmware/efi").is_dir();
-        let Some(counting) = Counting::of(&cmdline(), uefi) else {
+        let cmdline = cmdline();
+        let Some(counting) = Counting::of(&cmdline, uefi) else {
             return Plan::default();
         };
-        let deadline = !s.bless_timeout.is_zero();
+        // GRUB says whether it counted this boot; a good deployment's boots it does not
+        // count, and a reboot would only come back to the same entry.
+        let grub_counted = cmdline.get(arg::GRUB_COUNTED).is_some_and(|v| v == "1");
+        let counted = matches!(counting, Counting::Loader) || grub_counted;
+        let deadline = !s.bless_timeout.is_zero() && counted;
         match crate::bless::prepare(Path::new("/run"), &self.new_root, &s.init, &counting, deadline) {
             Ok(true) => log::info!(
                 "layerboot: {} blesses this boot once it is good, if the boot loader counts it",
