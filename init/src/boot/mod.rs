@@ -343,13 +343,33 @@ fn store_flags(upper: Upper, options: &UserOptions) -> MountFlags {
 /// `/run/layerboot/booted.json`: which image and layer this boot came from, for the booted
 /// system, with every warning of the boot.
 fn write_boot_record(src: &Source, warnings: &[String]) {
+    // Typed, not `json!`: serde_json's Value would cost /init 10 KB for this one file.
+    // Fields in the order `json!` wrote them (sorted).
+    #[derive(serde::Serialize)]
+    struct Booted<'a, D, E> {
+        driver: D,
+        engine: E,
+        id: &'a str,
+        image: &'a str,
+        layer: &'a str,
+        namespace: &'a Option<String>,
+        store: &'a Path,
+        warnings: &'a [String],
+    }
     let (s, store, image) = (src.settings, src.store, src.image);
-    let record = serde_json::json!({
-        "image": s.image, "id": image.id, "driver": image.driver, "layer": s.rw_name,
-        "store": store.root(), "engine": store.engine(), "namespace": image.namespace,
-        "warnings": warnings,
-    });
-    let _ = fs::write("/run/layerboot/booted.json", format!("{record}\n"));
+    let record = Booted {
+        driver: image.driver,
+        engine: store.engine(),
+        id: &image.id,
+        image: &s.image,
+        layer: &s.rw_name,
+        namespace: &image.namespace,
+        store: store.root(),
+        warnings,
+    };
+    if let Ok(text) = serde_json::to_string(&record) {
+        let _ = fs::write("/run/layerboot/booted.json", format!("{text}\n"));
+    }
 }
 
 /// For `main`'s failure message: the kernel command line as a map.
