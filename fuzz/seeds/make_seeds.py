@@ -176,3 +176,65 @@ layers = json.dumps([{"id": hexid(0x12), "parent": hexid(0x11)}, {"id": hexid(0x
 podman = b"\xff".join(x.encode() for x in (images, layers, "app", "L1ABC"))
 put("store_json", "podman_overlay", b"\x09" + podman)
 put("store_json", "podman_btrfs", b"\x0b" + podman)
+
+# ---- the ESP as the bless service and the builder read it -----------------------------
+# Each as layerboot writes it: grubenv.rs `render`, systemd_boot.rs `render` (commands.rs
+# `entry_text`'s arguments), serde_json's pretty `Record`.
+ESP_ID = "sha256:abcdefabcdef0123456789012345678901234567890123456789012345678901"
+ESP_OTHER = "sha256:abcdefabcdef0123456789012345678901234567890123456789012345678902"
+ESP_NAME = "abcdefabcdef"
+
+
+def grubenv(pairs):
+    b = ("# GRUB Environment Block\n" + "".join("%s=%s\n" % kv for kv in pairs)).encode()
+    assert len(b) <= 1024
+    return b + b"#" * (1024 - len(b))
+
+
+# grubenv: control byte (bit 0: the input is the whole file), then text
+put("grubenv", "layerboot", b"\x01" + grubenv([("lb_abcdefabcdef", "good"), ("lb_0123456789ab", "2")]))
+put("grubenv", "editenv", b"\x02saved_entry=gnulinux-advanced\nx=a\\\nb\nback=c\\\\\n# a comment\nlb_abcdefabcdef=3\nlb_cut=1")
+put("grubenv", "full", b"\x09" + grubenv([("lb_%012x" % i, "good") for i in range(45)]))
+
+
+def entry(image_id, title, serial, options, marker=True):
+    k, i = "/layerboot/%s/vmlinuz" % ESP_NAME, "/layerboot/%s/initramfs.img" % ESP_NAME
+    text = "title %s\nsort-key layerboot\nversion %06d\nlinux %s\ninitrd %s\noptions %s\n" % (title, serial, k, i, options)
+    return ("# written by layerboot deploy for %s\n" % image_id if marker else "") + text
+
+
+OPTIONS = "root=LABEL=s rw docker_image=" + ESP_ID
+TITLE = "layerboot: demo (%s, kernel 6.1.0)" % ESP_NAME
+# entry: control byte (bit 0: through `list` on an ESP; bit 1: the largest serial), then the text
+put("entry", "layerboot", b"\x01" + entry(ESP_ID, TITLE, 1, OPTIONS).encode())
+put("entry", "before_marker", b"\x01" + entry(ESP_ID, TITLE, 3, OPTIONS, marker=False).encode())
+put("entry", "other_image", b"\x03" + entry(ESP_OTHER, TITLE, 9, OPTIONS + " init=/bin/sh").encode())
+put("entry", "crlf", b"\x00" + entry(ESP_ID, TITLE, 12, OPTIONS).replace("\n", "\r\n").encode())
+
+# entry_name: a file name, a loader path, or LoaderBootCountPath's raw bytes
+for n, name in enumerate(["layerboot-000001-%s+3.conf" % ESP_NAME, "layerboot-000002-%s0123+2-1.conf" % ESP_NAME,
+                          "layerboot-000003-%s+0-3.conf" % ESP_NAME, "layerboot-000004-%s.conf" % ESP_NAME,
+                          "debian-12+3-0.conf"]):
+    put("entry_name", "n%d" % n, name)
+put("entry_name", "loader_path", "\\loader\\entries\\layerboot-000002-%s+2-1.conf" % ESP_NAME)
+put("entry_name", "efi_variable", b"\x07\x00\x00\x00"
+    + ("\\loader\\entries\\layerboot-000001-%s+3.conf" % ESP_NAME).encode("utf-16-le") + b"\x00\x00")
+
+
+def record(**kw):
+    r = {"reference": "demo", "image_id": ESP_ID, "kernel": "6.1.0", "serial": 1, "created": 1700000000,
+         "store": "/var/lib/docker", "namespace": None, "options": OPTIONS, "initramfs_args": [], "tries": 3,
+         "loader": "systemd-boot"}
+    r.update(kw)
+    return (json.dumps(r, indent=2) + "\n").encode()
+
+
+SUM = {"size": 4, "sha256": "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589"}
+# deployment_record: the JSON, then 0xFF, the directory's name, 0xFF, its grubenv value
+put("deployment_record", "systemd_boot", record(files={"vmlinuz": SUM, "initramfs": SUM}) + b"\xff" + ESP_NAME.encode())
+put("deployment_record", "grub", record(loader="grub", serial=7, tries=16, namespace="moby",
+                                        initramfs_args=["--module", "virtio_blk"],
+                                        options=OPTIONS + " console=ttyS0,115200 a|b x<y&z")
+    + b"\xff" + ESP_NAME.encode() + b"\xff2")
+put("deployment_record", "longer_name", record(tries=0, serial=18446744073709551615) + b"\xff" + ESP_NAME.encode() + b"0123")
+put("deployment_record", "before_files", json.dumps({k: v for k, v in json.loads(record()).items() if k != "loader"}).encode())
