@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Coverage-guided fuzzing of layerboot-init (cargo-fuzz + libFuzzer, crate in fuzz/).
+# Coverage-guided fuzzing of layerboot-init and of the builder's reading of the ESP
+# (cargo-fuzz + libFuzzer, crate in fuzz/).
 #
 #   bash bench/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]     (default: 600 s, every target)
 #
