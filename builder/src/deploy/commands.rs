@@ -48,11 +48,13 @@ pub struct Machine {
     pub booted: Option<PathBuf>,
 }
 
-/// Where a command mounts the ESP when nothing has it mounted, followed by the command's
-/// PID: one directory per command, so that two at once never stack their mounts (the
-/// bless service's is `/run/layerboot/esp`). All mount the same filesystem, so its root
-/// is one inode and the ESP's `flock` (`esp_lock`) holds across them.
-const ESP_MOUNT_PREFIX: &str = "/run/layerboot/esp-cli-";
+/// Where a command mounts the ESP when nothing has it mounted: in [`ESP_MOUNT_DIR`], the
+/// prefix followed by the command's PID. One directory per command, so that two at once
+/// never stack their mounts (the bless service's is `/run/layerboot/esp`). All mount the
+/// same filesystem, so its root is one inode and the ESP's `flock` (`esp_lock`) holds
+/// across them.
+const ESP_MOUNT_DIR: &str = "/run/layerboot";
+const ESP_MOUNT_PREFIX: &str = "esp-cli-";
 /// What the README and the errors tell a user to keep the ESP mounted.
 const ESP_FSTAB_FIX: &str = "add the ESP to the top layer's /etc/fstab, e.g. \
      `PARTUUID=<its GUID>  /boot/efi  vfat  umask=0077  0  2`, or pass --esp";
@@ -113,6 +115,46 @@ impl Drop for Esp {
                 "layerboot: {e} (fix: `umount {}` once nothing uses it)",
                 self.path.display()
             ),
+        }
+    }
+}
+
+/// Unmounts what a command that was killed (Ctrl-C, a timer's timeout) left mounted in
+/// `run`: an `esp-cli-<pid>` whose process is gone. Best effort, said on standard error.
+pub fn sweep_esp_mounts(run: &Path) {
+    let Ok(entries) = fs::read_dir(run) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(ESP_MOUNT_PREFIX))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let dir = entry.path();
+        match layerboot_init::mounts::unmount(&dir) {
+            Ok(()) => {
+                let _ = fs::remove_dir(&dir);
+                eprintln!(
+                    "layerboot: unmounted the ESP that a killed command left mounted at {}",
+                    dir.display()
+                );
+            }
+            // Not a mount point (a cut between its mkdir and its mount): only the directory.
+            Err(e) => {
+                if fs::remove_dir(&dir).is_err() {
+                    eprintln!(
+                        "layerboot: {e}, left by a killed command (fix: `umount {}`)",
+                        dir.display()
+                    );
+                }
+            }
         }
     }
 }
@@ -219,7 +261,9 @@ impl Machine {
             return Ok(Esp::at(&esp));
         }
         // Not mounted: the one this boot came from, as the bless service finds it.
-        let dir = PathBuf::from(format!("{ESP_MOUNT_PREFIX}{}", std::process::id()));
+        let run = Path::new(ESP_MOUNT_DIR);
+        sweep_esp_mounts(run);
+        let dir = run.join(format!("{ESP_MOUNT_PREFIX}{}", std::process::id()));
         let (esp, note) = mount_named_esp(bless_service::this_boots_esp(), &dir, bless_service::ESP_FSTYPE)?;
         eprintln!("{note}");
         Ok(esp)
@@ -1630,6 +1674,25 @@ mod tests {
             assert!(e.contains("/etc/fstab") && e.contains("--esp"), "{e}");
             assert!(!dir.exists(), "nothing mounted, nothing left");
         }
+    }
+
+    #[test]
+    fn what_a_killed_command_left_mounted_is_swept_and_nothing_else() {
+        let t = tempfile::tempdir().unwrap();
+        // No process has a PID above the kernel's maximum (at most 2^22).
+        let dead = t.path().join("esp-cli-4294967295");
+        let mine = t.path().join(format!("esp-cli-{}", std::process::id()));
+        let other = t.path().join("esp");
+        for d in [&dead, &mine, &other] {
+            fs::create_dir(d).unwrap();
+        }
+        let mounted = layerboot_init::bless::mount_esp(Path::new("none"), &dead, "tmpfs").is_ok();
+        if !mounted {
+            eprintln!("skipped the mount: mounting needs root here");
+        }
+        sweep_esp_mounts(t.path());
+        assert!(!dead.exists() && !is_mount_point(&dead), "swept");
+        assert!(mine.is_dir() && other.is_dir(), "a live command's and others' are kept");
     }
 
     /// Whether `dir` is a mount point, as /proc/self/mountinfo has it.
