@@ -675,7 +675,7 @@ fn grub_deployments_count_in_their_grubenv_and_fall_back_in_the_snippet() {
         "{snippet}"
     );
     assert!(
-        snippet.contains("layerboot.esp=LABEL=ESP") && snippet.contains(&format!("layerboot.grub={id2}\n")),
+        snippet.contains("layerboot.esp=LABEL=ESP") && snippet.contains(&format!("layerboot.grub={id2} $lb_counted\n")),
         "the entry tells /init what to bless: {snippet}"
     );
     booted_json(&booted, &v1);
