@@ -1,6 +1,6 @@
 //! Blessing a boot that its boot loader counts, without installing anything in the image.
 //!
-//! Before the switch, /init leaves a copy of itself in `/run/layerboot/` and, for a
+//! Before the switch, /init leaves itself as `/run/initramfs/layerboot-init` and, for a
 //! systemd image booted through UEFI or from a GRUB deployment, a unit under
 //! `/run/systemd/system` (our /run becomes the image's). The unit runs only if the boot
 //! is counted: systemd-boot set `LoaderBootCountPath` (checked by the unit's condition,
@@ -32,7 +32,7 @@ pub const LOADER_GUID: &str = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
 const EFIVARS: &str = "/sys/firmware/efi/efivars";
 pub const UNIT: &str = "layerboot-bless.service";
 /// Where /init leaves a copy of itself for the unit (and for the shutdown, linked).
-pub const PROGRAM: &str = "/run/layerboot/layerboot-init";
+pub const PROGRAM: &str = "/run/initramfs/layerboot-init";
 const ESP_MOUNT: &str = "/run/layerboot/esp";
 
 /// An EFI variable's string: 4 bytes of attributes, then UTF-16LE up to a NUL.
@@ -178,15 +178,12 @@ pub fn prepare(run: &Path, new_root: &Path, init: &str, counting: &Counting, dea
         let _ = fs::remove_file(&link);
         std::os::unix::fs::symlink(format!("../{unit}"), &link).map_err(|e| Error::io("cannot link", &link, e))
     };
+    // Left by the shutdown's preparation, beside its program (`shutdown::prepare`).
     if !program.exists() {
-        fs::create_dir_all(program.parent().unwrap_or(run))
-            .map_err(|e| Error::io("cannot create", program.parent().unwrap_or(run), e))?;
-        // /run/initramfs is a bind of the initramfs, so the link fails (EXDEV) after a
-        // switch, and /init is copied; a link is tried for /run trees that allow it.
-        let shutdown = run.join("initramfs/shutdown");
-        fs::hard_link(&shutdown, &program)
-            .or_else(|_| fs::copy("/init", &program).map(drop))
-            .map_err(|e| Error::io("cannot copy /init to", &program, e))?;
+        return Err(Error::new(format!(
+            "{} is missing (the shutdown's directory could not be prepared)",
+            program.display()
+        )));
     }
     if !is_systemd(new_root, init) {
         return Ok(false);
@@ -590,7 +587,7 @@ mod tests {
         for line in [
             "Requires=boot-complete.target",
             "After=local-fs.target boot-complete.target multi-user.target",
-            "ExecStart=/run/layerboot/layerboot-init --bless",
+            "ExecStart=/run/initramfs/layerboot-init --bless",
         ] {
             assert!(u.lines().any(|l| l == line), "{line} in\n{u}");
         }
@@ -641,34 +638,36 @@ mod tests {
         let (run, root) = (t.path().join("run"), t.path().join("root"));
         merged_usr_image(&root);
         fs::create_dir_all(run.join("initramfs")).unwrap();
-        fs::write(run.join("initramfs/shutdown"), "program").unwrap();
-        // sysvinit: the helper's program, and no /run/systemd/system (sd_booted() would
-        // say systemd runs, and the init scripts would call systemctl).
+        fs::write(run.join("initramfs/layerboot-init"), "program").unwrap();
+        // sysvinit: no /run/systemd/system (sd_booted() would say systemd runs, and the
+        // init scripts would call systemctl).
         assert!(!prepare(&run, &root, "/sbin/sysv", &Counting::Loader, true).unwrap());
-        assert_eq!(
-            fs::read_to_string(run.join("layerboot/layerboot-init")).unwrap(),
-            "program"
-        );
         assert!(!run.join("systemd").exists());
+        // Without the program beside the shutdown's, nothing is written, and it says why.
+        let bare = t.path().join("bare");
+        fs::create_dir_all(&bare).unwrap();
+        let e = prepare(&bare, &root, "/sbin/init", &Counting::Loader, true).unwrap_err();
+        assert!(e.to_string().contains("initramfs/layerboot-init is missing"), "{e}");
+        assert!(!bare.join("systemd").exists());
         assert!(prepare(&run, &root, "/sbin/init", &Counting::Loader, true).unwrap());
         let units = run.join("systemd/system");
         assert!(units.join("multi-user.target.wants").join(UNIT).exists());
         let stop = fs::read_to_string(units.join("shutdown.target.wants").join(STAND_DOWN_UNIT)).unwrap();
         assert!(
-            stop.contains("ExecStart=/run/layerboot/layerboot-init --stand-down shutdown"),
+            stop.contains("ExecStart=/run/initramfs/layerboot-init --stand-down shutdown"),
             "{stop}"
         );
         for s in ["emergency", "rescue"] {
             let d = fs::read_to_string(units.join(format!("{s}.service.d/layerboot-deadline.conf"))).unwrap();
             assert!(
-                d.contains("ExecStartPre=-/run/layerboot/layerboot-init --deadline-notice"),
+                d.contains("ExecStartPre=-/run/initramfs/layerboot-init --deadline-notice"),
                 "{d}"
             );
         }
         // No deadline (bless_timeout=0): the bless unit alone.
         let run2 = t.path().join("run2");
         fs::create_dir_all(run2.join("initramfs")).unwrap();
-        fs::write(run2.join("initramfs/shutdown"), "program").unwrap();
+        fs::write(run2.join("initramfs/layerboot-init"), "program").unwrap();
         assert!(prepare(&run2, &root, "/sbin/init", &Counting::Loader, false).unwrap());
         assert!(run2.join("systemd/system").join(UNIT).exists());
         assert!(!run2.join("systemd/system/shutdown.target.wants").exists());

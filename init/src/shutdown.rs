@@ -34,11 +34,17 @@ pub fn prepare(program: &Path, home: &Path, dir: &Path) -> Result<()> {
     for d in ["oldroot", "proc", "sys", "dev", "run"] {
         fs::create_dir_all(home.join(d)).map_err(|e| Error::io("cannot create", home.join(d), e))?;
     }
-    let dest = home.join("shutdown");
-    if fs::symlink_metadata(&dest).is_err() {
-        // Executable from the start: a link appears whole, where a copy would not.
-        fs::hard_link(program, &dest)
-            .map_err(|e| Error::io(&format!("cannot link {} to", program.display()), &dest, e))?;
+    // `shutdown` for systemd-shutdown; `layerboot-init` for the bless unit, the boot
+    // scripts and the post-switch helper, under its own name (by `shutdown`, /init would
+    // shut down). Here, not in /run/layerboot: no copy in memory, and executable even
+    // where the image remounts /run noexec (Debian's sysvinit does).
+    for name in ["shutdown", "layerboot-init"] {
+        let dest = home.join(name);
+        if fs::symlink_metadata(&dest).is_err() {
+            // Executable from the start: a link appears whole, where a copy would not.
+            fs::hard_link(program, &dest)
+                .map_err(|e| Error::io(&format!("cannot link {} to", program.display()), &dest, e))?;
+        }
     }
     mount(home, dir, "", MountFlags::BIND, "")
 }
@@ -53,7 +59,7 @@ pub fn unmount_order(mountinfo: &str, under: &str) -> Vec<PathBuf> {
     let mut points: Vec<String> = mountinfo
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape)
+        .map(unescape_mountinfo)
         .filter(|p| p == under || p.starts_with(&format!("{under}/")))
         .collect();
     points.dedup();
@@ -63,8 +69,9 @@ pub fn unmount_order(mountinfo: &str, under: &str) -> Vec<PathBuf> {
     indexed.into_iter().map(|(_, p)| PathBuf::from(p)).collect()
 }
 
-/// mountinfo writes space, tab, newline and backslash as `\ooo`.
-fn unescape(field: &str) -> String {
+/// A `/proc/self/mountinfo` field read back: mountinfo writes space, tab, newline and
+/// backslash as `\ooo`. (The builder reads mountinfo with it too.)
+pub fn unescape_mountinfo(field: &str) -> String {
     let b = field.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -940,13 +940,17 @@ pub fn docker_path_in(mountinfo: &str, store: &Path) -> std::result::Result<Stri
         let (Some(root), Some(point), Some(fstype)) = (fields.get(3), fields.get(4), fields.get(dash + 1)) else {
             continue;
         };
-        let point = PathBuf::from(unescape_mountinfo(point));
+        let point = PathBuf::from(layerboot_init::shutdown::unescape_mountinfo(point));
         if store.starts_with(&point)
             && best
                 .as_ref()
                 .is_none_or(|(p, _, _)| point.components().count() >= p.components().count())
         {
-            best = Some((point, unescape_mountinfo(root), fstype.to_string()));
+            best = Some((
+                point,
+                layerboot_init::shutdown::unescape_mountinfo(root),
+                fstype.to_string(),
+            ));
         }
     }
     let (point, root, fstype) = best.ok_or("no mount holds it")?;
@@ -966,23 +970,6 @@ pub fn docker_path_in(mountinfo: &str, store: &Path) -> std::result::Result<Stri
         ));
     }
     Ok(if path.is_empty() { "/".into() } else { path })
-}
-
-/// A mountinfo field with its octal escapes (`\040` for a space, …) read back.
-fn unescape_mountinfo(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A mounted FAT filesystem that holds a boot loader's files.
@@ -1701,7 +1688,7 @@ mod tests {
         mountinfo
             .lines()
             .filter_map(|l| l.split(' ').nth(4))
-            .any(|p| Path::new(&unescape_mountinfo(p)) == dir)
+            .any(|p| Path::new(&layerboot_init::shutdown::unescape_mountinfo(p)) == dir)
     }
 
     #[test]
